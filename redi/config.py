@@ -1,0 +1,299 @@
+"""The one configuration schema of redi: typed dataclasses, named profiles, YAML, overrides.
+
+Every entry point (CLI, DVC's params.yaml, the Kubeflow pipeline, serving) builds its settings
+through :func:`load_config`, so defaults live here and nowhere else.
+
+Profiles:
+- ``paper``: the paper's settings (Sec. 4.1.3): 256 px, recover 500 epochs lr 5e-4 halved at
+  200/400, discriminate 300 epochs lr 5e-3 halved at 100/200, batch 32, AdamW. A GPU budget.
+- ``cpu``: a budget that trains one of the small dev sets in about half an hour on 2 cores.
+- ``fast``: the ``cpu`` budget with the narrow, lower-resolution recover net built for speed.
+- ``tiny``: seconds; for tests and CI.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+from redi.errors import ConfigError
+
+SELFMAP_KINDS = ("hog", "sobel", "roberts", "canny")
+PROMPT_MODES = ("nearest", "none")
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2")
+
+
+@dataclass
+class DataConfig:
+    """Where a product line's images are and how they are read."""
+
+    root: str = "data/demo/bottle_caps"
+    image_size: int = 256
+    skip_bad_files: bool = False  # when True, bad files are skipped and listed instead of failing
+    val_fraction: float = 0.15  # normal train images held out to set the decision threshold
+    min_val_images: int = 2
+
+
+@dataclass
+class SelfMapConfig:
+    """The self-generated map fed to the recover net (paper Table 5, Table 10)."""
+
+    kind: str = "hog"
+    hog_orientations: int = 9
+    hog_cell: int = 8
+    canny_low: float = 50.0
+    canny_high: float = 100.0
+
+
+@dataclass
+class RecoverNetConfig:
+    """The HIP recover network (two half-width UNet encoders and one decoder)."""
+
+    enabled: bool = True  # False: the recovery branch sees X itself (RD + L_S ablation)
+    base_width: int = 32  # half of the usual UNet's 64
+    depth: int = 5  # number of encoder levels: widths base * 2**i for i < depth
+    input_size: int = 0  # 0: the image size; else the recover net runs at this size, output upsampled
+    fused_skips: bool = True  # skip connections carry the fused (H, X+) features
+
+
+@dataclass
+class ModelConfig:
+    """Model architecture and ablation switches."""
+
+    backbone: str = "efficientnet_lite2"
+    backbone_weights: str = ""  # optional weights file (needed for wide_resnet50_2 offline)
+    selfmap: SelfMapConfig = field(default_factory=SelfMapConfig)
+    prompt: str = "nearest"  # "none" is the paper's "Free" ablation: a zero prompt image
+    recover: RecoverNetConfig = field(default_factory=RecoverNetConfig)
+    use_frb: bool = True  # False: F_Y is R_Y itself (no Feature Recovery Block), Table 11
+    bottleneck_channels: int = 0  # 0: the deepest backbone level's channel count
+    gaussian_sigma: float = 4.0  # smoothing of the anomaly map (RD / anomalib use 4)
+
+
+@dataclass
+class StageTrainConfig:
+    """Optimiser and schedule for one training stage."""
+
+    epochs: int = 10
+    lr: float = 5e-4
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.5
+    batch_size: int = 8
+    weight_decay: float = 1e-2  # AdamW's default
+
+
+@dataclass
+class TrainConfig:
+    """Both training stages, losses and run settings."""
+
+    recover: StageTrainConfig = field(default_factory=lambda: StageTrainConfig(epochs=40, lr=5e-4))
+    discriminate: StageTrainConfig = field(default_factory=lambda: StageTrainConfig(epochs=20, lr=5e-3))
+    lambda_m: float = 1.0  # weight of the MSGMS loss (paper: 1)
+    lambda_s: float = 1.0  # weight of the self-correlation loss (paper: 1)
+    use_self_correlation: bool = True  # L_S on/off ablation
+    msgms_scales: int = 4
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True  # mixed precision on CUDA; ignored on the CPU
+    num_workers: int = 0
+    augment_flip: bool = False
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation and decision threshold."""
+
+    max_fpr: float = 0.3  # AUPRO integration limit
+    threshold_quantile: float = 1.0  # decision threshold = this quantile of held-out normal scores
+    threshold_margin: float = 1.0  # ... times this margin
+    report_max_images: int = 200  # images drawn in the HTML report
+    batch_size: int = 8
+
+
+@dataclass
+class RediConfig:
+    """Everything one run needs. ``profile`` records which named budget produced it."""
+
+    profile: str = "cpu"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "RediConfig":
+        """Raise ConfigError for values that would fail later with an obscure message."""
+        checks = [
+            (self.model.selfmap.kind in SELFMAP_KINDS, f"model.selfmap.kind must be one of {SELFMAP_KINDS}"),
+            (self.model.prompt in PROMPT_MODES, f"model.prompt must be one of {PROMPT_MODES}"),
+            (self.model.backbone in BACKBONES, f"model.backbone must be one of {BACKBONES}"),
+            (self.data.image_size % 32 == 0 and self.data.image_size >= 64,
+             "data.image_size must be a multiple of 32 and at least 64"),
+            (self.model.recover.input_size % 32 == 0, "model.recover.input_size must be 0 or a multiple of 32"),
+            (1 <= self.model.recover.depth <= 6, "model.recover.depth must be between 1 and 6"),
+            (0.0 <= self.data.val_fraction < 0.9, "data.val_fraction must be in [0, 0.9)"),
+            (0.0 < self.eval.threshold_quantile <= 1.0, "eval.threshold_quantile must be in (0, 1]"),
+            (self.train.recover.epochs >= 0 and self.train.discriminate.epochs >= 0, "epochs must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        return self
+
+
+def _paper() -> RediConfig:
+    cfg = RediConfig(profile="paper")
+    cfg.train.recover = StageTrainConfig(epochs=500, lr=5e-4, milestones=[200, 400], batch_size=32)
+    cfg.train.discriminate = StageTrainConfig(epochs=300, lr=5e-3, milestones=[100, 200], batch_size=32)
+    return cfg
+
+
+def _cpu() -> RediConfig:
+    cfg = RediConfig(profile="cpu")
+    cfg.train.recover = StageTrainConfig(epochs=40, lr=5e-4, milestones=[25, 35], batch_size=8)
+    cfg.train.discriminate = StageTrainConfig(epochs=20, lr=5e-3, milestones=[10, 15], batch_size=8)
+    return cfg
+
+
+def _fast() -> RediConfig:
+    cfg = _cpu()
+    cfg.profile = "fast"
+    cfg.model.recover.base_width = 16
+    cfg.model.recover.depth = 4
+    cfg.model.recover.input_size = 128
+    return cfg
+
+
+def _tiny() -> RediConfig:
+    cfg = RediConfig(profile="tiny")
+    cfg.data.image_size = 128
+    cfg.model.backbone = "efficientnet_lite0"
+    cfg.model.recover.base_width = 8
+    cfg.model.recover.depth = 3
+    cfg.train.recover = StageTrainConfig(epochs=3, lr=2e-3, batch_size=8)
+    cfg.train.discriminate = StageTrainConfig(epochs=3, lr=5e-3, batch_size=8)
+    cfg.eval.report_max_images = 8
+    return cfg
+
+
+PROFILES = {"paper": _paper, "cpu": _cpu, "fast": _fast, "tiny": _tiny}
+
+
+def profile_config(name: str) -> RediConfig:
+    """Return a fresh config for a named profile."""
+    if name not in PROFILES:
+        raise ConfigError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]()
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict of a config (for YAML, JSON, KFP parameters, artifacts)."""
+    return dataclasses.asdict(cfg)
+
+
+def _convert(value: Any, hint: Any, where: str) -> Any:
+    """Coerce a YAML / override value to the annotated type, with a clear error."""
+    origin = get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in ("true", "1", "yes", "on"):
+                    return True
+                if lowered in ("false", "0", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if hint in (int, float, str):
+            if hint is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return hint(value)
+        if origin is list:
+            (item_hint,) = get_args(hint)
+            if isinstance(value, str):
+                value = [v for v in value.strip("[]").split(",") if v.strip()]
+            return [_convert(v, item_hint, where) for v in value]
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot read {value!r} as {getattr(hint, '__name__', hint)}") from exc
+    return value
+
+
+def _merge(target: Any, updates: dict[str, Any], prefix: str = "") -> None:
+    hints = get_type_hints(type(target))
+    for key, value in updates.items():
+        where = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown config key {where!r}; known keys here: {known}")
+        current = getattr(target, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where} is a section; give it as a mapping")
+            _merge(current, value, prefix=f"{where}.")
+        else:
+            setattr(target, key, _convert(value, hints[key], where))
+
+
+def from_dict(data: dict[str, Any]) -> RediConfig:
+    """Build a config from a (possibly partial) dict: the profile's defaults, then the values."""
+    data = copy.deepcopy(data or {})
+    cfg = profile_config(str(data.pop("profile", "cpu")))
+    _merge(cfg, data)
+    return cfg.validate()
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """Turn ``["train.seed=3", "model.prompt=none"]`` into a nested dict (values parsed as YAML)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        dotted, raw = item.split("=", 1)
+        node = nested
+        parts = dotted.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return nested
+
+
+def _deep_update(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: str | Path | None = None, profile: str | None = None,
+                overrides: list[str] | None = None) -> RediConfig:
+    """Load a config: profile defaults < YAML file < ``key=value`` overrides.
+
+    ``profile`` (when given) wins over a profile named inside the file.
+    """
+    data: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    if profile:
+        data["profile"] = profile
+    _deep_update(data, parse_overrides(overrides or []))
+    return from_dict(data)
+
+
+def save_config(cfg: RediConfig, path: str | Path) -> None:
+    """Write the full config (every key, so a run can be repeated exactly) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
