@@ -1,0 +1,258 @@
+"""The ReDi detector: one ``nn.Module`` from an image batch to scores and anomaly maps.
+
+X -> backbone(X) gives the reference features F_X and the embedding that picks the prompt X+
+(one backbone pass serves both) -> self-map H(X) -> recover net Y = HIP(H, X+) -> backbone(Y) =
+R_Y -> FRB -> F_Y -> D = sum_k (1 - cos(F_X^k, F_Y^k)) upsampled, Gaussian-smoothed; score =
+max D (paper Sec. 3.3). The module carries its prompt bank (embeddings and images), decision
+threshold and config, so one artifact file is the whole model.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from redi import __version__
+from redi.backbones import build_backbone
+from redi.config import RediConfig, from_dict, to_dict
+from redi.errors import InputError, WeightsError
+from redi.models.discriminate import DiscriminateHead
+from redi.models.recover import RecoverNet
+from redi.prompt import nearest_prompt
+from redi.selfmaps import build_selfmap
+
+ARTIFACT_FORMAT = "redi-detector"
+ARTIFACT_VERSION = 1
+
+
+@dataclass
+class DetectorOutput:
+    """What the detector returns for a batch of B images of side S."""
+
+    score: torch.Tensor  # (B,) image anomaly score = max of the map
+    anomaly_map: torch.Tensor  # (B, S, S)
+    recovered: torch.Tensor  # (B, 3, S, S) the recovered image Y
+    prompt_index: torch.Tensor  # (B,) index into the prompt bank, -1 when no prompt is used
+    embedding: torch.Tensor  # (B, D) pooled backbone embedding of X
+
+
+class GaussianBlur(nn.Module):
+    """Separable Gaussian smoothing of (B, 1, H, W) maps with reflect padding."""
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+        radius = max(1, int(4 * sigma + 0.5))
+        coords = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-coords**2 / (2 * sigma**2)) if sigma > 0 else (coords == 0).float()
+        self.register_buffer("kernel", (kernel / kernel.sum()).view(1, 1, 1, -1), persistent=False)
+        self.radius = radius
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        if self.sigma <= 0:
+            return maps
+        # Reflect padding needs pad < size; clamp for tiny maps.
+        pad = min(self.radius, maps.shape[-1] - 1, maps.shape[-2] - 1)
+        kernel = self.kernel.to(maps.dtype)
+        if pad < self.radius:
+            kernel = kernel[..., self.radius - pad:self.radius + pad + 1]
+            kernel = kernel / kernel.sum()
+        maps = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), kernel)
+        return F.conv2d(F.pad(maps, (0, 0, pad, pad), mode="reflect"), kernel.transpose(-1, -2))
+
+
+class Detector(nn.Module):
+    """ReDi inference module; see the module docstring for the data flow."""
+
+    def __init__(self, cfg: RediConfig, num_prompts: int = 0) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.image_size = cfg.data.image_size
+        model = cfg.model
+        self.backbone = build_backbone(model.backbone, model.backbone_weights or None)
+        self.use_recover = model.recover.enabled
+        self.use_prompt = model.prompt == "nearest"
+        self.selfmap = build_selfmap(model.selfmap) if self.use_recover else None
+        self.recover = (RecoverNet(selfmap_channels=1, base_width=model.recover.base_width, depth=model.recover.depth,
+                                   work_size=model.recover.input_size, fused_skips=model.recover.fused_skips)
+                        if self.use_recover else None)
+        self.head = DiscriminateHead(tuple(self.backbone.channels), model.bottleneck_channels, model.use_frb)
+        self.blur = GaussianBlur(model.gaussian_sigma)
+        size = self.image_size
+        self.register_buffer("prompt_embeddings", torch.zeros(num_prompts, self.backbone.embedding_dim))
+        self.register_buffer("prompt_images", torch.zeros(num_prompts, 3, size, size, dtype=torch.uint8))
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+        self.prompt_ids: list[str] = []
+        self.metadata: dict[str, Any] = {}
+
+    # -- the prompt bank -------------------------------------------------------------------
+    def set_prompts(self, embeddings: torch.Tensor, images: torch.Tensor, image_ids: Sequence[str]) -> None:
+        """Install the prompt bank: normalised embeddings (N, D) and images (N, 3, S, S) in [0, 1]."""
+        self.prompt_embeddings = F.normalize(embeddings.float(), dim=1).to(self.prompt_embeddings.device)
+        self.prompt_images = (images.clamp(0, 1) * 255).round().to(torch.uint8).to(self.prompt_images.device)
+        self.prompt_ids = list(image_ids)
+
+    def select_prompts(self, embedding: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """Bank index of each image's prompt (-1 when prompts are off)."""
+        if not self.use_prompt:
+            return torch.full((embedding.shape[0],), -1, dtype=torch.long, device=embedding.device)
+        if self.prompt_embeddings.shape[0] == 0:
+            raise WeightsError("the detector has an empty prompt bank; train it with a prompt bank "
+                               "or set model.prompt=none")
+        return nearest_prompt(embedding, self.prompt_embeddings, exclude)[0]
+
+    def prompt_batch(self, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Prompt images for the indices as floats in [0, 1]; zeros where the index is -1 ('Free')."""
+        prompts = torch.zeros_like(like)
+        valid = indices >= 0
+        if valid.any():
+            prompts[valid] = self.prompt_images[indices[valid]].to(like.dtype) / 255.0
+        return prompts
+
+    # -- the two networks ------------------------------------------------------------------
+    def recover_image(self, x: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
+        """Y = HIP(H(X), X+); with the recover net off, Y = X (the RD + L_S ablation)."""
+        if not self.use_recover:
+            return x
+        return self.recover(self.selfmap(x), self.prompt_batch(prompt_index, x))
+
+    def anomaly_maps(self, reference: list[torch.Tensor], recovered: list[torch.Tensor]) -> torch.Tensor:
+        """D = sum over levels of (1 - cos) resized to the input size, then smoothed: (B, S, S)."""
+        size = (self.image_size, self.image_size)
+        total = None
+        for fx, fy in zip(reference, recovered):
+            distance = 1 - F.cosine_similarity(fx.float(), fy.float(), dim=1).unsqueeze(1)
+            distance = F.interpolate(distance, size=size, mode="bilinear", align_corners=False)
+            total = distance if total is None else total + distance
+        return self.blur(total).squeeze(1)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Refuse tensors the detector was not built for, with a message that says what to do."""
+        expected = (3, self.image_size, self.image_size)
+        if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise InputError(f"the detector takes a (B, {expected[0]}, {expected[1]}, {expected[2]}) float batch in "
+                             f"[0, 1], got {shape}; use Detector.preprocess() to convert and resize images")
+        if not x.dtype.is_floating_point:
+            raise InputError(f"the detector takes float images in [0, 1], got {x.dtype}; divide uint8 by 255")
+
+    def forward(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> DetectorOutput:
+        """Score a batch. ``exclude`` (training only) names each image's own bank index."""
+        self.check_input(x)
+        reference = self.backbone(x)
+        prompt_index = self.select_prompts(reference.embedding, exclude)
+        recovered = self.recover_image(x, prompt_index)
+        recovered_features = self.head(self.backbone(recovered).features)
+        maps = self.anomaly_maps(reference.features, recovered_features)
+        return DetectorOutput(maps.flatten(1).amax(dim=1), maps, recovered, prompt_index, reference.embedding)
+
+    @torch.inference_mode()
+    def predict(self, x: torch.Tensor) -> DetectorOutput:
+        """Inference: eval mode, no autograd, input moved to the detector's device."""
+        self.eval()
+        device = self.threshold.device
+        return self(x.to(device))
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """uint8 RGB arrays of any size -> (B, 3, S, S) float batch in [0, 1] (antialiased resize)."""
+        batch = []
+        for image in images:
+            if image.ndim != 3 or image.shape[2] != 3:
+                raise InputError(f"expected an RGB image (H, W, 3), got shape {image.shape}; "
+                                 f"read files with redi.images.load_rgb")
+            tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().unsqueeze(0) / 255.0
+            if tensor.shape[-2:] != (self.image_size, self.image_size):
+                tensor = F.interpolate(tensor, size=(self.image_size,) * 2, mode="bilinear", align_corners=False,
+                                       antialias=True)
+            batch.append(tensor)
+        return torch.cat(batch).clamp(0, 1)
+
+    def is_anomalous(self, scores: torch.Tensor) -> torch.Tensor:
+        """Decision: score above the calibrated threshold."""
+        if math.isnan(float(self.threshold)):
+            raise WeightsError("the detector has no calibrated threshold; finish training first")
+        return scores > self.threshold.to(scores.device)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Everything that is saved: all weights and buffers except the frozen backbone's."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+
+def save_detector(detector: Detector, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    """Write the detector (config, weights, prompt bank, threshold, metadata) as one file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**detector.metadata, **(metadata or {})}
+    meta.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    meta.setdefault("redi_version", __version__)
+    meta["profile"] = detector.cfg.profile
+    meta["backbone"] = detector.cfg.model.backbone
+    detector.metadata = meta
+    payload = {
+        "format": ARTIFACT_FORMAT,
+        "format_version": ARTIFACT_VERSION,
+        "config": to_dict(detector.cfg),
+        "backbone_channels": list(detector.backbone.channels),
+        "num_prompts": int(detector.prompt_embeddings.shape[0]),
+        "prompt_ids": detector.prompt_ids,
+        "state": {k: v.detach().cpu() for k, v in detector.trainable_state().items()},
+        "metadata": meta,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a crash never leaves a half-written artifact
+    return path
+
+
+def read_artifact(path: str | Path) -> dict[str, Any]:
+    """Load and check an artifact file's envelope (not the weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"detector file {path} does not exist; train a model first (`redi train`)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise WeightsError(f"detector file {path} cannot be read ({exc}); it is corrupt or not a redi model") from exc
+    if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
+        raise WeightsError(f"{path} is not a redi detector artifact")
+    if payload.get("format_version", 0) > ARTIFACT_VERSION:
+        raise WeightsError(f"{path} was written by a newer redi (format {payload['format_version']}); upgrade redi")
+    return payload
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detector:
+    """Rebuild a detector from its artifact; the backbone's weights come from its package/file."""
+    payload = read_artifact(path)
+    cfg = from_dict(payload["config"])
+    detector = Detector(cfg, num_prompts=payload["num_prompts"])
+    if list(detector.backbone.channels) != list(payload["backbone_channels"]):
+        raise WeightsError(f"{path} was trained on backbone channels {payload['backbone_channels']}, "
+                           f"but {cfg.model.backbone} gives {list(detector.backbone.channels)}")
+    missing, unexpected = detector.load_state_dict(payload["state"], strict=False)
+    missing = [k for k in missing if not k.startswith("backbone.")]
+    if missing or unexpected:
+        raise WeightsError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    detector.prompt_ids = list(payload["prompt_ids"])
+    detector.metadata = dict(payload["metadata"])
+    return detector.to(device).eval()
+
+
+def load_module_weights(module: nn.Module, path: str | Path, kind: str) -> None:
+    """Load a stage's weights file into a module, with a clear error for a mismatch."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{kind} weights {path} do not exist; run the {kind} training stage first")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        module.load_state_dict(payload["state"] if "state" in payload else payload)
+    except RuntimeError as exc:
+        raise WeightsError(f"{kind} weights {path} do not fit this model (another backbone or width?): "
+                           f"{str(exc).splitlines()[0]}") from exc
