@@ -1,0 +1,241 @@
+"""Reading images and masks from disk or bytes: the one place where pixels enter redi.
+
+Every image, whatever its file mode, comes out as ``uint8`` RGB ``(H, W, 3)``; every mask as a
+``bool`` ``(H, W)`` array. The conversions (documented here once, relied on everywhere):
+
+- grey (``L``, ``1``) is repeated into three channels;
+- images with alpha (``LA``, ``RGBA``, ``PA``, palette with transparency) are composited on
+  black: ``rgb * alpha / 255``. Fully transparent pixels carry no defined colour, and black is
+  what a camera would see with nothing in front of it;
+- palette (``P``) images are expanded through their palette;
+- 16-bit images (``I;16*``) are scaled to 8 bits by dividing by 257 (65535 -> 255, rounded);
+- 32-bit integer images (``I``) whose values lie in 0..65535 are treated as 16-bit (divided by
+  257); any other range is scaled linearly from its min..max to 0..255 (per image, as there is
+  no other reference for such files). Float images (``F``) in 0..1 are multiplied by 255, others
+  are scaled min..max the same way;
+- ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` are converted to RGB by Pillow;
+- multi-frame files (GIF, TIFF) give their first frame;
+- EXIF orientation is deliberately NOT applied: masks are drawn on the stored pixel grid, so
+  rotating the image alone would misalign them.
+
+Files are fully decoded (``Image.load()``), so a truncated PNG or JPEG fails here with an
+:class:`~redi.errors.ImageReadError` naming the file, not later inside a training loop. Pillow's
+``LOAD_TRUNCATED_IMAGES`` is never enabled.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from redi.errors import DatasetError, ImageReadError, InputError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+_FIX = ("re-export or re-copy the file (or remove it, or set data.skip_bad_files=true to skip "
+        "bad files and list them)")
+
+
+def _scale_wide(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a 16-bit / 32-bit / float single-channel array to uint8 (see module docstring)."""
+    if mode.startswith("I;16"):
+        return ((arr.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    values = arr.astype(np.float64)
+    low, high = float(values.min()), float(values.max())
+    if mode == "I" and low >= 0 and high <= 65535:
+        return np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8)
+    if mode == "F" and low >= 0 and high <= 1:
+        return np.clip(np.rint(values * 255.0), 0, 255).astype(np.uint8)
+    if high <= low:  # a constant image: nothing to scale, keep it black
+        return np.zeros(arr.shape, dtype=np.uint8)
+    return np.clip(np.rint((values - low) / (high - low) * 255.0), 0, 255).astype(np.uint8)
+
+
+def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
+    """(H, W, 4) uint8 -> (H, W, 3) uint8 with colour multiplied by alpha (black background)."""
+    rgb = rgba[..., :3].astype(np.uint16)
+    alpha = rgba[..., 3:4].astype(np.uint16)
+    return ((rgb * alpha + 127) // 255).astype(np.uint8)
+
+
+def _pil_to_rgb(image: Image.Image) -> np.ndarray:
+    """Convert a loaded Pillow image of any mode to uint8 RGB (H, W, 3)."""
+    mode = image.mode
+    if mode == "RGB":
+        return np.asarray(image, dtype=np.uint8).copy()
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        grey = _scale_wide(np.asarray(image), mode)
+        return np.repeat(grey[..., None], 3, axis=2)
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        mode == "P" and "transparency" in image.info)
+    if has_alpha:
+        return _composite_on_black(np.asarray(image.convert("RGBA"), dtype=np.uint8))
+    if mode == "1":
+        image = image.convert("L")
+    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
+
+
+def _pil_to_mask(image: Image.Image) -> np.ndarray:
+    """Convert a loaded Pillow image to a bool mask: any non-zero colour value is defect."""
+    mode = image.mode
+    if mode == "P":  # palette index 0 need not be black: look at the colours
+        image = image.convert("RGB")
+        mode = "RGB"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):  # the alpha channel is not the label
+        image = image.convert("RGB" if mode in ("RGBA", "RGBa", "PA") else "L")
+    arr = np.asarray(image)
+    if arr.ndim == 3:
+        return np.any(arr > 0, axis=2)
+    return arr > 0
+
+
+def _open_and_load(source, name: str) -> Image.Image:
+    """Open and fully decode an image; any failure becomes an ImageReadError naming the file."""
+    try:
+        image = Image.open(source)
+        image.load()
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"image file {name} does not exist; check the path") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(f"image file {name} is too large to decode safely ({exc}); "
+                             f"resize it before use") from exc
+    # Pillow's decoders raise many types (OSError for truncation, SyntaxError for broken PNG
+    # chunks, ValueError, EOFError, struct.error...): all mean "cannot read this file".
+    except Exception as exc:  # noqa: BLE001
+        raise ImageReadError(f"cannot read image file {name}: {type(exc).__name__}: {exc}; "
+                             f"the file is corrupt, truncated or not an image; {_FIX}") from exc
+    return image
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read an image file as uint8 RGB ``(H, W, 3)`` (conversions: see the module docstring).
+
+    Raises:
+        ImageReadError: the file is missing, unreadable, truncated or not an image.
+    """
+    path = Path(path)
+    image = _open_and_load(path, str(path))
+    try:
+        return _pil_to_rgb(image)
+    finally:
+        image.close()
+
+
+def load_mask(path: str | Path, expected_hw: tuple[int, int] | None = None,
+              image_path: str | Path | None = None) -> np.ndarray:
+    """Read a ground-truth mask as bool ``(H, W)``; any value > 0 (in any channel) is defect.
+
+    Args:
+        path: the mask file.
+        expected_hw: the (height, width) of the image the mask belongs to; checked when given.
+        image_path: that image's file, only used to name it in the error message.
+
+    Raises:
+        ImageReadError: the mask file cannot be read.
+        DatasetError: the mask's size differs from ``expected_hw``.
+    """
+    path = Path(path)
+    image = _open_and_load(path, str(path))
+    try:
+        mask = _pil_to_mask(image)
+    finally:
+        image.close()
+    if expected_hw is not None and tuple(mask.shape) != tuple(expected_hw):
+        of_image = f" of image {image_path}" if image_path is not None else ""
+        raise DatasetError(
+            f"mask {path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but the image{of_image} is "
+            f"{expected_hw[1]}x{expected_hw[0]}; masks must have exactly the image's size - "
+            f"re-export the mask at the image's resolution")
+    return mask
+
+
+def image_size_of(path: str | Path) -> tuple[int, int]:
+    """Return ``(height, width)`` from the file header without decoding the pixels.
+
+    Raises:
+        ImageReadError: the file cannot be opened as an image.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except FileNotFoundError as exc:
+        raise ImageReadError(f"image file {path} does not exist; check the path") from exc
+    except Exception as exc:  # noqa: BLE001 - see _open_and_load
+        raise ImageReadError(f"cannot read image file {path}: {type(exc).__name__}: {exc}; "
+                             f"{_FIX}") from exc
+    return height, width
+
+
+def decode_rgb(data: bytes, max_pixels: int | None = None, name: str = "<uploaded bytes>") -> np.ndarray:
+    """Decode image bytes (e.g. an HTTP upload) to uint8 RGB ``(H, W, 3)``, like :func:`load_rgb`.
+
+    Args:
+        data: the encoded file content (PNG, JPEG, BMP, TIFF, ...).
+        max_pixels: refuse images with more than this many pixels; checked from the header
+            before any pixel is decoded, so an oversized upload costs no memory.
+        name: how to name the input in error messages.
+
+    Raises:
+        InputError: the image has more than ``max_pixels`` pixels.
+        ImageReadError: the bytes are not a readable image.
+    """
+    if not data:
+        raise ImageReadError(f"{name} is empty; send the bytes of an image file (PNG, JPEG, ...)")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise InputError(f"{name} is too large ({exc}); send a smaller image") from exc
+    except Exception as exc:  # noqa: BLE001 - see _open_and_load
+        raise ImageReadError(f"cannot read {name}: {type(exc).__name__}: {exc}; "
+                             f"send a complete PNG, JPEG, BMP or TIFF file") from exc
+    try:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise InputError(f"{name} is {width}x{height} = {width * height} pixels, more than the "
+                             f"limit of {max_pixels}; send a smaller image")
+        try:
+            image.load()
+        except Exception as exc:  # noqa: BLE001 - see _open_and_load
+            raise ImageReadError(f"cannot read {name}: {type(exc).__name__}: {exc}; the image is "
+                                 f"corrupt or truncated; send a complete file") from exc
+        return _pil_to_rgb(image)
+    finally:
+        image.close()
+
+
+def _square(size: int | tuple[int, int]) -> tuple[int, int]:
+    """Normalise a size argument to Pillow's (width, height)."""
+    if isinstance(size, int):
+        if size <= 0:
+            raise InputError(f"resize size must be positive, got {size}")
+        return size, size
+    height, width = size
+    return int(width), int(height)
+
+
+def resize_rgb(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize uint8 RGB ``(H, W, 3)`` to ``size x size`` (or ``(h, w)``), bilinear.
+
+    Pillow's bilinear filter widens its support when shrinking, so downscaling is antialiased.
+    """
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise InputError(f"resize_rgb expects a uint8 (H, W, 3) array, got {arr.dtype} {arr.shape}")
+    target = _square(size)
+    if (arr.shape[1], arr.shape[0]) == target:
+        return arr.copy()
+    return np.array(Image.fromarray(arr).resize(target, Image.Resampling.BILINEAR), dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Resize a bool ``(H, W)`` mask to ``size x size`` (or ``(h, w)``) with nearest neighbour."""
+    if mask.ndim != 2:
+        raise InputError(f"resize_mask expects an (H, W) array, got shape {mask.shape}")
+    target = _square(size)
+    if (mask.shape[1], mask.shape[0]) == target:
+        return mask.astype(bool, copy=True)
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize(target, Image.Resampling.NEAREST)
+    return np.array(small) > 127

@@ -1,0 +1,31 @@
+"""Shared fixtures: a small synthetic demo line, and the real data sets beside the repo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from redi.data.demo import make_demo_line
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def demo_line_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small ``bottle_caps`` demo line (128 px; 10 train, 4 good + 8 defective test), made once.
+
+    Its layout is MVTec-AD: ``train/good``, ``test/{good,scratch,hole,stain,misplaced}``,
+    ``ground_truth/<type>/<stem>_mask.png``. Treat it as read-only: it is shared by all tests.
+    """
+    root = tmp_path_factory.mktemp("demo") / "bottle_caps"
+    make_demo_line(root, "bottle_caps", n_train=10, n_test_good=4, n_test_defect=8, size=128, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """``../shared/data`` beside the repository (real data sets); skips the test when absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
