@@ -1,0 +1,461 @@
+"""The evaluation report: one self-contained HTML page with curves and per-image picture strips.
+
+``write_report`` is called by :func:`redi.stages.evaluate` and writes::
+
+    report/index.html          the page (inline CSS, relative links only, no JavaScript)
+    report/roc.png, pr.png     image-level ROC and precision-recall curves
+    report/pro.png             pixel-level PRO curve (only when the test masks hold defects)
+    report/histogram.png       image scores, normal vs defective, with the decision threshold
+    report/colour_scale.png    the anomaly-map colour scale shared by every strip
+    report/images/strip_NNNN.png   input | ground truth | map overlay | recovered | prompt
+
+Which images get a strip (at most ``cfg.eval.report_max_images``; the page repeats this rule):
+every image the decision threshold gets wrong comes first (most confident mistakes first), then
+the remaining places are shared evenly between correctly decided defective and normal images,
+each class sampled at evenly spaced ranks of its score order, so clear and borderline cases
+both appear. The table lists every test image (sorted by score, highest first); images without
+a strip say so.
+
+The map colour scale is fixed for the model (``redi.visualize.display_range``: 0 to 2 x the
+decision threshold), so a normal image does not look hot merely because its map was stretched.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from redi.data.mvtec import Sample
+from redi.errors import InputError, MetricsError
+from redi.metrics import pr_curve_points, pro_curve, roc_curve_points
+from redi.visualize import (display_range, draw_boxes, defect_regions, mask_contour, overlay, placeholder_tile,
+                            save_png, strip)
+
+SYNTHETIC_MARKER = "SYNTHETIC_DATA_README.md"
+MAX_TILE = 256  # strip tiles are at most this many pixels square (keeps the report folder small)
+STRIP_DIR = "images"
+
+
+# ----------------------------------------------------------------------------- inputs
+def _numpy(tensor: torch.Tensor | np.ndarray | None, dtype: Any = np.float32) -> np.ndarray | None:
+    """A CPU numpy copy of a tensor (or array) in ``dtype``; None stays None."""
+    if tensor is None:
+        return None
+    if torch.is_tensor(tensor):
+        tensor = tensor.detach().cpu()
+        tensor = tensor.float() if dtype != bool else tensor.bool()
+        return tensor.numpy().astype(dtype, copy=False)
+    return np.asarray(tensor).astype(dtype, copy=False)
+
+
+def _to_rgb_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, 3, S, S) floats in [0, 1] -> (N, S, S, 3) uint8."""
+    return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _check_lengths(samples: Sequence[Sample], **arrays: np.ndarray | None) -> int:
+    """All inputs must describe the same N images, in the same order."""
+    n = len(samples)
+    if n == 0:
+        raise InputError("write_report needs at least one test sample; the test split is empty")
+    for name, arr in arrays.items():
+        if arr is not None and arr.shape[0] != n:
+            raise InputError(f"write_report got {n} samples but {name} holds {arr.shape[0]} entries; "
+                             f"pass the detector's result for exactly the listed samples, in order")
+    return n
+
+
+def find_synthetic_readme(samples: Sequence[Sample]) -> Path | None:
+    """The ``SYNTHETIC_DATA_README.md`` in a folder above the first sample's file, if any."""
+    if not samples:
+        return None
+    for parent in Path(samples[0].path).resolve().parents:
+        marker = parent / SYNTHETIC_MARKER
+        if marker.is_file():
+            return marker
+    return None
+
+
+# ----------------------------------------------------------------------------- which images get a strip
+def _spread(indices: list[int], count: int) -> list[int]:
+    """``count`` entries of ``indices`` at evenly spaced positions (first and last included)."""
+    if count <= 0:
+        return []
+    if count >= len(indices):
+        return list(indices)
+    positions = np.unique(np.round(np.linspace(0, len(indices) - 1, count)).astype(int))
+    return [indices[p] for p in positions]
+
+
+def select_for_strips(labels: np.ndarray, scores: np.ndarray, decisions: np.ndarray | None,
+                      threshold: float, limit: int) -> list[int]:
+    """Indices of the images drawn as strips (see the module docstring for the rule).
+
+    ``decisions`` is None when the detector has no threshold: then there are no mistakes to
+    list first and the places are shared between defective and normal images only.
+    """
+    n = len(scores)
+    if limit <= 0:
+        return []
+    if n <= limit:
+        return list(range(n))
+    wrong = [] if decisions is None else [i for i in range(n) if bool(decisions[i]) != bool(labels[i])]
+    wrong.sort(key=lambda i: abs(scores[i] - threshold), reverse=True)
+    chosen = wrong[:limit]
+    taken = set(chosen)
+    by_score = sorted((i for i in range(n) if i not in taken), key=lambda i: scores[i], reverse=True)
+    defective = [i for i in by_score if labels[i] == 1]
+    normal = [i for i in by_score if labels[i] == 0]
+    left = limit - len(chosen)
+    n_def = min(len(defective), (left + 1) // 2)
+    n_norm = min(len(normal), left - n_def)
+    n_def = min(len(defective), left - n_norm)  # give unused normal places back to defects
+    return chosen + _spread(defective, n_def) + _spread(normal, n_norm)
+
+
+# ----------------------------------------------------------------------------- figures
+def _figure(width: float = 4.2, height: float = 3.4) -> tuple[Figure, Any]:
+    """A matplotlib figure on the Agg canvas (no pyplot: no global state, no display needed)."""
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot(1, 1, 1)
+
+
+def _save(figure: Figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, format="png")
+    return path
+
+
+def _plot_roc(path: Path, labels: np.ndarray, scores: np.ndarray, auroc: float | None,
+              operating: tuple[float, float] | None) -> Path:
+    fpr, tpr = roc_curve_points(labels, scores)
+    figure, ax = _figure()
+    ax.plot(fpr, tpr, color="tab:blue", lw=1.8, drawstyle="steps-post", label="ROC")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="chance")
+    if operating is not None:
+        ax.plot(*operating, "o", color="tab:red", label="decision threshold")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="false-alarm rate (normal images flagged)",
+           ylabel="recall (defective images found)",
+           title="image-level ROC" + (f", AUROC {auroc:.4f}" if auroc is not None else ""))
+    ax.legend(loc="lower right", fontsize=8)
+    return _save(figure, path)
+
+
+def _plot_pr(path: Path, labels: np.ndarray, scores: np.ndarray, operating: tuple[float, float] | None) -> Path:
+    recall, precision = pr_curve_points(labels, scores)
+    figure, ax = _figure()
+    ax.plot(recall, precision, color="tab:blue", lw=1.8, label="precision-recall")
+    ax.axhline(labels.mean(), color="grey", lw=0.8, ls=":", label="defect share (chance)")
+    if operating is not None:
+        ax.plot(*operating, "o", color="tab:red", label="decision threshold")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="recall", ylabel="precision",
+           title="image-level precision-recall")
+    ax.legend(loc="lower left", fontsize=8)
+    return _save(figure, path)
+
+
+def _plot_pro(path: Path, masks: np.ndarray, maps: np.ndarray, max_fpr: float, aupro: float | None) -> Path:
+    fpr, pro = pro_curve(masks, maps, max_fpr=max_fpr)
+    figure, ax = _figure()
+    ax.plot(fpr, pro, color="tab:green", lw=1.8)
+    ax.axvline(max_fpr, color="grey", lw=0.8, ls=":")
+    ax.set(xlim=(0, min(1.0, max_fpr * 1.05)), ylim=(-0.01, 1.01), xlabel="pixel false-positive rate",
+           ylabel="per-region overlap",
+           title="pixel-level PRO" + (f", AUPRO {aupro:.4f}" if aupro is not None else ""))
+    return _save(figure, path)
+
+
+def _plot_histogram(path: Path, labels: np.ndarray, scores: np.ndarray, threshold: float,
+                    f1_threshold: float | None) -> Path:
+    figure, ax = _figure(5.6, 3.4)
+    edges = np.histogram_bin_edges(scores, bins=int(np.clip(len(scores) // 3, 5, 40)))
+    for value, name, colour in ((0, "normal", "tab:blue"), (1, "defective", "tab:red")):
+        if (labels == value).any():
+            count = int((labels == value).sum())
+            ax.hist(scores[labels == value], bins=edges, alpha=0.6, color=colour, label=f"{name} ({count})")
+    if math.isfinite(threshold):
+        ax.axvline(threshold, color="black", lw=1.5, label=f"decision threshold {threshold:.4f}")
+    if f1_threshold is not None:
+        ax.axvline(f1_threshold, color="black", lw=1.0, ls="--", label=f"F1-optimal {f1_threshold:.4f}")
+    ax.set(xlabel="image anomaly score (max of the map)", ylabel="images", title="score distribution")
+    ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def _plot_colour_scale(path: Path, vmin: float, vmax: float, threshold: float, cmap: str) -> Path:
+    figure = Figure(figsize=(5.6, 0.9), dpi=100)
+    FigureCanvasAgg(figure)
+    ax = figure.add_axes((0.05, 0.5, 0.9, 0.3))
+    ax.imshow(np.linspace(vmin, vmax, 256)[None, :], aspect="auto", cmap=matplotlib.colormaps[cmap],
+              extent=(vmin, vmax, 0, 1))
+    if math.isfinite(threshold):
+        ax.axvline(threshold, color="white", lw=1.5)
+        ax.text(threshold, 1.15, "threshold", ha="center", fontsize=7, transform=ax.get_xaxis_transform())
+    ax.set_yticks([])
+    ax.tick_params(labelsize=7)
+    figure.savefig(path, format="png")
+    return path
+
+
+# ----------------------------------------------------------------------------- strips
+def _strip_picture(i: int, rgb: np.ndarray, sample: Sample, mask: np.ndarray, amap: np.ndarray,
+                   recovered: np.ndarray | None, prompt_index: int, detector, threshold: float,
+                   vmin: float, vmax: float, tile: int) -> np.ndarray:
+    """Input | ground truth | overlay with boxes above the threshold | recovered | prompt."""
+    image = rgb[i]
+    if mask[i].any():
+        truth, truth_caption = mask_contour(image, mask[i], thickness=max(1, image.shape[0] // 128)), "ground truth"
+    elif sample.label == 1:
+        truth, truth_caption = image, "no mask file"
+    else:
+        truth, truth_caption = image, "ground truth: good"
+    heat = overlay(image, amap[i], vmin, vmax)
+    if math.isfinite(threshold):
+        scale = image.shape[1] / amap[i].shape[1]
+        heat = draw_boxes(heat, defect_regions(amap[i], threshold, min_area=16), scale=scale)
+    size = image.shape[0]
+    recovered_tile = recovered[i] if recovered is not None else placeholder_tile(size, "not kept")
+    bank = detector.prompt_images
+    if 0 <= prompt_index < bank.shape[0]:
+        prompt_tile = bank[prompt_index].detach().cpu().permute(1, 2, 0).numpy().astype(np.uint8)
+        ids = getattr(detector, "prompt_ids", [])
+        prompt_caption = f"prompt {ids[prompt_index]}" if prompt_index < len(ids) else f"prompt #{prompt_index}"
+    else:
+        prompt_tile, prompt_caption = placeholder_tile(size, "no prompt"), "prompt: none"
+    return strip([(image, "input"), (truth, truth_caption), (heat, f"map, max {float(amap[i].max()):.4f}"),
+                  (recovered_tile, "recovered Y"), (prompt_tile, prompt_caption)], tile_size=tile)
+
+
+# ----------------------------------------------------------------------------- HTML
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:1.5em;color:#222;max-width:1500px}
+h1{font-size:1.5em;margin-bottom:.2em} h2{margin-top:1.6em;border-bottom:1px solid #ccc}
+table{border-collapse:collapse;font-size:.9em} td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}
+th{background:#f2f2f2} .num{text-align:right;font-variant-numeric:tabular-nums}
+.meta td:first-child{font-weight:600} .wrong{background:#fde2e2} .ok{background:#e6f4e6}
+.synthetic{background:#fff3cd;border:2px solid #d39e00;padding:.8em 1em;margin:1em 0;font-size:1.05em}
+.synthetic pre{white-space:pre-wrap;font-size:.85em;max-height:12em;overflow:auto}
+.curves img{margin:4px;border:1px solid #ddd;vertical-align:top} .strip{max-width:100%;height:auto}
+.note{color:#555;font-size:.9em}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return "n/a" if not math.isfinite(float(value)) else f"{float(value):.{digits}f}"
+    return str(value)
+
+
+def _metrics_rows(metrics: dict[str, Any], computed: dict[str, Any]) -> list[tuple[str, str]]:
+    """(label, formatted value) rows; the evaluation's own numbers win over the recomputed ones."""
+    def get(key: str) -> Any:
+        return metrics.get(key, computed.get(key))
+    pixel_note = "n/a (no ground-truth masks)"
+    rows = [
+        ("image AUROC", _fmt(get("image_auroc"))),
+        ("pixel AUROC", _fmt(get("pixel_auroc")) if get("pixel_auroc") is not None else pixel_note),
+        ("pixel AP", _fmt(get("pixel_ap")) if get("pixel_ap") is not None else pixel_note),
+        (f"AUPRO (FPR up to {_fmt(computed['max_fpr'], 2)})",
+         _fmt(get("aupro")) if get("aupro") is not None else pixel_note),
+        ("F1-optimal threshold (on this test set)", _fmt(get("f1_threshold"))),
+        ("best image F1", _fmt(get("f1"))),
+        ("decision threshold (calibrated on held-out normal images)", _fmt(get("threshold"))),
+        ("recall at the decision threshold", _fmt(get("recall_at_threshold"))),
+        ("false-alarm rate at the decision threshold", _fmt(get("false_alarm_rate_at_threshold"))),
+        ("accuracy at the decision threshold", _fmt(get("accuracy_at_threshold"))),
+        ("images (defective / normal)", f"{_fmt(get('n_images'))} ({_fmt(get('n_anomalous'))} / "
+                                        f"{_fmt(get('n_normal'))})"),
+    ]
+    if metrics.get("seconds_per_image") is not None:
+        device = f" on {metrics['device']}" if metrics.get("device") else ""
+        rows.append(("seconds per image", f"{_fmt(metrics['seconds_per_image'])}{device}"))
+    return rows
+
+
+def _decision_stats(labels: np.ndarray, decisions: np.ndarray | None) -> dict[str, Any]:
+    """Recall, false-alarm rate and accuracy at the threshold (None where undefined)."""
+    stats: dict[str, Any] = {"n_images": int(labels.size), "n_anomalous": int(labels.sum()),
+                             "n_normal": int((labels == 0).sum())}
+    if decisions is None:
+        return stats
+    stats["accuracy_at_threshold"] = float((decisions == labels.astype(bool)).mean())
+    stats["recall_at_threshold"] = float(decisions[labels == 1].mean()) if (labels == 1).any() else None
+    stats["false_alarm_rate_at_threshold"] = float(decisions[labels == 0].mean()) if (labels == 0).any() else None
+    return stats
+
+
+def _header(detector, metrics: dict[str, Any], samples: Sequence[Sample], synthetic: Path | None) -> list[str]:
+    meta = dict(getattr(detector, "metadata", {}) or {})
+    cfg = detector.cfg
+
+    def pick(key: str, fallback: Any) -> Any:
+        return meta.get(key) or metrics.get(key) or fallback
+    line = pick("line", "") or "(unnamed line)"
+    rows = [("line", line), ("model version", pick("version", metrics.get("model_version") or "n/a")),
+            ("profile", pick("profile", cfg.profile)), ("backbone", pick("backbone", cfg.model.backbone)),
+            ("model created", meta.get("created", "n/a")), ("redi version", meta.get("redi_version", "n/a")),
+            ("test data", metrics.get("data_root") or Path(samples[0].path).parent.parent.parent)]
+    out = [f"<h1>Anomaly detection report: {_esc(line)}</h1>"]
+    if synthetic is not None:
+        text = synthetic.read_text(errors="replace")[:2000]
+        out.append(f'<div class="synthetic"><strong>SYNTHETIC DATA.</strong> The test images come from a '
+                   f"generated data set (marked by {_esc(synthetic)}). The numbers below show that the "
+                   f"pipeline works; they say nothing about how the model performs on real products."
+                   f"<pre>{_esc(text)}</pre></div>")
+    out.append('<table class="meta">' + "".join(f"<tr><td>{_esc(k)}</td><td>{_esc(v)}</td></tr>" for k, v in rows)
+               + "</table>")
+    return out
+
+
+def _image_table(order: list[int], samples: Sequence[Sample], scores: np.ndarray,
+                 decisions: np.ndarray | None, strips: dict[int, str]) -> list[str]:
+    out = ['<table class="images"><tr><th>#</th><th>image id</th><th>defect type</th><th>score</th>'
+           "<th>decision</th><th>correct?</th><th>input | ground truth | map | recovered | prompt</th></tr>"]
+    for rank, i in enumerate(order, start=1):
+        sample = samples[i]
+        if decisions is None:
+            decision, correct, css = "n/a", "n/a", ""
+        else:
+            flagged = bool(decisions[i])
+            right = flagged == bool(sample.label)
+            decision, correct = ("defective" if flagged else "normal"), ("yes" if right else "NO")
+            css = ' class="ok"' if right else ' class="wrong"'
+        picture = (f'<img class="strip" loading="lazy" src="{_esc(strips[i])}" alt="{_esc(sample.image_id)}">'
+                   if i in strips else '<span class="note">not drawn</span>')
+        out.append(f"<tr{css}><td class=\"num\">{rank}</td><td>{_esc(sample.image_id)}</td>"
+                   f"<td>{_esc(sample.defect_type)}</td><td class=\"num\">{_fmt(float(scores[i]))}</td>"
+                   f"<td>{decision}</td><td>{correct}</td><td>{picture}</td></tr>")
+    out.append("</table>")
+    return out
+
+
+def _curves(report_dir: Path, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray, maps: np.ndarray,
+            threshold: float, metrics: dict[str, Any], stats: dict[str, Any], max_fpr: float) -> list[str]:
+    """Draw the curve figures; return the HTML for them (or why one is missing)."""
+    html_parts, notes = [], []
+    operating_roc = operating_pr = None
+    if stats.get("recall_at_threshold") is not None and stats.get("false_alarm_rate_at_threshold") is not None:
+        operating_roc = (stats["false_alarm_rate_at_threshold"], stats["recall_at_threshold"])
+        flagged = scores > threshold
+        if flagged.any():
+            operating_pr = (stats["recall_at_threshold"], float(labels[flagged].mean()))
+    try:
+        _plot_roc(report_dir / "roc.png", labels, scores, metrics.get("image_auroc"), operating_roc)
+        _plot_pr(report_dir / "pr.png", labels, scores, operating_pr)
+        html_parts += ['<img src="roc.png" alt="image-level ROC curve">',
+                       '<img src="pr.png" alt="image-level PR curve">']
+    except MetricsError as exc:
+        notes.append(f"ROC and PR curves not drawn: {exc}")
+    if masks.shape != maps.shape:
+        notes.append(f"PRO curve not drawn: masks {masks.shape} and maps {maps.shape} differ in size.")
+    elif masks.any() and (~masks).any():
+        _plot_pro(report_dir / "pro.png", masks, maps, max_fpr, metrics.get("aupro"))
+        html_parts.append('<img src="pro.png" alt="pixel-level PRO curve">')
+    else:
+        notes.append("PRO curve not drawn: the test masks hold no defect pixels (image-level labels only).")
+    _plot_histogram(report_dir / "histogram.png", labels, scores, threshold, metrics.get("f1_threshold"))
+    html_parts.append('<img src="histogram.png" alt="score histogram">')
+    return (['<div class="curves">'] + html_parts + ["</div>"]
+            + [f'<p class="note">{_esc(n)}</p>' for n in notes])
+
+
+# ----------------------------------------------------------------------------- entry point
+def write_report(report_dir: str | Path, detector, samples: list[Sample], images: torch.Tensor,
+                 masks: torch.Tensor, result: dict[str, Any], metrics: dict[str, Any],
+                 cmap: str = "inferno") -> Path:
+    """Write ``report_dir/index.html`` and its pictures; return the path of ``index.html``.
+
+    Args:
+        report_dir: output folder (created; earlier strips in it are replaced).
+        detector: the evaluated ``redi.models.detector.Detector`` (its cfg, metadata, threshold
+            and prompt bank are shown).
+        samples: the test samples, in the order of the tensors.
+        images: (N, 3, S, S) floats in [0, 1]; masks: (N, S, S) bool ground truth.
+        result: ``scores`` (N,), ``maps`` (N, S, S), optional ``recovered`` (N, 3, S, S) and
+            ``prompt_index`` (N,) long with -1 for "no prompt".
+        metrics: what :func:`redi.stages.evaluate` computed (``metrics.json``'s content).
+        cmap: matplotlib colormap of the anomaly maps.
+    """
+    report_dir = Path(report_dir)
+    scores = _numpy(result["scores"], np.float64)
+    maps = _numpy(result["maps"])
+    recovered = _numpy(result.get("recovered"))
+    prompt_index = _numpy(result.get("prompt_index"), np.int64)
+    images_np, masks_np = _numpy(images), _numpy(masks, bool)
+    n = _check_lengths(samples, images=images_np, masks=masks_np, scores=scores, maps=maps, recovered=recovered,
+                       prompt_index=prompt_index)
+    labels = np.array([int(s.label) for s in samples])
+    threshold = float(detector.threshold)
+    decisions = (_numpy(detector.is_anomalous(torch.from_numpy(scores)), bool)
+                 if math.isfinite(threshold) else None)
+    stats = _decision_stats(labels, decisions)
+    stats["max_fpr"] = float(detector.cfg.eval.max_fpr)
+    stats["threshold"] = threshold
+    vmin, vmax = display_range(threshold, maps)
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    strip_dir = report_dir / STRIP_DIR
+    strip_dir.mkdir(exist_ok=True)
+    for old in strip_dir.glob("strip_*.png"):  # a previous run may have drawn other images
+        old.unlink()
+    rgb = _to_rgb_uint8(images_np)
+    recovered_rgb = _to_rgb_uint8(recovered) if recovered is not None else None
+    limit = int(detector.cfg.eval.report_max_images)
+    chosen = select_for_strips(labels, scores, decisions, threshold, limit)
+    tile = min(rgb.shape[1], MAX_TILE)
+    strips: dict[int, str] = {}
+    for i in chosen:
+        index = int(prompt_index[i]) if prompt_index is not None else -1
+        picture = _strip_picture(i, rgb, samples[i], masks_np, maps, recovered_rgb, index, detector, threshold,
+                                 vmin, vmax, tile)
+        save_png(strip_dir / f"strip_{i:04d}.png", picture)
+        strips[i] = f"{STRIP_DIR}/strip_{i:04d}.png"
+    _plot_colour_scale(report_dir / "colour_scale.png", vmin, vmax, threshold, cmap)
+
+    scale_rule = ("twice the decision threshold" if math.isfinite(threshold) and threshold > 0
+                  else "the highest map value: the model has no calibrated threshold")
+    synthetic = find_synthetic_readme(samples)
+    order = sorted(range(n), key=lambda i: (-scores[i], samples[i].image_id))
+    body = _header(detector, metrics, samples, synthetic)
+    body += ["<h2>Metrics</h2>", "<table>"]
+    body += [f'<tr><td>{_esc(k)}</td><td class="num">{_esc(v)}</td></tr>' for k, v in _metrics_rows(metrics, stats)]
+    body += ["</table>", '<p class="note">An image is flagged defective when its score (the maximum of its anomaly '
+             "map) is above the decision threshold. The F1-optimal threshold is computed on this test set, for "
+             "comparison only.</p>"]
+    body += ["<h2>Curves</h2>"] + _curves(report_dir, labels, scores, masks_np, maps, threshold, metrics, stats,
+                                           stats["max_fpr"])
+    body += ["<h2>Images</h2>",
+             f'<p class="note">{len(strips)} of {n} test images are drawn (at most {limit}, '
+             "<code>eval.report_max_images</code>). Chosen: every image the decision threshold gets wrong first "
+             "(most confident mistakes first), then the remaining places shared evenly between correctly decided "
+             "defective and normal images, spread over each class's range of scores. The table lists all images, "
+             "highest score first. Ground truth is outlined in green; boxes on the map mark regions above the "
+             f"decision threshold. Map colours use one fixed scale for this model, {vmin:.4g} to {vmax:.4g} "
+             f"({scale_rule}); brighter is more anomalous.</p>",
+             '<p><img src="colour_scale.png" alt="anomaly map colour scale"></p>']
+    body += _image_table(order, samples, scores, decisions, strips)
+    title = _esc(f"redi report: {getattr(detector, 'metadata', {}).get('line') or metrics.get('line') or 'line'}")
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{title}</title><style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    index = report_dir / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index
