@@ -1,0 +1,263 @@
+"""The ``redi`` command line. Every command is a thin shell over a function in ``redi.stages`` (or
+the pipeline / serving modules), so the CLI, Kubeflow, DVC and the tests run the same code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable
+
+from redi import __version__
+from redi.config import PROFILES, load_config, save_config, to_dict
+from redi.errors import RediError
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def command(name: str):
+    """Register a handler for a sub-command."""
+    def register(func: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = func
+        return func
+    return register
+
+
+def _config(args: argparse.Namespace, data_root: str | None = None):
+    overrides = list(getattr(args, "set", None) or [])
+    if data_root:
+        overrides.append(f"data.root={data_root}")
+    return load_config(getattr(args, "config", None), getattr(args, "profile", None), overrides)
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML config file (any subset of the schema; see `redi config`)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), help="named budget (default: cpu, or the file's)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                        help="override one setting, e.g. --set train.seed=3 --set model.prompt=none")
+
+
+# -- data ---------------------------------------------------------------------------------------
+@command("demo-data")
+def _demo_data(args: argparse.Namespace) -> int:
+    from redi.data.demo import make_demo_line
+
+    summary = make_demo_line(args.out, args.line, seed=args.seed, size=args.size)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+@command("validate")
+def _validate(args: argparse.Namespace) -> int:
+    from redi.stages import validate_data
+
+    cfg = _config(args, args.data)
+    path = validate_data(args.data, args.out, cfg)
+    manifest = json.loads(Path(path).read_text())
+    print(json.dumps({"manifest": str(path), "counts": manifest["counts"]}, indent=2))
+    return 0
+
+
+@command("import-folder")
+def _import_folder(args: argparse.Namespace) -> int:
+    from redi.data.importers import import_plain_folder
+
+    print(json.dumps(import_plain_folder(args.src, args.dst), indent=2, default=str))
+    return 0
+
+
+@command("import-kolektor")
+def _import_kolektor(args: argparse.Namespace) -> int:
+    from redi.data.importers import import_kolektorsdd2
+
+    print(json.dumps(import_kolektorsdd2(args.src, args.dst), indent=2, default=str))
+    return 0
+
+
+@command("config")
+def _show_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.out:
+        save_config(cfg, args.out)
+    else:
+        import yaml
+
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+# -- stages -------------------------------------------------------------------------------------
+@command("selfmaps")
+def _selfmaps(args: argparse.Namespace) -> int:
+    from redi.stages import precompute_selfmaps
+
+    print(precompute_selfmaps(args.data, args.out, _config(args, args.data)))
+    return 0
+
+
+@command("prompt-bank")
+def _prompt_bank(args: argparse.Namespace) -> int:
+    from redi.stages import build_prompt_bank
+
+    print(build_prompt_bank(args.data, args.out, _config(args, args.data)))
+    return 0
+
+
+@command("train-recover")
+def _train_recover(args: argparse.Namespace) -> int:
+    from redi.stages import train_recover
+
+    print(train_recover(args.data, args.bank, args.out, _config(args, args.data), args.selfmaps))
+    return 0
+
+
+@command("train-discriminate")
+def _train_discriminate(args: argparse.Namespace) -> int:
+    from redi.stages import train_discriminate
+
+    print(train_discriminate(args.data, args.bank, args.recover, args.out, _config(args, args.data), args.line))
+    return 0
+
+
+@command("train")
+def _train(args: argparse.Namespace) -> int:
+    from redi.stages import train_all
+
+    cfg = _config(args, args.data)
+    paths = train_all(args.data, args.out, cfg, args.line)
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
+    return 0
+
+
+@command("evaluate")
+def _evaluate(args: argparse.Namespace) -> int:
+    from redi.stages import evaluate
+
+    detector = Path(args.model)
+    if detector.is_dir():
+        detector = detector / "detector.pt"
+    cfg = _config(args, args.data)
+    path = evaluate(detector, args.data, args.out, cfg, write_report=not args.no_report)
+    metrics = json.loads(Path(path).read_text())
+    keys = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "threshold", "profile")
+    print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
+    if not args.no_report:
+        print(f"report: {Path(args.out) / 'report' / 'index.html'}")
+    return 0
+
+
+@command("predict")
+def _predict(args: argparse.Namespace) -> int:
+    from redi.predict import predict_paths
+
+    results = predict_paths(args.model, args.inputs, args.out, device=args.device, batch_size=args.batch_size)
+    for row in results:
+        print(f"{row['score']:.4f}  {'ANOMALOUS' if row['anomalous'] else 'ok':9s}  {row['path']}")
+    return 0
+
+
+@command("demo")
+def _demo(args: argparse.Namespace) -> int:
+    from redi.demo import run_demo
+
+    run_demo(args.line, args.profile or "tiny", Path(args.workdir), overrides=args.set)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = argparse.ArgumentParser(prog="redi", description="ReDi visual anomaly detection for factory lines.")
+    parser.add_argument("--version", action="version", version=f"redi {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job: synthetic demo line -> trained, evaluated model")
+    p.add_argument("--line", default="bottle_caps", help="demo product line (see `redi demo-data --help`)")
+    p.add_argument("--workdir", default="runs/demo", help="where data, models and reports go")
+    _add_config_options(p)
+
+    p = sub.add_parser("demo-data", help="write a deterministic SYNTHETIC product line in MVTec-AD layout")
+    p.add_argument("out", help="output folder (the line's root)")
+    p.add_argument("--line", default="bottle_caps", help="which synthetic line to make")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+
+    p = sub.add_parser("validate", help="check every image and mask of a line; write manifest.json")
+    p.add_argument("data", help="line folder in MVTec-AD layout")
+    p.add_argument("--out", default=".", help="folder for manifest.json and rejected.json")
+    _add_config_options(p)
+
+    p = sub.add_parser("import-folder", help="import good/ defect/ masks/ folders into MVTec-AD layout")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p = sub.add_parser("import-kolektor", help="import KolektorSDD2 (*_GT.png) into MVTec-AD layout")
+    p.add_argument("src")
+    p.add_argument("dst")
+
+    p = sub.add_parser("config", help="print the full config of a profile (with overrides) as YAML")
+    p.add_argument("--out", help="write it to this file instead")
+    _add_config_options(p)
+
+    p = sub.add_parser("selfmaps", help="stage: cache the training images' self-generated maps")
+    p.add_argument("data")
+    p.add_argument("--out", required=True, help="folder for selfmaps.pt")
+    _add_config_options(p)
+
+    p = sub.add_parser("prompt-bank", help="stage: embed the normal training images into a prompt bank")
+    p.add_argument("data")
+    p.add_argument("--out", required=True, help="prompt_bank.pt path")
+    _add_config_options(p)
+
+    p = sub.add_parser("train-recover", help="stage: train the recover net (HIP)")
+    p.add_argument("data")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--selfmaps", help="selfmaps.pt cache (optional)")
+    p.add_argument("--out", required=True, help="folder for recover.pt and checkpoints")
+    _add_config_options(p)
+
+    p = sub.add_parser("train-discriminate", help="stage: train the discriminate net, calibrate, write detector.pt")
+    p.add_argument("data")
+    p.add_argument("--bank", required=True)
+    p.add_argument("--recover", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--line", default="", help="product line name recorded in the model")
+    _add_config_options(p)
+
+    p = sub.add_parser("train", help="train every stage on a line: data check, self-maps, bank, recover, discriminate")
+    p.add_argument("data", help="line folder in MVTec-AD layout")
+    p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
+    p.add_argument("--line", default="", help="product line name recorded in the model")
+    _add_config_options(p)
+
+    p = sub.add_parser("evaluate", help="score the test split: metrics.json and an HTML report")
+    p.add_argument("model", help="detector.pt or a run folder holding it")
+    p.add_argument("data", help="line folder with test/ and ground_truth/")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-report", action="store_true", help="metrics only")
+    _add_config_options(p)
+
+    p = sub.add_parser("predict", help="score one image or a folder; write scores.csv and map PNGs")
+    p.add_argument("model", help="detector.pt or a run folder holding it")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--out", default="predictions")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``redi`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except RediError as exc:
+        print(f"redi {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"redi {args.command}: interrupted; rerun the same command to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

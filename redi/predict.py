@@ -1,0 +1,71 @@
+"""``redi predict``: score image files with a trained detector; write scores.csv and map PNGs."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from redi.errors import InputError, RediError
+from redi.images import IMAGE_SUFFIXES, load_rgb
+from redi.models.detector import load_detector
+from redi.utils import pick_device, progress
+
+
+def collect_images(inputs: list[str | Path]) -> list[Path]:
+    """Image files named directly or found (recursively, sorted) in the named folders."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            paths += sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise InputError(f"{item} is neither an image file nor a folder")
+    if not paths:
+        raise InputError(f"no images found in {', '.join(map(str, inputs))} (looked for {sorted(IMAGE_SUFFIXES)})")
+    return paths
+
+
+def predict_paths(model: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto",
+                  batch_size: int = 8) -> list[dict[str, Any]]:
+    """Score every image; a file that cannot be read gets an error row and the rest go on."""
+    from redi.visualize import overlay, save_png
+
+    model = Path(model)
+    detector = load_detector(model / "detector.pt" if model.is_dir() else model, pick_device(device))
+    out_dir = Path(out_dir)
+    (out_dir / "maps").mkdir(parents=True, exist_ok=True)
+    paths = collect_images(inputs)
+    threshold = float(detector.threshold)
+    rows: list[dict[str, Any]] = []
+    batches = range(0, len(paths), batch_size)
+    for begin in progress(batches, len(batches), "[predict] batch"):
+        batch_paths, images = [], []
+        for path in paths[begin:begin + batch_size]:
+            try:
+                images.append(load_rgb(path))
+                batch_paths.append(path)
+            except RediError as exc:
+                print(f"[predict] skipped {path}: {exc}", file=sys.stderr)
+                rows.append({"path": str(path), "score": float("nan"), "anomalous": False, "error": str(exc)})
+        if not images:
+            continue
+        out = detector.predict(detector.preprocess(images))
+        for index, (path, image) in enumerate(zip(batch_paths, images)):
+            score = float(out.score[index])
+            anomaly_map = out.anomaly_map[index].float().cpu().numpy()
+            small = np.asarray(detector.preprocess([image])[0].permute(1, 2, 0).numpy() * 255, dtype=np.uint8)
+            picture = overlay(small, anomaly_map, vmin=0.0, vmax=max(2 * threshold, 1e-6))
+            stem = f"{begin + index:05d}_{path.stem}"
+            save_png(out_dir / "maps" / f"{stem}_overlay.png", picture)
+            np.save(out_dir / "maps" / f"{stem}_map.npy", anomaly_map.astype(np.float16))
+            rows.append({"path": str(path), "score": score, "anomalous": score > threshold, "error": ""})
+    with open(out_dir / "scores.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["path", "score", "anomalous", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows
