@@ -174,8 +174,8 @@ def _tiny() -> RediConfig:
     cfg.model.backbone = "efficientnet_lite0"
     cfg.model.recover.base_width = 8
     cfg.model.recover.depth = 3
-    cfg.train.recover = StageTrainConfig(epochs=3, lr=2e-3, batch_size=8)
-    cfg.train.discriminate = StageTrainConfig(epochs=3, lr=5e-3, batch_size=8)
+    cfg.train.recover = StageTrainConfig(epochs=12, lr=3e-3, batch_size=4)
+    cfg.train.discriminate = StageTrainConfig(epochs=6, lr=5e-3, batch_size=4)
     cfg.eval.report_max_images = 8
     return cfg
 

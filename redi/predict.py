@@ -33,7 +33,7 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
 def predict_paths(model: str | Path, inputs: list[str | Path], out_dir: str | Path, device: str = "auto",
                   batch_size: int = 8) -> list[dict[str, Any]]:
     """Score every image; a file that cannot be read gets an error row and the rest go on."""
-    from redi.visualize import overlay, save_png
+    from redi.visualize import display_range, overlay, save_png
 
     model = Path(model)
     detector = load_detector(model / "detector.pt" if model.is_dir() else model, pick_device(device))
@@ -59,7 +59,7 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out_dir: str | Pa
             score = float(out.score[index])
             anomaly_map = out.anomaly_map[index].float().cpu().numpy()
             small = np.asarray(detector.preprocess([image])[0].permute(1, 2, 0).numpy() * 255, dtype=np.uint8)
-            picture = overlay(small, anomaly_map, vmin=0.0, vmax=max(2 * threshold, 1e-6))
+            picture = overlay(small, anomaly_map, *display_range(threshold, anomaly_map))
             stem = f"{begin + index:05d}_{path.stem}"
             save_png(out_dir / "maps" / f"{stem}_overlay.png", picture)
             np.save(out_dir / "maps" / f"{stem}_map.npy", anomaly_map.astype(np.float16))
