@@ -153,8 +153,11 @@ def _predict(args: argparse.Namespace) -> int:
 
     results = predict_paths(args.model, args.inputs, args.out, device=args.device, batch_size=args.batch_size)
     for row in results:
-        print(f"{row['score']:.4f}  {'ANOMALOUS' if row['anomalous'] else 'ok':9s}  {row['path']}")
-    return 0
+        verdict = "ERROR" if row["error"] else "ANOMALOUS" if row["anomalous"] else "ok"
+        print(f"{row['score']:.4f}  {verdict:9s}  {row['path']}")
+    failed = sum(1 for row in results if row["error"])
+    print(f"{len(results) - failed} scored, {failed} unreadable; scores and maps in {args.out}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 @command("demo")

@@ -175,7 +175,7 @@ def _tiny() -> RediConfig:
     cfg.model.recover.base_width = 8
     cfg.model.recover.depth = 3
     cfg.train.recover = StageTrainConfig(epochs=12, lr=3e-3, batch_size=4)
-    cfg.train.discriminate = StageTrainConfig(epochs=6, lr=5e-3, batch_size=4)
+    cfg.train.discriminate = StageTrainConfig(epochs=15, lr=5e-3, batch_size=4)
     cfg.eval.report_max_images = 8
     return cfg
 

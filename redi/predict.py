@@ -44,26 +44,29 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out_dir: str | Pa
     rows: list[dict[str, Any]] = []
     batches = range(0, len(paths), batch_size)
     for begin in progress(batches, len(batches), "[predict] batch"):
-        batch_paths, images = [], []
-        for path in paths[begin:begin + batch_size]:
+        batch_paths, images, batch_rows = [], [], {}
+        for offset, path in enumerate(paths[begin:begin + batch_size]):
             try:
                 images.append(load_rgb(path))
-                batch_paths.append(path)
+                batch_paths.append((offset, path))
             except RediError as exc:
                 print(f"[predict] skipped {path}: {exc}", file=sys.stderr)
-                rows.append({"path": str(path), "score": float("nan"), "anomalous": False, "error": str(exc)})
+                batch_rows[offset] = {"path": str(path), "score": float("nan"), "anomalous": False,
+                                      "error": str(exc)}
         if not images:
+            rows += [batch_rows[k] for k in sorted(batch_rows)]
             continue
         out = detector.predict(detector.preprocess(images))
-        for index, (path, image) in enumerate(zip(batch_paths, images)):
+        for index, ((offset, path), image) in enumerate(zip(batch_paths, images)):
             score = float(out.score[index])
             anomaly_map = out.anomaly_map[index].float().cpu().numpy()
             small = np.asarray(detector.preprocess([image])[0].permute(1, 2, 0).numpy() * 255, dtype=np.uint8)
             picture = overlay(small, anomaly_map, *display_range(threshold, anomaly_map))
-            stem = f"{begin + index:05d}_{path.stem}"
+            stem = f"{begin + offset:05d}_{path.stem}"
             save_png(out_dir / "maps" / f"{stem}_overlay.png", picture)
             np.save(out_dir / "maps" / f"{stem}_map.npy", anomaly_map.astype(np.float16))
-            rows.append({"path": str(path), "score": score, "anomalous": score > threshold, "error": ""})
+            batch_rows[offset] = {"path": str(path), "score": score, "anomalous": score > threshold, "error": ""}
+        rows += [batch_rows[k] for k in sorted(batch_rows)]  # keep the input order
     with open(out_dir / "scores.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["path", "score", "anomalous", "error"])
         writer.writeheader()

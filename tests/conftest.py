@@ -29,3 +29,21 @@ def shared_data_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def trained_line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A demo line (30 train, 10 good + 20 defective test, 128 px) trained with the ``tiny`` profile.
+
+    Returns paths: ``data``, ``run``, ``detector``, ``bank``, ``recover``. Shared, read-only.
+    """
+    from redi.config import load_config
+    from redi.stages import train_all
+
+    base = tmp_path_factory.mktemp("trained")
+    data = base / "data" / "bottle_caps"
+    make_demo_line(data, "bottle_caps", n_train=30, n_test_good=10, n_test_defect=20, size=128, seed=0)
+    cfg = load_config(profile="tiny", overrides=[f"data.root={data}"])
+    paths = train_all(data, base / "run", cfg, line="bottle_caps")
+    return {"data": data, "run": base / "run", "detector": paths["detector"], "bank": paths["prompt_bank"],
+            "recover": paths["recover"], "selfmaps": paths["selfmaps"]}

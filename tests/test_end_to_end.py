@@ -1,0 +1,109 @@
+"""ReDi end to end on synthetic demo data with the tiny profile: train, evaluate, repeat, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from redi.cli import main
+from redi.config import load_config
+from redi.data.dataset import load_images
+from redi.data.mvtec import MVTecCategory
+from redi.models.detector import load_detector
+from redi.stages import evaluate, score_images, train_discriminate
+
+pytestmark = pytest.mark.slow
+
+
+def _cfg(data: Path, *overrides: str):
+    return load_config(profile="tiny", overrides=[f"data.root={data}", *overrides])
+
+
+def test_train_and_evaluate_detects_synthetic_defects(trained_line, tmp_path):
+    metrics_path = evaluate(trained_line["detector"], trained_line["data"], tmp_path / "eval", _cfg(trained_line["data"]))
+    metrics = json.loads(metrics_path.read_text())
+    assert metrics["profile"] == "tiny" and metrics["n_anomalous"] == 20 and metrics["n_normal"] == 10
+    assert metrics["image_auroc"] >= 0.9, metrics
+    assert metrics["pixel_auroc"] >= 0.9, metrics
+    report = tmp_path / "eval" / "report" / "index.html"
+    assert report.is_file() and "SYNTHETIC" in report.read_text()
+    scores = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    assert len(scores) == 30 and {s["defect_type"] for s in scores} == {"good", "scratch", "hole", "stain", "misplaced"}
+
+
+def _test_scores(detector_path: Path, data: Path) -> torch.Tensor:
+    detector = load_detector(detector_path)
+    images = load_images(MVTecCategory(data).test[:8], detector.image_size)
+    return score_images(detector, images)["scores"]
+
+
+def test_same_seed_gives_same_scores(trained_line, tmp_path):
+    cfg = _cfg(trained_line["data"], "train.discriminate.epochs=3")
+    first = train_discriminate(trained_line["data"], trained_line["bank"], trained_line["recover"], tmp_path / "a", cfg)
+    second = train_discriminate(trained_line["data"], trained_line["bank"], trained_line["recover"], tmp_path / "b", cfg)
+    assert torch.equal(_test_scores(first, trained_line["data"]), _test_scores(second, trained_line["data"]))
+    other = train_discriminate(trained_line["data"], trained_line["bank"], trained_line["recover"], tmp_path / "c",
+                               _cfg(trained_line["data"], "train.discriminate.epochs=3", "train.seed=1"))
+    assert not torch.equal(_test_scores(first, trained_line["data"]), _test_scores(other, trained_line["data"]))
+
+
+def test_killed_training_resumes_from_its_checkpoint(trained_line, tmp_path):
+    data, epochs = trained_line["data"], 6
+    args = ["train-discriminate", str(data), "--bank", str(trained_line["bank"]), "--recover",
+            str(trained_line["recover"]), "--profile", "tiny", "--set", f"train.discriminate.epochs={epochs}"]
+    uninterrupted = tmp_path / "whole"
+    assert main([*args, "--out", str(uninterrupted)]) == 0
+
+    killed = tmp_path / "killed"
+    checkpoint = killed / "checkpoints" / "discriminate_last.pt"
+    process = subprocess.Popen([sys.executable, "-m", "redi.cli", *args, "--out", str(killed)],
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["epoch"] >= 2:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, "training finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
+    assert 2 <= killed_at < epochs and not (killed / "detector.pt").exists()
+
+    from redi.stages import LOG  # noqa: F401  (progress goes to stderr)
+    assert main([*args, "--out", str(killed)]) == 0
+    history = json.loads((killed / "discriminate_history.json").read_text())
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    assert torch.equal(_test_scores(killed / "detector.pt", data), _test_scores(uninterrupted / "detector.pt", data))
+
+
+def test_cli_predict_writes_scores_and_maps(trained_line, tmp_path):
+    good = sorted((trained_line["data"] / "test" / "good").iterdir())[:2]
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert main(["predict", str(trained_line["detector"]), *map(str, good), str(tmp_path / "broken.png"),
+                 "--out", str(tmp_path / "pred")]) == 1  # one unreadable file: reported, the rest scored
+    rows = (tmp_path / "pred" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 4 and rows[-1].startswith(str(tmp_path / "broken.png")) and "cannot read image" in rows[-1]
+    assert all(",nan," not in row for row in rows[1:3])
+    assert len(list((tmp_path / "pred" / "maps").glob("*_overlay.png"))) == 2
+
+
+def test_missing_prompt_bank_is_a_clear_cli_error(trained_line, tmp_path, capsys):
+    code = main(["train-recover", str(trained_line["data"]), "--bank", str(tmp_path / "nope.pt"),
+                 "--out", str(tmp_path), "--profile", "tiny"])
+    assert code == 2 and "build it first" in capsys.readouterr().err
+
+
+def test_recover_off_ablation_trains_and_scores(trained_line, tmp_path):
+    cfg = _cfg(trained_line["data"], "model.recover.enabled=false", "train.discriminate.epochs=2")
+    detector = train_discriminate(trained_line["data"], trained_line["bank"], tmp_path / "none.pt", tmp_path, cfg)
+    loaded = load_detector(detector)
+    assert loaded.recover is None
+    x = load_images(MVTecCategory(trained_line["data"]).test[:2], loaded.image_size)
+    out = loaded.predict(x)
+    assert torch.equal(out.recovered, x)  # the recovery branch sees X itself
