@@ -1,0 +1,423 @@
+"""The redi BentoML service: every promoted line's detector behind one HTTP API.
+
+    bentoml serve serving.service:RediService --host 127.0.0.1 --port 3000
+
+Endpoints (all POST, as BentoML APIs are):
+
+- ``/predict`` (multipart: ``image`` file, ``line``; optional ``return_map``, ``return_overlay``,
+  ``return_regions``): anomaly score, decision, threshold, model version, latency, and on request
+  the coloured anomaly map / overlay as base64 PNG and the defect regions' bounding boxes.
+- ``/metadata``: served lines, model tags and versions, thresholds, evaluation metrics, limits.
+- ``/score_batch``: internal. ``/predict`` decodes and checks one upload, parks the tensor in this
+  worker's memory under a random token and calls ``score_batch([token])`` through BentoML's
+  in-process self-proxy, so BentoML's adaptive batching groups concurrent requests into one
+  detector batch while the public API stays one image per call. A token is only valid inside the
+  worker that made it, so calling this route from outside yields nothing.
+- BentoML's own ``/livez`` and ``/readyz`` (ready once every detector is loaded) and ``/metrics``.
+
+Configuration (environment variables, read when a worker starts):
+
+=========================  ===========================================================  =========
+``REDI_LINES``             comma-separated lines to serve (default: every model labelled  all
+                           ``redi=detector`` in the model store; latest version of each)
+``REDI_API_KEY``           when set, ``/predict`` and ``/metadata`` need header            unset
+                           ``X-API-Key: <key>`` (or ``Authorization: Bearer <key>``)
+``REDI_MAX_UPLOAD_BYTES``  larger uploads get 413                                         20 MiB
+``REDI_MAX_PIXELS``        images with more pixels get 413 (checked before decoding)      40 M
+``REDI_LOG_DIR``           production log folder (see ``redi.monitoring.ProductionLog``)  ``production_logs``
+``REDI_DEVICE``            ``auto``, ``cpu`` or ``cuda``                                  auto
+``REDI_MAX_BATCH_SIZE``    adaptive batching: largest batch                               16
+``REDI_MAX_LATENCY_MS``    adaptive batching: latency budget of a batch                   30000
+``REDI_WORKERS``           worker processes (each loads every detector)                   1
+=========================  ===========================================================  =========
+
+Every bad request gets a 4xx JSON ``{"error": message, "status": code}`` and the service goes on:
+401/403 missing/wrong key, 404 unknown line, 400 unreadable or non-image upload, 413 upload or
+image too large, 422 invalid option.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as _dt
+import hmac
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import bentoml
+import numpy as np
+import torch
+from starlette.responses import JSONResponse
+
+from redi.errors import ImageReadError, InputError, RediError, WeightsError
+from redi.images import decode_rgb
+from redi.models.detector import Detector, load_detector
+from redi.monitoring import ProductionLog, image_feature_row
+from redi.utils import pick_device
+
+MODEL_LABEL = {"redi": "detector"}
+OPEN_PREFIXES = ("/livez", "/readyz", "/healthz", "/metrics", "/score_batch", "/docs", "/static", "/schema")
+PROTECTED_PATHS = ("/predict", "/metadata")
+MULTIPART_SLACK = 64 * 1024  # form boundaries and fields around the file
+SELF_CALL_ATTEMPTS = 4
+BATCH_WAIT_S = 300.0
+LOG = logging.getLogger("redi.serving")
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def _env_int(name: str, default: int) -> int:
+    """An integer setting from the environment, with a clear error for a bad value."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(float(raw))
+    except ValueError as exc:
+        raise RediError(f"environment variable {name}={raw!r} is not a number; unset it or give an integer") from exc
+    if value <= 0:
+        raise RediError(f"environment variable {name}={raw!r} must be positive")
+    return value
+
+
+@dataclass
+class ServingSettings:
+    """The service's settings, read from the environment (see the module docstring)."""
+
+    lines: list[str] = field(default_factory=list)
+    api_key: str = ""
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    log_dir: Path = Path("production_logs")
+    device: str = "auto"
+
+    @classmethod
+    def from_env(cls) -> "ServingSettings":
+        """Read every ``REDI_*`` setting."""
+        return cls(
+            lines=[x.strip() for x in os.environ.get("REDI_LINES", "").split(",") if x.strip()],
+            api_key=os.environ.get("REDI_API_KEY", ""),
+            max_upload_bytes=_env_int("REDI_MAX_UPLOAD_BYTES", 20 * 1024 * 1024),
+            max_pixels=_env_int("REDI_MAX_PIXELS", 40_000_000),
+            log_dir=Path(os.environ.get("REDI_LOG_DIR", "production_logs")),
+            device=os.environ.get("REDI_DEVICE", "auto"),
+        )
+
+
+@dataclass
+class ServedLine:
+    """One line's loaded detector and what the metadata endpoint tells about it."""
+
+    line: str
+    tag: str
+    detector: Detector
+    version: str
+    threshold: float
+    metrics: dict[str, Any]
+    created: str
+
+
+class RequestError(Exception):
+    """A bad request: becomes a JSON error response with this HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# ----------------------------------------------------------------------------- the model store
+def find_models(lines: list[str] | None = None) -> dict[str, bentoml.Model]:
+    """The latest model of each line: those named in ``lines``, else every ``redi=detector`` model.
+
+    Raises:
+        WeightsError: a named line has no model, or the store holds no redi model at all.
+    """
+    if lines:
+        found = {}
+        for line in lines:
+            try:
+                found[line] = bentoml.models.get(f"redi-{line}".lower() + ":latest")
+            except bentoml.exceptions.NotFound as exc:
+                raise WeightsError(f"line {line!r} (from REDI_LINES) has no model redi-{line.lower()} in the BentoML model "
+                                   f"store; package it with redi.packaging.save_to_bentoml or fix REDI_LINES") from exc
+        return found
+    latest: dict[str, bentoml.Model] = {}
+    for model in bentoml.models.list():
+        labels = model.info.labels or {}
+        if any(labels.get(k) != v for k, v in MODEL_LABEL.items()):
+            continue
+        line = str(labels.get("line") or model.tag.name.removeprefix("redi-"))
+        if line not in latest or model.creation_time > latest[line].creation_time:
+            latest[line] = model
+    if not latest:
+        raise WeightsError("the BentoML model store holds no model labelled redi=detector; package a trained "
+                           "detector with redi.packaging.save_to_bentoml (or check BENTOML_HOME)")
+    return latest
+
+
+def load_line(line: str, model: bentoml.Model, device: torch.device) -> ServedLine:
+    """Load a store model's ``detector.pt`` and collect its metadata."""
+    detector = load_detector(model.path_of("detector.pt"), device)
+    meta = dict(model.info.metadata or {})
+    metrics = meta.get("metrics") or {}
+    if isinstance(metrics, str):  # stored as JSON text by some packagers
+        try:
+            metrics = json.loads(metrics)
+        except ValueError:
+            metrics = {"raw": metrics}
+    threshold = float(detector.threshold)
+    return ServedLine(line=line, tag=str(model.tag), detector=detector,
+                      version=str(meta.get("model_version") or meta.get("version") or detector.metadata.get("version")
+                                  or model.tag.version),
+                      threshold=threshold, metrics=metrics, created=model.creation_time.isoformat())
+
+
+# ----------------------------------------------------------------------------- key and size guard
+class GuardMiddleware:
+    """ASGI middleware: API key on the public APIs, and refusal of oversized bodies by Content-Length.
+
+    Responses are written here (not by raising inside BentoML), so the client gets the message
+    that says what to do instead of BentoML's generic 'Authorization error'.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.settings = ServingSettings.from_env()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or not scope.get("path", "").startswith(PROTECTED_PATHS):
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        problem = self.check(headers)
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        await JSONResponse({"error": problem.message, "status": problem.status}, status_code=problem.status)(
+            scope, receive, send)
+
+    def check(self, headers: dict[str, str]) -> RequestError | None:
+        """The first problem with a request's headers, or None."""
+        key = self.settings.api_key
+        if key:
+            given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
+            if not given:
+                return RequestError(401, "this service needs an API key: send the header 'X-API-Key: <key>' "
+                                         "(the key is the server's REDI_API_KEY)")
+            if not hmac.compare_digest(given.encode(), key.encode()):
+                return RequestError(403, "the API key is wrong; send the key the server was started with "
+                                         "(REDI_API_KEY)")
+        length = headers.get("content-length", "")
+        limit = self.settings.max_upload_bytes + MULTIPART_SLACK
+        if length.isdigit() and int(length) > limit:
+            return RequestError(413, f"the request body is {int(length)} bytes, more than the upload limit of "
+                                     f"{self.settings.max_upload_bytes} bytes (REDI_MAX_UPLOAD_BYTES); send a "
+                                     f"smaller image")
+        return None
+
+
+# ----------------------------------------------------------------------------- the service
+def _png_b64(rgb: np.ndarray) -> str:
+    from redi.visualize import to_png_bytes
+
+    return base64.b64encode(to_png_bytes(rgb)).decode("ascii")
+
+
+@bentoml.service(name="redi", workers=_env_int("REDI_WORKERS", 1), traffic={"timeout": 120})
+class RediService:
+    """Anomaly detection for every promoted product line (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.settings = ServingSettings.from_env()
+        device = pick_device(self.settings.device)
+        self.lines = {line: load_line(line, model, device)
+                      for line, model in find_models(self.settings.lines or None).items()}
+        self.log = ProductionLog(self.settings.log_dir)
+        self._parked: dict[str, tuple[str, torch.Tensor, threading.Event]] = {}
+        self._results: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()  # the two dicts are touched from the event loop and the batch thread
+
+    # -- the batched model call ---------------------------------------------------------------
+    @bentoml.api(batchable=True, max_batch_size=_env_int("REDI_MAX_BATCH_SIZE", 16),
+                 max_latency_ms=_env_int("REDI_MAX_LATENCY_MS", 30000))
+    def score_batch(self, tokens: list[str]) -> list[str]:
+        """Internal: score the parked inputs named by ``tokens`` in one batch per line."""
+        with self._lock:
+            items = [(t, self._parked.pop(t, None)) for t in tokens]
+        by_line: dict[str, list[tuple[str, torch.Tensor, threading.Event]]] = {}
+        for token, item in items:
+            if item is not None:
+                by_line.setdefault(item[0], []).append((token, item[1], item[2]))
+        scored = set()
+        for line, group in by_line.items():
+            try:
+                out = self.lines[line].detector.predict(torch.cat([tensor for _, tensor, _ in group]))
+                with self._lock:
+                    for i, (token, _, _) in enumerate(group):
+                        self._results[token] = {"score": float(out.score[i]),
+                                                "map": out.anomaly_map[i].float().cpu(),
+                                                "embedding": out.embedding[i].float().cpu(), "batch_size": len(group)}
+                        scored.add(token)
+            finally:
+                for _, _, done in group:  # wake the waiting requests, with or without a result
+                    done.set()
+        return [token if token in scored else "" for token in tokens]
+
+    # -- the public API ------------------------------------------------------------------------
+    @bentoml.api(route="/predict")
+    async def predict(self, image: Path, line: str, return_map: bool = False, return_overlay: bool = False,
+                      return_regions: bool = True, min_region_area: int = 16) -> dict:
+        """Score one image of a product line.
+
+        Returns ``line, anomaly_score, anomalous, decision, threshold, model_version, model_tag,
+        latency_ms, image_size`` and, on request, ``anomaly_map_png`` / ``overlay_png`` (base64
+        PNG at the model's input size) and ``defect_regions`` (boxes in the uploaded image's pixels).
+        """
+        started = time.perf_counter()
+        try:
+            return await self._predict(image, line, return_map, return_overlay, return_regions, min_region_area,
+                                       started)
+        except RequestError as exc:
+            return JSONResponse({"error": exc.message, "status": exc.status}, status_code=exc.status)
+
+    async def _predict(self, image: Path, line: str, return_map: bool, return_overlay: bool, return_regions: bool,
+                       min_region_area: int, started: float) -> dict:
+        served = self.lines.get(line)
+        if served is None:
+            raise RequestError(404, f"unknown line {line!r}; this service serves {sorted(self.lines)} "
+                                    f"(see /metadata)")
+        if min_region_area < 1:
+            raise RequestError(422, f"min_region_area must be at least 1, got {min_region_area}")
+        rgb, tensor = await asyncio.to_thread(self._decode, image, served.detector)
+        result = await self._score(line, tensor)
+        return await asyncio.to_thread(self._respond, served, rgb, result, return_map, return_overlay,
+                                       return_regions, min_region_area, started)
+
+    async def _score(self, line: str, tensor: torch.Tensor) -> dict[str, Any]:
+        """Park the input, have the batchable API score it, and collect this request's result.
+
+        The self-proxy's in-process HTTP connection can drop under concurrency (aiohttp
+        "Server disconnected", BentoML issue #4971). Then the input is either still parked (the
+        call never arrived: send it again) or already taken by a batch (wait for that batch).
+        """
+        token, done = uuid.uuid4().hex, threading.Event()
+        with self._lock:
+            self._parked[token] = (line, tensor, done)
+        try:
+            for attempt in range(1, SELF_CALL_ATTEMPTS + 1):
+                try:
+                    await self.to_async.score_batch([token])
+                    break
+                except (aiohttp.ClientError, ConnectionError) as exc:
+                    with self._lock:
+                        still_parked = token in self._parked
+                    if not still_parked:
+                        break  # a batch has it; its result arrives through `done`
+                    if attempt == SELF_CALL_ATTEMPTS:
+                        raise
+                    LOG.warning("internal batch call failed (%s); retrying (%d/%d)", exc, attempt,
+                                SELF_CALL_ATTEMPTS)
+            # normally set already; only after a dropped connection does this wait for a running batch
+            if not done.is_set() and not await asyncio.to_thread(done.wait, BATCH_WAIT_S):
+                raise RuntimeError(f"no batch result within {BATCH_WAIT_S} s")
+        finally:
+            with self._lock:
+                self._parked.pop(token, None)
+                result = self._results.pop(token, None)
+        if result is None:
+            raise RuntimeError("the batch did not return this request's result")
+        return result
+
+    def _decode(self, image: Path, detector: Detector) -> tuple[np.ndarray, torch.Tensor]:
+        """Upload file -> uint8 RGB and the model's input tensor; bad uploads become 4xx."""
+        size = image.stat().st_size
+        if size > self.settings.max_upload_bytes:
+            raise RequestError(413, f"the upload is {size} bytes, more than the limit of "
+                                    f"{self.settings.max_upload_bytes} bytes (REDI_MAX_UPLOAD_BYTES); send a "
+                                    f"smaller image")
+        try:
+            rgb = decode_rgb(image.read_bytes(), max_pixels=self.settings.max_pixels, name="the uploaded image")
+        except InputError as exc:
+            raise RequestError(413, f"{exc} (limit: REDI_MAX_PIXELS)") from exc
+        except ImageReadError as exc:
+            # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"): noise to a client
+            raise RequestError(400, _BUFFER_REPR.sub("the upload", str(exc))) from exc
+        return rgb, detector.preprocess([rgb])
+
+    def _respond(self, served: ServedLine, rgb: np.ndarray, result: dict[str, Any], return_map: bool,
+                 return_overlay: bool, return_regions: bool, min_region_area: int, started: float) -> dict:
+        """Build the response and log the production row (before answering: nothing unlogged)."""
+        score = result["score"]
+        anomalous = bool(score > served.threshold)
+        body: dict[str, Any] = {
+            "line": served.line, "anomaly_score": score, "anomalous": anomalous,
+            "decision": "anomalous" if anomalous else "normal", "threshold": served.threshold,
+            "model_version": served.version, "model_tag": served.tag,
+            "image_size": {"width": int(rgb.shape[1]), "height": int(rgb.shape[0])},
+            "batch_size": result["batch_size"],
+        }
+        self._add_pictures(body, served, rgb, result["map"].numpy(), return_map, return_overlay, return_regions,
+                           min_region_area)
+        body["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
+        row = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
+               "request_id": uuid.uuid4().hex, "line": served.line, "model_version": served.version,
+               "model_tag": served.tag, "score": score, "decision": body["decision"], "anomalous": anomalous,
+               "threshold": served.threshold, "latency_ms": body["latency_ms"],
+               "width": int(rgb.shape[1]), "height": int(rgb.shape[0])}
+        row.update(image_feature_row(rgb, score, result["embedding"]))
+        try:
+            self.log.append(row)
+        except OSError as exc:
+            raise RequestError(503, f"the production log {self.settings.log_dir} cannot be written ({exc}); the "
+                                    f"result was not recorded - retry, and check REDI_LOG_DIR") from exc
+        body["request_id"] = row["request_id"]
+        return body
+
+    @staticmethod
+    def _add_pictures(body: dict[str, Any], served: ServedLine, rgb: np.ndarray, amap: np.ndarray, return_map: bool,
+                      return_overlay: bool, return_regions: bool, min_region_area: int) -> None:
+        """Map / overlay PNGs and region boxes, as asked."""
+        if not (return_map or return_overlay or return_regions):
+            return
+        from redi.images import resize_rgb
+        from redi.visualize import defect_regions, display_range, heatmap_rgb, overlay
+
+        vmin, vmax = display_range(served.threshold, amap)
+        if return_map:
+            body["anomaly_map_png"] = _png_b64(heatmap_rgb(amap, vmin, vmax))
+        if return_overlay:
+            body["overlay_png"] = _png_b64(overlay(resize_rgb(rgb, amap.shape[0]), amap, vmin, vmax))
+        if return_regions:
+            sy, sx = rgb.shape[0] / amap.shape[0], rgb.shape[1] / amap.shape[1]
+            regions = defect_regions(amap, served.threshold, min_area=min_region_area)
+            body["defect_regions"] = [
+                {"x0": int(r["x0"] * sx), "y0": int(r["y0"] * sy), "x1": int(round(r["x1"] * sx)),
+                 "y1": int(round(r["y1"] * sy)), "area_map_pixels": r["area"], "max_score": r["max_score"]}
+                for r in regions]
+
+    @bentoml.api(route="/metadata")
+    def metadata(self) -> dict:
+        """Served lines with model tag, version, threshold, input size, backbone and evaluation metrics."""
+        return {
+            "lines": {
+                name: {"model_tag": s.tag, "model_version": s.version, "threshold": s.threshold,
+                       "image_size": s.detector.image_size, "backbone": s.detector.metadata.get("backbone"),
+                       "profile": s.detector.metadata.get("profile"), "created": s.created, "metrics": s.metrics}
+                for name, s in sorted(self.lines.items())},
+            "limits": {"max_upload_bytes": self.settings.max_upload_bytes, "max_pixels": self.settings.max_pixels},
+            "api_key_required": bool(self.settings.api_key),
+            "production_log": str(self.settings.log_dir),
+        }
+
+
+RediService.add_asgi_middleware(GuardMiddleware)

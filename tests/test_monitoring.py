@@ -1,0 +1,217 @@
+"""Drift monitoring: feature rows, the durable production log, Evidently drift checks and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from scipy import ndimage
+
+from redi.config import profile_config
+from redi.data.demo import generate_pair, make_demo_line
+from redi.errors import DatasetError, InputError
+from redi.images import load_rgb
+from redi.models.detector import Detector, load_detector, save_detector
+from redi.monitor_cli import add_monitor_commands
+from redi.monitoring import (IMAGE_FEATURES, SCORE_COLUMN, MonitorSettings, ProductionLog, build_reference,
+                             embedding_columns, feature_columns, image_feature_row, load_reference, run_monitor)
+
+LINE = "bottle_caps"
+SIZE = 128
+N_REF = 30
+N_PROD = 24
+
+
+# ----------------------------------------------------------------------------- feature rows
+def test_feature_row_values_and_schema() -> None:
+    white = np.full((64, 48, 3), 255, np.uint8)
+    black = np.zeros((64, 48, 3), np.uint8)
+    emb = torch.arange(176, dtype=torch.float32)
+    row_w, row_b = image_feature_row(white, 1.5, emb), image_feature_row(black, 0.5, emb.numpy())
+    assert list(row_w) == feature_columns()
+    assert row_w["brightness"] == pytest.approx(1.0) and row_b["brightness"] == pytest.approx(0.0)
+    assert row_w["contrast"] == pytest.approx(0.0, abs=1e-9) and row_w["sharpness"] == pytest.approx(0.0, abs=1e-9)
+    assert row_w[SCORE_COLUMN] == 1.5
+    # same embedding (tensor or array, any scale) -> same projected components: fixed, normalised projection
+    assert [row_w[c] for c in embedding_columns()] == pytest.approx([row_b[c] for c in embedding_columns()])
+    scaled = image_feature_row(white, 0.0, emb * 7)
+    assert [scaled[c] for c in embedding_columns()] == pytest.approx([row_w[c] for c in embedding_columns()])
+    assert len(image_feature_row(white, 0.0, emb, k=3)) == len(IMAGE_FEATURES) + 1 + 3
+
+
+def test_feature_row_tracks_blur_brightness_and_rejects_bad_input() -> None:
+    rgb = generate_pair(LINE, 256, 0, "train", 0).image
+    emb = np.ones(16)
+    base = image_feature_row(rgb, 0.0, emb)
+    blurred = ndimage.gaussian_filter(rgb.astype(float), sigma=(2, 2, 0)).round().astype(np.uint8)
+    brighter = np.clip(rgb.astype(int) + 50, 0, 255).astype(np.uint8)
+    assert image_feature_row(blurred, 0.0, emb)["sharpness"] < 0.3 * base["sharpness"]
+    assert image_feature_row(brighter, 0.0, emb)["brightness"] > base["brightness"] + 0.1
+    with pytest.raises(InputError, match="uint8 RGB"):
+        image_feature_row(rgb.astype(np.float32), 0.0, emb)
+    with pytest.raises(InputError, match="embedding"):
+        image_feature_row(rgb, 0.0, np.array([np.nan, 1.0]))
+
+
+# ----------------------------------------------------------------------------- production log
+def _append_many(directory: str, worker: int, count: int) -> None:
+    log = ProductionLog(directory)
+    for i in range(count):
+        log.append({"line": LINE, "worker": worker, "i": i, "payload": "x" * 3000})  # > PIPE_BUF: needs the lock
+
+
+def test_production_log_loses_nothing_under_concurrency(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), w, 150)) for w in range(3)]
+    threads = [threading.Thread(target=_append_many, args=(str(tmp_path), 10 + t, 150)) for t in range(3)]
+    for worker in [*procs, *threads]:
+        worker.start()
+    for worker in [*procs, *threads]:
+        worker.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs)
+    frame = ProductionLog(tmp_path).read(LINE)
+    assert len(frame) == 6 * 150
+    assert sorted(frame.groupby("worker")["i"].nunique().tolist()) == [150] * 6
+    assert (frame["payload"].str.len() == 3000).all()
+    # a crash mid-write leaves a partial last line: it is skipped, the rest is read
+    path = ProductionLog(tmp_path).files(LINE)[-1]
+    with open(path, "ab") as handle:
+        handle.write(b'{"line": "bottle_caps", "i": ')
+    assert len(ProductionLog(tmp_path).read(LINE)) == 6 * 150
+    assert len(ProductionLog(tmp_path).read(LINE, last=5)) == 5
+
+
+def test_production_log_refuses_unsafe_line_names(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not valid"):
+        ProductionLog(tmp_path).append({"line": "../etc"})
+
+
+# ----------------------------------------------------------------------------- drift on real detector rows
+@pytest.fixture(scope="module")
+def monitored(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """An (untrained-head) tiny detector, the line's reference table, and production image sets.
+
+    Drift is about the images and the frozen ImageNet backbone's embedding, so the recover and
+    discriminate nets need no training here; the detector still runs end to end.
+    """
+    root = tmp_path_factory.mktemp("monitor")
+    data = root / LINE
+    make_demo_line(data, LINE, n_train=N_REF, n_test_good=0, n_test_defect=0, size=SIZE, seed=0)
+    cfg = profile_config("tiny")
+    cfg.train.device = "cpu"
+    torch.manual_seed(0)
+    detector = Detector(cfg, num_prompts=2)
+    images = detector.preprocess([load_rgb(data / "train" / "good" / f"{i:03d}.png") for i in range(2)])
+    detector.set_prompts(detector.backbone(images).embedding, images, ["train/good/000", "train/good/001"])
+    detector.threshold = torch.tensor(1.0)
+    model = save_detector(detector, root / "detector.pt", {"line": LINE, "version": "v1"})
+    reference = build_reference(model, data, root / "reference.csv", cfg)
+    same = [generate_pair(LINE, SIZE, 1, "train", i).image for i in range(N_PROD)]  # another seed: same process
+    sets = {"same": same,
+            "brighter": [np.clip(x.astype(int) + 60, 0, 255).astype(np.uint8) for x in same],
+            "blurred": [ndimage.gaussian_filter(x.astype(float), (2.5, 2.5, 0)).round().astype(np.uint8)
+                        for x in same],
+            "other_line": [generate_pair("woven_fabric", SIZE, 0, "train", i).image for i in range(N_PROD)]}
+    loaded = load_detector(model)
+    # score every production set once; the tests only log and compare rows
+    rows = {name: _rows(loaded, images) for name, images in sets.items()}
+    return {"root": root, "model": model, "reference": reference, "cfg": cfg, "detector": loaded, "rows": rows}
+
+
+def _rows(detector: Detector, images: list[np.ndarray], batch: int = 8) -> list[dict]:
+    """Monitoring rows of images, scored in batches like the service does."""
+    rows = []
+    for begin in range(0, len(images), batch):
+        chunk = images[begin:begin + batch]
+        out = detector.predict(detector.preprocess(chunk))
+        rows += [image_feature_row(rgb, float(s), e) for rgb, s, e in zip(chunk, out.score, out.embedding)]
+    return rows
+
+
+def _log_rows(rows: list[dict], log_dir: Path, version: str = "v1") -> None:
+    log = ProductionLog(log_dir)
+    for row in rows:
+        log.append({"line": LINE, "model_version": version, **row})
+
+
+def test_reference_table(monitored: dict) -> None:
+    frame = load_reference(monitored["reference"])
+    assert len(frame) == N_REF and set(feature_columns()) <= set(frame.columns)
+    assert (frame["model_version"].astype(str) == "v1").all() and frame["image_id"].is_unique
+    # the reference's scores are the detector's scores of the same images
+    detector = monitored["detector"]
+    first = load_rgb(monitored["root"] / LINE / "train" / "good" / "000.png")
+    score = float(detector.predict(detector.preprocess([first])).score[0])
+    assert frame.loc[frame["image_id"] == "train/good/000", SCORE_COLUMN].item() == pytest.approx(score, rel=1e-5)
+
+
+@pytest.mark.parametrize("scenario, expect", [
+    ("same", {}),
+    ("brighter", {"data": True, "feature": "brightness"}),
+    ("blurred", {"data": True, "feature": "sharpness"}),
+    ("other_line", {"data": True, "embedding": True}),
+])
+def test_drift_checks(monitored: dict, tmp_path: Path, scenario: str, expect: dict) -> None:
+    _log_rows(monitored["rows"][scenario], tmp_path / "logs")
+    triggered: list[str] = []
+    result = run_monitor(LINE, tmp_path / "logs", monitored["reference"], tmp_path / "out",
+                         trigger_pipeline=True, trigger=triggered.append)
+    assert result.n_current == N_PROD and result.n_reference == N_REF
+    assert result.drift_detected == bool(expect), result.to_dict()
+    assert triggered == ([LINE] if expect else [])
+    if "feature" in expect:
+        assert result.feature_drift[expect["feature"]], result.to_dict()
+    if "embedding" in expect:
+        assert result.embedding_drift, result.to_dict()
+    if not expect:
+        assert not result.data_drift and not result.embedding_drift and not result.score_shift
+    summary = json.loads(Path(result.json_path).read_text())
+    assert summary["drift_detected"] == result.drift_detected
+    assert Path(result.html_path).stat().st_size > 10_000 and Path(result.snapshot_path).is_file()
+
+
+def test_monitor_errors_and_version_filter(monitored: dict, tmp_path: Path) -> None:
+    same = monitored["rows"]["same"]
+    _log_rows(same[:5], tmp_path / "logs")
+    with pytest.raises(InputError, match="5 comparable production rows"):
+        run_monitor(LINE, tmp_path / "logs", monitored["reference"], tmp_path / "out")
+    _log_rows(same[5:20], tmp_path / "logs", version="v0-old")
+    with pytest.raises(InputError, match="5 comparable"):  # other model versions are not compared
+        run_monitor(LINE, tmp_path / "logs", monitored["reference"], tmp_path / "out")
+    result = run_monitor(LINE, tmp_path / "logs", monitored["reference"], tmp_path / "out",
+                         settings=MonitorSettings(same_model_version=False))
+    assert result.n_current == 20
+    with pytest.raises(DatasetError, match="drift_reference"):
+        run_monitor(LINE, tmp_path / "logs", tmp_path / "missing.csv", tmp_path / "out")
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="redi")
+    handlers = add_monitor_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return handlers[args.command](args)
+
+
+def test_cli_monitor_exit_codes_and_reference(monitored: dict, tmp_path: Path, capsys) -> None:
+    ref = tmp_path / "ref.csv"
+    assert _cli(["drift-reference", str(monitored["model"]), str(monitored["root"] / LINE), "--out", str(ref),
+                 "--profile", "tiny", "--set", "train.device=cpu"]) == 0
+    assert len(pd.read_csv(ref)) == N_REF
+    _log_rows(monitored["rows"]["same"], tmp_path / "ok")
+    _log_rows(monitored["rows"]["brighter"], tmp_path / "drift")
+    base = ["monitor", "--line", LINE, "--reference", str(ref), "--out", str(tmp_path / "reports")]
+    assert _cli([*base, "--log-dir", str(tmp_path / "ok")]) == 0
+    assert "no drift" in capsys.readouterr().out
+    assert _cli([*base, "--log-dir", str(tmp_path / "drift")]) == 1
+    assert "drift found" in capsys.readouterr().out
+    assert _cli([*base, "--log-dir", str(tmp_path / "drift"), "--no-fail"]) == 0
+    with pytest.raises(InputError, match="ISO"):
+        _cli([*base, "--log-dir", str(tmp_path / "ok"), "--since", "yesterday"])

@@ -1,0 +1,259 @@
+"""The BentoML service, end to end: a real ``bentoml serve`` on a loopback port, real HTTP requests.
+
+One trained (tiny, 1-epoch) detector is packaged into a per-test BENTOML_HOME model store; the
+server runs as a subprocess with an API key, small upload/pixel limits and its own log folder.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures as cf
+import io
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from redi.config import profile_config
+from redi.data.demo import make_demo_line
+from redi.images import decode_rgb, load_rgb
+from redi.models.detector import load_detector
+from redi.monitoring import ProductionLog, feature_columns
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+LINE = "bottle_caps"
+KEY = "test-key-123"
+MAX_UPLOAD = 1_000_000
+MAX_PIXELS = 600 * 600
+BENTOML = Path(sys.executable).parent / "bentoml"
+
+_STORE_MODEL = """
+import shutil, sys
+try:
+    from redi.packaging import save_to_bentoml
+except ImportError:  # same contract, for a checkout without the packaging module
+    import bentoml
+    def save_to_bentoml(path, line, metrics=None):
+        with bentoml.models.create(f"redi-{line}", labels={"redi": "detector", "line": line},
+                                   metadata={"model_version": "test", "metrics": metrics or {}}) as model:
+            shutil.copyfile(path, model.path_of("detector.pt"))
+        return str(model.tag)
+print(save_to_bentoml(sys.argv[1], sys.argv[2], {"image_auroc": 0.5}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(arr, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """Train, package and serve; yields the base URL and paths. The server is stopped by its PID."""
+    from redi.stages import train_all
+
+    root = tmp_path_factory.mktemp("serving")
+    data = root / "data" / LINE
+    make_demo_line(data, LINE, n_train=10, n_test_good=2, n_test_defect=4, size=128, seed=0)
+    cfg = profile_config("tiny")
+    cfg.train.recover.epochs = cfg.train.discriminate.epochs = 1
+    cfg.train.device = "cpu"
+    detector_path = train_all(data, root / "run", cfg, line=LINE)["detector"]
+    env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(root / "logs"), "REDI_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+           "REDI_MAX_PIXELS": str(MAX_PIXELS), "REDI_DEVICE": "cpu", "PYTHONPATH": str(REPO)}
+    tag = subprocess.run([sys.executable, "-c", _STORE_MODEL, str(detector_path), LINE], env=env, check=True,
+                         capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1]
+    port = _free_port()
+    log_file = open(root / "server.log", "w")
+    proc = subprocess.Popen([str(BENTOML), "serve", "serving.service:RediService", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"bentoml serve did not become ready:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield {"url": url, "root": root, "data": data, "detector": load_detector(detector_path), "tag": tag,
+               "env": env, "logs": root / "logs"}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log_file.close()
+
+
+def _predict(server: dict, content: bytes, line: str = LINE, key: str | None = KEY, **options) -> requests.Response:
+    headers = {"X-API-Key": key} if key is not None else {}
+    fields = {"line": line, **{k: str(v).lower() for k, v in options.items()}}
+    return requests.post(f"{server['url']}/predict", files={"image": ("upload.png", content)}, data=fields,
+                         headers=headers, timeout=60)
+
+
+def _in_process_score(server: dict, rgb: np.ndarray) -> float:
+    detector = server["detector"]
+    return float(detector.predict(detector.preprocess([rgb])).score[0])
+
+
+def _still_serves(server: dict) -> None:
+    good = (server["data"] / "test" / "good" / "000.png").read_bytes()
+    response = _predict(server, good)
+    assert response.status_code == 200, response.text
+
+
+def test_health_and_metadata(server: dict) -> None:
+    assert requests.get(f"{server['url']}/livez", timeout=5).status_code == 200
+    assert requests.get(f"{server['url']}/readyz", timeout=5).status_code == 200
+    assert requests.post(f"{server['url']}/metadata", json={}, timeout=10).status_code == 401
+    response = requests.post(f"{server['url']}/metadata", json={}, headers={"X-API-Key": KEY}, timeout=10)
+    assert response.status_code == 200
+    meta = response.json()
+    line = meta["lines"][LINE]
+    assert line["model_tag"] == server["tag"]
+    assert line["threshold"] == pytest.approx(float(server["detector"].threshold))
+    assert line["metrics"]["image_auroc"] == 0.5 and meta["api_key_required"] is True
+    assert meta["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS}
+
+
+@pytest.mark.parametrize("name", ["test/good/000.png", "test/scratch/000.png"])
+def test_scores_equal_in_process_detector(server: dict, name: str) -> None:
+    path = server["data"] / name
+    response = _predict(server, path.read_bytes(), return_map=True, return_overlay=True, return_regions=True,
+                        min_region_area=1)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = _in_process_score(server, load_rgb(path))
+    threshold = float(server["detector"].threshold)
+    assert body["anomaly_score"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert body["threshold"] == pytest.approx(threshold)
+    assert body["anomalous"] == (body["anomaly_score"] > threshold)
+    assert body["decision"] == ("anomalous" if body["anomalous"] else "normal")
+    assert body["model_tag"] == server["tag"] and body["latency_ms"] > 0
+    for field in ("anomaly_map_png", "overlay_png"):
+        picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(body[field]))))
+        assert picture.shape == (128, 128, 3) and picture.std() > 0
+    for region in body["defect_regions"]:
+        assert 0 <= region["x0"] < region["x1"] <= 128 and 0 <= region["y0"] < region["y1"] <= 128
+        assert region["max_score"] > threshold
+    # without options: no pictures
+    plain = _predict(server, path.read_bytes(), return_regions=False).json()
+    assert "anomaly_map_png" not in plain and "defect_regions" not in plain
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "I;16"])
+def test_grey_rgba_and_16bit_images(server: dict, mode: str) -> None:
+    rgb = load_rgb(server["data"] / "test" / "good" / "001.png")
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    if mode == "L":
+        content = _png(grey)
+    elif mode == "RGBA":
+        alpha = np.full(grey.shape, 200, np.uint8)
+        content = _png(np.dstack([rgb, alpha]))
+    else:
+        content = _png(grey.astype(np.uint16) * 257)  # Pillow stores uint16 as mode I;16
+    assert Image.open(io.BytesIO(content)).mode == mode
+    response = _predict(server, content)
+    assert response.status_code == 200, response.text
+    expected = _in_process_score(server, decode_rgb(content))
+    assert response.json()["anomaly_score"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def _bad_cases(server: dict) -> list[tuple[str, dict, int, str]]:
+    good = (server["data"] / "test" / "good" / "000.png").read_bytes()
+    huge = _png(np.zeros((700, 700, 3), np.uint8))  # 490 000 pixels > 360 000, but a small file
+    assert len(huge) < MAX_UPLOAD
+    return [
+        ("truncated PNG", {"content": good[: len(good) // 2]}, 400, "corrupt or truncated"),
+        ("random bytes", {"content": os.urandom(2000)}, 400, "cannot read the upload"),
+        ("text file", {"content": b"line,score\nbottle_caps,1.0\n"}, 400, "send a complete PNG"),
+        ("empty file", {"content": b""}, 400, "empty"),
+        ("too many pixels", {"content": huge}, 413, "pixels"),
+        ("too many bytes", {"content": os.urandom(MAX_UPLOAD + 100_000)}, 413, "upload limit"),
+        ("unknown line", {"content": good, "line": "no_such_line"}, 404, "unknown line 'no_such_line'"),
+        ("missing API key", {"content": good, "key": None}, 401, "needs an API key"),
+        ("wrong API key", {"content": good, "key": "wrong"}, 403, "API key is wrong"),
+        ("bad option", {"content": good, "min_region_area": 0}, 422, "min_region_area"),
+    ]
+
+
+def test_bad_requests_get_clear_4xx_and_service_keeps_serving(server: dict) -> None:
+    for name, kwargs, status, message in _bad_cases(server):
+        response = _predict(server, **kwargs)
+        assert response.status_code == status, (name, response.status_code, response.text)
+        body = response.json()
+        assert message in body["error"] and body["status"] == status, (name, body)
+        assert not re.search(r"at 0x[0-9a-f]+", body["error"]), (name, body)  # no Python object reprs
+        _still_serves(server)
+    # a request without the image field: BentoML's own validation answers 400
+    response = requests.post(f"{server['url']}/predict", data={"line": LINE}, headers={"X-API-Key": KEY},
+                             timeout=30)
+    assert response.status_code == 400 and "image" in response.text
+    _still_serves(server)
+
+
+def test_load_no_5xx_and_every_request_logged(server: dict) -> None:
+    images = [(server["data"] / "test" / sub / "000.png").read_bytes() for sub in ("good", "scratch", "hole")]
+    n_requests, n_clients = 240, 8
+
+    def call(i: int) -> tuple[int, str, int]:
+        response = _predict(server, images[i % len(images)])
+        body = response.json()
+        return response.status_code, body.get("request_id", ""), body.get("batch_size", 0)
+
+    started = time.monotonic()
+    with cf.ThreadPoolExecutor(n_clients) as pool:
+        results = list(pool.map(call, range(n_requests), timeout=240))
+    seconds = time.monotonic() - started
+    statuses = [status for status, _, _ in results]
+    assert statuses.count(200) == n_requests, sorted(set(statuses))
+    rows = ProductionLog(server["logs"]).read(LINE)
+    logged = set(rows["request_id"])
+    assert all(request_id in logged for _, request_id, _ in results)
+    assert rows["request_id"].is_unique
+    assert set(feature_columns()) <= set(rows.columns)
+    assert {"time", "line", "model_version", "score", "decision"} <= set(rows.columns)
+    assert max(batch for _, _, batch in results) > 1, "adaptive batching never grouped requests"
+    print(f"\nload test: {n_requests} requests, {n_clients} clients, {seconds:.1f} s, "
+          f"{n_requests / seconds:.1f} req/s")
+
+
+def test_bentoml_build_offline(server: dict) -> None:
+    env = {**server["env"], "PIP_NO_INDEX": "1"}
+    done = subprocess.run([str(BENTOML), "build", "-f", "serving/bentofile.yaml", ".", "-o", "tag"], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tag = done.stdout.strip().split("__tag__:")[-1].strip()
+    name, version = tag.split(":")
+    bento = Path(server["env"]["BENTOML_HOME"]) / "bentos" / name / version
+    for relative in ("src/serving/service.py", "src/redi/monitoring.py", "src/redi/models/detector.py"):
+        assert (bento / relative).is_file(), relative
+    assert not list((bento / "src").rglob("test_*.py"))
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text()
+    assert "bentoml==1.4.40" in requirements and "torch" in requirements
