@@ -1,0 +1,16 @@
+"""Kubeflow Pipelines components of redi: one lightweight Python component per pipeline stage.
+
+Each wraps the ``redi.stages`` (or ``redi.gate`` / ``redi.packaging`` / ``redi.monitoring``)
+function that the CLI and DVC also call, with KFP artifacts in and out. Every component names the
+project's image (``components.common.REDI_IMAGE``, override with the ``REDI_IMAGE`` environment
+variable when compiling) as its ``base_image`` and installs nothing at run time.
+
+Import each component from its module (``from components.gate import gate``). This package's
+``__init__`` imports nothing: inside a running step, KFP's executor loads a runtime-only
+``kfp.dsl`` without ``dsl.component``, and the step imports ``components.common``, which must not
+pull in the decorated modules.
+"""
+
+# the stages, in pipeline order; each is components/<stage>.py defining the component <stage>
+STAGES = ("version_data", "precompute_hog", "build_prompt_bank", "train_recover", "train_discriminate",
+          "evaluate", "drift_reference", "gate", "package_bento")

@@ -1,0 +1,19 @@
+"""KFP component ``build_prompt_bank``: embed the normal training images (the prompt bank)."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Output
+
+from components.common import COMPONENT_OPTIONS
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def build_prompt_bank(line: str, profile: str, config_json: str, workdir: str, run_tag: str,
+                      dataset: Input[Dataset], prompt_bank: Output[Artifact]):
+    """``redi.stages.build_prompt_bank``: writes ``prompt_bank.pt`` into the ``prompt_bank`` artifact."""
+    from components.common import make_config, out_dir, stage_guard
+    from redi.stages import build_prompt_bank as build_bank
+
+    with stage_guard("build_prompt_bank", workdir, line, run_tag) as record:
+        cfg = make_config(profile, config_json, dataset.path)
+        record["prompt_bank"] = str(build_bank(dataset.path, out_dir(prompt_bank.path) / "prompt_bank.pt", cfg))
+        prompt_bank.metadata["backbone"] = cfg.model.backbone

@@ -1,0 +1,29 @@
+"""KFP component ``train_discriminate``: train the discriminate net, calibrate, write the detector."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components.common import COMPONENT_OPTIONS
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def train_discriminate(line: str, profile: str, config_json: str, workdir: str, run_tag: str,
+                       dataset: Input[Dataset], prompt_bank: Input[Artifact], recover: Input[Model],
+                       detector: Output[Model]):
+    """``redi.stages.train_discriminate`` in ``<workdir>/<line>/train`` (resumable); the complete
+    ``detector.pt`` goes into the ``detector`` artifact. GPU when there is one."""
+    from pathlib import Path
+
+    from components.common import copy_files, line_dir, make_config, out_dir, stage_guard
+    from redi.models.detector import read_artifact
+    from redi.stages import train_discriminate as train
+
+    with stage_guard("train_discriminate", workdir, line, run_tag) as record:
+        cfg = make_config(profile, config_json, dataset.path)
+        train_dir = line_dir(workdir, line) / "train"
+        path = train(dataset.path, Path(prompt_bank.path) / "prompt_bank.pt", Path(recover.path) / "recover.pt",
+                     train_dir, cfg, line)
+        copy_files(path.parent, out_dir(detector.path), ["detector.pt", "discriminate_history.json"])
+        meta = read_artifact(path)["metadata"]
+        detector.metadata.update({k: meta.get(k) for k in ("line", "version", "profile", "backbone")})
+        record.update({"detector": str(Path(detector.path) / "detector.pt"), "version": meta.get("version")})

@@ -1,0 +1,27 @@
+"""KFP component ``train_recover``: train the recover net (HIP); resumable from the line's work dir."""
+
+from kfp import dsl
+from kfp.dsl import Artifact, Dataset, Input, Model, Output
+
+from components.common import COMPONENT_OPTIONS
+
+
+@dsl.component(**COMPONENT_OPTIONS)
+def train_recover(line: str, profile: str, config_json: str, workdir: str, run_tag: str,
+                  dataset: Input[Dataset], prompt_bank: Input[Artifact], selfmaps: Input[Artifact],
+                  recover: Output[Model]):
+    """``redi.stages.train_recover`` in ``<workdir>/<line>/train`` (checkpoints persist across runs, so a
+    rerun resumes); ``recover.pt`` is copied into the ``recover`` artifact. GPU when there is one."""
+    from pathlib import Path
+
+    from components.common import copy_files, line_dir, make_config, out_dir, stage_guard
+    from redi.stages import train_recover as train
+
+    with stage_guard("train_recover", workdir, line, run_tag) as record:
+        cfg = make_config(profile, config_json, dataset.path)
+        train_dir = line_dir(workdir, line) / "train"
+        path = train(dataset.path, Path(prompt_bank.path) / "prompt_bank.pt", train_dir, cfg,
+                     Path(selfmaps.path) / "selfmaps.pt")
+        copy_files(path.parent, out_dir(recover.path), ["recover.pt", "recover_history.json"])
+        recover.metadata.update({"profile": cfg.profile, "epochs": cfg.train.recover.epochs})
+        record.update({"recover": str(Path(recover.path) / "recover.pt"), "checkpoints": str(train_dir / "checkpoints")})

@@ -1,0 +1,1 @@
+"""The redi Kubeflow pipeline (``pipelines.line_pipeline``) and the product lines it runs (``lines/``)."""

