@@ -162,9 +162,10 @@ def _predict(args: argparse.Namespace) -> int:
 
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
-    from redi.demo import run_demo
+    from redi.pipeline_cli import run_line_pipeline
 
-    run_demo(args.line, args.profile or "tiny", Path(args.workdir), overrides=args.set)
+    run_line_pipeline(args.line, args.profile or "tiny", Path(args.workdir), overrides=args.set,
+                      config_file=args.config)
     return 0
 
 
@@ -174,9 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"redi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the main job: synthetic demo line -> trained, evaluated model")
+    p = sub.add_parser("demo", help="the main job: the Kubeflow pipeline (local runner) on a synthetic demo line")
     p.add_argument("--line", default="bottle_caps", help="demo product line (see `redi demo-data --help`)")
-    p.add_argument("--workdir", default="runs/demo", help="where data, models and reports go")
+    p.add_argument("--workdir", default="runs/pipeline", help="where data, models, reports and the Bento go")
     _add_config_options(p)
 
     p = sub.add_parser("demo-data", help="write a deterministic SYNTHETIC product line in MVTec-AD layout")
@@ -245,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
+
+    from redi.monitor_cli import add_monitor_commands
+    from redi.pipeline_cli import add_pipeline_commands
+
+    COMMANDS.update(add_monitor_commands(sub))
+    COMMANDS.update(add_pipeline_commands(sub))
     return parser
 
 
