@@ -25,6 +25,7 @@ from redi.errors import ConfigError
 
 SELFMAP_KINDS = ("hog", "sobel", "roberts", "canny")
 PROMPT_MODES = ("nearest", "none")
+PRECISIONS = ("auto", "fp32", "bf16")
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2")
 
 
@@ -59,6 +60,7 @@ class RecoverNetConfig:
     depth: int = 5  # number of encoder levels: widths base * 2**i for i < depth
     input_size: int = 0  # 0: the image size; else the recover net runs at this size, output upsampled
     fused_skips: bool = True  # skip connections carry the fused (H, X+) features
+    precision: str = "auto"  # auto: bf16 on CUDA and on CPUs with bf16 units (AMX / AVX512-BF16), else fp32
 
 
 @dataclass
@@ -135,6 +137,7 @@ class RediConfig:
              "data.image_size must be a multiple of 32 and at least 64"),
             (self.model.recover.input_size % 32 == 0, "model.recover.input_size must be 0 or a multiple of 32"),
             (1 <= self.model.recover.depth <= 6, "model.recover.depth must be between 1 and 6"),
+            (self.model.recover.precision in PRECISIONS, f"model.recover.precision must be one of {PRECISIONS}"),
             (0.0 <= self.data.val_fraction < 0.9, "data.val_fraction must be in [0, 0.9)"),
             (0.0 < self.eval.threshold_quantile <= 1.0, "eval.threshold_quantile must be in (0, 1]"),
             (self.train.recover.epochs >= 0 and self.train.discriminate.epochs >= 0, "epochs must be >= 0"),

@@ -28,7 +28,7 @@ from redi.models.recover import RecoverNet
 from redi.prompt import PromptBank
 from redi.selfmaps import build_selfmap
 from redi.training import fingerprint, run_training
-from redi.utils import pick_device, progress, seed_everything
+from redi.utils import bf16_autocast, pick_device, progress, seed_everything, use_bf16
 
 LOG = sys.stderr
 
@@ -186,17 +186,19 @@ def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | P
     net = RecoverNet(1, model_cfg.recover.base_width, model_cfg.recover.depth, model_cfg.recover.input_size,
                      model_cfg.recover.fused_skips).to(device)
     flip = cfg.train.augment_flip
+    bf16 = use_bf16(model_cfg.recover.precision, device)
 
     def step(indices: torch.Tensor):
         x, h, p = images[indices].to(device), maps[indices].to(device), prompts[indices].to(device)
         if flip and torch.rand(()) < 0.5:
             x, h, p = x.flip(-1), h.flip(-1), p.flip(-1)
-        y = net(h, p)
+        with bf16_autocast(bf16, device):  # the net in bf16 where fast; the loss always in fp32
+            y = net(h, p)
         loss = recover_loss(x, y.float(), cfg.train.lambda_m, cfg.train.msgms_scales)
         return loss, {}
 
     _log("recover", f"{len(samples)} images, {cfg.train.recover.epochs} epochs, device {device}, "
-                    f"profile {cfg.profile}")
+                    f"{'bf16' if bf16 else 'fp32'}, profile {cfg.profile}")
     result = run_training("recover", net, cfg.train.recover, len(samples), step,
                           out_dir / "checkpoints" / "recover_last.pt", _recover_run_id(cfg, bank),
                           cfg.train.seed, device, cfg.train.amp)

@@ -28,6 +28,7 @@ from redi.models.discriminate import DiscriminateHead
 from redi.models.recover import RecoverNet
 from redi.prompt import nearest_prompt
 from redi.selfmaps import build_selfmap
+from redi.utils import bf16_autocast, use_bf16
 
 ARTIFACT_FORMAT = "redi-detector"
 ARTIFACT_VERSION = 1
@@ -122,7 +123,9 @@ class Detector(nn.Module):
         """Y = HIP(H(X), X+); with the recover net off, Y = X (the RD + L_S ablation)."""
         if not self.use_recover:
             return x
-        return self.recover(self.selfmap(x), self.prompt_batch(prompt_index, x))
+        selfmap, prompts = self.selfmap(x), self.prompt_batch(prompt_index, x)
+        with bf16_autocast(use_bf16(self.cfg.model.recover.precision, x.device), x.device):
+            return self.recover(selfmap, prompts).float()
 
     def anomaly_maps(self, reference: list[torch.Tensor], recovered: list[torch.Tensor]) -> torch.Tensor:
         """D = sum over levels of (1 - cos) resized to the input size, then smoothed: (B, S, S)."""

@@ -95,6 +95,7 @@ class RecoverNet(nn.Module):
         self.selfmap_encoder = UNetEncoder(selfmap_channels, widths)  # N1
         self.prompt_encoder = UNetEncoder(3, widths)  # N2
         self.decoder = UNetDecoder([2 * w for w in widths], out_channels=3, use_skips=fused_skips)
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, selfmap: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """Return the recovered image Y (B, 3, H, W) in [0, 1] at the input's resolution."""
@@ -109,8 +110,11 @@ class RecoverNet(nn.Module):
         if selfmap.shape[-1] % self.downsampling or selfmap.shape[-2] % self.downsampling:
             raise ValueError(f"recover net input side must be a multiple of {self.downsampling}, "
                              f"got {tuple(selfmap.shape[-2:])}")
+        # channels-last is several times faster for these convolutions on CPU (oneDNN) and GPU
+        selfmap = selfmap.contiguous(memory_format=torch.channels_last)
+        prompt = prompt.contiguous(memory_format=torch.channels_last)
         fused = [torch.cat(pair, dim=1) for pair in zip(self.selfmap_encoder(selfmap), self.prompt_encoder(prompt))]
-        recovered = self.decoder(fused)
+        recovered = self.decoder(fused).float().contiguous()
         if recovered.shape[-2:] != size:
             recovered = F.interpolate(recovered, size=size, mode="bilinear", align_corners=False)
         return recovered
