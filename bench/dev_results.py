@@ -1,0 +1,95 @@
+"""Train and evaluate full ReDi and its ablations on real dev sets; write a results table.
+
+Variants share what they can, exactly as the stage functions allow:
+- ``full``: every stage (``redi train`` + ``redi evaluate``);
+- ``ls_off``: full's prompt bank and recover net, discriminate net retrained without L_S;
+- ``recover_off``: full's prompt bank, no recover net (the recovery branch sees X: RD + L_S);
+- ``prompt_none``: the recover net retrained with a zero prompt (the paper's "Free");
+- ``fast``: every stage with the ``fast`` profile.
+
+    python bench/dev_results.py --data ../shared/data/metal_plate ../shared/data/hazelnut \
+        --variants full recover_off ls_off prompt_none fast --runs runs/results --out docs/results_runs.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from redi.config import load_config, save_config
+from redi.stages import (build_prompt_bank, evaluate, precompute_selfmaps, train_all, train_discriminate,
+                         train_recover)
+
+VARIANTS = {
+    "full": ("cpu", []),
+    "recover_off": ("cpu", ["model.recover.enabled=false"]),
+    "ls_off": ("cpu", ["train.use_self_correlation=false"]),
+    "prompt_none": ("cpu", ["model.prompt=none"]),
+    "fast": ("fast", []),
+}
+
+CLI = {
+    "full": "redi train {data} --out {run} --profile cpu",
+    "recover_off": "redi train-discriminate {data} --bank {full}/prompt_bank.pt --recover none --out {run} "
+                   "--profile cpu --set model.recover.enabled=false",
+    "ls_off": "redi train-discriminate {data} --bank {full}/prompt_bank.pt --recover {full}/recover.pt --out {run} "
+              "--profile cpu --set train.use_self_correlation=false",
+    "prompt_none": "redi train-recover {data} --bank {full}/prompt_bank.pt --out {run} --profile cpu "
+                   "--set model.prompt=none; redi train-discriminate ... --set model.prompt=none",
+    "fast": "redi train {data} --out {run} --profile fast",
+}
+
+
+def run_variant(name: str, data: Path, runs: Path) -> dict:
+    """Train (reusing full's artifacts where the variant allows) and evaluate one variant."""
+    profile, overrides = VARIANTS[name]
+    cfg = load_config(profile=profile, overrides=[f"data.root={data}", *overrides])
+    run, full = runs / name, runs / "full"
+    started = time.perf_counter()
+    save_config(cfg, run / "config.yaml")
+    if name in ("full", "fast"):
+        detector = train_all(data, run, cfg, line=data.name)["detector"]
+    elif name == "recover_off":
+        detector = train_discriminate(data, full / "prompt_bank.pt", run / "none", run, cfg, line=data.name)
+    elif name == "ls_off":
+        detector = train_discriminate(data, full / "prompt_bank.pt", full / "recover.pt", run, cfg, line=data.name)
+    else:  # prompt_none
+        maps = precompute_selfmaps(data, run, cfg)
+        recover = train_recover(data, full / "prompt_bank.pt", run, cfg, maps)
+        detector = train_discriminate(data, full / "prompt_bank.pt", recover, run, cfg, line=data.name)
+    train_seconds = time.perf_counter() - started
+    metrics = json.loads(evaluate(detector, data, run / "eval", cfg).read_text())
+    history = {}
+    for stage in ("recover", "discriminate"):
+        path = run / f"{stage}_history.json"
+        if path.is_file() and json.loads(path.read_text()):
+            epochs = json.loads(path.read_text())
+            history[f"{stage}_seconds_per_epoch"] = sum(e["seconds"] for e in epochs) / len(epochs)
+    return {"variant": name, "data": data.name, "profile": profile, "overrides": overrides,
+            "train_seconds": train_seconds, "command": CLI[name].format(data=data, run=run, full=full),
+            **history, **{k: metrics.get(k) for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro",
+                                                       "threshold", "recall_at_threshold",
+                                                       "false_alarm_rate_at_threshold", "seconds_per_image")}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, nargs="+", required=True)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--runs", type=Path, default=Path("runs/results"))
+    parser.add_argument("--out", type=Path, default=Path("docs/results_runs.json"))
+    args = parser.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.is_file() else []
+    for data in args.data:
+        for name in args.variants:
+            row = run_variant(name, data.resolve(), args.runs / data.name)
+            results = [r for r in results if (r["data"], r["variant"]) != (row["data"], name)] + [row]
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=2))  # after every run: nothing lost if stopped
+            print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+    main()
