@@ -43,7 +43,7 @@ from components.precompute_hog import precompute_hog
 from components.train_discriminate import train_discriminate
 from components.train_recover import train_recover
 from components.version_data import version_data
-from redi.config import parse_overrides
+from redi.config import parse_overrides, read_config_file
 from redi.errors import ConfigError, RediError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -191,7 +191,7 @@ def pipeline_arguments(spec: LineSpec, workdir: str | Path, profile: str | None 
     from components.common import make_config
 
     workdir = Path(workdir).resolve()
-    from_file = _read_config_file(config_file) if config_file else {}
+    from_file = read_config_file(config_file) if config_file else {}
     file_profile = from_file.pop("profile", None)
     settings = _merge(_merge(spec.config, from_file), parse_overrides(overrides or []))
     profile = profile or file_profile or spec.profile
@@ -212,19 +212,6 @@ def pipeline_arguments(spec: LineSpec, workdir: str | Path, profile: str | None 
             "min_image_auroc": gate_values["min_image_auroc"], "min_pixel_auroc": gate_values["min_pixel_auroc"],
             "min_aupro": gate_values["min_aupro"], "gate_tolerance": gate_values["tolerance"],
             "workdir": str(workdir), "run_tag": run_tag, "bentoml_home": bentoml_home}
-
-
-def _read_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return data
 
 
 def ensure_demo_data(spec: LineSpec, data_path: str | Path, demo_options: dict[str, Any] | None = None) -> bool:

@@ -7,7 +7,6 @@ docs/architecture.md for the table of inputs and outputs.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
@@ -28,21 +27,13 @@ from redi.models.recover import RecoverNet
 from redi.prompt import PromptBank
 from redi.selfmaps import build_selfmap
 from redi.training import fingerprint, run_training
-from redi.utils import bf16_autocast, pick_device, progress, seed_everything, use_bf16
+from redi.utils import bf16_autocast, pick_device, progress, seed_everything, sha256_file, use_bf16
 
 LOG = sys.stderr
 
 
 def _log(stage: str, message: str) -> None:
     print(f"[{stage}] {message}", file=LOG, flush=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, payload: Any) -> Path:
@@ -70,7 +61,7 @@ def validate_data(data_root: str | Path, out_dir: str | Path, cfg: RediConfig) -
     category = open_line(data_root, cfg)
     report = category.validate(check_pixels=True)
     files = [{"image_id": s.image_id, "path": str(s.path.relative_to(category.root)), "label": s.label,
-              "defect_type": s.defect_type, "sha256": _sha256(s.path),
+              "defect_type": s.defect_type, "sha256": sha256_file(s.path),
               "mask": str(s.mask_path.relative_to(category.root)) if s.mask_path else None}
              for s in category.samples]
     manifest = {"line": category.name, "root": str(category.root), "counts": category.counts(),
@@ -267,7 +258,7 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
             fy = head([f[indices].to(device) for f in recovered])
             return discriminate_loss(fx, fy, cfg.train.lambda_s, cfg.train.use_self_correlation)
 
-        run_id = fingerprint({"recover": _sha256(Path(recover_path)) if detector.use_recover else "off",
+        run_id = fingerprint({"recover": sha256_file(Path(recover_path)) if detector.use_recover else "off",
                               "model": to_dict(cfg.model), "train": to_dict(cfg.train.discriminate),
                               "lambda_s": cfg.train.lambda_s, "ls": cfg.train.use_self_correlation,
                               "seed": cfg.train.seed, "ids": bank.image_ids})

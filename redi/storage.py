@@ -33,7 +33,6 @@ the new version (files are written again, nothing is deleted).
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import json
 import os
@@ -45,6 +44,7 @@ from typing import Any, Iterable, Mapping
 from urllib.parse import urlparse
 
 from redi.errors import RediError
+from redi.utils import sha256_file
 
 DEFAULT_BUCKET = "redi"
 DEFAULT_LOCAL_DIR = "runs/store"
@@ -54,14 +54,6 @@ POINTER_NAME = "production.json"
 
 class StorageError(RediError):
     """Object storage is unreachable, misconfigured, or lacks an expected object."""
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_key(key: str) -> str:
@@ -350,7 +342,7 @@ def publish_version(store: ObjectStore, line: str, version: str, files: Mapping[
         size = path.stat().st_size
         if store.size(key) != size:  # a truncated upload must never be indexed
             raise StorageError(f"upload of {path} to {store.uri(key)} is incomplete; rerun the upload")
-        entries.append({"name": name, "key": key, "size": size, "sha256": _sha256_file(path)})
+        entries.append({"name": name, "key": key, "size": size, "sha256": sha256_file(path)})
     index = {"line": line, "version": version, "files": entries,
              "uploaded": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "info": dict(info or {})}
     store.put_json(version_key(line, version, INDEX_NAME), index)
