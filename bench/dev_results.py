@@ -74,13 +74,34 @@ def run_variant(name: str, data: Path, runs: Path) -> dict:
                                                        "false_alarm_rate_at_threshold", "seconds_per_image")}}
 
 
+def markdown_table(results: list[dict]) -> str:
+    """The results as a markdown table, one row per (data set, variant), in percent."""
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.1f}"
+
+    lines = ["| data | variant | profile | image AUROC | pixel AUROC | pixel AP | AUPRO | recall / false alarms at threshold "
+             "| train s | recover s/epoch | discriminate s/epoch |",
+             "|---|---|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in results:
+        lines.append(f"| {r['data']} | {r['variant']} | {r['profile']} | {pct(r['image_auroc'])} | "
+                     f"{pct(r['pixel_auroc'])} | {pct(r['pixel_ap'])} | {pct(r['aupro'])} | "
+                     f"{pct(r['recall_at_threshold'])} / {pct(r['false_alarm_rate_at_threshold'])} | "
+                     f"{r['train_seconds']:.0f} | {r.get('recover_seconds_per_epoch', 0):.1f} | "
+                     f"{r.get('discriminate_seconds_per_epoch', 0):.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, nargs="+", required=True)
+    parser.add_argument("--data", type=Path, nargs="+", default=[])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--runs", type=Path, default=Path("runs/results"))
     parser.add_argument("--out", type=Path, default=Path("docs/results_runs.json"))
+    parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
     args = parser.parse_args()
+    if args.table:
+        print(markdown_table(json.loads(args.out.read_text())), end="")
+        return
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
     for data in args.data:
         for name in args.variants:
