@@ -162,10 +162,12 @@ def _predict(args: argparse.Namespace) -> int:
 
 @command("demo")
 def _demo(args: argparse.Namespace) -> int:
+    from redi.config import read_config_file
     from redi.pipeline_cli import run_line_pipeline
 
-    run_line_pipeline(args.line, args.profile or "tiny", Path(args.workdir), overrides=args.set,
-                      config_file=args.config)
+    # the demo's default budget is tiny, unless the command line or the config file names one
+    profile = args.profile or (read_config_file(args.config).get("profile") if args.config else None) or "tiny"
+    run_line_pipeline(args.line, profile, Path(args.workdir), overrides=args.set, config_file=args.config)
     return 0
 
 

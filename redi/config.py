@@ -138,7 +138,8 @@ class RediConfig:
             (self.model.recover.input_size % 32 == 0, "model.recover.input_size must be 0 or a multiple of 32"),
             (1 <= self.model.recover.depth <= 6, "model.recover.depth must be between 1 and 6"),
             (self.model.recover.precision in PRECISIONS, f"model.recover.precision must be one of {PRECISIONS}"),
-            (0.0 <= self.data.val_fraction < 0.9, "data.val_fraction must be in [0, 0.9)"),
+            (0.0 < self.data.val_fraction < 0.9,
+             "data.val_fraction must be in (0, 0.9): held-out normal images set the decision threshold"),
             (0.0 < self.eval.threshold_quantile <= 1.0, "eval.threshold_quantile must be in (0, 1]"),
             (self.train.recover.epochs >= 0 and self.train.discriminate.epochs >= 0, "epochs must be >= 0"),
         ]
@@ -305,5 +306,8 @@ def load_config(path: str | Path | None = None, profile: str | None = None,
 
 def save_config(cfg: RediConfig, path: str | Path) -> None:
     """Write the full config (every key, so a run can be repeated exactly) as YAML."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

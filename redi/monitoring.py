@@ -148,11 +148,14 @@ def build_reference(detector_path: str | Path, data_root: str | Path, out_path: 
     version = str(detector.metadata.get("version", ""))
     rows: list[dict[str, Any]] = []
     batch_size = max(1, int(cfg.eval.batch_size))
+    # A bank image would otherwise be its own prompt and score near zero; production images never are.
+    bank_index = {image_id: i for i, image_id in enumerate(detector.prompt_ids)}
     for begin in range(0, len(samples), batch_size):
         chunk = samples[begin:begin + batch_size]
         images = [load_rgb(s.path) for s in chunk]
+        exclude = torch.tensor([bank_index.get(s.image_id, -1) for s in chunk])
         with torch.inference_mode():
-            out = detector.predict(detector.preprocess(images))
+            out = detector.predict(detector.preprocess(images), exclude=exclude)
         for sample, rgb, score, emb in zip(chunk, images, out.score.cpu(), out.embedding.cpu()):
             row = {"image_id": sample.image_id, "line": line, "model_version": version}
             row.update(image_feature_row(rgb, float(score), emb, k))

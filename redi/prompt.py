@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from redi.errors import WeightsError
+from redi.utils import atomic_torch_save
 
 BANK_FORMAT = "redi-prompt-bank"
 
@@ -40,9 +41,8 @@ class PromptBank:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"format": BANK_FORMAT, "embeddings": self.embeddings, "image_ids": self.image_ids,
-                    "backbone": self.backbone}, path)
+        atomic_torch_save({"format": BANK_FORMAT, "embeddings": self.embeddings, "image_ids": self.image_ids,
+                           "backbone": self.backbone}, path)
         return path
 
     @classmethod
@@ -52,7 +52,10 @@ class PromptBank:
         if not path.is_file():
             raise WeightsError(f"prompt bank {path} does not exist; build it first with "
                                f"`redi build-prompt-bank` (or the build_prompt_bank stage)")
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch raises many types for a corrupt file
+            raise WeightsError(f"prompt bank {path} cannot be read ({exc}); rebuild it") from exc
         if not isinstance(data, dict) or data.get("format") != BANK_FORMAT:
             raise WeightsError(f"{path} is not a redi prompt bank")
         if backbone and data["backbone"] != backbone:

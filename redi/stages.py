@@ -7,6 +7,7 @@ docs/architecture.md for the table of inputs and outputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -27,7 +28,8 @@ from redi.models.recover import RecoverNet
 from redi.prompt import PromptBank
 from redi.selfmaps import build_selfmap
 from redi.training import fingerprint, run_training
-from redi.utils import bf16_autocast, pick_device, progress, seed_everything, sha256_file, use_bf16
+from redi.utils import (atomic_torch_save, bf16_autocast, pick_device, progress, seed_everything, sha256_file,
+                        use_bf16)
 
 LOG = sys.stderr
 
@@ -89,9 +91,7 @@ def precompute_selfmaps(data_root: str | Path, out_dir: str | Path, cfg: RediCon
     started = time.perf_counter()
     maps = compute_selfmaps(load_images(train, cfg.data.image_size), cfg, device)
     path = Path(out_dir) / "selfmaps.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"image_ids": [s.image_id for s in train], "maps": maps.half(),
-                "key": _selfmap_key(cfg)}, path)
+    atomic_torch_save({"image_ids": [s.image_id for s in train], "maps": maps.half(), "key": _selfmap_key(cfg)}, path)
     _log("selfmaps", f"{len(train)} {cfg.model.selfmap.kind} maps in {time.perf_counter() - started:.1f} s -> {path}")
     return path
 
@@ -103,8 +103,12 @@ def _selfmap_key(cfg: RediConfig) -> str:
 def _load_or_compute_selfmaps(path: str | Path | None, train: list[Sample], images: torch.Tensor,
                               cfg: RediConfig, device: torch.device) -> torch.Tensor:
     if path and Path(path).is_file():
-        cached = torch.load(path, map_location="cpu", weights_only=False)
-        if cached.get("key") == _selfmap_key(cfg) and cached["image_ids"] == [s.image_id for s in train]:
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # a damaged cache is recomputed, never fatal
+            _log("recover", f"self-map cache {path} is unreadable ({exc}); recomputing")
+            cached = {}
+        if cached.get("key") == _selfmap_key(cfg) and cached.get("image_ids") == [s.image_id for s in train]:
             return cached["maps"].float()
         _log("recover", f"self-map cache {path} is for other settings or images; recomputing")
     return compute_selfmaps(images, cfg, device)
@@ -150,10 +154,20 @@ def leave_one_out_prompts(bank: PromptBank) -> torch.Tensor:
 
 
 # -- stage: recover net -------------------------------------------------------------------------
+def _bank_fingerprint(bank: PromptBank) -> str:
+    """Changes when any bank image's pixels change (its embedding does), not only its id."""
+    return hashlib.sha256(bank.embeddings.numpy().tobytes()).hexdigest()[:16] + str(bank.image_ids)
+
+
 def _recover_run_id(cfg: RediConfig, bank: PromptBank) -> str:
-    return fingerprint({"model": to_dict(cfg.model), "train": to_dict(cfg.train.recover),
-                        "lambda_m": cfg.train.lambda_m, "scales": cfg.train.msgms_scales,
-                        "seed": cfg.train.seed, "size": cfg.data.image_size, "ids": bank.image_ids})
+    """What defines a recover run; nothing the recover net does not depend on (a map setting must
+    not throw away a finished 500-epoch run)."""
+    model = cfg.model
+    return fingerprint({"backbone": [model.backbone, model.backbone_weights], "selfmap": to_dict(model.selfmap),
+                        "prompt": model.prompt, "recover": to_dict(model.recover),
+                        "train": to_dict(cfg.train.recover), "lambda_m": cfg.train.lambda_m,
+                        "scales": cfg.train.msgms_scales, "flip": cfg.train.augment_flip, "amp": cfg.train.amp,
+                        "seed": cfg.train.seed, "size": cfg.data.image_size, "bank": _bank_fingerprint(bank)})
 
 
 def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | Path, cfg: RediConfig,
@@ -163,8 +177,7 @@ def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | P
     path = out_dir / "recover.pt"
     model_cfg = cfg.model
     if not model_cfg.recover.enabled:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"enabled": False}, path)
+        atomic_torch_save({"enabled": False}, path)
         _log("recover", "recover net disabled (model.recover.enabled=false): Y = X")
         return path
     seed_everything(cfg.train.seed)
@@ -190,11 +203,12 @@ def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | P
 
     _log("recover", f"{len(samples)} images, {cfg.train.recover.epochs} epochs, device {device}, "
                     f"{'bf16' if bf16 else 'fp32'}, profile {cfg.profile}")
+    run_id = _recover_run_id(cfg, bank)
+    # amp=False: the net has its own precision switch, and the loss must stay in fp32
     result = run_training("recover", net, cfg.train.recover, len(samples), step,
-                          out_dir / "checkpoints" / "recover_last.pt", _recover_run_id(cfg, bank),
-                          cfg.train.seed, device, cfg.train.amp)
-    torch.save({"enabled": True, "state": net.cpu().state_dict(), "history": result.history,
-                "config": to_dict(cfg)}, path)
+                          out_dir / "checkpoints" / "recover_last.pt", run_id, cfg.train.seed, device, amp=False)
+    atomic_torch_save({"enabled": True, "state": net.cpu().state_dict(), "history": result.history,
+                       "run_id": run_id, "config": to_dict(cfg)}, path)
     _write_json(out_dir / "recover_history.json", result.history)
     return path
 
@@ -229,6 +243,12 @@ def calibrate_threshold(detector: Detector, images: torch.Tensor, cfg: RediConfi
             "n_val": int(images.shape[0])}
 
 
+def _recover_identity(recover_path: str | Path) -> str:
+    """The recover run that made ``recover.pt`` (its run id and epochs), independent of file paths."""
+    payload = torch.load(recover_path, map_location="cpu", weights_only=False)
+    return f"{payload.get('run_id', '')}:{len(payload.get('history', []))}"
+
+
 def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_path: str | Path,
                        out_dir: str | Path, cfg: RediConfig, line: str = "") -> Path:
     """Train the FRB with the recover net frozen, calibrate the threshold, write ``detector.pt``."""
@@ -258,16 +278,19 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
             fy = head([f[indices].to(device) for f in recovered])
             return discriminate_loss(fx, fy, cfg.train.lambda_s, cfg.train.use_self_correlation)
 
-        run_id = fingerprint({"recover": sha256_file(Path(recover_path)) if detector.use_recover else "off",
+        run_id = fingerprint({"recover": _recover_identity(recover_path) if detector.use_recover else "off",
                               "model": to_dict(cfg.model), "train": to_dict(cfg.train.discriminate),
                               "lambda_s": cfg.train.lambda_s, "ls": cfg.train.use_self_correlation,
-                              "seed": cfg.train.seed, "ids": bank.image_ids})
+                              "amp": cfg.train.amp, "seed": cfg.train.seed, "size": cfg.data.image_size,
+                              "bank": _bank_fingerprint(bank)})
         result = run_training("discriminate", head, cfg.train.discriminate, len(samples), step,
                               out_dir / "checkpoints" / "discriminate_last.pt", run_id, cfg.train.seed, device,
                               cfg.train.amp)
         history = result.history
     detector.eval()
-    _, val = training_split(category, cfg)
+    # The held-out normals are exactly the training images that are not in the bank.
+    in_bank = set(bank.image_ids)
+    val = [s for s in category.train if s.image_id not in in_bank]
     calibration = calibrate_threshold(detector, load_images(val, cfg.data.image_size), cfg)
     _log("discriminate", f"threshold {calibration['threshold']:.4f} from {calibration['n_val']} held-out normals")
     _write_json(out_dir / "discriminate_history.json", history)
@@ -300,6 +323,11 @@ def score_images(detector: Detector, images: torch.Tensor, batch_size: int = 8, 
     return result
 
 
+def _mean_or_none(flags: torch.Tensor) -> float | None:
+    """Mean of boolean flags; None (JSON null, never NaN) for an empty set."""
+    return float(flags.float().mean()) if flags.numel() else None
+
+
 def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Path, cfg: RediConfig,
              write_report: bool = True) -> Path:
     """Score the test split; write ``metrics.json`` and the HTML report folder."""
@@ -327,8 +355,8 @@ def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Pa
     metrics.update({
         "threshold": float(detector.threshold),
         "accuracy_at_threshold": float((decisions.long() == labels).float().mean()),
-        "recall_at_threshold": float(decisions[labels == 1].float().mean()),
-        "false_alarm_rate_at_threshold": float(decisions[labels == 0].float().mean()),
+        "recall_at_threshold": _mean_or_none(decisions[labels == 1]),
+        "false_alarm_rate_at_threshold": _mean_or_none(decisions[labels == 0]),
         "profile": detector.metadata.get("profile"), "backbone": detector.metadata.get("backbone"),
         "model_version": detector.metadata.get("version"), "line": detector.metadata.get("line"),
         "data_root": str(category.root), "seconds_per_image": seconds / max(len(test), 1), "device": str(device),

@@ -118,7 +118,7 @@ def run_training(
         for begin in range(0, num_samples, stage.batch_size):
             indices = order[begin:begin + stage.batch_size]
             if len(indices) < 2 and num_samples >= 2:
-                continue  # BatchNorm needs two samples; the remainder joins the next epoch's order
+                continue  # BatchNorm needs two samples: a lone leftover sits out this epoch (order changes each epoch)
             with autocast_context(device, amp):
                 loss, parts = step(indices)
             optimizer.zero_grad(set_to_none=True)

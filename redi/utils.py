@@ -23,6 +23,17 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
+def atomic_torch_save(payload, path) -> None:
+    """torch.save through a temporary file and a rename: a kill never leaves a half-written file."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """Return CUDA when asked for 'auto' and present, else the CPU; explicit names are honoured."""
     if name == "auto":

@@ -39,6 +39,7 @@ def test_file_then_overrides_then_profile_precedence(tmp_path: Path):
     (["model.prompt=maybe"], "model.prompt must be one of"),
     (["train.seed=abc"], "cannot read 'abc'"),
     (["data.image_size=100"], "multiple of 32"),
+    (["data.val_fraction=0"], "held-out normal images set the decision threshold"),
     (["noequals"], "section.key=value"),
 ])
 def test_bad_settings_get_clear_errors(override, words):

@@ -107,3 +107,33 @@ def test_recover_off_ablation_trains_and_scores(trained_line, tmp_path):
     x = load_images(MVTecCategory(trained_line["data"]).test[:2], loaded.image_size)
     out = loaded.predict(x)
     assert torch.equal(out.recovered, x)  # the recovery branch sees X itself
+
+
+def test_bank_images_never_get_themselves_as_prompt_when_scored(trained_line, tmp_path):
+    from redi.monitoring import build_reference
+
+    detector = load_detector(trained_line["detector"])
+    by_id = {s.image_id: s for s in MVTecCategory(trained_line["data"]).train}
+    bank = [by_id[i] for i in detector.prompt_ids[:4]]
+    x = load_images(bank, detector.image_size)
+    own = torch.arange(4)
+    assert torch.equal(detector.predict(x).prompt_index, own)  # without exclusion: itself, a near-perfect recovery
+    assert (detector.predict(x, exclude=own).prompt_index != own).all()
+    reference = build_reference(trained_line["detector"], trained_line["data"], tmp_path / "ref.csv",
+                                _cfg(trained_line["data"]))
+    import pandas as pd
+
+    rows = pd.read_csv(reference).set_index("image_id")
+    held_out = [s.image_id for s in by_id.values() if s.image_id not in set(detector.prompt_ids)]
+    in_bank = rows.loc[detector.prompt_ids, "anomaly_score"]
+    # bank images scored like production images, not self-recovered: same scale as held-out normals
+    assert in_bank.mean() > 0.5 * rows.loc[held_out, "anomaly_score"].mean()
+
+
+def test_discriminate_resume_does_not_depend_on_data_paths(trained_line, tmp_path):
+    from redi.stages import _recover_identity
+
+    payload = torch.load(trained_line["recover"], weights_only=False)
+    payload["config"]["data"]["root"] = "/another/run/artifact/path"  # what a new KFP run looks like
+    torch.save(payload, tmp_path / "recover.pt")
+    assert _recover_identity(tmp_path / "recover.pt") == _recover_identity(trained_line["recover"])

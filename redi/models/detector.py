@@ -158,11 +158,15 @@ class Detector(nn.Module):
         return DetectorOutput(maps.flatten(1).amax(dim=1), maps, recovered, prompt_index, reference.embedding)
 
     @torch.inference_mode()
-    def predict(self, x: torch.Tensor) -> DetectorOutput:
-        """Inference: eval mode, no autograd, input moved to the detector's device."""
+    def predict(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> DetectorOutput:
+        """Inference: eval mode, no autograd, input moved to the detector's device.
+
+        ``exclude[i]`` is the bank index image i may not take as its prompt (its own entry when
+        scoring a bank image, as at training time), or -1.
+        """
         self.eval()
         device = self.threshold.device
-        return self(x.to(device))
+        return self(x.to(device), None if exclude is None else exclude.to(device))
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 RGB arrays of any size -> (B, 3, S, S) float batch in [0, 1] (antialiased resize)."""
@@ -253,7 +257,13 @@ def load_module_weights(module: nn.Module, path: str | Path, kind: str) -> None:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{kind} weights {path} do not exist; run the {kind} training stage first")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise WeightsError(f"{kind} weights {path} cannot be read ({exc}); rerun the {kind} training stage") from exc
+    if isinstance(payload, dict) and payload.get("enabled") is False:
+        raise WeightsError(f"{kind} weights {path} were written with model.recover.enabled=false; retrain the "
+                           f"{kind} stage with the recover net enabled, or set model.recover.enabled=false here too")
     try:
         module.load_state_dict(payload["state"] if "state" in payload else payload)
     except RuntimeError as exc:
