@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from redi.config import load_config, save_config
-from redi.stages import (build_prompt_bank, evaluate, precompute_selfmaps, train_all, train_discriminate,
+from redi.stages import (evaluate, precompute_selfmaps, train_all, train_discriminate,
                          train_recover)
 
 VARIANTS = {

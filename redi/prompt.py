@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from redi.errors import WeightsError
-from redi.utils import atomic_torch_save
+from redi.utils import atomic_torch_save, load_torch_file
 
 BANK_FORMAT = "redi-prompt-bank"
 
@@ -48,14 +48,8 @@ class PromptBank:
     @classmethod
     def load(cls, path: str | Path, backbone: str | None = None) -> "PromptBank":
         """Load a bank; with ``backbone`` given, refuse a bank built with another one."""
-        path = Path(path)
-        if not path.is_file():
-            raise WeightsError(f"prompt bank {path} does not exist; build it first with "
-                               f"`redi build-prompt-bank` (or the build_prompt_bank stage)")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # torch raises many types for a corrupt file
-            raise WeightsError(f"prompt bank {path} cannot be read ({exc}); rebuild it") from exc
+        data = load_torch_file(path, "prompt bank", "build it first with `redi prompt-bank` "
+                                                    "(or the build_prompt_bank stage)")
         if not isinstance(data, dict) or data.get("format") != BANK_FORMAT:
             raise WeightsError(f"{path} is not a redi prompt bank")
         if backbone and data["backbone"] != backbone:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from redi.config import StageTrainConfig
-from redi.utils import format_seconds
+from redi.utils import atomic_torch_save, format_seconds
 
 
 @dataclass
@@ -45,11 +45,6 @@ def fingerprint(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
 
 
 def _load_checkpoint(path: Path, run_id: str, log) -> dict | None:
@@ -137,11 +132,11 @@ def run_training(
         parts_text = " ".join(f"{k} {v:.4f}" for k, v in means.items())
         log(f"epoch {epoch + 1}/{stage.epochs} {parts_text}  {num_samples / seconds:.1f} img/s  "
             f"{seconds:.1f} s/epoch  ETA {format_seconds(eta)}")
-        _save_checkpoint(checkpoint_path, {
+        atomic_torch_save({
             "run_id": run_id, "epoch": epoch + 1, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": torch.get_rng_state(), "history": result.history,
-        })
+        }, checkpoint_path)
     model.eval()
     result.seconds = time.perf_counter() - started
     return result

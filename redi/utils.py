@@ -34,6 +34,21 @@ def atomic_torch_save(payload, path) -> None:
     tmp.replace(path)
 
 
+def load_torch_file(path, what: str, fix: str):
+    """torch.load a stage's file; a missing or unreadable file is a WeightsError naming ``fix``."""
+    from pathlib import Path
+
+    from redi.errors import WeightsError
+
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{what} {path} does not exist; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a corrupt or foreign file
+        raise WeightsError(f"{what} {path} cannot be read ({exc}): it is corrupt or not a redi file; {fix}") from exc
+
+
 def pick_device(name: str = "auto") -> torch.device:
     """Return CUDA when asked for 'auto' and present, else the CPU; explicit names are honoured."""
     if name == "auto":

@@ -10,12 +10,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from http_wait import wait_for_http  # tests/ is on sys.path (rootdir conftest)
 import requests
 from PIL import Image
 
@@ -61,15 +61,7 @@ def test_dashboard_renders_in_headless_chromium(tmp_path: Path) -> None:
                               stderr=subprocess.DEVNULL, env={**os.environ, "DO_NOT_TRACK": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if requests.get(f"{url}/api/projects", timeout=2).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "evidently ui did not start"
-            time.sleep(0.5)
+        assert wait_for_http(f"{url}/api/projects", server, 90), "evidently ui did not start"
         projects = requests.get(f"{url}/api/projects", timeout=10).json()
         assert any(p["name"] == f"redi-{LINE}" for p in projects)
         snapshots = requests.get(f"{url}/api/projects/{project}/snapshots", timeout=10)

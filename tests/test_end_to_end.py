@@ -75,7 +75,6 @@ def test_killed_training_resumes_from_its_checkpoint(trained_line, tmp_path):
     killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
     assert 2 <= killed_at < epochs and not (killed / "detector.pt").exists()
 
-    from redi.stages import LOG  # noqa: F401  (progress goes to stderr)
     assert main([*args, "--out", str(killed)]) == 0
     history = json.loads((killed / "discriminate_history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, epochs + 1))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures as cf
 import io
-import json
 import os
 import re
 import socket
@@ -20,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from http_wait import wait_for_http  # tests/ is on sys.path (rootdir conftest)
 import requests
-import torch
 from PIL import Image
 
 from redi.config import profile_config
@@ -89,16 +88,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
                              "--port", str(port)], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except (requests.ConnectionError, requests.Timeout):
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"bentoml serve did not become ready:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
+        if not wait_for_http(f"{url}/readyz", proc, 120):
+            pytest.fail(f"bentoml serve did not become ready:\n{(root / 'server.log').read_text()[-3000:]}")
         yield {"url": url, "root": root, "data": data, "detector": load_detector(detector_path), "tag": tag,
                "env": env, "logs": root / "logs"}
     finally:

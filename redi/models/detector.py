@@ -28,7 +28,7 @@ from redi.models.discriminate import DiscriminateHead
 from redi.models.recover import RecoverNet
 from redi.prompt import nearest_prompt
 from redi.selfmaps import build_selfmap
-from redi.utils import bf16_autocast, use_bf16
+from redi.utils import atomic_torch_save, bf16_autocast, load_torch_file, use_bf16
 
 ARTIFACT_FORMAT = "redi-detector"
 ARTIFACT_VERSION = 1
@@ -213,21 +213,13 @@ def save_detector(detector: Detector, path: str | Path, metadata: dict[str, Any]
         "state": {k: v.detach().cpu() for k, v in detector.trainable_state().items()},
         "metadata": meta,
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves a half-written artifact
+    atomic_torch_save(payload, path)  # a crash never leaves a half-written artifact
     return path
 
 
 def read_artifact(path: str | Path) -> dict[str, Any]:
     """Load and check an artifact file's envelope (not the weights)."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"detector file {path} does not exist; train a model first (`redi train`)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise WeightsError(f"detector file {path} cannot be read ({exc}); it is corrupt or not a redi model") from exc
+    payload = load_torch_file(path, "detector file", "train a model first (`redi train`)")
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
         raise WeightsError(f"{path} is not a redi detector artifact")
     if payload.get("format_version", 0) > ARTIFACT_VERSION:
@@ -254,13 +246,7 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detec
 
 def load_module_weights(module: nn.Module, path: str | Path, kind: str) -> None:
     """Load a stage's weights file into a module, with a clear error for a mismatch."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{kind} weights {path} do not exist; run the {kind} training stage first")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise WeightsError(f"{kind} weights {path} cannot be read ({exc}); rerun the {kind} training stage") from exc
+    payload = load_torch_file(path, f"{kind} weights", f"run the {kind} training stage first")
     if isinstance(payload, dict) and payload.get("enabled") is False:
         raise WeightsError(f"{kind} weights {path} were written with model.recover.enabled=false; retrain the "
                            f"{kind} stage with the recover net enabled, or set model.recover.enabled=false here too")
