@@ -34,6 +34,17 @@ def atomic_torch_save(payload, path) -> None:
     tmp.replace(path)
 
 
+def atomic_write_text(path, text: str) -> None:
+    """Write a text file through a temporary file and a rename: readers never see half a file."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def load_torch_file(path, what: str, fix: str):
     """torch.load a stage's file; a missing or unreadable file is a WeightsError naming ``fix``."""
     from pathlib import Path
