@@ -1,12 +1,16 @@
-"""Small helpers shared across the package: devices, seeding, progress."""
+"""Small helpers shared across the package: atomic file writes, torch loads, devices, seeding,
+progress."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import sys
+import tempfile
 import time
-from typing import Iterable, Iterator, TypeVar
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -23,32 +27,43 @@ def sha256_file(path) -> str:
     return digest.hexdigest()
 
 
-def atomic_torch_save(payload, path) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Write a file through ``write(tmp_path)`` and a rename, so a kill never leaves it half-written.
+
+    The temporary file is unique and sits in the target's folder (a rename is atomic only within
+    one file system); it is removed when ``write`` fails. Returns the target path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically (see :func:`atomic_write`); returns the path."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding=encoding))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`); returns the path."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_torch_save(payload, path) -> Path:
     """torch.save through a temporary file and a rename: a kill never leaves a half-written file."""
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
-def atomic_write_text(path, text: str) -> None:
-    """Write a text file through a temporary file and a rename: readers never see half a file."""
-    from pathlib import Path
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_torch_file(path, what: str, fix: str):
     """torch.load a stage's file; a missing or unreadable file is a WeightsError naming ``fix``."""
-    from pathlib import Path
-
     from redi.errors import WeightsError
 
     path = Path(path)
