@@ -1,6 +1,7 @@
 """Frozen pretrained backbones: three feature levels (strides 4/8/16) and one pooled embedding.
 
-``build_backbone(name, weights=None)`` returns a :class:`Backbone`, a frozen ``nn.Module`` that
+``build_backbone(name, weights=None)`` looks ``name`` up in ``BACKBONE_REGISTRY`` (a
+:class:`~redi.registry.Registry`; ``backbone_names()`` lists it) and returns a :class:`Backbone`, a frozen ``nn.Module`` that
 takes RGB images in ``[0, 1]`` (``(B, 3, H, W)``), normalises them itself (registered buffers)
 and returns ``BackboneOutput(features=[f4, f8, f16], embedding)``.
 
@@ -45,6 +46,8 @@ import torch.nn as nn
 from torch import Tensor
 
 from redi.errors import ConfigError, InputError, WeightsError
+from redi.registry import Registry
+from redi.utils import load_torch_file
 
 STRIDES = (4, 8, 16)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,6 +56,9 @@ LITE_MEAN = (0.5, 0.5, 0.5)  # EfficientNet-Lite was trained on [-1, 1] inputs
 LITE_STD = (0.5, 0.5, 0.5)
 _LITE_FEATURE_INDICES = (1, 2, 3)  # timm feature_info indices with reductions 4, 8, 16
 _WRN_DROPPED = ("layer4.", "fc.")  # parts of a full torchvision checkpoint the body does not use
+
+# name -> builder(name, weights) -> Backbone; the one list of backbone names
+BACKBONE_REGISTRY: Registry[Callable[[str, str | Path | None], "Backbone"]] = Registry("backbone", "model.backbone")
 
 
 class BackboneOutput(NamedTuple):
@@ -155,13 +161,8 @@ class _ResNetBody(nn.Module):
 
 def _read_weights_file(path: Path) -> dict[str, Tensor]:
     """Load a state dict (plain, or wrapped under 'state_dict' / 'model') from a file."""
-    if not path.is_file():
-        raise WeightsError(f"weights file {path} does not exist")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many kinds for corrupt / non-torch files
-        raise WeightsError(f"cannot read weights file {path}: {exc}. "
-                           "Give a PyTorch state dict saved with torch.save(model.state_dict(), path).") from exc
+    data = load_torch_file(path, "weights file", "give a PyTorch state dict saved with "
+                           "torch.save(model.state_dict(), path)", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(data, dict) and isinstance(data.get(key), dict):
             data = data[key]
@@ -263,6 +264,10 @@ def _build_lite(name: str, weights: str | Path | None) -> Backbone:
     return Backbone(name, _TimmIntermediates(model, _LITE_FEATURE_INDICES), channels, LITE_MEAN, LITE_STD)
 
 
+for _lite_name in _LITE_SPECS:  # one builder serves every EfficientNet-Lite size
+    BACKBONE_REGISTRY.register(_lite_name)(_build_lite)
+
+
 # ---------------------------------------------------------------------------- WideResNet-50-2
 
 def _wrn_hub_files() -> list[Path]:
@@ -286,6 +291,7 @@ def _wrn_missing_message() -> str:
     )
 
 
+@BACKBONE_REGISTRY.register("wide_resnet50_2")
 def _build_wrn(name: str, weights: str | Path | None) -> Backbone:
     from torchvision.models import wide_resnet50_2
 
@@ -311,23 +317,11 @@ def _build_wrn(name: str, weights: str | Path | None) -> Backbone:
     return Backbone(name, body, (256, 512, 1024), IMAGENET_MEAN, IMAGENET_STD)
 
 
-# ---------------------------------------------------------------------------- registry
+# ---------------------------------------------------------------------------- lookup
 
-_BUILDERS: dict[str, Callable[[str, str | Path | None], Backbone]] = {
-    "efficientnet_lite0": _build_lite,
-    "efficientnet_lite2": _build_lite,
-    "wide_resnet50_2": _build_wrn,
-}
-
-
-def available_backbones() -> tuple[str, ...]:
-    """Names accepted by :func:`build_backbone`."""
-    return tuple(_BUILDERS)
-
-
-def _check_name(name: str, allowed: tuple[str, ...]) -> None:
-    if name not in allowed:
-        raise ConfigError(f"unknown backbone {name!r}; choose one of {list(allowed)} (model.backbone)")
+def backbone_names() -> tuple[str, ...]:
+    """Names accepted by :func:`build_backbone` (the registry's, in registration order)."""
+    return BACKBONE_REGISTRY.names()
 
 
 def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:
@@ -335,11 +329,10 @@ def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:
 
     ``weights`` (a path; ``None`` or ``""`` means the default source) overrides where the weights
     come from: for the EfficientNet-Lite models a checkpoint of the same architecture, for
-    ``wide_resnet50_2`` a torchvision state dict. Raises ConfigError for an unknown name and
-    WeightsError when weights are missing or do not fit.
+    ``wide_resnet50_2`` a torchvision state dict. Raises ConfigError for an unknown name (listing
+    the known ones) and WeightsError when weights are missing or do not fit.
     """
-    _check_name(name, available_backbones())
-    return _BUILDERS[name](name, weights or None)
+    return BACKBONE_REGISTRY.get(name)(name, weights or None)
 
 
 def build_classifier(name: str, weights: str | Path | None = None) -> nn.Module:
@@ -348,7 +341,9 @@ def build_classifier(name: str, weights: str | Path | None = None) -> nn.Module:
     The returned module takes RGB in ``[0, 1]`` like the backbone (it normalises inside) and
     returns ``(B, 1000)`` logits. Used to check that real ImageNet weights were loaded.
     """
-    _check_name(name, tuple(_LITE_SPECS))
+    if name not in _LITE_SPECS:
+        raise ConfigError(f"build_classifier takes an EfficientNet-Lite backbone, one of {list(_LITE_SPECS)}; "
+                          f"got {name!r}")
     model = _lite_classifier(name, weights or None)
     classifier = nn.Sequential(_Normalise(LITE_MEAN, LITE_STD), model)
     classifier.requires_grad_(False)

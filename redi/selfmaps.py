@@ -3,6 +3,7 @@
 The default map is the rendered HOG picture (paper: 9 orientation bins, 8x8-pixel cells), exactly
 as ``skimage.feature.hog(..., visualize=True, channel_axis=-1)`` draws it for the ``uint8`` image.
 Sobel, Roberts and Canny(50, 100) edge maps are the ablation alternatives (paper Table 5).
+``build_selfmap(cfg)`` looks ``cfg.kind`` up in ``SELFMAP_REGISTRY`` (``selfmap_names()`` lists it).
 Every module maps ``(B, 3, H, W)`` float RGB in ``[0, 1]`` to ``(B, 1, H, W)`` float in ``[0, 1]``.
 
 How the HOG picture is made (skimage 0.26, ``skimage/feature/_hog.py`` and ``_hoghistogram.pyx``):
@@ -50,13 +51,21 @@ Edge maps (all on the grey image ``0.299 R + 0.587 G + 0.114 B``, OpenCV's weigh
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from redi.config import SELFMAP_KINDS, SelfMapConfig
 from redi.errors import ConfigError, InputError
+from redi.registry import Registry
+
+if TYPE_CHECKING:  # only for annotations: redi.config may import this module without a cycle
+    from redi.config import SelfMapConfig
+
+# kind -> builder(SelfMapConfig) -> module; the one list of self-map kinds
+SELFMAP_REGISTRY: Registry[Callable[["SelfMapConfig"], nn.Module]] = Registry("self-map kind", "model.selfmap.kind")
 
 EPS = 1e-6  # added to the per-image maximum so that flat images map to 0 instead of NaN
 GREY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as OpenCV's cvtColor(RGB2GRAY)
@@ -390,14 +399,35 @@ class CannyMap(nn.Module):
         return torch.from_numpy(edges.astype(np.float32)).unsqueeze(1).to(x.device)
 
 
+@SELFMAP_REGISTRY.register("hog")
+def _build_hog(cfg: SelfMapConfig) -> nn.Module:
+    return TorchHOG(orientations=int(cfg.hog_orientations), cell=int(cfg.hog_cell))
+
+
+@SELFMAP_REGISTRY.register("sobel")
+def _build_sobel(cfg: SelfMapConfig) -> nn.Module:
+    return SobelMap()
+
+
+@SELFMAP_REGISTRY.register("roberts")
+def _build_roberts(cfg: SelfMapConfig) -> nn.Module:
+    return RobertsMap()
+
+
+@SELFMAP_REGISTRY.register("canny")
+def _build_canny(cfg: SelfMapConfig) -> nn.Module:
+    return CannyMap(low=cfg.canny_low, high=cfg.canny_high)
+
+
+def selfmap_names() -> tuple[str, ...]:
+    """The self-map kinds :func:`build_selfmap` knows (the registry's, in registration order)."""
+    return SELFMAP_REGISTRY.names()
+
+
 def build_selfmap(cfg: SelfMapConfig) -> nn.Module:
-    """The self-map module named by ``cfg.kind`` ('hog', 'sobel', 'roberts' or 'canny')."""
-    if cfg.kind == "hog":
-        return TorchHOG(orientations=int(cfg.hog_orientations), cell=int(cfg.hog_cell))
-    if cfg.kind == "sobel":
-        return SobelMap()
-    if cfg.kind == "roberts":
-        return RobertsMap()
-    if cfg.kind == "canny":
-        return CannyMap(low=cfg.canny_low, high=cfg.canny_high)
-    raise ConfigError(f"model.selfmap.kind {cfg.kind!r} is unknown; choose one of {SELFMAP_KINDS}")
+    """The self-map module named by ``cfg.kind`` (one of :func:`selfmap_names`).
+
+    Raises:
+        ConfigError: the kind is unknown (the message lists the known ones).
+    """
+    return SELFMAP_REGISTRY.get(cfg.kind)(cfg)

@@ -62,17 +62,25 @@ def atomic_torch_save(payload, path) -> Path:
     return atomic_write(path, lambda tmp: torch.save(payload, tmp))
 
 
-def load_torch_file(path, what: str, fix: str):
-    """torch.load a stage's file; a missing or unreadable file is a WeightsError naming ``fix``."""
+def load_torch_file(path, what: str, fix: str, weights_only: bool = False):
+    """torch.load a file onto the CPU; a missing or unreadable file is a WeightsError naming ``fix``.
+
+    Args:
+        path: the file.
+        what: how to name it in the message (e.g. "recover checkpoint").
+        fix: what the user should do (e.g. "rerun the recover stage").
+        weights_only: True for files from outside redi (user-supplied weights): torch then
+            refuses pickled code, and only tensors and plain containers load.
+    """
     from redi.errors import WeightsError
 
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{what} {path} does not exist; {fix}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
-        raise WeightsError(f"{what} {path} cannot be read ({exc}): it is corrupt or not a redi file; {fix}") from exc
+        raise WeightsError(f"{what} {path} cannot be read ({exc}): it is corrupt or not that kind of file; {fix}") from exc
 
 
 def pick_device(name: str = "auto") -> torch.device:

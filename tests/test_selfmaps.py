@@ -9,7 +9,7 @@ from skimage import data, transform
 from skimage.feature import canny
 from skimage.util import img_as_ubyte
 
-from redi.config import SelfMapConfig
+from redi.config import SELFMAP_KINDS, SelfMapConfig
 from redi.errors import ConfigError, InputError
 from redi.selfmaps import (
     CannyMap,
@@ -19,6 +19,7 @@ from redi.selfmaps import (
     build_selfmap,
     hog_image_skimage,
     orientation_bin_table,
+    selfmap_names,
 )
 
 # TorchHOG reproduces skimage up to float32 summation order; measured max ~2.4e-7.
@@ -161,7 +162,8 @@ def test_build_selfmap_dispatch_and_errors() -> None:
     assert isinstance(build_selfmap(SelfMapConfig(kind="roberts")), RobertsMap)
     edges = build_selfmap(SelfMapConfig(kind="canny", canny_low=20, canny_high=40))
     assert isinstance(edges, CannyMap) and (edges.low, edges.high) == (20.0, 40.0)
-    with pytest.raises(ConfigError, match="laplace"):
+    with pytest.raises(ConfigError, match=r"unknown self-map kind 'laplace' \(setting model.selfmap.kind\); "
+                                          r"choose one of \['hog', 'sobel', 'roberts', 'canny'\]"):
         build_selfmap(SelfMapConfig(kind="laplace"))
     with pytest.raises(ConfigError, match="hog_cell"):
         build_selfmap(SelfMapConfig(kind="hog", hog_cell=1))
@@ -192,3 +194,8 @@ def test_cuda_matches_cpu() -> None:
         assert gpu.device.type == "cuda"
         torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=1e-5)
         assert torch.equal(gpu, module(batch.cuda()))  # deterministic on CUDA too
+
+
+def test_registry_kinds_equal_the_config_tuple():
+    """redi.config validates model.selfmap.kind with its own tuple for now: it must not drift."""
+    assert selfmap_names() == SELFMAP_KINDS
