@@ -249,9 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
 
+    from redi.model_cli import add_model_commands
     from redi.monitor_cli import add_monitor_commands
     from redi.pipeline_cli import add_pipeline_commands
 
+    COMMANDS.update(add_model_commands(sub))
     COMMANDS.update(add_monitor_commands(sub))
     COMMANDS.update(add_pipeline_commands(sub))
     return parser

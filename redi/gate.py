@@ -166,12 +166,15 @@ def gate_model(line: str, detector_path: str | Path, metrics_path: str | Path, d
     out_path.write_text(json.dumps(decision, indent=2, default=str))
     files = {"detector.pt": detector_path, "metrics.json": metrics_path, "decision.json": out_path,
              **dict(artifacts or {})}
-    index = publish_version(store, line, version, files, {"promote": decision["promote"], "info": dict(info or {})})
+    index = publish_version(store, line, version, files,
+                            {"promote": decision["promote"], "reasons": decision["reasons"],
+                             "metrics": decision["candidate_metrics"], "info": dict(info or {})})
     decision["version_prefix"] = store.uri(version_key(line, version))
     decision["n_files_uploaded"] = len(index["files"])
     if decision["promote"]:
         decision["pointer"] = promote(store, line, version, {"metrics": decision["candidate_metrics"],
-                                                             "reasons": decision["reasons"]})
+                                                             "reasons": decision["reasons"]},
+                                      by="gate", reason="; ".join(decision["reasons"]))
     out_path.write_text(json.dumps(decision, indent=2, default=str))
     verdict = "PROMOTED" if decision["promote"] else "REFUSED"
     print(f"[gate] {line} {version}: {verdict}: " + "; ".join(decision["reasons"]), file=sys.stderr, flush=True)

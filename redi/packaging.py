@@ -1,9 +1,13 @@
-"""BentoML packaging of a promoted detector (see "Packaging and serving contract" in
+"""BentoML packaging of the production detectors (see "Packaging and serving contract" in
 docs/architecture.md).
 
-- :func:`save_to_bentoml` puts ``detector.pt`` into the BentoML model store as model
-  ``redi-<line>`` with labels ``{"redi": "detector", "line": <line>}``;
-- :func:`build_bento` runs ``bentoml build`` on ``serving/bentofile.yaml``.
+- :func:`save_to_bentoml` puts a ``detector.pt`` into the BentoML model store as model
+  ``redi-<line>:<model version>`` with labels ``{"redi": "detector", "line": <line>}`` and its
+  sha256 in the metadata (the service checks it when it loads the model);
+- :func:`build_production_bento` takes every line's PRODUCTION version from the object store (the
+  production pointer: the one place that decides what a line serves), stores each in BentoML and
+  runs ``bentoml build`` with those models pinned (the bentofile's ``models:``, BentoML's own model
+  references), so the Bento is self-contained: ``bentoml containerize`` packs exactly those models.
 
 BentoML reads ``BENTOML_HOME`` (the store's folder, default ``~/bentoml``) when it is first
 imported, so callers that want another store set the variable before calling either function;
@@ -58,29 +62,91 @@ def _plain(values: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (values or {}).items() if isinstance(v, (str, int, float, bool))}
 
 
-def save_to_bentoml(detector_path: str | Path, line: str, metrics: Mapping[str, Any] | None = None) -> str:
-    """Put a promoted ``detector.pt`` into the BentoML model store as ``redi-<line>``; return the tag.
+def save_to_bentoml(detector_path: str | Path, line: str, metrics: Mapping[str, Any] | None = None,
+                    version: str | None = None, extra: Mapping[str, Any] | None = None) -> str:
+    """Put a ``detector.pt`` into the BentoML model store as ``redi-<line>:<version>``; return the tag.
 
-    The model folder holds ``detector.pt``; labels ``{"redi": "detector", "line": line}``;
-    metadata: model version, profile, backbone, image size, threshold and the (scalar) metrics.
+    Idempotent: when that tag is already stored with the same sha256, nothing is written again.
+
+    Args:
+        version: the tag's version (default: BentoML generates one); a production model uses its
+            store version so the Bento names what the pointer named.
+        extra: further scalar metadata (e.g. ``promoted``, ``promoted_by``).
     """
     os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
     import bentoml
 
     from redi.models.detector import read_artifact
+    from redi.utils import sha256_file
 
     detector_path = Path(detector_path)
+    digest = sha256_file(detector_path)
+    name = model_name(line)
+    tag = f"{name}:{version.lower()}" if version else None
+    if tag:
+        try:
+            existing = bentoml.models.get(tag)
+        except bentoml.exceptions.NotFound:
+            existing = None
+        if existing is not None:
+            if (existing.info.metadata or {}).get("sha256") != digest:
+                raise PackagingError(f"BentoML model {tag} exists with other content than {detector_path}; "
+                                     f"delete it (`bentoml models delete {tag}`) or use another version")
+            return str(existing.tag)
     payload = read_artifact(detector_path)
     meta = payload.get("metadata", {})
     config = payload.get("config", {})
-    metadata = {"model_version": str(meta.get("version", "")), "profile": str(meta.get("profile", "")),
-                "backbone": str(meta.get("backbone", "")), "line": line,
+    metadata = {"model_version": str(version or meta.get("version", "")), "profile": str(meta.get("profile", "")),
+                "backbone": str(meta.get("backbone", "")), "line": line, "sha256": digest,
                 "image_size": int(config.get("data", {}).get("image_size", 0)),
-                "created": str(meta.get("created", "")), "metrics": _plain(metrics)}
-    with bentoml.models.create(model_name(line), labels={"redi": "detector", "line": line},
+                "created": str(meta.get("created", "")), "metrics": _plain(metrics), **_plain(extra)}
+    with bentoml.models.create(tag or name, labels={"redi": "detector", "line": line},
                                metadata=metadata) as model:
         shutil.copyfile(detector_path, model.path_of("detector.pt"))
     return str(model.tag)
+
+
+def build_production_bento(store: Any, lines: list[str] | None = None, bentoml_home: str | Path | None = None,
+                           version: str | None = None, timeout_s: float = 900.0) -> dict[str, Any]:
+    """Build a Bento that pins every line's production model (from the store's production pointers).
+
+    Args:
+        store: a ``redi.storage.ObjectStore``.
+        lines: the lines to include (default: every line with a production pointer).
+
+    Returns:
+        ``{"bento_tag": ..., "models": {line: model tag}, "versions": {line: version}}``.
+
+    Raises:
+        PackagingError: no line has a production model, or ``bentoml build`` failed.
+    """
+    import tempfile
+
+    import yaml
+
+    from redi.storage import fetch_production_detector, production_lines
+
+    lines = lines or production_lines(store)
+    if not lines:
+        raise PackagingError(f"{store!r} holds no production model; nothing to put into a Bento")
+    models, versions = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for line in lines:
+            fetched = fetch_production_detector(store, line, Path(tmp) / f"{line}.pt")  # hash checked
+            if fetched is None:
+                raise PackagingError(f"line {line!r} has no production model in {store!r}")
+            path, pointer = fetched
+            models[line] = save_to_bentoml(path, line, pointer.get("metrics"), version=str(pointer["version"]),
+                                           extra={"promoted": pointer.get("promoted", ""),
+                                                  "promoted_by": pointer.get("by", "")})
+            versions[line] = str(pointer["version"])
+        spec = yaml.safe_load(DEFAULT_BENTOFILE.read_text())
+        spec["models"] = [models[line] for line in sorted(models)]
+        spec.setdefault("labels", {}).update({f"line.{line}": versions[line][:63] for line in versions})
+        bentofile = Path(tmp) / "bentofile.yaml"
+        bentofile.write_text(yaml.safe_dump(spec, sort_keys=False))
+        bento_tag = build_bento(bentofile, PROJECT_ROOT, version, bentoml_home, timeout_s)
+    return {"bento_tag": bento_tag, "models": models, "versions": versions}
 
 
 def _bentoml_command() -> list[str]:

@@ -13,7 +13,7 @@ Two stores with one interface:
 ``REDI_S3_BUCKET``    bucket (default ``redi``; created when missing)
 ``REDI_S3_SECURE``    ``true`` for HTTPS (default: from the URL scheme, else false)
 ``REDI_S3_REGION``    optional region
-``REDI_STORE_DIR``    folder of the local store (default ``runs/store``)
+``REDI_STORE_DIR``    folder of the local store (default ``runs/pipeline/store``, the demo's)
 ==================  ==========================================================================
 
 Layout (keys are ``/``-separated, the same in both stores)::
@@ -47,7 +47,7 @@ from redi.errors import RediError
 from redi.utils import sha256_file
 
 DEFAULT_BUCKET = "redi"
-DEFAULT_LOCAL_DIR = "runs/store"
+DEFAULT_LOCAL_DIR = "runs/pipeline/store"  # the local pipeline's store (its workdir is runs/pipeline)
 INDEX_NAME = "index.json"
 POINTER_NAME = "production.json"
 
@@ -273,16 +273,24 @@ class S3Store(ObjectStore):
         return f"S3Store({self.describe()})"
 
 
-def store_from_env(env: Mapping[str, str] | None = None, local_root: str | Path | None = None) -> ObjectStore:
+def store_from_env(env: Mapping[str, str] | None = None, local_root: str | Path | None = None,
+                   require_remote: bool = False) -> ObjectStore:
     """The store the environment configures: S3 when ``REDI_S3_ENDPOINT`` is set, else a local folder.
 
     Args:
         env: the variables to read (default ``os.environ``).
-        local_root: folder of the local store; default ``REDI_STORE_DIR`` or ``runs/store``.
+        local_root: folder of the local store; default ``REDI_STORE_DIR`` or ``runs/pipeline/store``.
+        require_remote: cluster mode: no local fallback. A missing ``REDI_S3_ENDPOINT`` (or key) is
+            an error naming the setting, and an unreachable server fails here, before any work.
     """
     env = os.environ if env is None else env
     endpoint = env.get("REDI_S3_ENDPOINT", "").strip()
     if not endpoint:
+        if require_remote:
+            raise StorageError("REDI_S3_ENDPOINT is not set, and this step runs in cluster mode, where the object "
+                               "store is required (a local folder inside a pod would be an empty production and "
+                               "would be lost): give the step REDI_S3_ENDPOINT, REDI_S3_ACCESS_KEY and "
+                               "REDI_S3_SECRET_KEY (the line's pipeline.store_secret Kubernetes secret)")
         return LocalStore(local_root or env.get("REDI_STORE_DIR") or DEFAULT_LOCAL_DIR)
     access, secret = env.get("REDI_S3_ACCESS_KEY", ""), env.get("REDI_S3_SECRET_KEY", "")
     if not access or not secret:
@@ -372,20 +380,113 @@ def production_record(store: ObjectStore, line: str) -> dict[str, Any] | None:
     return store.get_json(f"{line_prefix(line)}/{POINTER_NAME}")
 
 
-def promote(store: ObjectStore, line: str, version: str, record: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Point the line's production at ``version``: verify it, record the promotion, move the pointer last."""
+def actor() -> str:
+    """Who is acting, for audit records: ``user@host`` of this process."""
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = os.environ.get("USER") or "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def detector_sha256(index: Mapping[str, Any]) -> str | None:
+    """The sha256 of a version's ``detector.pt`` as its index recorded it."""
+    return next((e["sha256"] for e in index.get("files", []) if e["name"] == "detector.pt"), None)
+
+
+def check_promotable(store: ObjectStore, line: str, version: str, verify_hash: bool = True) -> dict[str, Any]:
+    """The version's index, after every check a promotion or rollback must pass.
+
+    - the upload is complete (:func:`verify_version`: every file there, right sizes);
+    - the gate passed it (its index records ``promote: true``): a refused model is never served;
+    - with ``verify_hash``, the stored ``detector.pt`` has the sha256 the index recorded.
+
+    Raises:
+        StorageError: a check failed; the message says which and what to do.
+    """
     index = verify_version(store, line, version)
+    if (index.get("info") or {}).get("promote") is not True:
+        raise StorageError(f"version {version} of line {line!r} was refused by the gate (or never gated), so it "
+                           f"cannot be promoted: a refused model is never served. Train a better model, or see "
+                           f"`redi model show --line {line} --version {version}` for the gate's reasons")
+    expected = detector_sha256(index)
+    if not expected:
+        raise StorageError(f"version {version} of line {line!r} has no detector.pt; it cannot be served")
+    if verify_hash:
+        with tempfile.TemporaryDirectory() as tmp:
+            got = sha256_file(store.get_file(version_key(line, version, "detector.pt"), Path(tmp) / "detector.pt"))
+        if got != expected:
+            raise StorageError(f"{store.uri(version_key(line, version, 'detector.pt'))} has sha256 {got[:12]}..., "
+                               f"not the {expected[:12]}... its index recorded: the object was changed or "
+                               f"corrupted; upload version {version} again")
+    return index
+
+
+def promote(store: ObjectStore, line: str, version: str, record: Mapping[str, Any] | None = None, *,
+            action: str = "promote", by: str = "", reason: str = "", verify_hash: bool = True) -> dict[str, Any]:
+    """Point the line's production at ``version``: check it, write the audit record, move the pointer last.
+
+    Args:
+        record: extra fields kept in the pointer (metrics, gate reasons, ...).
+        action: ``promote`` or ``rollback`` (recorded).
+        by, reason: who acts and why (recorded; ``by`` defaults to :func:`actor`).
+        verify_hash: download the detector and compare its sha256 with the index (see
+            :func:`check_promotable`).
+
+    Returns:
+        the new pointer (``version``, ``detector`` key, ``sha256``, ``promoted``, ``by``, ``reason``, ...).
+    """
+    index = check_promotable(store, line, version, verify_hash)
     previous = production_record(store, line)
     now = _dt.datetime.now(_dt.timezone.utc)
     names = {entry["name"]: entry["key"] for entry in index["files"]}
     pointer = {**dict(record or {}),  # extra fields first: they never override the pointer's own
                "line": line, "version": version, "index": version_key(line, version, INDEX_NAME),
-               "detector": names.get("detector.pt"), "files": names,
-               "promoted": now.isoformat(timespec="seconds"),
-               "previous_version": previous.get("version") if previous else None}
+               "detector": names.get("detector.pt"), "sha256": detector_sha256(index), "files": names,
+               "promoted": now.isoformat(timespec="seconds"), "action": action, "by": by or actor(),
+               "reason": reason, "previous_version": previous.get("version") if previous else None}
+    # the audit record is written before the switch: no production change without its record
     store.put_json(f"{line_prefix(line)}/promotions/{now.strftime('%Y%m%dT%H%M%S%f')}-{version}.json", pointer)
     store.put_json(f"{line_prefix(line)}/{POINTER_NAME}", pointer)  # the single atomic switch
     return pointer
+
+
+def promotion_history(store: ObjectStore, line: str) -> list[dict[str, Any]]:
+    """Every promotion and rollback of a line (the audit records), oldest first."""
+    prefix = f"{line_prefix(line)}/promotions/"
+    return [record for key in store.list(prefix) if key.endswith(".json")
+            if (record := store.get_json(key)) is not None]
+
+
+def rollback(store: ObjectStore, line: str, version: str | None = None, *, by: str = "",
+             reason: str = "") -> dict[str, Any]:
+    """Put back an earlier production model: ``version``, or the one served before the current one.
+
+    The target goes through the same checks as a promotion (:func:`check_promotable`).
+    """
+    current = production_record(store, line)
+    if current is None:
+        raise StorageError(f"line {line!r} has no production model in {store!r}: nothing to roll back")
+    if version is None:
+        earlier = [r["version"] for r in promotion_history(store, line) if r.get("version") != current["version"]]
+        if not earlier:
+            raise StorageError(f"line {line!r} has had no production model other than {current['version']}: "
+                               f"nothing to roll back to; name a version with --version")
+        version = earlier[-1]
+    if version == current["version"]:
+        raise StorageError(f"version {version} is already line {line!r}'s production model")
+    target = version_index(store, line, version) or {}
+    metrics = ((target.get("info") or {}).get("metrics")) or {}
+    return promote(store, line, version, {"metrics": metrics}, action="rollback", by=by, reason=reason)
+
+
+def production_lines(store: ObjectStore) -> list[str]:
+    """Every line that has a production pointer."""
+    return sorted({key.split("/")[1] for key in store.list("lines/") if key.endswith("/" + POINTER_NAME)
+                   and key.count("/") == 2})
 
 
 def fetch_file(store: ObjectStore, key: str, dest: str | Path) -> Path:
@@ -394,19 +495,48 @@ def fetch_file(store: ObjectStore, key: str, dest: str | Path) -> Path:
 
 
 def fetch_production_detector(store: ObjectStore, line: str, dest: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """Download the line's production detector to ``dest``; None when the line has no production model."""
+    """Download the line's production detector to ``dest`` and check its sha256; None when the line has none.
+
+    Raises:
+        StorageError: the pointer names no detector, or the downloaded file's hash differs from the
+            one recorded at promotion (the file is then removed).
+    """
     pointer = production_record(store, line)
     if pointer is None:
         return None
     if not pointer.get("detector"):
         raise StorageError(f"the production pointer of line {line!r} names no detector.pt; promote a version again")
-    return fetch_file(store, pointer["detector"], dest), pointer
+    path = fetch_file(store, pointer["detector"], dest)
+    expected = pointer.get("sha256")
+    if expected and sha256_file(path) != expected:
+        path.unlink()
+        raise StorageError(f"{store.uri(pointer['detector'])} (production of line {line!r}, version "
+                           f"{pointer['version']}) does not have the sha256 recorded at promotion; it was "
+                           f"changed after promotion. Promote or roll back to a verified version")
+    return path, pointer
 
 
 def list_versions(store: ObjectStore, line: str) -> list[str]:
     """Versions of a line whose upload completed (those with an index), oldest first by name."""
     prefix = f"{line_prefix(line)}/versions/"
     return sorted({k[len(prefix):].split("/")[0] for k in store.list(prefix) if k.endswith("/" + INDEX_NAME)})
+
+
+def version_summary(store: ObjectStore, line: str, version: str,
+                    production: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What ``redi model list/show`` tells of a version: gate decision, metrics, hash, production flag."""
+    index = version_index(store, line, version)
+    if index is None:
+        raise StorageError(f"line {line!r} has no complete version {version!r} in {store!r}; "
+                           f"`redi model list --line {line}` lists the versions")
+    info = index.get("info") or {}
+    production = production_record(store, line) if production is None else production
+    return {"version": version, "uploaded": index.get("uploaded"),
+            "gate": "passed" if info.get("promote") is True else "refused",
+            "reasons": info.get("reasons", []), "metrics": info.get("metrics", {}),
+            "detector_sha256": detector_sha256(index), "files": len(index.get("files", [])),
+            "data_revision": (info.get("info") or {}).get("data_revision", ""),
+            "production": bool(production and production.get("version") == version)}
 
 
 def iter_keys(store: ObjectStore, line: str) -> Iterable[str]:

@@ -7,7 +7,9 @@ Endpoints (all POST, as BentoML APIs are):
 - ``/predict`` (multipart: ``image`` file, ``line``; optional ``return_map``, ``return_overlay``,
   ``return_regions``): anomaly score, decision, threshold, model version, latency, and on request
   the coloured anomaly map / overlay as base64 PNG and the defect regions' bounding boxes.
-- ``/metadata``: served lines, model tags and versions, thresholds, evaluation metrics, limits.
+- ``/metadata``: served lines, model versions, sha256, source, thresholds, evaluation metrics, limits.
+- ``/admin/reload``: check the production pointers now and swap in any line whose version moved
+  (store source; requests in flight finish on the model they started with). Needs the API key.
 - ``/score_batch``: internal. ``/predict`` decodes and checks one upload, parks the tensor in this
   worker's memory under a random token and calls ``score_batch([token])`` through BentoML's
   in-process self-proxy, so BentoML's adaptive batching groups concurrent requests into one
@@ -15,21 +17,35 @@ Endpoints (all POST, as BentoML APIs are):
   worker that made it, so calling this route from outside yields nothing.
 - BentoML's own ``/livez`` and ``/readyz`` (ready once every detector is loaded) and ``/metrics``.
 
+What each line serves is decided in ONE place, its production pointer (``redi.storage``; moved by
+the gate, ``redi model promote`` and ``redi model rollback``). ``serving/model_source.py`` resolves it:
+from the object store (live: polled, and ``/admin/reload``), or from the models a built Bento pins.
+
 Configuration (environment variables, read when a worker starts):
 
-=========================  ===========================================================  =========
-``REDI_LINES``             comma-separated lines to serve (default: every model labelled  all
-                           ``redi=detector`` in the model store; latest version of each)
-``REDI_API_KEY``           when set, ``/predict`` and ``/metadata`` need header            unset
-                           ``X-API-Key: <key>`` (or ``Authorization: Bearer <key>``)
-``REDI_MAX_UPLOAD_BYTES``  larger uploads get 413                                         20 MiB
-``REDI_MAX_PIXELS``        images with more pixels get 413 (checked before decoding)      40 M
-``REDI_LOG_DIR``           production log folder (see ``redi.monitoring.ProductionLog``)  ``production_logs``
-``REDI_DEVICE``            ``auto``, ``cpu`` or ``cuda``                                  auto
-``REDI_MAX_BATCH_SIZE``    adaptive batching: largest batch                               16
-``REDI_MAX_LATENCY_MS``    adaptive batching: latency budget of a batch                   30000
-``REDI_WORKERS``           worker processes (each loads every detector)                   1
-=========================  ===========================================================  =========
+===========================  =========================================================  =========
+``REDI_MODEL_SOURCE``        ``store`` (production pointers in the object store),        auto
+                             ``bento`` (the models pinned in the running Bento) or
+                             ``auto`` (bento inside a built Bento, else store when one
+                             is configured, else an error naming the settings)
+``REDI_S3_*``,               the object store (see ``redi.storage``)                      unset
+``REDI_STORE_DIR``
+``REDI_LINES``               comma-separated lines to serve (default: every line with a  all
+                             production pointer / every model in the Bento)
+``REDI_RELOAD_INTERVAL_S``   store source: seconds between checks of the pointers        30
+                             (0: only ``/admin/reload``)
+``REDI_MODEL_CACHE``         store source: folder of downloaded, hash-checked models     tmp dir
+``REDI_API_KEY``             when set, every route except the public ones (health,        unset
+                             metrics, API docs) needs ``X-API-Key: <key>`` (or
+                             ``Authorization: Bearer <key>``): deny by default
+``REDI_MAX_UPLOAD_BYTES``    larger uploads get 413                                      20 MiB
+``REDI_MAX_PIXELS``          images with more pixels get 413 (checked before decoding)   40 M
+``REDI_LOG_DIR``             production log folder (``redi.monitoring.ProductionLog``)   ``production_logs``
+``REDI_DEVICE``              ``auto``, ``cpu`` or ``cuda``                               auto
+``REDI_MAX_BATCH_SIZE``      adaptive batching: largest batch                            16
+``REDI_MAX_LATENCY_MS``      adaptive batching: latency budget of a batch                30000
+``REDI_WORKERS``             worker processes (each loads every detector)                1
+===========================  =========================================================  =========
 
 Every bad request gets a 4xx JSON ``{"error": message, "status": code}`` and the service goes on:
 401/403 missing/wrong key, 404 unknown line, 400 unreadable or non-image upload, 413 upload or
@@ -46,6 +62,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 import time
 import uuid
@@ -59,15 +76,21 @@ import numpy as np
 import torch
 from starlette.responses import JSONResponse
 
-from redi.errors import ImageReadError, InputError, RediError, WeightsError
+from redi.errors import ImageReadError, InputError, RediError
 from redi.images import decode_rgb
 from redi.models.detector import Detector, load_detector
 from redi.monitoring import ProductionLog, image_feature_row
 from redi.utils import pick_device
+from serving.model_source import ModelRef, StoreModels, bento_models, choose_source
 
-MODEL_LABEL = {"redi": "detector"}
-OPEN_PREFIXES = ("/livez", "/readyz", "/healthz", "/metrics", "/score_batch", "/docs", "/static", "/schema")
-PROTECTED_PATHS = ("/predict", "/metadata")
+# Deny by default: with REDI_API_KEY set, every route needs the key except these, declared public.
+PUBLIC_PATHS = frozenset({
+    "/", "/livez", "/readyz", "/healthz",  # health checks (orchestrators probe without keys)
+    "/metrics",  # Prometheus scrapes
+    "/docs.json", "/schema.json",  # the API's description, no data
+    "/score_batch",  # internal batch route: its tokens are valid only inside the worker that made them
+})
+PUBLIC_PREFIXES = ("/static_content/", "/assets/")
 MULTIPART_SLACK = 64 * 1024  # form boundaries and fields around the file
 SELF_CALL_ATTEMPTS = 4
 BATCH_WAIT_S = 300.0
@@ -99,10 +122,20 @@ class ServingSettings:
     max_pixels: int = 40_000_000
     log_dir: Path = Path("production_logs")
     device: str = "auto"
+    model_source: str = "auto"
+    reload_interval_s: float = 30.0
+    model_cache: Path | None = None
 
     @classmethod
     def from_env(cls) -> "ServingSettings":
         """Read every ``REDI_*`` setting."""
+        interval = os.environ.get("REDI_RELOAD_INTERVAL_S", "").strip()
+        try:
+            reload_interval_s = float(interval) if interval else 30.0
+        except ValueError as exc:
+            raise RediError(f"REDI_RELOAD_INTERVAL_S={interval!r} is not a number of seconds (0 turns polling "
+                            f"off)") from exc
+        cache = os.environ.get("REDI_MODEL_CACHE", "").strip()
         return cls(
             lines=[x.strip() for x in os.environ.get("REDI_LINES", "").split(",") if x.strip()],
             api_key=os.environ.get("REDI_API_KEY", ""),
@@ -110,6 +143,9 @@ class ServingSettings:
             max_pixels=_env_int("REDI_MAX_PIXELS", 40_000_000),
             log_dir=Path(os.environ.get("REDI_LOG_DIR", "production_logs")),
             device=os.environ.get("REDI_DEVICE", "auto"),
+            model_source=os.environ.get("REDI_MODEL_SOURCE", "auto").strip() or "auto",
+            reload_interval_s=max(0.0, reload_interval_s),
+            model_cache=Path(cache) if cache else None,
         )
 
 
@@ -118,12 +154,19 @@ class ServedLine:
     """One line's loaded detector and what the metadata endpoint tells about it."""
 
     line: str
-    tag: str
+    ref: ModelRef
     detector: Detector
-    version: str
     threshold: float
-    metrics: dict[str, Any]
-    created: str
+
+    @property
+    def version(self) -> str:
+        """The model version (the production pointer's)."""
+        return self.ref.version
+
+    @property
+    def tag(self) -> str:
+        """Where the model came from: its store key or BentoML tag."""
+        return self.ref.tag
 
 
 class RequestError(Exception):
@@ -135,54 +178,19 @@ class RequestError(Exception):
         self.message = message
 
 
-# ----------------------------------------------------------------------------- the model store
-def find_models(lines: list[str] | None = None) -> dict[str, bentoml.Model]:
-    """The latest model of each line: those named in ``lines``, else every ``redi=detector`` model.
-
-    Raises:
-        WeightsError: a named line has no model, or the store holds no redi model at all.
-    """
-    if lines:
-        found = {}
-        for line in lines:
-            try:
-                found[line] = bentoml.models.get(f"redi-{line}".lower() + ":latest")
-            except bentoml.exceptions.NotFound as exc:
-                raise WeightsError(f"line {line!r} (from REDI_LINES) has no model redi-{line.lower()} in the BentoML model "
-                                   f"store; package it with redi.packaging.save_to_bentoml or fix REDI_LINES") from exc
-        return found
-    latest: dict[str, bentoml.Model] = {}
-    for model in bentoml.models.list():
-        labels = model.info.labels or {}
-        if any(labels.get(k) != v for k, v in MODEL_LABEL.items()):
-            continue
-        line = str(labels.get("line") or model.tag.name.removeprefix("redi-"))
-        if line not in latest or model.creation_time > latest[line].creation_time:
-            latest[line] = model
-    if not latest:
-        raise WeightsError("the BentoML model store holds no model labelled redi=detector; package a trained "
-                           "detector with redi.packaging.save_to_bentoml (or check BENTOML_HOME)")
-    return latest
-
-
-def load_line(line: str, model: bentoml.Model, device: torch.device) -> ServedLine:
-    """Load a store model's ``detector.pt`` and collect its metadata."""
-    detector = load_detector(model.path_of("detector.pt"), device)
-    meta = dict(model.info.metadata or {})
-    metrics = meta.get("metrics") or {}
-    if isinstance(metrics, str):  # stored as JSON text by some packagers
-        try:
-            metrics = json.loads(metrics)
-        except ValueError:
-            metrics = {"raw": metrics}
-    threshold = float(detector.threshold)
-    return ServedLine(line=line, tag=str(model.tag), detector=detector,
-                      version=str(meta.get("model_version") or meta.get("version") or detector.metadata.get("version")
-                                  or model.tag.version),
-                      threshold=threshold, metrics=metrics, created=model.creation_time.isoformat())
+# ----------------------------------------------------------------------------- models
+def load_served(ref: ModelRef, device: torch.device) -> ServedLine:
+    """Load a resolved (hash-checked) production model."""
+    detector = load_detector(ref.path, device)
+    return ServedLine(line=ref.line, ref=ref, detector=detector, threshold=float(detector.threshold))
 
 
 # ----------------------------------------------------------------------------- key and size guard
+def is_public(path: str) -> bool:
+    """Whether a route is declared public (everything else needs the API key when one is set)."""
+    return path in PUBLIC_PATHS or path.rstrip("/") in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
 class GuardMiddleware:
     """ASGI middleware: API key on the public APIs, and refusal of oversized bodies by Content-Length.
 
@@ -195,7 +203,7 @@ class GuardMiddleware:
         self.settings = ServingSettings.from_env()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope.get("type") != "http" or not scope.get("path", "").startswith(PROTECTED_PATHS):
+        if scope.get("type") != "http" or is_public(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -239,13 +247,70 @@ class RediService:
 
     def __init__(self) -> None:
         self.settings = ServingSettings.from_env()
-        device = pick_device(self.settings.device)
-        self.lines = {line: load_line(line, model, device)
-                      for line, model in find_models(self.settings.lines or None).items()}
+        self.device = pick_device(self.settings.device)
+        self.source = choose_source(self.settings.model_source, getattr(RediService, "bento", None))
+        self.store_models: StoreModels | None = None
+        if self.source == "store":
+            cache = self.settings.model_cache or Path(tempfile.gettempdir()) / "redi-model-cache"
+            self.store_models = StoreModels.from_env(cache, self.settings.lines)
+            refs = [self.store_models.resolve(line) for line in self.store_models.lines()]
+        else:
+            refs = [r for r in bento_models(RediService.bento) if not self.settings.lines or r.line in self.settings.lines]
+        # replaced as a whole on reload (never mutated), so a request holds one consistent model
+        self.lines: dict[str, ServedLine] = {ref.line: load_served(ref, self.device) for ref in refs}
+        self.reload_status: dict[str, Any] = {"checked": None, "errors": {}}
+        self._reload_lock = threading.Lock()
         self.log = ProductionLog(self.settings.log_dir)
-        self._parked: dict[str, tuple[str, torch.Tensor, threading.Event]] = {}
+        self._parked: dict[str, tuple[ServedLine, torch.Tensor, threading.Event]] = {}
         self._results: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()  # the two dicts are touched from the event loop and the batch thread
+        if self.store_models is not None and self.settings.reload_interval_s > 0:
+            threading.Thread(target=self._poll_pointers, name="redi-reload", daemon=True).start()
+
+    # -- following the production pointers ----------------------------------------------------
+    def reload(self) -> dict[str, Any]:
+        """Swap in every line whose production pointer moved; return what changed.
+
+        A new model is loaded before it replaces the old one, so requests never wait for a load,
+        and requests in flight finish on the model they started with. A line whose new model
+        cannot be loaded (unreachable store, hash mismatch) keeps serving its current model and
+        the error is reported in ``/metadata`` and the log.
+        """
+        if self.store_models is None:
+            return {"source": self.source, "changed": {}, "errors": {},
+                    "note": "a Bento serves the models it pins; build a new Bento to change them"}
+        changed, errors = {}, {}
+        with self._reload_lock:  # the poll thread and /admin/reload never load the same model twice
+            try:
+                lines = self.store_models.lines()
+            except RediError as exc:
+                lines, errors["*"] = list(self.lines), str(exc)
+            for line in lines:
+                try:
+                    current = self.lines.get(line)
+                    if current is not None and self.store_models.production_version(line) == current.version:
+                        continue
+                    served = load_served(self.store_models.resolve(line), self.device)
+                    self.lines = {**self.lines, line: served}
+                    changed[line] = {"from": current.version if current else None, "to": served.version}
+                    LOG.warning("line %s now serves %s (was %s)", line, served.version,
+                                current.version if current else "nothing")
+                except Exception as exc:  # keep serving the current model; say why
+                    errors[line] = f"{type(exc).__name__}: {exc}"
+                    LOG.error("line %s: cannot load its production model, still serving %s: %s", line,
+                              self.lines[line].version if line in self.lines else "nothing", exc)
+            self.reload_status = {"checked": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                  "errors": errors}
+        return {"source": self.source, "changed": changed, "errors": errors,
+                "versions": {name: s.version for name, s in sorted(self.lines.items())}}
+
+    def _poll_pointers(self) -> None:
+        while True:
+            time.sleep(self.settings.reload_interval_s)
+            try:
+                self.reload()
+            except Exception:  # the poll thread must outlive any one failure
+                LOG.exception("checking the production pointers failed")
 
     # -- the batched model call ---------------------------------------------------------------
     @bentoml.api(batchable=True, max_batch_size=_env_int("REDI_MAX_BATCH_SIZE", 16),
@@ -254,14 +319,15 @@ class RediService:
         """Internal: score the parked inputs named by ``tokens`` in one batch per line."""
         with self._lock:
             items = [(t, self._parked.pop(t, None)) for t in tokens]
-        by_line: dict[str, list[tuple[str, torch.Tensor, threading.Event]]] = {}
+        # grouped by the model object each request started with (a reload may swap a line mid-batch)
+        by_model: dict[int, tuple[ServedLine, list[tuple[str, torch.Tensor, threading.Event]]]] = {}
         for token, item in items:
             if item is not None:
-                by_line.setdefault(item[0], []).append((token, item[1], item[2]))
+                by_model.setdefault(id(item[0]), (item[0], []))[1].append((token, item[1], item[2]))
         scored = set()
-        for line, group in by_line.items():
+        for served, group in by_model.values():
             try:
-                out = self.lines[line].detector.predict(torch.cat([tensor for _, tensor, _ in group]))
+                out = served.detector.predict(torch.cat([tensor for _, tensor, _ in group]))
                 with self._lock:
                     for i, (token, _, _) in enumerate(group):
                         self._results[token] = {"score": float(out.score[i]),
@@ -299,11 +365,11 @@ class RediService:
         if min_region_area < 1:
             raise RequestError(422, f"min_region_area must be at least 1, got {min_region_area}")
         rgb, tensor = await asyncio.to_thread(self._decode, image, served.detector)
-        result = await self._score(line, tensor)
+        result = await self._score(served, tensor)
         return await asyncio.to_thread(self._respond, served, rgb, result, return_map, return_overlay,
                                        return_regions, min_region_area, started)
 
-    async def _score(self, line: str, tensor: torch.Tensor) -> dict[str, Any]:
+    async def _score(self, served: ServedLine, tensor: torch.Tensor) -> dict[str, Any]:
         """Park the input, have the batchable API score it, and collect this request's result.
 
         The self-proxy's in-process HTTP connection can drop under concurrency (aiohttp
@@ -312,7 +378,7 @@ class RediService:
         """
         token, done = uuid.uuid4().hex, threading.Event()
         with self._lock:
-            self._parked[token] = (line, tensor, done)
+            self._parked[token] = (served, tensor, done)
         try:
             for attempt in range(1, SELF_CALL_ATTEMPTS + 1):
                 try:
@@ -407,17 +473,26 @@ class RediService:
 
     @bentoml.api(route="/metadata")
     def metadata(self) -> dict:
-        """Served lines with model tag, version, threshold, input size, backbone and evaluation metrics."""
+        """Served lines with version, sha256, source, promotion, threshold, input size and evaluation metrics."""
         return {
+            "source": self.source,
             "lines": {
-                name: {"model_tag": s.tag, "model_version": s.version, "threshold": s.threshold,
+                name: {"model_version": s.version, "model_tag": s.tag, "sha256": s.ref.sha256,
+                       "promoted": s.ref.promoted, "promoted_by": s.ref.promoted_by, "threshold": s.threshold,
                        "image_size": s.detector.image_size, "backbone": s.detector.metadata.get("backbone"),
-                       "profile": s.detector.metadata.get("profile"), "created": s.created, "metrics": s.metrics}
+                       "profile": s.detector.metadata.get("profile"), "metrics": s.ref.metrics}
                 for name, s in sorted(self.lines.items())},
+            "reload": {"interval_s": self.settings.reload_interval_s if self.store_models else None,
+                       **self.reload_status},
             "limits": {"max_upload_bytes": self.settings.max_upload_bytes, "max_pixels": self.settings.max_pixels},
             "api_key_required": bool(self.settings.api_key),
             "production_log": str(self.settings.log_dir),
         }
+
+    @bentoml.api(route="/admin/reload")
+    async def admin_reload(self) -> dict:
+        """Check the production pointers now and swap in moved lines (see :meth:`reload`)."""
+        return await asyncio.to_thread(self.reload)
 
 
 RediService.add_asgi_middleware(GuardMiddleware)

