@@ -27,8 +27,11 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from redi.errors import DatasetError, ImageReadError, InputError
@@ -208,34 +211,89 @@ def decode_rgb(data: bytes, max_pixels: int | None = None, name: str = "<uploade
 
 
 def _square(size: int | tuple[int, int]) -> tuple[int, int]:
-    """Normalise a size argument to Pillow's (width, height)."""
-    if isinstance(size, int):
-        if size <= 0:
-            raise InputError(f"resize size must be positive, got {size}")
-        return size, size
-    height, width = size
-    return int(width), int(height)
+    """Normalise a size argument to ``(height, width)``."""
+    if isinstance(size, (int, np.integer)):
+        size = (int(size), int(size))
+    height, width = int(size[0]), int(size[1])
+    if height <= 0 or width <= 0:
+        raise InputError(f"resize size must be positive, got {size}")
+    return height, width
+
+
+def _check_rgb(image: np.ndarray, what: str) -> None:
+    """Raise an InputError unless ``image`` is a uint8 ``(H, W, 3)`` array."""
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+        raise InputError(f"{what} expects uint8 RGB arrays (H, W, 3), got {got}; read files with "
+                         f"redi.images.load_rgb or decode bytes with redi.images.decode_rgb")
+
+
+def _resize_float(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The one image resize: antialiased bilinear on a float ``(1, 3, H, W)`` tensor in [0, 1].
+
+    torch's antialiased bilinear widens the triangle filter by the scale factor when shrinking
+    (as Pillow's BILINEAR does), so fine defects are averaged, not aliased. It stays in float, so
+    the model sees no second 8-bit rounding. The weights are non-negative, so the result stays in
+    [0, 1]; the clamp only guards against the last float ulp.
+    """
+    if tuple(tensor.shape[-2:]) == size:
+        return tensor
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
+
+
+def _to_unit_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 ``(H, W, 3)`` -> float ``(1, 3, H, W)`` in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+
+
+def preprocess(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
+    """The one conversion of images to model input: uint8 RGB arrays of any size -> float
+    ``(B, 3, S, S)`` in [0, 1], antialiased bilinear resize (see :func:`_resize_float`).
+
+    Training, threshold calibration, evaluation, ``redi predict``, the service and the drift
+    reference all go through this function, so a threshold is always applied to scores made the
+    way it was calibrated. Each image is resized alone (images may differ in size).
+
+    Raises:
+        InputError: an element is not a uint8 ``(H, W, 3)`` array, or ``image_size`` is not positive.
+    """
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        raise InputError("preprocess expects a list of images, got one (H, W, 3) array; pass [image]")
+    size = _square(image_size)
+    batch = []
+    for image in images:
+        _check_rgb(image, "preprocess")
+        batch.append(_resize_float(_to_unit_tensor(image), size))
+    return torch.cat(batch) if batch else torch.zeros(0, 3, *size)
+
+
+def to_uint8_rgb(tensor: torch.Tensor) -> np.ndarray:
+    """A float ``(3, H, W)`` image in [0, 1] (e.g. one element of :func:`preprocess`) -> uint8 ``(H, W, 3)``."""
+    if tensor.ndim != 3 or tensor.shape[0] != 3:
+        raise InputError(f"to_uint8_rgb expects a (3, H, W) tensor, got shape {tuple(tensor.shape)}")
+    return tensor.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def resize_rgb(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize uint8 RGB ``(H, W, 3)`` to ``size x size`` (or ``(h, w)``), bilinear.
+    """Resize uint8 RGB ``(H, W, 3)`` to ``size x size`` (or ``(h, w)``) for display (reports,
+    overlays), with the same antialiased bilinear resize as :func:`preprocess`, rounded to uint8.
 
-    Pillow's bilinear filter widens its support when shrinking, so downscaling is antialiased.
+    Model input never goes through this function: use :func:`preprocess` (no 8-bit rounding).
     """
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise InputError(f"resize_rgb expects a uint8 (H, W, 3) array, got {arr.dtype} {arr.shape}")
+    _check_rgb(arr, "resize_rgb")
     target = _square(size)
-    if (arr.shape[1], arr.shape[0]) == target:
+    if arr.shape[:2] == target:
         return arr.copy()
-    return np.array(Image.fromarray(arr).resize(target, Image.Resampling.BILINEAR), dtype=np.uint8)
+    return to_uint8_rgb(_resize_float(_to_unit_tensor(arr), target)[0])
 
 
 def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """Resize a bool ``(H, W)`` mask to ``size x size`` (or ``(h, w)``) with nearest neighbour."""
+    """Resize a bool ``(H, W)`` mask to ``size x size`` (or ``(h, w)``) with nearest neighbour
+    (a mask stays binary; it is never blended)."""
     if mask.ndim != 2:
         raise InputError(f"resize_mask expects an (H, W) array, got shape {mask.shape}")
-    target = _square(size)
-    if (mask.shape[1], mask.shape[0]) == target:
+    height, width = _square(size)
+    if mask.shape == (height, width):
         return mask.astype(bool, copy=True)
-    small = Image.fromarray(mask.astype(np.uint8) * 255).resize(target, Image.Resampling.NEAREST)
+    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)
     return np.array(small) > 127

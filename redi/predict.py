@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import sys
 from pathlib import Path
 from typing import Any
@@ -10,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from redi.errors import InputError, RediError
-from redi.images import IMAGE_SUFFIXES, load_rgb
+from redi.images import IMAGE_SUFFIXES, load_rgb, to_uint8_rgb
 from redi.models.detector import load_detector
-from redi.utils import pick_device, progress
+from redi.utils import atomic_write_text, pick_device, progress
 
 
 def collect_images(inputs: list[str | Path]) -> list[Path]:
@@ -56,19 +57,21 @@ def predict_paths(model: str | Path, inputs: list[str | Path], out_dir: str | Pa
         if not images:
             rows += [batch_rows[k] for k in sorted(batch_rows)]
             continue
-        out = detector.predict(detector.preprocess(images))
-        for index, ((offset, path), image) in enumerate(zip(batch_paths, images)):
+        # The same conversion and the same call (no prompt excluded) as the evaluate stage.
+        batch = detector.preprocess(images)
+        out = detector.predict(batch)
+        for index, (offset, path) in enumerate(batch_paths):
             score = float(out.score[index])
             anomaly_map = out.anomaly_map[index].float().cpu().numpy()
-            small = np.asarray(detector.preprocess([image])[0].permute(1, 2, 0).numpy() * 255, dtype=np.uint8)
-            picture = overlay(small, anomaly_map, *display_range(threshold, anomaly_map))
+            picture = overlay(to_uint8_rgb(batch[index]), anomaly_map, *display_range(threshold, anomaly_map))
             stem = f"{begin + offset:05d}_{path.stem}"
             save_png(out_dir / "maps" / f"{stem}_overlay.png", picture)
             np.save(out_dir / "maps" / f"{stem}_map.npy", anomaly_map.astype(np.float16))
             batch_rows[offset] = {"path": str(path), "score": score, "anomalous": score > threshold, "error": ""}
         rows += [batch_rows[k] for k in sorted(batch_rows)]  # keep the input order
-    with open(out_dir / "scores.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["path", "score", "anomalous", "error"])
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=["path", "score", "anomalous", "error"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "scores.csv", text.getvalue())
     return rows

@@ -28,8 +28,8 @@ from redi.models.recover import RecoverNet
 from redi.prompt import PromptBank
 from redi.selfmaps import build_selfmap
 from redi.training import fingerprint, run_training
-from redi.utils import (atomic_torch_save, bf16_autocast, pick_device, progress, seed_everything, sha256_file,
-                        use_bf16)
+from redi.utils import (atomic_torch_save, atomic_write_text, bf16_autocast, load_torch_file, pick_device,
+                        progress, seed_everything, sha256_file, use_bf16)
 
 LOG = sys.stderr
 
@@ -39,11 +39,8 @@ def _log(stage: str, message: str) -> None:
 
 
 def _write_json(path: Path, payload: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)
-    return path
+    """Write ``payload`` as indented JSON, atomically (a killed stage leaves no half file)."""
+    return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def open_line(data_root: str | Path, cfg: RediConfig) -> MVTecCategory:
@@ -104,11 +101,11 @@ def _load_or_compute_selfmaps(path: str | Path | None, train: list[Sample], imag
                               cfg: RediConfig, device: torch.device) -> torch.Tensor:
     if path and Path(path).is_file():
         try:
-            cached = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a damaged cache is recomputed, never fatal
-            _log("recover", f"self-map cache {path} is unreadable ({exc}); recomputing")
+            cached = load_torch_file(path, "self-map cache", "it is recomputed")
+        except WeightsError as exc:  # a damaged cache is recomputed, never fatal
+            _log("recover", f"{exc}")
             cached = {}
-        if cached.get("key") == _selfmap_key(cfg) and cached.get("image_ids") == [s.image_id for s in train]:
+        if isinstance(cached, dict) and cached.get("key") == _selfmap_key(cfg) and cached.get("image_ids") == [s.image_id for s in train]:
             return cached["maps"].float()
         _log("recover", f"self-map cache {path} is for other settings or images; recomputing")
     return compute_selfmaps(images, cfg, device)
@@ -245,7 +242,7 @@ def calibrate_threshold(detector: Detector, images: torch.Tensor, cfg: RediConfi
 
 def _recover_identity(recover_path: str | Path) -> str:
     """The recover run that made ``recover.pt`` (its run id and epochs), independent of file paths."""
-    payload = torch.load(recover_path, map_location="cpu", weights_only=False)
+    payload = load_torch_file(recover_path, "recover net file", "rerun the recover stage (redi train)")
     return f"{payload.get('run_id', '')}:{len(payload.get('history', []))}"
 
 

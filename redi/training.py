@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from redi.config import StageTrainConfig
-from redi.utils import atomic_torch_save, format_seconds
+from redi.errors import WeightsError
+from redi.utils import atomic_torch_save, format_seconds, load_torch_file
 
 
 @dataclass
@@ -51,11 +52,11 @@ def _load_checkpoint(path: Path, run_id: str, log) -> dict | None:
     if not path.is_file():
         return None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a corrupt checkpoint must not block a fresh run
-        log(f"checkpoint {path} is unreadable ({exc}); starting from scratch")
+        state = load_torch_file(path, "checkpoint", "starting from scratch")
+    except WeightsError as exc:  # a corrupt checkpoint must not block a fresh run
+        log(str(exc))
         return None
-    if state.get("run_id") != run_id:
+    if not isinstance(state, dict) or state.get("run_id") != run_id:
         log(f"checkpoint {path} belongs to another configuration; starting from scratch")
         return None
     return state

@@ -1,7 +1,9 @@
 """ReDi end to end on synthetic demo data with the tiny profile: train, evaluate, repeat, resume."""
 
+import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from redi.cli import main
 from redi.config import load_config
@@ -136,3 +139,35 @@ def test_discriminate_resume_does_not_depend_on_data_paths(trained_line, tmp_pat
     payload["config"]["data"]["root"] = "/another/run/artifact/path"  # what a new KFP run looks like
     torch.save(payload, tmp_path / "recover.pt")
     assert _recover_identity(tmp_path / "recover.pt") == _recover_identity(trained_line["recover"])
+
+
+def _resized_copy(data: Path, out: Path, height: int, width: int) -> Path:
+    """A copy of a line whose test images and masks are ``width x height``: not the model's size,
+    so both paths below really resize (masks nearest, to stay binary)."""
+    shutil.copytree(data, out)
+    for folder, resample in (("test", Image.Resampling.BICUBIC), ("ground_truth", Image.Resampling.NEAREST)):
+        for path in (out / folder).rglob("*.png"):
+            with Image.open(path) as image:
+                image.resize((width, height), resample).save(path)
+    return out
+
+
+def test_evaluate_and_predict_give_equal_scores_for_the_same_files(trained_line, tmp_path):
+    """The threshold is applied to scores made exactly as it was calibrated: `redi evaluate` (the
+    dataset path) and `redi predict` (Detector.preprocess) score the same files identically."""
+    data = _resized_copy(trained_line["data"], tmp_path / "line", height=150, width=170)
+    detector = str(trained_line["detector"])
+    assert main(["evaluate", detector, str(data), "--out", str(tmp_path / "eval"), "--no-report",
+                 "--profile", "tiny"]) == 0
+    evaluated = json.loads((tmp_path / "eval" / "scores.json").read_text())
+
+    test = MVTecCategory(data).test  # evaluate's order; predict gets the same files in the same batches
+    assert [row["image_id"] for row in evaluated] == [s.image_id for s in test]
+    batch = str(_cfg(data).eval.batch_size)
+    assert main(["predict", detector, *[str(s.path) for s in test], "--out", str(tmp_path / "pred"),
+                 "--batch-size", batch]) == 0
+    with open(tmp_path / "pred" / "scores.csv", newline="") as handle:
+        predicted = list(csv.DictReader(handle))
+    assert [row["path"] for row in predicted] == [str(s.path) for s in test]
+    assert [float(row["score"]) for row in predicted] == [row["score"] for row in evaluated]
+    assert [row["anomalous"] == "True" for row in predicted] == [row["anomalous"] for row in evaluated]

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageFile
 
 from redi.errors import DatasetError, ImageReadError, InputError
-from redi.images import decode_rgb, image_size_of, load_mask, load_rgb, resize_mask, resize_rgb
+from redi.images import (decode_rgb, image_size_of, load_mask, load_rgb, preprocess, resize_mask, resize_rgb,
+                         to_uint8_rgb)
 
 
 def _save(image: Image.Image, path: Path, **kwargs) -> Path:
@@ -205,3 +207,31 @@ def test_resize_mask_is_nearest():
     assert small.sum() == 100 and small[5:15, 5:15].all()
     big = resize_mask(mask, 80)
     assert set(np.unique(big).tolist()) == {False, True} and big.sum() == 1600
+
+
+def test_preprocess_resizes_any_size_to_a_unit_float_batch():
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (70, 90, 3), dtype=np.uint8), rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)]
+    batch = preprocess(images, 32)
+    assert batch.shape == (2, 3, 32, 32) and batch.dtype == torch.float32
+    assert float(batch.min()) >= 0.0 and float(batch.max()) <= 1.0
+    # an image already at the model's size is only converted: exactly its values / 255
+    assert torch.equal(batch[1], torch.from_numpy(images[1]).permute(2, 0, 1).float() / 255.0)
+    # what resize_rgb shows is the model input rounded to 8 bits
+    np.testing.assert_array_equal(resize_rgb(images[0], 32), to_uint8_rgb(batch[0]))
+    assert preprocess([], 32).shape == (0, 3, 32, 32)
+
+
+def test_preprocess_is_antialiased_and_rejects_wrong_input():
+    stripes = np.zeros((64, 64, 3), dtype=np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: aliasing would give black or white, not grey
+    small = preprocess([stripes], 16)[..., 1:-1]  # the border columns see a cut filter
+    assert torch.allclose(small, torch.full_like(small, 0.5), atol=1e-6)
+    with pytest.raises(InputError, match="list of images"):
+        preprocess(stripes, 16)
+    with pytest.raises(InputError, match="uint8 RGB"):
+        preprocess([stripes.astype(np.float32)], 16)
+    with pytest.raises(InputError, match="uint8 RGB"):
+        preprocess([stripes[..., 0]], 16)
+    with pytest.raises(InputError, match="positive"):
+        preprocess([stripes], 0)

@@ -142,3 +142,26 @@ def test_missing_or_corrupt_artifact(tmp_path: Path):
     (tmp_path / "bad.pt").write_bytes(b"not a model")
     with pytest.raises(WeightsError, match="corrupt"):
         load_detector(tmp_path / "bad.pt")
+
+
+def test_dataset_path_and_detector_preprocess_give_identical_tensors(tiny_detector, tmp_path: Path):
+    """Training, calibration and evaluation (dataset path) see exactly what predict, serving and
+    the drift reference (Detector.preprocess) see, for a file whose size differs from the model's."""
+    import numpy as np
+    from PIL import Image
+
+    from redi.data.dataset import ImageDataset, load_images, load_sample
+    from redi.data.mvtec import Sample
+    from redi.images import load_rgb
+
+    size = tiny_detector.image_size
+    rng = np.random.default_rng(0)
+    path = tmp_path / "part.png"
+    Image.fromarray(rng.integers(0, 256, (size + 37, 2 * size - 5, 3), dtype=np.uint8)).save(path)
+    sample = Sample(path=path, label=0, defect_type="good", mask_path=None, image_id="test/good/part")
+
+    served = tiny_detector.preprocess([load_rgb(path)])[0]
+    assert served.shape == (3, size, size)
+    assert torch.equal(load_sample(sample, size)[0], served)
+    assert torch.equal(load_images([sample], size)[0], served)
+    assert torch.equal(ImageDataset([sample], size)[0]["image"], served)

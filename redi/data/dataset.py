@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from redi.data.mvtec import Sample
-from redi.images import image_size_of, load_mask, load_rgb, resize_mask, resize_rgb
+from redi.images import image_size_of, load_mask, load_rgb, preprocess, resize_mask
 
 
-def rgb_to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    """uint8 ``(H, W, 3)`` -> float ``(3, H, W)`` in ``[0, 1]``."""
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+def load_image(sample: Sample, image_size: int) -> torch.Tensor:
+    """Read one sample's image as model input ``(3, S, S)``, exactly as ``Detector.preprocess``
+    converts it (:func:`redi.images.preprocess`), so training, calibration, evaluation and
+    inference see the same pixels.
+
+    Raises:
+        ImageReadError: the image cannot be read.
+    """
+    return preprocess([load_rgb(sample.path)], image_size)[0]
 
 
 def load_sample(sample: Sample, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +32,7 @@ def load_sample(sample: Sample, image_size: int) -> tuple[torch.Tensor, torch.Te
         DatasetError: the mask's size differs from the image's.
     """
     rgb = load_rgb(sample.path)
-    image = rgb_to_tensor(resize_rgb(rgb, image_size))
+    image = preprocess([rgb], image_size)[0]
     if sample.mask_path is None:
         mask = torch.zeros(1, image_size, image_size)
     else:
@@ -42,7 +47,8 @@ class ImageDataset(Dataset):
 
     Args:
         samples: the samples (e.g. ``MVTecCategory(...).train``).
-        image_size: the square side S every image is resized to (bilinear; masks nearest).
+        image_size: the square side S every image is resized to (:func:`redi.images.preprocess`;
+            masks nearest).
         cache: keep decoded, resized tensors in memory after the first read (worth it when
             many epochs run over a small set: 3*S*S*4 bytes per image, 0.8 MB at 256 px).
     """
@@ -70,10 +76,11 @@ class ImageDataset(Dataset):
 
 
 def load_images(samples: Sequence[Sample], image_size: int) -> torch.Tensor:
-    """All samples' images as one float tensor ``(N, 3, S, S)`` in ``[0, 1]`` (small sets only)."""
+    """All samples' images as one float tensor ``(N, 3, S, S)`` in ``[0, 1]`` (small sets only),
+    each converted by :func:`load_image` (one full-size image in memory at a time)."""
     if not samples:
         return torch.zeros(0, 3, image_size, image_size)
-    return torch.stack([rgb_to_tensor(resize_rgb(load_rgb(s.path), image_size)) for s in samples])
+    return torch.stack([load_image(s, image_size) for s in samples])
 
 
 def load_masks(samples: Sequence[Sample], image_size: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ from redi import __version__
 from redi.backbones import build_backbone
 from redi.config import RediConfig, from_dict, to_dict
 from redi.errors import InputError, WeightsError
+from redi.images import preprocess
 from redi.models.discriminate import DiscriminateHead
 from redi.models.recover import RecoverNet
 from redi.prompt import nearest_prompt
@@ -169,18 +170,9 @@ class Detector(nn.Module):
         return self(x.to(device), None if exclude is None else exclude.to(device))
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 RGB arrays of any size -> (B, 3, S, S) float batch in [0, 1] (antialiased resize)."""
-        batch = []
-        for image in images:
-            if image.ndim != 3 or image.shape[2] != 3:
-                raise InputError(f"expected an RGB image (H, W, 3), got shape {image.shape}; "
-                                 f"read files with redi.images.load_rgb")
-            tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().unsqueeze(0) / 255.0
-            if tensor.shape[-2:] != (self.image_size, self.image_size):
-                tensor = F.interpolate(tensor, size=(self.image_size,) * 2, mode="bilinear", align_corners=False,
-                                       antialias=True)
-            batch.append(tensor)
-        return torch.cat(batch).clamp(0, 1)
+        """uint8 RGB arrays of any size -> ``(B, 3, S, S)`` float batch in [0, 1] at this model's
+        size: :func:`redi.images.preprocess`, the conversion the threshold was calibrated on."""
+        return preprocess(images, self.image_size)
 
     def is_anomalous(self, scores: torch.Tensor) -> torch.Tensor:
         """Decision: score above the calibrated threshold."""
