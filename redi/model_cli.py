@@ -1,4 +1,4 @@
-"""``redi model list|show|history|promote|rollback``: what each line serves, and changing it with a record.
+"""``redi model list|show|history|promote|rollback`` and ``redi bento build``: what each line serves.
 
 The line's production pointer in the object store (``redi.storage``) is the one place that decides
 what a line serves: the gate moves it, these commands move it by hand, and the service follows it.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 from redi.storage import (DEFAULT_LOCAL_DIR, ObjectStore, StorageError, list_versions, production_lines,
@@ -103,6 +104,16 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bento_build(args: argparse.Namespace) -> int:
+    if args.bentoml_home:  # BentoML reads it once, when first imported
+        os.environ["BENTOML_HOME"] = str(Path(args.bentoml_home).resolve())
+    from redi.packaging import build_production_bento
+
+    result = build_production_bento(_store(args), args.line or None, args.bentoml_home)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
 _HANDLERS: dict[str, Handler] = {"list": _list, "show": _show, "history": _history, "promote": _promote,
                                  "rollback": _rollback}
 
@@ -133,4 +144,13 @@ def add_model_commands(subparsers: Any) -> dict[str, Handler]:
         p.add_argument("--version", required=name == "promote")
         p.add_argument("--reason", required=True, help="why (kept in the audit record)")
         p.add_argument("--by", help="who (default: user@host of this shell)")
-    return {"model": lambda args: _HANDLERS[args.model_command](args)}
+
+    p = subparsers.add_parser("bento", help="build a Bento that pins every line's production model",
+                              description="`redi bento build`: a self-contained Bento (for `bentoml containerize` "
+                                          "and BentoML's deployment targets) with each line's production model.")
+    bento_sub = p.add_subparsers(dest="bento_command", required=True, metavar="ACTION")
+    p = bento_sub.add_parser("build", help="bentoml build with the production models pinned")
+    p.add_argument("--line", action="append", help="only these lines (repeatable; default: every line)")
+    p.add_argument("--store-dir", default=os.environ.get("REDI_STORE_DIR"), help=store_help)
+    p.add_argument("--bentoml-home", help="BentoML's store (default BENTOML_HOME or ~/bentoml)")
+    return {"model": lambda args: _HANDLERS[args.model_command](args), "bento": _bento_build}
