@@ -23,7 +23,7 @@ from redi.data.mvtec import MVTecCategory, Sample, split_train_val
 from redi.errors import DatasetError, WeightsError
 from redi.losses import discriminate_loss, recover_loss
 from redi.metrics import compute_all
-from redi.models.detector import Detector, load_detector, load_module_weights, save_detector
+from redi.models.detector import Detector, as_served_prompts, load_detector, load_module_weights, save_detector
 from redi.models.recover import RecoverNet
 from redi.prompt import PromptBank
 from redi.selfmaps import build_selfmap
@@ -183,7 +183,8 @@ def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | P
     bank = PromptBank.load(bank_path, backbone=model_cfg.backbone)
     samples, images = _bank_images(bank, category, cfg)
     maps = _load_or_compute_selfmaps(selfmaps_path, samples, images, cfg, device)
-    prompts = images[leave_one_out_prompts(bank)] if model_cfg.prompt == "nearest" else torch.zeros_like(images)
+    prompts = (as_served_prompts(images[leave_one_out_prompts(bank)]) if model_cfg.prompt == "nearest"
+               else torch.zeros_like(images))
     net = RecoverNet(1, model_cfg.recover.base_width, model_cfg.recover.depth, model_cfg.recover.input_size,
                      model_cfg.recover.fused_skips).to(device)
     flip = cfg.train.augment_flip

@@ -165,3 +165,18 @@ def test_dataset_path_and_detector_preprocess_give_identical_tensors(tiny_detect
     assert torch.equal(load_sample(sample, size)[0], served)
     assert torch.equal(load_images([sample], size)[0], served)
     assert torch.equal(ImageDataset([sample], size)[0]["image"], served)
+
+
+def test_recover_training_prompts_equal_the_served_prompts(tiny_detector):
+    """train_recover feeds as_served_prompts(images); the detector serves its uint8 copy: equal."""
+    import copy
+
+    from redi.models.detector import as_served_prompts
+
+    detector = copy.deepcopy(tiny_detector)  # the fixture is shared: leave its bank alone
+    size = detector.image_size
+    images = torch.rand(4, 3, size, size)
+    detector.set_prompts(torch.randn(4, detector.backbone.embedding_dim), images, ["a", "b", "c", "d"])
+    served = detector.prompt_batch(torch.arange(4), images)
+    assert torch.equal(as_served_prompts(images), served)
+    assert (served - images).abs().max() <= 0.5 / 255 + 1e-7

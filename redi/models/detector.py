@@ -99,7 +99,7 @@ class Detector(nn.Module):
     def set_prompts(self, embeddings: torch.Tensor, images: torch.Tensor, image_ids: Sequence[str]) -> None:
         """Install the prompt bank: normalised embeddings (N, D) and images (N, 3, S, S) in [0, 1]."""
         self.prompt_embeddings = F.normalize(embeddings.float(), dim=1).to(self.prompt_embeddings.device)
-        self.prompt_images = (images.clamp(0, 1) * 255).round().to(torch.uint8).to(self.prompt_images.device)
+        self.prompt_images = prompts_to_uint8(images).to(self.prompt_images.device)
         self.prompt_ids = list(image_ids)
 
     def select_prompts(self, embedding: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,7 +116,7 @@ class Detector(nn.Module):
         prompts = torch.zeros_like(like)
         valid = indices >= 0
         if valid.any():
-            prompts[valid] = self.prompt_images[indices[valid]].to(like.dtype) / 255.0
+            prompts[valid] = prompts_from_uint8(self.prompt_images[indices[valid]], like.dtype)
         return prompts
 
     # -- the two networks ------------------------------------------------------------------
@@ -183,6 +183,22 @@ class Detector(nn.Module):
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Everything that is saved: all weights and buffers except the frozen backbone's."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+
+def prompts_to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Prompt images (float in [0, 1]) as the detector stores them: uint8, a quarter of the size."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def prompts_from_uint8(stored: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Stored uint8 prompt images back to float in [0, 1], exactly as the detector serves them."""
+    return stored.to(dtype) / 255.0
+
+
+def as_served_prompts(images: torch.Tensor) -> torch.Tensor:
+    """The prompt images the detector will serve for ``images`` (rounded to its uint8 storage), so
+    the recover net is trained on exactly the prompts it sees at inference."""
+    return prompts_from_uint8(prompts_to_uint8(images), images.dtype)
 
 
 def save_detector(detector: Detector, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
