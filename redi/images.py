@@ -243,7 +243,9 @@ def _resize_float(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _to_unit_tensor(image: np.ndarray) -> torch.Tensor:
     """uint8 ``(H, W, 3)`` -> float ``(1, 3, H, W)`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    if not (image.flags.c_contiguous and image.flags.writeable):  # torch wants writable memory
+        image = np.array(image, order="C")
+    return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
 def preprocess(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ from redi.data.dataset import load_images
 from redi.data.mvtec import MVTecCategory
 from redi.models.detector import load_detector
 from redi.stages import evaluate, score_images, train_discriminate
+from redi.utils import load_torch_file
 
 pytestmark = pytest.mark.slow
 
@@ -69,13 +70,13 @@ def test_killed_training_resumes_from_its_checkpoint(trained_line, tmp_path):
                                stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and process.poll() is None:
-        if checkpoint.is_file() and torch.load(checkpoint, weights_only=False)["epoch"] >= 2:
+        if checkpoint.is_file() and load_torch_file(checkpoint, "checkpoint", "")["epoch"] >= 2:
             break
         time.sleep(0.2)
     assert process.poll() is None, "training finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = torch.load(checkpoint, weights_only=False)["epoch"]
+    killed_at = load_torch_file(checkpoint, "checkpoint", "")["epoch"]
     assert 2 <= killed_at < epochs and not (killed / "detector.pt").exists()
 
     assert main([*args, "--out", str(killed)]) == 0
@@ -135,7 +136,7 @@ def test_bank_images_never_get_themselves_as_prompt_when_scored(trained_line, tm
 def test_discriminate_resume_does_not_depend_on_data_paths(trained_line, tmp_path):
     from redi.stages import _recover_identity
 
-    payload = torch.load(trained_line["recover"], weights_only=False)
+    payload = load_torch_file(trained_line["recover"], "recover net", "")
     payload["config"]["data"]["root"] = "/another/run/artifact/path"  # what a new KFP run looks like
     torch.save(payload, tmp_path / "recover.pt")
     assert _recover_identity(tmp_path / "recover.pt") == _recover_identity(trained_line["recover"])

@@ -12,6 +12,7 @@ from redi.models.detector import Detector, load_detector, save_detector
 from redi.models.discriminate import DiscriminateHead
 from redi.models.recover import RecoverNet
 from redi.prompt import PromptBank, nearest_prompt
+from redi.utils import load_torch_file
 
 
 @pytest.mark.parametrize("channels, size", [((24, 48, 120), 128), ((24, 40, 112), 256), ((256, 512, 1024), 64)])
@@ -129,7 +130,7 @@ def test_detector_artifact_round_trip(tiny_detector, tmp_path: Path):
 
 def test_checkpoint_from_another_backbone_is_refused(tiny_detector, tmp_path: Path):
     path = save_detector(tiny_detector, tmp_path / "detector.pt")
-    payload = torch.load(path, weights_only=False)
+    payload = load_torch_file(path, "detector", "")
     payload["config"]["model"]["backbone"] = "efficientnet_lite2"  # weights were made for lite0
     torch.save(payload, path)
     with pytest.raises(WeightsError, match="backbone channels"):
