@@ -27,28 +27,39 @@ class StageFailed(RuntimeError):
     """A pipeline stage failed; the message names the stage and the cause."""
 
 
-def make_config(profile: str, config_json: str, data_root: str | Path | None = None):
-    """The run's :class:`redi.config.RediConfig`: profile defaults < the line's settings (JSON)."""
+S3_SETTINGS = ("REDI_S3_ENDPOINT", "REDI_S3_ACCESS_KEY", "REDI_S3_SECRET_KEY")  # required in cluster mode
+S3_OPTIONAL = ("REDI_S3_BUCKET", "REDI_S3_SECURE")
+STATUS_ENV = "REDI_STATUS_DIR"  # set by the local runner: where the steps record success or failure
+RUN_TAG_ENV = "REDI_RUN_TAG"  # set by the local runner: the run's tag (on a cluster KFP names the run)
+
+
+def make_config(profile: str, *sections_json: str, data_root: str | Path | None = None):
+    """The step's :class:`redi.config.RediConfig`: the profile's defaults < the given sections.
+
+    Each of ``sections_json`` is a JSON mapping of config sections (e.g. ``{"data": {...}}``); a step
+    receives only the sections its stage reads, so that its KFP cache key changes only with them.
+    """
     from redi.config import from_dict
     from redi.errors import ConfigError
 
-    try:
-        data = json.loads(config_json or "{}")
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"config_json is not valid JSON ({exc}): {config_json[:200]!r}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"config_json must hold a mapping, got {type(data).__name__}")
-    data = dict(data)
+    data: dict[str, Any] = {}
+    for text in sections_json:
+        try:
+            part = json.loads(text or "{}")
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config sections are not valid JSON ({exc}): {text[:200]!r}") from exc
+        if not isinstance(part, dict):
+            raise ConfigError(f"config sections must be a mapping, got {type(part).__name__}")
+        data.update(part)
     if profile:
         data["profile"] = profile
     if data_root:
-        data.setdefault("data", {})
-        data["data"] = {**data["data"], "root": str(data_root)}
+        data["data"] = {**data.get("data", {}), "root": str(data_root)}
     return from_dict(data)
 
 
 def line_dir(workdir: str, line: str) -> Path:
-    """The persistent folder of a line (checkpoints, status records); a temp folder without workdir."""
+    """The persistent folder of a line (checkpoints); a temp folder without workdir."""
     if not workdir:
         return Path(tempfile.mkdtemp(prefix=f"redi-{line}-"))
     path = Path(workdir) / line
@@ -56,30 +67,30 @@ def line_dir(workdir: str, line: str) -> Path:
     return path
 
 
-def status_dir(workdir: str, line: str, run_tag: str) -> Path | None:
-    """Where the stages of run ``run_tag`` record success or failure (None: not recorded)."""
-    if not workdir or not run_tag:
-        return None
-    return Path(workdir) / line / "status" / run_tag
+def status_dir() -> Path | None:
+    """Where this run's stages record success or failure (``REDI_STATUS_DIR``; None: not recorded).
+
+    The local runner sets it for its step subprocesses; on a cluster KFP's UI holds each step's status.
+    """
+    folder = os.environ.get(STATUS_ENV, "")
+    return Path(folder) if folder else None
 
 
-def _write_status(workdir: str, line: str, run_tag: str, stage: str, record: dict[str, Any]) -> None:
-    folder = status_dir(workdir, line, run_tag)
-    if folder is None:
-        return
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{stage}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(folder / f"{stage}.json")
+def _write_status(stage: str, record: dict[str, Any]) -> None:
+    from redi.utils import atomic_write_text
+
+    folder = status_dir()
+    if folder is not None:
+        atomic_write_text(folder / f"{stage}.json", json.dumps(record, indent=2, default=str))
 
 
 @contextlib.contextmanager
-def stage_guard(stage: str, workdir: str, line: str, run_tag: str) -> Iterator[dict[str, Any]]:
+def stage_guard(stage: str, line: str) -> Iterator[dict[str, Any]]:
     """Run a stage's body; record its outputs, or turn any error into :class:`StageFailed`.
 
     The yielded dict collects what the stage wants to report (paths, tags, decisions). On
-    failure, ``<workdir>/<line>/status/<run_tag>/<stage>.json`` records the cause so the local
-    runner can name it (KFP's own error only names the task).
+    failure, ``$REDI_STATUS_DIR/<stage>.json`` records the cause so the local runner can name it
+    (KFP's own error only names the task).
     """
     record: dict[str, Any] = {"stage": stage, "line": line, "started": _now()}
     try:
@@ -87,10 +98,20 @@ def stage_guard(stage: str, workdir: str, line: str, run_tag: str) -> Iterator[d
     except Exception as exc:
         cause = f"{type(exc).__name__}: {exc}"
         record.update({"status": "failed", "cause": cause, "traceback": traceback.format_exc(), "ended": _now()})
-        _write_status(workdir, line, run_tag, stage, record)
+        _write_status(stage, record)
         raise StageFailed(f"redi stage {stage!r} failed for line {line!r}: {cause}") from exc
     record.update({"status": "succeeded", "ended": _now()})
-    _write_status(workdir, line, run_tag, stage, record)
+    _write_status(stage, record)
+
+
+def open_store(workdir: str, cluster_mode: bool):
+    """The line's object store. Cluster mode: S3 from ``REDI_S3_*`` or an error naming the missing
+    setting (a folder inside a pod would be an empty production, lost with the pod). Local runs:
+    S3 when configured, else ``REDI_STORE_DIR`` or ``<workdir>/store``."""
+    from redi.storage import store_from_env
+
+    local_root = os.environ.get("REDI_STORE_DIR") or (str(Path(workdir) / "store") if workdir else None)
+    return store_from_env(local_root=None if cluster_mode else local_root, require_remote=cluster_mode)
 
 
 def _now() -> str:
@@ -146,6 +167,43 @@ def fetch_dataset(data_path: str, data_repo: str, data_revision: str, dest: Path
                            f"check the repository, the path and that revision {data_revision or 'HEAD'} "
                            f"was pushed to the DVC remote (`dvc push`)")
     return {"source": f"{data_repo}:{data_path}", "revision": data_revision or "HEAD"}
+
+
+def tree_hash(folder: str | Path) -> str:
+    """sha256 over every file's relative path and content hash: the dataset's content fingerprint."""
+    import hashlib
+
+    from redi.utils import sha256_file
+
+    folder = Path(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def resolve_revision(data_repo: str, revision: str = "HEAD") -> str:
+    """The commit a git revision names in ``data_repo`` (a local repository or a git URL).
+
+    A local repository: ``git rev-parse``; a URL: ``git ls-remote`` (branches, tags, HEAD; a
+    revision it does not list, e.g. an abbreviated commit, is returned as given).
+    """
+    from redi.errors import DatasetError
+
+    revision = revision or "HEAD"
+    local = "://" not in data_repo and Path(data_repo).is_dir()
+    if local:
+        command = ["git", "-C", data_repo, "rev-parse", "--verify", f"{revision}^{{commit}}"]
+    else:
+        command = ["git", "ls-remote", data_repo, revision]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise DatasetError(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()[-800:]}; "
+                           f"check that {data_repo} is a git repository and {revision} exists there")
+    found = done.stdout.split()
+    if local:
+        return found[0]
+    return found[0] if found else revision
 
 
 def _dvc() -> str:

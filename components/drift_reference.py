@@ -7,7 +7,7 @@ from components.common import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def drift_reference(line: str, profile: str, config_json: str, workdir: str, run_tag: str,
+def drift_reference(line: str, profile: str, data_config: str, model_config: str, train_config: str, eval_config: str,
                     dataset: Input[Dataset], detector: Input[Model], reference: Output[Dataset]):
     """``redi.monitoring.build_reference``: one row per normal training image (brightness, contrast,
     sharpness, anomaly score, embedding components) in ``reference.csv``."""
@@ -16,8 +16,8 @@ def drift_reference(line: str, profile: str, config_json: str, workdir: str, run
     from components.common import make_config, out_dir, stage_guard
     from redi.monitoring import build_reference
 
-    with stage_guard("drift_reference", workdir, line, run_tag) as record:
-        cfg = make_config(profile, config_json, dataset.path)
+    with stage_guard("drift_reference", line) as record:
+        cfg = make_config(profile, data_config, model_config, train_config, eval_config, data_root=dataset.path)
         path = build_reference(Path(detector.path) / "detector.pt", dataset.path,
                                out_dir(reference.path) / "reference.csv", cfg)
         reference.metadata["line"] = line

@@ -7,7 +7,7 @@ from components.common import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def evaluate(line: str, profile: str, config_json: str, workdir: str, run_tag: str,
+def evaluate(line: str, profile: str, data_config: str, model_config: str, train_config: str, eval_config: str,
              dataset: Input[Dataset], detector: Input[Model], metrics: Output[Metrics], report: Output[HTML],
              evaluation: Output[Artifact]):
     """``redi.stages.evaluate``: ``evaluation`` holds ``metrics.json``, ``scores.json`` and ``report/``;
@@ -18,8 +18,8 @@ def evaluate(line: str, profile: str, config_json: str, workdir: str, run_tag: s
     from components.common import inline_html, make_config, numeric_metrics, out_dir, stage_guard
     from redi.stages import evaluate as run_evaluation
 
-    with stage_guard("evaluate", workdir, line, run_tag) as record:
-        cfg = make_config(profile, config_json, dataset.path)
+    with stage_guard("evaluate", line) as record:
+        cfg = make_config(profile, data_config, model_config, train_config, eval_config, data_root=dataset.path)
         folder = out_dir(evaluation.path)
         path = run_evaluation(Path(detector.path) / "detector.pt", dataset.path, folder, cfg)
         values = json.loads(Path(path).read_text())

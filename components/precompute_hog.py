@@ -7,13 +7,14 @@ from components.common import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def precompute_hog(line: str, profile: str, config_json: str, workdir: str, run_tag: str,
-                   dataset: Input[Dataset], selfmaps: Output[Artifact]):
+def precompute_hog(line: str, profile: str, data_config: str, model_config: str, train_config: str,
+                   dataset: Input[Dataset],
+                   selfmaps: Output[Artifact]):
     """``redi.stages.precompute_selfmaps``: writes ``selfmaps.pt`` into the ``selfmaps`` artifact."""
     from components.common import make_config, out_dir, stage_guard
     from redi.stages import precompute_selfmaps
 
-    with stage_guard("precompute_hog", workdir, line, run_tag) as record:
-        cfg = make_config(profile, config_json, dataset.path)
+    with stage_guard("precompute_hog", line) as record:
+        cfg = make_config(profile, data_config, model_config, train_config, data_root=dataset.path)
         record["selfmaps"] = str(precompute_selfmaps(dataset.path, out_dir(selfmaps.path), cfg))
         selfmaps.metadata["kind"] = cfg.model.selfmap.kind

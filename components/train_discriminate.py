@@ -7,9 +7,9 @@ from components.common import COMPONENT_OPTIONS
 
 
 @dsl.component(**COMPONENT_OPTIONS)
-def train_discriminate(line: str, profile: str, config_json: str, workdir: str, run_tag: str,
-                       dataset: Input[Dataset], prompt_bank: Input[Artifact], recover: Input[Model],
-                       detector: Output[Model]):
+def train_discriminate(line: str, profile: str, data_config: str, model_config: str, train_config: str,
+                       eval_config: str, workdir: str, dataset: Input[Dataset], prompt_bank: Input[Artifact],
+                       recover: Input[Model], detector: Output[Model]):
     """``redi.stages.train_discriminate`` in ``<workdir>/<line>/train`` (resumable); the complete
     ``detector.pt`` goes into the ``detector`` artifact. GPU when there is one."""
     from pathlib import Path
@@ -18,8 +18,8 @@ def train_discriminate(line: str, profile: str, config_json: str, workdir: str, 
     from redi.models.detector import read_artifact
     from redi.stages import train_discriminate as train
 
-    with stage_guard("train_discriminate", workdir, line, run_tag) as record:
-        cfg = make_config(profile, config_json, dataset.path)
+    with stage_guard("train_discriminate", line) as record:
+        cfg = make_config(profile, data_config, model_config, train_config, eval_config, data_root=dataset.path)
         train_dir = line_dir(workdir, line) / "train"
         path = train(dataset.path, Path(prompt_bank.path) / "prompt_bank.pt", Path(recover.path) / "recover.pt",
                      train_dir, cfg, line)

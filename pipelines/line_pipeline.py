@@ -2,18 +2,28 @@
 
 DAG (every name is a component of ``components/``)::
 
-    version_data ─┬─ precompute_hog ─────────┐
-                  └─ build_prompt_bank ─ train_recover (GPU) ─ train_discriminate (GPU) ─┬─ evaluate ───────┐
-                                                                                         └─ drift_reference ┴─ gate
-                                                                            if the gate promotes: package_bento
+    version_data ─ snapshot_data ─┬─ precompute_hog ─────────┐
+    (never cached)  (cached)      └─ build_prompt_bank ─ train_recover (GPU) ─ train_discriminate (GPU) ─┬─ evaluate ──────┐
+                                                                                                        └─ drift_reference ┴─ gate
+                                                                                        if the gate promotes: package_bento
 
-- :func:`compile_pipeline` writes the YAML for a cluster (``redi pipeline compile``);
+- :func:`build_pipeline` makes the pipeline of one line: its Kubernetes settings (object-store
+  secret, resources, retries, accelerator, node selector, tolerations, work-dir volume) come from
+  the line's config (``pipeline`` section) and are fixed at compile time;
+- :func:`compile_pipeline` writes its YAML (``redi pipeline compile --line L``);
 - :func:`run_line_pipeline` runs one line on this machine with KFP's local SubprocessRunner
-  (the very same component definitions) and says where the report, model and Bento are;
+  (the very same component definitions, with ``cluster_mode=False``) and says where things are;
 - :func:`run_all_lines` runs every line of ``pipelines/lines/``;
-- :func:`submit` sends a run to a KFP endpoint with ``kfp.Client``.
+- :func:`submit` starts a run on a KFP endpoint, :func:`schedule` a recurring run (the line's cron).
 
-A product line is described by ``pipelines/lines/<line>.yaml`` (:class:`LineSpec`).
+A product line is a redi config file ``pipelines/lines/<line>.yaml`` (the one schema of
+``redi/config.py``: its ``line``, ``gate`` and ``pipeline`` sections, and any model settings).
+
+Caching: KFP keys a step on its component, its input parameter values and its input artifacts'
+identities. No step takes a per-run value; each training step takes only the config sections its
+stage reads. ``version_data`` (never cached: a working copy or branch can change) measures the data's
+content hash, and the cached ``snapshot_data`` turns (source, commit, hash) into the ``dataset``
+artifact, so a rerun on the same data and settings reuses every finished step on a cluster.
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline function's annotations as types
@@ -27,143 +37,80 @@ import sys
 import time
 import uuid
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-import yaml
-from kfp import dsl
+from kfp import dsl, kubernetes
 
 from components.build_prompt_bank import build_prompt_bank
+from components.common import RUN_TAG_ENV, S3_OPTIONAL, S3_SETTINGS, STATUS_ENV
 from components.drift_reference import drift_reference
 from components.evaluate import evaluate
 from components.gate import gate
 from components.package_bento import package_bento
 from components.precompute_hog import precompute_hog
+from components.snapshot_data import snapshot_data
 from components.train_discriminate import train_discriminate
 from components.train_recover import train_recover
 from components.version_data import version_data
-from redi.config import parse_overrides, read_config_file
+from redi.config import RediConfig, StepConfig, from_dict, parse_overrides, read_config_file, to_dict
 from redi.errors import ConfigError, RediError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LINES_DIR = Path(__file__).resolve().parent / "lines"
 PIPELINE_NAME = "redi-line"
-GPU = "nvidia.com/gpu"
 DEFAULT_WORKDIR = "runs/pipeline"
+MODEL_SECTIONS = ("data", "model", "train", "eval")  # what the training stages read (as in dvc.yaml)
+UNCACHED = ("version_data", "gate", "package_bento")  # their outputs depend on more than their inputs
+STORE_STEPS = ("gate", "package_bento")  # read and write the object store: they get the store's secret
+WORKDIR_STEPS = ("train_recover", "train_discriminate")  # keep checkpoints in the work dir (resume)
 
 
 class PipelineError(RediError):
     """A pipeline run stopped; the message names the failed stage and its cause."""
 
 
-# -- the pipeline -------------------------------------------------------------------------------
-@dsl.pipeline(name=PIPELINE_NAME, description="redi: data version -> train -> evaluate -> gate -> package, per line")
-def line_pipeline(line: str = "bottle_caps", data_path: str = "data/demo/bottle_caps", data_repo: str = "",
-                  data_revision: str = "", profile: str = "cpu", config_json: str = "{}",
-                  min_image_auroc: float = 0.0, min_pixel_auroc: float = 0.0, min_aupro: float = 0.0,
-                  gate_tolerance: float = 0.01, workdir: str = "", run_tag: str = "", bentoml_home: str = ""):
-    """One product line's run.
-
-    Args:
-        line: the product line (names the model, its storage keys and its Bento model).
-        data_path: the line's folder in MVTec-AD layout (inside ``data_repo`` when one is given).
-        data_repo: a DVC repository (git URL or path) versioning the data; "" for a plain folder.
-        data_revision: the git revision of the data; "" for the working copy.
-        profile: the config profile (``paper``, ``cpu``, ``fast``, ``tiny``).
-        config_json: the line's config settings (a JSON mapping in the one config schema).
-        min_image_auroc, min_pixel_auroc, min_aupro, gate_tolerance: the gate (see ``redi.gate``).
-        workdir: persistent folder (a volume on a cluster): checkpoints, so a rerun resumes.
-        run_tag: names this run's status records in ``<workdir>/<line>/status/``.
-        bentoml_home: BentoML's store for ``package_bento`` (default ``<workdir>/bentoml``).
-    """
-    common = {"line": line, "profile": profile, "config_json": config_json, "workdir": workdir, "run_tag": run_tag}
-    data = version_data(data_path=data_path, data_repo=data_repo, data_revision=data_revision, **common)
-    data.set_display_name("version-data").set_caching_options(False)  # the working copy can change
-    dataset = data.outputs["dataset"]
-    maps = precompute_hog(dataset=dataset, **common).set_display_name("precompute-hog")
-    bank = build_prompt_bank(dataset=dataset, **common).set_display_name("build-prompt-bank")
-    recover = train_recover(dataset=dataset, prompt_bank=bank.outputs["prompt_bank"],
-                            selfmaps=maps.outputs["selfmaps"], **common)
-    recover.set_display_name("train-recover").set_accelerator_type(GPU).set_accelerator_limit(1)
-    disc = train_discriminate(dataset=dataset, prompt_bank=bank.outputs["prompt_bank"],
-                              recover=recover.outputs["recover"], **common)
-    disc.set_display_name("train-discriminate").set_accelerator_type(GPU).set_accelerator_limit(1)
-    detector = disc.outputs["detector"]
-    evaluation = evaluate(dataset=dataset, detector=detector, **common).set_display_name("evaluate")
-    reference = drift_reference(dataset=dataset, detector=detector, **common).set_display_name("drift-reference")
-    decision = gate(dataset=dataset, detector=detector, evaluation=evaluation.outputs["evaluation"],
-                    manifest=data.outputs["manifest"], reference=reference.outputs["reference"],
-                    min_image_auroc=min_image_auroc, min_pixel_auroc=min_pixel_auroc, min_aupro=min_aupro,
-                    tolerance=gate_tolerance, **common)
-    decision.set_display_name("gate").set_caching_options(False)  # production may have moved since
-    with dsl.If(decision.outputs["Output"] == True, name="promoted"):  # noqa: E712 (a KFP expression)
-        package_bento(line=line, workdir=workdir, run_tag=run_tag, bentoml_home=bentoml_home, detector=detector,
-                      evaluation=evaluation.outputs["evaluation"]).set_display_name("package-bento") \
-            .set_caching_options(False)
+# -- the line's settings ------------------------------------------------------------------------
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
 
 
-def compile_pipeline(out_path: str | Path = "pipelines/line_pipeline.yaml") -> Path:
-    """Compile :func:`line_pipeline` to a KFP YAML package (works offline)."""
-    from kfp import compiler
-
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(line_pipeline, str(out_path))
-    return out_path
-
-
-# -- product lines ------------------------------------------------------------------------------
-@dataclass
-class LineSpec:
-    """A product line's config file (``pipelines/lines/<line>.yaml``)."""
-
-    line: str
-    description: str = ""
-    data_path: str = ""  # "" for a demo line: <workdir>/data/<line>
-    data_repo: str = ""
-    data_revision: str = ""
-    profile: str = "cpu"
-    demo: dict[str, Any] = field(default_factory=dict)  # make_demo_line arguments; {} for real data
-    gate: dict[str, float] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    source: str = ""
-
-    @property
-    def is_demo(self) -> bool:
-        """Whether the data is the synthetic demo line (made when missing)."""
-        return bool(self.demo)
-
-
-_GATE_KEYS = ("min_image_auroc", "min_pixel_auroc", "min_aupro", "tolerance")
-_TOP_KEYS = {"line", "description", "data", "profile", "demo", "gate", "config"}
-
-
-def load_line(name_or_path: str | Path, lines_dir: str | Path | None = None) -> LineSpec:
-    """Read a line's config file, given its name (looked up in ``lines_dir``) or its path."""
+def line_file(name_or_path: str | Path, lines_dir: str | Path | None = None) -> Path:
+    """A line's config file, given its name (looked up in ``lines_dir``) or its path."""
     path = Path(name_or_path)
     if not path.suffix:
         path = Path(lines_dir or LINES_DIR) / f"{name_or_path}.yaml"
     if not path.is_file():
-        known = ", ".join(p.stem for p in sorted(Path(lines_dir or LINES_DIR).glob("*.yaml")))
-        raise ConfigError(f"no line config {path}; known lines: {known or 'none'}; add pipelines/lines/<line>.yaml")
+        known = ", ".join(list_lines(lines_dir))
+        raise ConfigError(f"no line config {path}; known lines: {known or 'none'}; add pipelines/lines/<line>.yaml "
+                          f"(a redi config file with a `line:` section)")
+    return path
+
+
+def load_line(name_or_path: str | Path, lines_dir: str | Path | None = None, profile: str | None = None,
+              overrides: list[str] | None = None, config_file: str | Path | None = None) -> RediConfig:
+    """A line's full config: the profile's defaults < the line file < ``config_file`` < ``overrides``.
+
+    The profile is ``profile`` when given, else ``config_file``'s, else the line file's. The line's
+    name (``line.name``) defaults to the file's name.
+    """
+    path = line_file(name_or_path, lines_dir)
+    data = read_config_file(path)
+    if config_file:
+        data = _deep_merge(data, read_config_file(config_file))
+    data = _deep_merge(data, parse_overrides(overrides or []))
+    if profile:
+        data["profile"] = profile
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"line config {path} is not valid YAML: {exc}") from exc
-    unknown = set(raw) - _TOP_KEYS
-    if unknown:
-        raise ConfigError(f"line config {path}: unknown keys {sorted(unknown)}; known: {sorted(_TOP_KEYS)}")
-    data = raw.get("data") or {}
-    gate_cfg = raw.get("gate") or {}
-    bad = set(gate_cfg) - set(_GATE_KEYS)
-    if bad:
-        raise ConfigError(f"line config {path}: unknown gate keys {sorted(bad)}; known: {list(_GATE_KEYS)}")
-    return LineSpec(line=str(raw.get("line") or path.stem), description=str(raw.get("description", "")),
-                    data_path=str(data.get("path", "")), data_repo=str(data.get("repo", "")),
-                    data_revision=str(data.get("revision", "")), profile=str(raw.get("profile", "cpu")),
-                    demo=dict(raw.get("demo") or {}), gate={k: float(v) for k, v in gate_cfg.items()},
-                    config=dict(raw.get("config") or {}), source=str(path))
+        cfg = from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"line config {path}: {exc}") from exc
+    cfg.line.name = cfg.line.name or path.stem
+    return cfg
 
 
 def list_lines(lines_dir: str | Path | None = None) -> list[str]:
@@ -171,59 +118,159 @@ def list_lines(lines_dir: str | Path | None = None) -> list[str]:
     return sorted(p.stem for p in Path(lines_dir or LINES_DIR).glob("*.yaml"))
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
+def section_json(cfg: RediConfig, *names: str) -> str:
+    """The named config sections, resolved, as canonical JSON (a step's cache-relevant settings).
 
-
-def pipeline_arguments(spec: LineSpec, workdir: str | Path, profile: str | None = None,
-                       overrides: list[str] | None = None, data_revision: str | None = None,
-                       data_repo: str | None = None, data_path: str | None = None,
-                       gate_overrides: dict[str, float] | None = None, run_tag: str = "",
-                       bentoml_home: str = "", config_file: str | Path | None = None) -> dict[str, Any]:
-    """The pipeline's parameters for a line: its file, then the caller's choices; validated.
-
-    Settings: the line file's ``config`` < ``config_file`` (a redi config file) < ``overrides``;
-    profile: ``profile`` when given, else the config file's, else the line file's.
+    ``data.root`` is left out: each step sets it to its own copy of the dataset.
     """
-    from components.common import make_config
-
-    workdir = Path(workdir).resolve()
-    from_file = read_config_file(config_file) if config_file else {}
-    file_profile = from_file.pop("profile", None)
-    settings = _merge(_merge(spec.config, from_file), parse_overrides(overrides or []))
-    profile = profile or file_profile or spec.profile
-    make_config(profile, json.dumps(settings))  # fail now, not inside a step, on a bad setting
-    gate_values = {"min_image_auroc": 0.0, "min_pixel_auroc": 0.0, "min_aupro": 0.0, "tolerance": 0.01,
-                   **spec.gate, **(gate_overrides or {})}
-    path = data_path if data_path is not None else spec.data_path
-    repo = data_repo if data_repo is not None else spec.data_repo
-    if repo and "://" not in repo and Path(repo).is_dir():
-        repo = str(Path(repo).resolve())  # a local repository: the steps may run in another folder
-    if not path:
-        path = str(workdir / "data" / spec.line)
-    elif not repo and not Path(path).is_absolute():
-        path = str(Path(path).resolve())  # the steps may run in another folder
-    return {"line": spec.line, "data_path": path, "data_repo": repo,
-            "data_revision": data_revision if data_revision is not None else spec.data_revision,
-            "profile": profile, "config_json": json.dumps(settings),
-            "min_image_auroc": gate_values["min_image_auroc"], "min_pixel_auroc": gate_values["min_pixel_auroc"],
-            "min_aupro": gate_values["min_aupro"], "gate_tolerance": gate_values["tolerance"],
-            "workdir": str(workdir), "run_tag": run_tag, "bentoml_home": bentoml_home}
+    full = to_dict(cfg)
+    picked = {name: full[name] for name in names}
+    if "data" in picked:
+        picked["data"] = {k: v for k, v in picked["data"].items() if k != "root"}
+    return json.dumps(picked, sort_keys=True, separators=(",", ":"))
 
 
-def ensure_demo_data(spec: LineSpec, data_path: str | Path, demo_options: dict[str, Any] | None = None) -> bool:
+def pipeline_arguments(cfg: RediConfig, workdir: str | Path, data_revision: str | None = None,
+                       data_repo: str | None = None, data_path: str | None = None, bentoml_home: str = "",
+                       cluster_mode: bool = False, require_data: bool = True) -> dict[str, Any]:
+    """The pipeline's parameters for a line's config (see :func:`build_pipeline`).
+
+    Local runs (``cluster_mode=False``) resolve paths on this machine; cluster runs keep them as
+    paths in the step pods.
+    """
+    source = cfg.line
+    path = data_path if data_path is not None else source.data_path
+    repo = data_repo if data_repo is not None else source.data_repo
+    if not cluster_mode:
+        workdir = str(Path(workdir).resolve()) if workdir else ""
+        if repo and "://" not in repo and Path(repo).is_dir():
+            repo = str(Path(repo).resolve())  # a local repository: the steps may run in another folder
+        if not path and source.demo.enabled:
+            path = str(Path(workdir or DEFAULT_WORKDIR) / "data" / source.name)
+        elif path and not repo and not Path(path).is_absolute():
+            path = str(Path(path).resolve())
+    if not path and require_data:
+        raise ConfigError(f"line {source.name!r} has no data path (line.data_path){' on a cluster' if cluster_mode else ''}"
+                          f"; give --data-path (a folder on a mounted volume) or --data-repo and --data-path "
+                          f"(a DVC repository){'; demo data is made only by local runs' if source.demo.enabled else ''}")
+    return {"line": source.name, "data_path": path, "data_repo": repo,
+            "data_revision": data_revision if data_revision is not None else source.data_revision,
+            "profile": cfg.profile, **{f"{name}_config": section_json(cfg, name) for name in MODEL_SECTIONS},
+            "config_json": section_json(cfg, *MODEL_SECTIONS, "gate"), "workdir": str(workdir or ""),
+            "bentoml_home": bentoml_home, "cluster_mode": cluster_mode}
+
+
+# -- the pipeline -------------------------------------------------------------------------------
+def _apply_step_settings(task: dsl.PipelineTask, stage: str, cfg: RediConfig) -> dsl.PipelineTask:
+    """The step's Kubernetes settings from the line's ``pipeline`` section (no effect in local runs)."""
+    pipe = cfg.pipeline
+    step: StepConfig = getattr(pipe.steps, stage)
+    task.set_display_name(stage.replace("_", "-")).set_caching_options(stage not in UNCACHED)
+    for value, setter in ((step.cpu_request, task.set_cpu_request), (step.memory_request, task.set_memory_request),
+                          (step.cpu_limit, task.set_cpu_limit), (step.memory_limit, task.set_memory_limit)):
+        if value:
+            setter(value)
+    if step.retries:
+        task.set_retry(num_retries=step.retries, backoff_duration="30s", backoff_factor=2.0,
+                       backoff_max_duration="600s")
+    if step.accelerator and pipe.accelerator_type and pipe.accelerator_count:
+        task.set_accelerator_type(pipe.accelerator_type).set_accelerator_limit(pipe.accelerator_count)
+        for key, value in sorted(pipe.node_selector.items()):
+            kubernetes.add_node_selector(task, key, value)
+        for toleration in pipe.tolerations:
+            kubernetes.add_toleration(task, **toleration)
+    if stage in STORE_STEPS and pipe.store_secret:
+        kubernetes.use_secret_as_env(task, pipe.store_secret, {k: k for k in S3_SETTINGS})
+        kubernetes.use_secret_as_env(task, pipe.store_secret, {k: k for k in S3_OPTIONAL}, optional=True)
+    if stage in WORKDIR_STEPS and pipe.workdir_pvc:
+        kubernetes.mount_pvc(task, pipe.workdir_pvc, pipe.workdir_mount)
+    return task
+
+
+def build_pipeline(cfg: RediConfig) -> Callable[..., Any]:
+    """The KFP pipeline of one line; its parameters default to the line's settings in cluster mode.
+
+    Parameters (all overridable per run): ``line``, ``data_path``, ``data_repo``, ``data_revision``
+    (the data's source), ``profile`` and ``<section>_config`` (the resolved config sections ``data``,
+    ``model``, ``train``, ``eval``, JSON), ``config_json`` (those and ``gate``, for the gate), ``workdir``
+    (checkpoints: the mounted volume's path, or "" for no resume), ``bentoml_home``, ``cluster_mode``
+    (True: the object store must be configured; the local runner sets it False).
+    """
+    workdir = cfg.pipeline.workdir_mount if cfg.pipeline.workdir_pvc else ""
+    d = pipeline_arguments(cfg, workdir, cluster_mode=True, require_data=False)
+
+    @dsl.pipeline(name=PIPELINE_NAME, description=f"redi line {cfg.line.name}: data version -> train -> "
+                                                  f"evaluate -> gate -> package")
+    def line_pipeline(line: str = d["line"], data_path: str = d["data_path"], data_repo: str = d["data_repo"],
+                      data_revision: str = d["data_revision"], profile: str = d["profile"],
+                      data_config: str = d["data_config"], model_config: str = d["model_config"],
+                      train_config: str = d["train_config"], eval_config: str = d["eval_config"],
+                      config_json: str = d["config_json"], workdir: str = d["workdir"],
+                      bentoml_home: str = d["bentoml_home"], cluster_mode: bool = True):
+        sections = {"profile": profile, "data_config": data_config, "model_config": model_config,
+                    "train_config": train_config}
+        data = version_data(line=line, data_path=data_path, data_repo=data_repo, data_revision=data_revision,
+                            profile=profile, data_config=data_config)
+        _apply_step_settings(data, "version_data", cfg)
+        snap = snapshot_data(line=line, data_path=data_path, data_repo=data_repo,
+                             revision=data.outputs["revision"], data_hash=data.outputs["data_hash"])
+        _apply_step_settings(snap, "snapshot_data", cfg)
+        dataset = snap.outputs["dataset"]
+        maps = _apply_step_settings(precompute_hog(line=line, dataset=dataset, **sections), "precompute_hog", cfg)
+        bank = _apply_step_settings(build_prompt_bank(line=line, dataset=dataset, eval_config=eval_config,
+                                                      **sections), "build_prompt_bank", cfg)
+        recover = train_recover(line=line, workdir=workdir, dataset=dataset, prompt_bank=bank.outputs["prompt_bank"],
+                                selfmaps=maps.outputs["selfmaps"], **sections)
+        _apply_step_settings(recover, "train_recover", cfg)
+        disc = train_discriminate(line=line, workdir=workdir, eval_config=eval_config, dataset=dataset,
+                                  prompt_bank=bank.outputs["prompt_bank"], recover=recover.outputs["recover"],
+                                  **sections)
+        _apply_step_settings(disc, "train_discriminate", cfg)
+        detector = disc.outputs["detector"]
+        evaluation = _apply_step_settings(evaluate(line=line, eval_config=eval_config, dataset=dataset,
+                                                   detector=detector, **sections), "evaluate", cfg)
+        reference = _apply_step_settings(drift_reference(line=line, eval_config=eval_config, dataset=dataset,
+                                                         detector=detector, **sections), "drift_reference", cfg)
+        decision = gate(line=line, profile=profile, config_json=config_json, workdir=workdir,
+                        cluster_mode=cluster_mode, dataset=dataset, detector=detector,
+                        evaluation=evaluation.outputs["evaluation"], manifest=data.outputs["manifest"],
+                        reference=reference.outputs["reference"])
+        _apply_step_settings(decision, "gate", cfg)
+        with dsl.If(decision.outputs["Output"] == True, name="promoted"):  # noqa: E712 (a KFP expression)
+            packaged = package_bento(line=line, workdir=workdir, bentoml_home=bentoml_home, cluster_mode=cluster_mode,
+                                     decision=decision.outputs["decision"])
+            _apply_step_settings(packaged, "package_bento", cfg)
+
+    return line_pipeline
+
+
+def compile_pipeline(out_path: str | Path = "pipelines/line_pipeline.yaml", line: str | Path = "bottle_caps",
+                     lines_dir: str | Path | None = None, profile: str | None = None,
+                     overrides: list[str] | None = None, config_file: str | Path | None = None,
+                     cfg: RediConfig | None = None) -> Path:
+    """Compile a line's pipeline to a KFP YAML package (works offline; the same line compiles to the same bytes)."""
+    from kfp import compiler
+
+    cfg = cfg or load_line(line, lines_dir, profile, overrides, config_file)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    compiler.Compiler().compile(build_pipeline(cfg), str(out_path))
+    return out_path
+
+
+def ensure_demo_data(cfg: RediConfig, data_path: str | Path, demo_options: dict[str, Any] | None = None) -> bool:
     """Make the line's SYNTHETIC demo data when the line is a demo line and the folder is missing."""
+    from dataclasses import asdict
+
     from redi.data.demo import make_demo_line
 
-    if not spec.is_demo or (Path(data_path) / "train").is_dir():
+    if not cfg.line.demo.enabled or (Path(data_path) / "train").is_dir():
         return False
-    options = {**spec.demo, **(demo_options or {})}
+    options = {**asdict(cfg.line.demo), **(demo_options or {})}
+    options.pop("enabled", None)
     options.pop("line", None)
-    print(f"[pipeline] making the synthetic demo line {spec.line!r} in {data_path}", file=sys.stderr, flush=True)
-    make_demo_line(data_path, spec.line, **options)
+    print(f"[pipeline] making the synthetic demo line {cfg.line.name!r} in {data_path}", file=sys.stderr, flush=True)
+    make_demo_line(data_path, cfg.line.name, **options)
     return True
 
 
@@ -272,9 +319,14 @@ def new_run_tag() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
+def status_folder(workdir: str | Path, line: str, run_tag: str) -> Path:
+    """Where a local run's steps record their results (``REDI_STATUS_DIR`` of its step subprocesses)."""
+    return Path(workdir) / line / "status" / run_tag
+
+
 def read_status(workdir: str | Path, line: str, run_tag: str) -> dict[str, dict[str, Any]]:
-    """The stage records of a run (stage -> record), as the components wrote them."""
-    folder = Path(workdir) / line / "status" / run_tag
+    """The stage records of a local run (stage -> record), as the components wrote them."""
+    folder = status_folder(workdir, line, run_tag)
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))} if folder.is_dir() else {}
 
 
@@ -283,28 +335,46 @@ def log_path(workdir: str | Path, line: str, run_tag: str) -> Path:
     return Path(workdir) / line / "logs" / f"{run_tag}.log"
 
 
-def run_local(arguments: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
-    """Run the pipeline with KFP's SubprocessRunner; return the stage records (raise :class:`PipelineError`).
+@contextlib.contextmanager
+def _run_environment(workdir: Path, line: str, run_tag: str) -> Iterator[None]:
+    """The run tag and status folder for the step subprocesses (they inherit this environment); not step
+    inputs, so they never enter a step's cache key."""
+    values = {RUN_TAG_ENV: run_tag, STATUS_ENV: str(status_folder(workdir, line, run_tag))}
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def run_local(cfg: RediConfig, arguments: dict[str, Any], run_tag: str = "", verbose: bool = False) -> dict[str, Any]:
+    """Run the line's pipeline with KFP's SubprocessRunner; return the stage records (raise :class:`PipelineError`).
 
     The steps' full output goes to :func:`log_path`; the console shows the stages' own lines
-    (everything with ``verbose``).
+    (everything with ``verbose``). KFP's local runner has no caching, retries or resource settings:
+    those take effect on a cluster.
     """
     from kfp import local
 
     workdir = Path(arguments["workdir"])
-    line, run_tag = arguments["line"], arguments["run_tag"] or new_run_tag()
-    arguments = {**arguments, "run_tag": run_tag}
+    line, run_tag = arguments["line"], run_tag or new_run_tag()
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(workdir / "kfp"),
                workspace_root=str(workdir / "kfp-workspace"))
     log = log_path(workdir, line, run_tag)
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as log_file, _project_on_path(), warnings.catch_warnings():
+    with open(log, "w") as log_file, _project_on_path(), _run_environment(workdir, line, run_tag), \
+            warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*have no effect in the current local runner.*")
         warnings.filterwarnings("ignore", message=".*base image.*")
         output = sys.stdout if verbose else _StepOutput(sys.stdout, log_file)
         try:
             with contextlib.redirect_stdout(output):
-                line_pipeline(**arguments)
+                build_pipeline(cfg)(**{**arguments, "cluster_mode": False})
         except RuntimeError as exc:
             raise PipelineError(_failure_message(workdir, line, run_tag, exc)) from None
     return read_status(workdir, line, run_tag)
@@ -334,8 +404,9 @@ def summarize(line: str, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "version_prefix": gate_record.get("version_prefix"),
             "production_detector": gate_record.get("production_detector"),
             "production_version": gate_record.get("production_version"),
+            "data_hash": records.get("version_data", {}).get("data_hash"),
             "bento": bento.get("bento_tag"), "bento_model": bento.get("model_tag"),
-            "bentoml_home": bento.get("bentoml_home"), "stages": records}
+            "bento_uri": bento.get("bento_uri"), "bentoml_home": bento.get("bentoml_home"), "stages": records}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -348,14 +419,19 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"stored versions: {summary['version_prefix']}")
     if summary["promoted"]:
         print(f"promoted model: {summary['production_detector']}")
-        print(f"bento: {summary['bento']} (model {summary['bento_model']}, BENTOML_HOME={summary['bentoml_home']})")
+        print(f"bento: {summary['bento']} (model {summary['bento_model']}, BENTOML_HOME={summary['bentoml_home']}; "
+              f"exported to {summary['bento_uri']})")
     else:
         current = summary["production_version"]
         print(f"promoted model: none from this run; production stays at {current or 'nothing (no model yet)'}")
         print("bento: not built (nothing promoted)")
 
 
-def run_line_pipeline(line: str, profile: str = "tiny", workdir: str | Path = DEFAULT_WORKDIR,
+def _gate_settings(gate_overrides: dict[str, float] | None) -> list[str]:
+    return [f"gate.{key}={value}" for key, value in (gate_overrides or {}).items()]
+
+
+def run_line_pipeline(line: str, profile: str | None = None, workdir: str | Path = DEFAULT_WORKDIR,
                       overrides: list[str] | None = None, data_revision: str | None = None,
                       data_repo: str | None = None, data_path: str | None = None,
                       gate_overrides: dict[str, float] | None = None, lines_dir: str | Path | None = None,
@@ -370,9 +446,9 @@ def run_line_pipeline(line: str, profile: str = "tiny", workdir: str | Path = DE
         line: a line name (``pipelines/lines/<line>.yaml``) or a line config file's path.
         profile: config profile; None takes the line file's.
         workdir: persistent folder: data of demo lines, checkpoints, step outputs, local store, Bento store.
-        overrides: ``section.key=value`` config settings on top of the line file's.
-        data_revision, data_repo, data_path: override the line file's data source.
-        gate_overrides: e.g. ``{"min_image_auroc": 0.9, "tolerance": 0.0}``.
+        overrides: ``section.key=value`` settings on top of the line file's (any section, ``gate`` included).
+        data_revision, data_repo, data_path: override the line's data source.
+        gate_overrides: e.g. ``{"min_image_auroc": 0.9, "tolerance": 0.0}`` (same as ``gate.*`` overrides).
         demo_options: ``make_demo_line`` arguments (e.g. ``{"n_train": 12, "size": 128}``).
         bentoml_home: BentoML store; default ``BENTOML_HOME`` or ``<workdir>/bentoml``.
         config_file: a redi config file whose settings go over the line file's (under ``overrides``).
@@ -380,24 +456,25 @@ def run_line_pipeline(line: str, profile: str = "tiny", workdir: str | Path = DE
 
     Returns:
         :func:`summarize`'s dict (``promoted``, ``reasons``, ``report``, ``production_detector``,
-        ``bento``, ``stages``, ...).
+        ``bento``, ``stages``, ...), with ``run_tag``, ``seconds``, ``arguments``, ``log``.
 
     Raises:
         PipelineError: a stage failed (the message names it and the cause).
     """
-    spec = load_line(line, lines_dir)
+    cfg = load_line(line, lines_dir, profile, [*(overrides or []), *_gate_settings(gate_overrides)], config_file)
     workdir = Path(workdir).resolve()
-    arguments = pipeline_arguments(spec, workdir, profile, overrides, data_revision, data_repo, data_path,
-                                   gate_overrides, new_run_tag(), bentoml_home, config_file)
+    arguments = pipeline_arguments(cfg, workdir, data_revision, data_repo, data_path, bentoml_home)
     if not arguments["data_repo"]:
-        ensure_demo_data(spec, arguments["data_path"], demo_options)
+        ensure_demo_data(cfg, arguments["data_path"], demo_options)
+    run_tag = new_run_tag()
     started = time.perf_counter()
-    summary = summarize(spec.line, run_local(arguments, verbose))
-    summary.update({"run_tag": arguments["run_tag"], "seconds": round(time.perf_counter() - started, 1),
-                    "arguments": arguments, "log": str(log_path(workdir, spec.line, arguments["run_tag"]))})
+    summary = summarize(cfg.line.name, run_local(cfg, arguments, run_tag, verbose))
+    summary.update({"run_tag": run_tag, "seconds": round(time.perf_counter() - started, 1), "arguments": arguments,
+                    "log": str(log_path(workdir, cfg.line.name, run_tag))})
     if not quiet:
-        print(f"pipeline run {arguments['run_tag']} of line {spec.line!r} ({arguments['profile']} profile"
-              f"{', SYNTHETIC demo data' if spec.is_demo else ''}) took {summary['seconds']} s", file=sys.stderr)
+        print(f"pipeline run {run_tag} of line {cfg.line.name!r} ({cfg.profile} profile"
+              f"{', SYNTHETIC demo data' if cfg.line.demo.enabled and not arguments['data_repo'] else ''}) "
+              f"took {summary['seconds']} s", file=sys.stderr)
         print_summary(summary)
         print(f"full log: {summary['log']}")
     return summary
@@ -423,39 +500,96 @@ def run_all_lines(profile: str | None = None, workdir: str | Path = DEFAULT_WORK
 
 
 # -- a cluster ----------------------------------------------------------------------------------
-def submit(host: str, line: str, profile: str | None = None, workdir: str = "", overrides: list[str] | None = None,
-           data_revision: str | None = None, data_repo: str | None = None, data_path: str | None = None,
-           gate_overrides: dict[str, float] | None = None, experiment: str = "redi", namespace: str | None = None,
-           package_path: str | Path | None = None, lines_dir: str | Path | None = None,
-           config_file: str | Path | None = None, client: Any = None) -> dict[str, Any]:
-    """Compile the pipeline and start a run of one line on a KFP endpoint (``kfp.Client(host=...)``).
+def _cluster_arguments(cfg: RediConfig, workdir: str | None, data_revision: str | None, data_repo: str | None,
+                       data_path: str | None) -> dict[str, Any]:
+    """Parameters of a cluster run: paths in the step pods, not resolved on this machine."""
+    if workdir is None:
+        workdir = cfg.pipeline.workdir_mount if cfg.pipeline.workdir_pvc else ""
+    return pipeline_arguments(cfg, workdir, data_revision, data_repo, data_path, cluster_mode=True)
 
-    ``workdir`` is a path inside the step pods (a mounted volume) or "" for none (no resume). The
-    data must be reachable from the cluster: a ``data_repo`` git URL with a DVC remote, or a path
-    on a mounted volume.
+
+def _client(host: str, cfg: RediConfig, namespace: str | None, client: Any) -> tuple[Any, str]:
+    host = host or cfg.pipeline.kfp_host
+    if not host:
+        raise ConfigError(f"no KFP endpoint for line {cfg.line.name!r}: give --host or set pipeline.kfp_host "
+                          f"in the line's config")
+    if client is None:
+        import kfp
+
+        client = kfp.Client(host=host, namespace=namespace or cfg.pipeline.namespace or None)
+    return client, host
+
+
+def _package(cfg: RediConfig, package_path: str | Path | None) -> Path:
+    import tempfile
+
+    package = Path(package_path) if package_path else Path(tempfile.mkdtemp()) / f"{cfg.line.name}.yaml"
+    return compile_pipeline(package, cfg=cfg)
+
+
+def submit(host: str, line: str, profile: str | None = None, workdir: str | None = None,
+           overrides: list[str] | None = None, data_revision: str | None = None, data_repo: str | None = None,
+           data_path: str | None = None, gate_overrides: dict[str, float] | None = None,
+           experiment: str | None = None, namespace: str | None = None, package_path: str | Path | None = None,
+           lines_dir: str | Path | None = None, config_file: str | Path | None = None,
+           client: Any = None) -> dict[str, Any]:
+    """Compile the line's pipeline and start one run on a KFP endpoint (``kfp.Client(host=...)``).
+
+    ``host`` "" takes the line's ``pipeline.kfp_host``. ``workdir`` is a path inside the step pods
+    (default: the line's ``pipeline.workdir_mount`` when it mounts ``pipeline.workdir_pvc``, else ""
+    for no resume). The data must be reachable from the cluster: a ``data_repo`` git URL with a DVC
+    remote, or a path on a mounted volume. Typical use from CI on a data commit:
+    ``redi pipeline submit --line L --revision $(git rev-parse HEAD)``.
 
     Returns:
         ``{"run_id", "host", "package", "arguments"}``.
     """
-    import tempfile
-
-    spec = load_line(line, lines_dir)
-    arguments = pipeline_arguments(spec, workdir or ".", profile, overrides, data_revision, data_repo, data_path,
-                                   gate_overrides, new_run_tag(), config_file=config_file)
-    arguments["workdir"] = workdir  # paths in the pods, not resolved on this machine
-    arguments["data_path"] = data_path or spec.data_path
-    if not arguments["data_path"]:
-        raise ConfigError(f"line {spec.line!r} is a demo line without a data path; on a cluster give --data-path "
-                          f"(on a mounted volume) or --data-repo (a DVC repository)")
-    package = Path(package_path) if package_path else Path(tempfile.mkdtemp()) / "line_pipeline.yaml"
-    compile_pipeline(package)
-    if client is None:
-        import kfp
-
-        client = kfp.Client(host=host, namespace=namespace)
-    result = client.create_run_from_pipeline_package(str(package), arguments=arguments,
-                                                     run_name=f"{spec.line}-{arguments['run_tag']}",
-                                                     experiment_name=experiment, namespace=namespace)
+    cfg = load_line(line, lines_dir, profile, [*(overrides or []), *_gate_settings(gate_overrides)], config_file)
+    arguments = _cluster_arguments(cfg, workdir, data_revision, data_repo, data_path)
+    client, host = _client(host, cfg, namespace, client)
+    package = _package(cfg, package_path)
+    run_name = f"{cfg.line.name}-{(arguments['data_revision'] or 'working-copy')[:12]}-{new_run_tag()}"
+    result = client.create_run_from_pipeline_package(str(package), arguments=arguments, run_name=run_name,
+                                                     experiment_name=experiment or cfg.pipeline.experiment,
+                                                     namespace=namespace or cfg.pipeline.namespace or None)
     run_id = getattr(result, "run_id", None)
-    print(f"submitted line {spec.line!r} to {host}: run {run_id}")
+    print(f"submitted line {cfg.line.name!r} to {host}: run {run_id} ({cfg.profile} profile, data revision "
+          f"{arguments['data_revision'] or 'as configured'})")
     return {"run_id": run_id, "host": host, "package": str(package), "arguments": arguments}
+
+
+def schedule(host: str, line: str, cron: str | None = None, profile: str | None = None, workdir: str | None = None,
+             overrides: list[str] | None = None, data_repo: str | None = None, data_path: str | None = None,
+             experiment: str | None = None, namespace: str | None = None, package_path: str | Path | None = None,
+             lines_dir: str | Path | None = None, config_file: str | Path | None = None,
+             client: Any = None) -> dict[str, Any]:
+    """Create the line's recurring run on a KFP endpoint (``kfp.Client.create_recurring_run``).
+
+    The schedule is ``cron`` or the line's ``pipeline.schedule`` (6 fields, seconds first, as KFP
+    reads them). Each scheduled run fetches the line's configured data revision ("" = the newest
+    commit of a git URL, as ``dvc get`` without ``--rev`` does); caching makes a run on unchanged data
+    and settings reuse the finished steps.
+
+    Returns:
+        ``{"recurring_run_id", "host", "cron", "package", "arguments"}``.
+    """
+    cfg = load_line(line, lines_dir, profile, overrides, config_file)
+    if cron is not None:
+        cfg = from_dict({**to_dict(cfg), "pipeline": {**to_dict(cfg)["pipeline"], "schedule": cron}})
+    if not cfg.pipeline.schedule:
+        raise ConfigError(f"line {cfg.line.name!r} has no schedule: set pipeline.schedule (e.g. '0 0 3 * * 0') "
+                          f"or give --cron")
+    arguments = _cluster_arguments(cfg, workdir, None, data_repo, data_path)
+    client, host = _client(host, cfg, namespace, client)
+    package = _package(cfg, package_path)
+    experiment_name = experiment or cfg.pipeline.experiment
+    found = client.create_experiment(experiment_name, namespace=namespace or cfg.pipeline.namespace or None)
+    recurring = client.create_recurring_run(
+        experiment_id=getattr(found, "experiment_id", None), job_name=f"{cfg.line.name}-scheduled",
+        description=f"redi line {cfg.line.name}, {cfg.profile} profile, cron {cfg.pipeline.schedule}",
+        cron_expression=cfg.pipeline.schedule, max_concurrency=1, no_catchup=True, params=arguments,
+        pipeline_package_path=str(package), enable_caching=True)
+    recurring_id = getattr(recurring, "recurring_run_id", None)
+    print(f"scheduled line {cfg.line.name!r} on {host}: recurring run {recurring_id}, cron {cfg.pipeline.schedule!r}")
+    return {"recurring_run_id": recurring_id, "host": host, "cron": cfg.pipeline.schedule, "package": str(package),
+            "arguments": arguments}

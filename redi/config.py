@@ -9,6 +9,13 @@ Profiles:
 - ``cpu``: a budget that trains one of the small dev sets in about half an hour on 2 cores.
 - ``fast``: the ``cpu`` budget with the narrow, lower-resolution recover net built for speed.
 - ``tiny``: seconds; for tests and CI.
+
+Besides the model's settings, the schema holds a product line's operations settings, so a line
+file (``pipelines/lines/<line>.yaml``) is an ordinary redi config file:
+- ``line``: the line's name, its data source (path, DVC repository, revision) and demo options;
+- ``gate``: the evaluation gate's minimums and tolerance (``redi.gate.GatePolicy``);
+- ``pipeline``: how the Kubeflow pipeline runs on a cluster (object-store secret, schedule,
+  resources and retries per step, accelerator, node selector, tolerations, work-dir volume).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ SELFMAP_KINDS = ("hog", "sobel", "roberts", "canny")
 PROMPT_MODES = ("nearest", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2")
+TOLERATION_KEYS = ("key", "operator", "value", "effect")
 
 
 @dataclass
@@ -118,6 +126,93 @@ class EvalConfig:
 
 
 @dataclass
+class DemoConfig:
+    """The SYNTHETIC demo data of a demo line (``redi.data.demo.make_demo_line`` arguments)."""
+
+    enabled: bool = False  # True: made in <workdir>/data/<line> when missing (only without a data path)
+    n_train: int = 30
+    n_test_good: int = 10
+    n_test_defect: int = 20
+    size: int = 256
+    seed: int = 0
+
+
+@dataclass
+class LineConfig:
+    """A product line: its name and where its data is."""
+
+    name: str = ""  # "" = the line file's name
+    description: str = ""
+    data_path: str = ""  # the line's folder in MVTec-AD layout ("" = demo data in the work dir)
+    data_repo: str = ""  # a DVC repository (path or git URL) that versions data_path; "" = a plain folder
+    data_revision: str = ""  # its git revision; "" = the working copy (or the newest, for triggered runs)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+
+@dataclass
+class GateConfig:
+    """The evaluation gate (``redi.gate.GatePolicy``): minimums, and the tolerance against production."""
+
+    min_image_auroc: float = 0.0
+    min_pixel_auroc: float = 0.0
+    min_aupro: float = 0.0
+    tolerance: float = 0.01  # candidate >= production - tolerance on each gated metric
+
+
+@dataclass
+class StepConfig:
+    """Kubernetes settings of one pipeline step (Kubernetes quantities: "500m", "4Gi"; "" = none)."""
+
+    cpu_request: str = "1"
+    memory_request: str = "2Gi"
+    cpu_limit: str = ""
+    memory_limit: str = ""
+    retries: int = 0  # retries on failure (transient faults: network, object store, node loss)
+    accelerator: bool = False  # request the pipeline's accelerator and use its node selector / tolerations
+
+
+def _step(cpu: str = "1", memory: str = "2Gi", retries: int = 0, accelerator: bool = False,
+          memory_limit: str = "") -> Any:
+    return field(default_factory=lambda: StepConfig(cpu, memory, "", memory_limit, retries, accelerator))
+
+
+@dataclass
+class PipelineStepsConfig:
+    """Per-step Kubernetes settings, one entry per step of the line pipeline."""
+
+    version_data: StepConfig = _step("1", "2Gi", retries=3)  # fetches data: network
+    snapshot_data: StepConfig = _step("1", "2Gi", retries=3)
+    precompute_hog: StepConfig = _step("2", "4Gi")
+    build_prompt_bank: StepConfig = _step("2", "4Gi")
+    train_recover: StepConfig = _step("4", "16Gi", accelerator=True)
+    train_discriminate: StepConfig = _step("4", "16Gi", accelerator=True)
+    evaluate: StepConfig = _step("2", "8Gi")
+    drift_reference: StepConfig = _step("2", "4Gi")
+    gate: StepConfig = _step("2", "8Gi", retries=2)  # uploads to the object store
+    package_bento: StepConfig = _step("1", "4Gi", retries=2)  # bentoml build + upload
+
+
+@dataclass
+class PipelineConfig:
+    """How a line's Kubeflow pipeline runs: on a cluster, and what starts it."""
+
+    store_secret: str = "redi-s3"  # Kubernetes secret whose keys REDI_S3_ENDPOINT/ACCESS_KEY/SECRET_KEY/BUCKET
+    # become the steps' environment ("" = none: then a cluster run fails loudly at the gate)
+    schedule: str = "0 0 3 * * 0"  # the recurring run's cron (KFP: seconds minutes hours day month weekday)
+    kfp_host: str = ""  # KFP endpoint for submit / schedule / drift-triggered runs ("" = run locally)
+    experiment: str = "redi"
+    namespace: str = ""
+    accelerator_type: str = "nvidia.com/gpu"  # what the accelerator steps request
+    accelerator_count: int = 1
+    node_selector: dict[str, str] = field(default_factory=dict)  # for accelerator steps, e.g. {gpu: "true"}
+    tolerations: list[dict[str, str]] = field(  # for accelerator steps
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    workdir_pvc: str = ""  # PersistentVolumeClaim mounted at workdir_mount in every step ("" = none: no resume)
+    workdir_mount: str = "/var/lib/redi/work"
+    steps: PipelineStepsConfig = field(default_factory=PipelineStepsConfig)
+
+
+@dataclass
 class RediConfig:
     """Everything one run needs. ``profile`` records which named budget produced it."""
 
@@ -126,6 +221,9 @@ class RediConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    line: LineConfig = field(default_factory=LineConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
 
     def validate(self) -> "RediConfig":
         """Raise ConfigError for values that would fail later with an obscure message."""
@@ -142,11 +240,31 @@ class RediConfig:
              "data.val_fraction must be in (0, 0.9): held-out normal images set the decision threshold"),
             (0.0 < self.eval.threshold_quantile <= 1.0, "eval.threshold_quantile must be in (0, 1]"),
             (self.train.recover.epochs >= 0 and self.train.discriminate.epochs >= 0, "epochs must be >= 0"),
+            *self._operations_checks(),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         return self
+
+    def _operations_checks(self) -> list[tuple[bool, str]]:
+        """Checks of the line, gate and pipeline sections."""
+        gate, pipe = self.gate, self.pipeline
+        steps = [(name, getattr(pipe.steps, name)) for name in get_type_hints(PipelineStepsConfig)]
+        bad_tolerations = [t for t in pipe.tolerations if set(t) - set(TOLERATION_KEYS)]
+        return [
+            (all(0.0 <= v <= 1.0 for v in (gate.min_image_auroc, gate.min_pixel_auroc, gate.min_aupro)),
+             "gate minimums (gate.min_image_auroc, min_pixel_auroc, min_aupro) must lie in [0, 1]"),
+            (0.0 <= gate.tolerance < 1.0, "gate.tolerance must lie in [0, 1)"),
+            (not pipe.schedule or len(pipe.schedule.split()) == 6,
+             f"pipeline.schedule {pipe.schedule!r} must be a 6-field cron (seconds minutes hours day month "
+             f"weekday, as KFP reads it), e.g. '0 0 3 * * 0' for Sundays at 03:00"),
+            (all(step.retries >= 0 for _, step in steps), "pipeline.steps.<step>.retries must be >= 0"),
+            (pipe.accelerator_count >= 0, "pipeline.accelerator_count must be >= 0"),
+            (not bad_tolerations, f"pipeline.tolerations entries may only hold {TOLERATION_KEYS}; "
+                                  f"got {bad_tolerations}"),
+            (not self.line.demo.enabled or self.line.demo.n_train > 0, "line.demo.n_train must be > 0"),
+        ]
 
 
 def _paper() -> RediConfig:
@@ -219,6 +337,11 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
             if hint is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return hint(value)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise ValueError(value)
+            key_hint, value_hint = get_args(hint)
+            return {_convert(k, key_hint, where): _convert(v, value_hint, f"{where}.{k}") for k, v in value.items()}
         if origin is list:
             (item_hint,) = get_args(hint)
             if isinstance(value, str):
@@ -306,8 +429,6 @@ def load_config(path: str | Path | None = None, profile: str | None = None,
 
 def save_config(cfg: RediConfig, path: str | Path) -> None:
     """Write the full config (every key, so a run can be repeated exactly) as YAML."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    from redi.utils import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -46,8 +46,13 @@ def _monitor(args: argparse.Namespace) -> int:
     settings = MonitorSettings(min_rows=args.min_rows, last=args.last or None, since=_since(args.since))
     if args.feature_p is not None:
         settings.feature_p_value = args.feature_p
+    trigger = None
+    if args.trigger_pipeline:  # the bridge to the orchestration; imports the pipeline only when it runs
+        from redi.pipeline_cli import drift_trigger
+
+        trigger = drift_trigger(args.kfp_host, args.pipeline_workdir, args.lines_dir)
     result = run_monitor(args.line, args.log_dir, args.reference, args.out, workspace=args.workspace,
-                         settings=settings, trigger_pipeline=args.trigger_pipeline)
+                         settings=settings, trigger_pipeline=args.trigger_pipeline, trigger=trigger)
     print(json.dumps(result.to_dict(), indent=2, default=str))
     if result.drift_detected:
         print(f"redi monitor: drift found on line {args.line}: data drift {result.data_drift}, embedding drift "
@@ -129,7 +134,12 @@ def add_monitor_commands(subparsers: argparse._SubParsersAction) -> dict[str, Ha
     p.add_argument("--min-rows", type=int, default=10, help="refuse a verdict on fewer rows")
     p.add_argument("--feature-p", type=float, help="K-S p-value below which an image feature drifts (0.01)")
     p.add_argument("--trigger-pipeline", action="store_true",
-                   help="on drift, run the line's pipeline (pipelines.line_pipeline.run_line_pipeline)")
+                   help="on drift, retrain: run the line's pipeline with the line's own profile on the newest "
+                        "revision of its data repository (on --kfp-host / the line's pipeline.kfp_host, else locally)")
+    p.add_argument("--kfp-host", help="KFP endpoint for the triggered run (default: the line's pipeline.kfp_host; "
+                                      "none: run locally)")
+    p.add_argument("--pipeline-workdir", default="runs/pipeline", help="work dir of a local triggered run")
+    p.add_argument("--lines-dir", help="folder of line config files (default pipelines/lines)")
     p.add_argument("--no-fail", action="store_true", help="exit 0 even when drift is found")
 
     p = subparsers.add_parser("drift-reference", help="stage: the monitoring rows of a line's normal training images")

@@ -42,7 +42,8 @@ import pandas as pd
 from PIL import Image
 from scipy import ndimage
 
-from redi.errors import DatasetError, InputError, RediError
+from redi.errors import ConfigError, DatasetError, InputError
+from redi.utils import atomic_write_text
 
 FEATURE_SIZE = 256
 PROJECTION_SEED = 0
@@ -161,10 +162,7 @@ def build_reference(detector_path: str | Path, data_root: str | Path, out_path: 
             row.update(image_feature_row(rgb, float(score), emb, k))
             rows.append(row)
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    tmp.replace(out_path)  # atomic: a half-written reference is never read
+    atomic_write_text(out_path, pd.DataFrame(rows).to_csv(index=False))  # a half-written reference is never read
     return out_path
 
 
@@ -412,16 +410,6 @@ def open_workspace(path: str | Path):
     return Workspace(str(path))
 
 
-def _default_trigger(line: str) -> Any:
-    """Run the line's pipeline if the pipelines package is installed (imported only when needed)."""
-    try:
-        from pipelines.line_pipeline import run_line_pipeline  # written by the pipeline engineer
-    except ImportError as exc:
-        raise RediError(f"cannot trigger the pipeline of line {line}: pipelines.line_pipeline is not "
-                        f"importable ({exc}); run the pipeline by hand or pass a trigger function") from exc
-    return run_line_pipeline(line)
-
-
 def run_monitor(line: str, log_dir: str | Path, reference_path: str | Path, out_dir: str | Path,
                 workspace: str | Path | None = None, settings: MonitorSettings | None = None,
                 trigger_pipeline: bool = False, trigger: Callable[[str], Any] | None = None) -> MonitorResult:
@@ -430,13 +418,18 @@ def run_monitor(line: str, log_dir: str | Path, reference_path: str | Path, out_
     Writes ``<out_dir>/<line>/<UTC time>/report.html``, ``snapshot.json`` (Evidently's) and
     ``result.json`` (the flags), adds the run to the workspace project ``redi-<line>`` when a
     workspace folder is given, and when drift is found and ``trigger_pipeline`` is set, calls
-    ``trigger(line)`` (default: ``pipelines.line_pipeline.run_line_pipeline``).
+    ``trigger(line)`` (the caller's retraining; the command line builds it with
+    ``redi.pipeline_cli.drift_trigger``: this library never imports its own orchestration).
 
     Raises:
         DatasetError: the reference table is missing or broken.
         InputError: fewer than ``settings.min_rows`` comparable production rows.
+        ConfigError: ``trigger_pipeline`` without a ``trigger``.
     """
     check_line_name(line)
+    if trigger_pipeline and trigger is None:
+        raise ConfigError("trigger_pipeline needs a trigger function (e.g. redi.pipeline_cli.drift_trigger()); "
+                          "the monitoring library does not import the pipeline itself")
     settings = settings or MonitorSettings()
     reference = load_reference(reference_path)
     k = len([c for c in reference.columns if c.startswith("emb_")])
@@ -475,9 +468,9 @@ def run_monitor(line: str, log_dir: str | Path, reference_path: str | Path, out_
         ws.add_run(project.id, snapshot, name=f"{line} {out.name}")
         result.workspace_project = str(project.id)
     if result.drift_detected and trigger_pipeline:
-        result.pipeline_result = (trigger or _default_trigger)(line)
+        result.pipeline_result = trigger(line)
         result.pipeline_triggered = True
-    (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    atomic_write_text(out / "result.json", json.dumps(result.to_dict(), indent=2, default=str))
     return result
 
 

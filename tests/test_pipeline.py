@@ -18,29 +18,50 @@ lp = pipeline_module()  # pipelines.line_pipeline (puts the checkout on sys.path
 
 from components.common import REDI_IMAGE, make_config  # noqa: E402  (importable once lp is loaded)
 
-TASKS = ["version-data", "precompute-hog", "build-prompt-bank", "train-recover", "train-discriminate", "evaluate",
+TASKS = ["version-data", "snapshot-data", "precompute-hog", "build-prompt-bank", "train-recover", "train-discriminate", "evaluate",
          "drift-reference", "gate"]
 SMALL_DEMO = {"n_train": 10, "n_test_good": 4, "n_test_defect": 8, "size": 128}
 FAST = ["train.recover.epochs=4", "train.discriminate.epochs=3"]  # the tiny profile, fewer epochs
 CRIPPLED = ["model.recover.enabled=false", "model.use_frb=false"]  # no recovery, no FRB: a worse model
 
 
+CACHED = ["snapshot-data", "precompute-hog", "build-prompt-bank", "train-recover", "train-discriminate", "evaluate",
+          "drift-reference"]
+CLUSTER = ["pipeline.node_selector={pool: gpu-a100}", "pipeline.workdir_pvc=redi-work",
+           "pipeline.steps.evaluate.memory_limit=12Gi", "pipeline.steps.train_recover.retries=1"]
+
+
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> dict:
-    path = lp.compile_pipeline(tmp_path_factory.mktemp("yaml") / "line_pipeline.yaml")
-    return yaml.safe_load(path.read_text())
+def compiled_docs(tmp_path_factory) -> list[dict]:
+    """The bottle_caps pipeline with a node selector, a work-dir volume and two more step settings."""
+    path = lp.compile_pipeline(tmp_path_factory.mktemp("yaml") / "line_pipeline.yaml", "bottle_caps",
+                               overrides=CLUSTER)
+    return list(yaml.safe_load_all(path.read_text()))
+
+
+@pytest.fixture(scope="module")
+def compiled(compiled_docs) -> dict:
+    return compiled_docs[0]
+
+
+@pytest.fixture(scope="module")
+def platform(compiled_docs) -> dict:
+    """The kfp-kubernetes document: executor name -> its Kubernetes settings."""
+    assert len(compiled_docs) == 2, "the compiled YAML lacks its `platforms: kubernetes` document"
+    return compiled_docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
 
 
 def test_compiled_yaml_has_every_stage_and_the_dag(compiled):
     root = compiled["root"]["dag"]["tasks"]
     assert sorted(root) == sorted([*TASKS, "condition-1"])
     deps = {name: set(task.get("dependentTasks", [])) for name, task in root.items()}
-    assert deps["precompute-hog"] == {"version-data"} and deps["build-prompt-bank"] == {"version-data"}
-    assert deps["train-recover"] == {"version-data", "build-prompt-bank", "precompute-hog"}
+    assert deps["snapshot-data"] == {"version-data"}
+    assert deps["precompute-hog"] == {"snapshot-data"} and deps["build-prompt-bank"] == {"snapshot-data"}
+    assert deps["train-recover"] == {"snapshot-data", "build-prompt-bank", "precompute-hog"}
     assert {"train-recover", "build-prompt-bank"} <= deps["train-discriminate"]
-    assert deps["evaluate"] == {"version-data", "train-discriminate"}
-    assert deps["drift-reference"] == {"version-data", "train-discriminate"}
-    assert {"evaluate", "drift-reference", "train-discriminate", "version-data"} <= deps["gate"]
+    assert deps["evaluate"] == {"snapshot-data", "train-discriminate"}
+    assert deps["drift-reference"] == {"snapshot-data", "train-discriminate"}
+    assert {"evaluate", "drift-reference", "train-discriminate", "snapshot-data", "version-data"} <= deps["gate"]
     assert deps["condition-1"] >= {"gate"}
     # package_bento runs only inside the gate's condition
     condition = root["condition-1"]["triggerPolicy"]["condition"]
@@ -48,13 +69,80 @@ def test_compiled_yaml_has_every_stage_and_the_dag(compiled):
     inner = compiled["components"]["comp-condition-1"]["dag"]["tasks"]
     assert list(inner) == ["package-bento"]
     params = compiled["root"]["inputDefinitions"]["parameters"]
-    assert {"line", "data_revision", "profile", "min_image_auroc", "min_pixel_auroc", "min_aupro",
-            "gate_tolerance", "workdir"} <= set(params)
+    assert {"line", "data_revision", "profile", "config_json", "workdir", "cluster_mode"} <= set(params)
+    # compiled for a cluster: cluster mode by default, the line's own settings as defaults
+    assert params["cluster_mode"]["defaultValue"] is True
+    assert params["profile"]["defaultValue"] == "cpu" and params["workdir"]["defaultValue"] == "/var/lib/redi/work"
+    assert json.loads(params["config_json"]["defaultValue"])["gate"]["min_image_auroc"] == 0.8
+
+
+def test_compiling_a_line_twice_gives_the_same_yaml(tmp_path):
+    first = lp.compile_pipeline(tmp_path / "a.yaml", "woven_fabric").read_bytes()
+    second = lp.compile_pipeline(tmp_path / "b.yaml", "woven_fabric").read_bytes()
+    assert first == second
+    assert lp.compile_pipeline(tmp_path / "c.yaml", "bottle_caps").read_bytes() != first  # the line's own settings
+
+
+def test_cached_steps_take_no_per_run_value(compiled):
+    """KFP's cache key is the component, its input parameter values and its input artifacts' ids: a cached
+    step must take nothing that changes per run, and its artifacts must come from cached steps."""
+    tasks = compiled["root"]["dag"]["tasks"]
+    params = compiled["root"]["inputDefinitions"]["parameters"]
+    assert not {"run_tag", "run_id"} & set(params)
+    for name in CACHED:
+        task = tasks[name]
+        assert task["cachingOptions"] == {"enableCache": True}, name
+        inputs = task["inputs"].get("parameters", {})
+        assert not {"run_tag", "cluster_mode", "bentoml_home", "data_revision"} & set(inputs), (name, sorted(inputs))
+        producers = {a["taskOutputArtifact"]["producerTask"] for a in task["inputs"].get("artifacts", {}).values()}
+        assert "version-data" not in producers, name  # an uncached producer makes new artifacts every run
+    for name in ("version-data", "gate"):
+        assert not tasks[name]["cachingOptions"].get("enableCache"), name
+    inner = compiled["components"]["comp-condition-1"]["dag"]["tasks"]["package-bento"]
+    assert not inner["cachingOptions"].get("enableCache")
+    # the cached snapshot is keyed on what version_data measured: content hash and resolved commit
+    snap = tasks["snapshot-data"]["inputs"]["parameters"]
+    assert snap["data_hash"]["taskOutputParameter"] == {"producerTask": "version-data", "outputParameterKey": "data_hash"}
+    assert snap["revision"]["taskOutputParameter"]["outputParameterKey"] == "revision"
+    # each training step gets only the config sections its stage reads
+    assert "eval_config" not in tasks["train-recover"]["inputs"]["parameters"]
+    assert "config_json" not in tasks["precompute-hog"]["inputs"]["parameters"]
+
+
+def test_compiled_yaml_cluster_settings(compiled, platform):
+    executors = compiled["deploymentSpec"]["executors"]
+    resources = {name: spec["container"].get("resources", {}) for name, spec in executors.items()}
+    assert resources["exec-train-recover"]["resourceCpuRequest"] == "4"
+    assert resources["exec-train-recover"]["resourceMemoryRequest"] == "16Gi"
+    assert resources["exec-evaluate"]["resourceMemoryLimit"] == "12Gi"
+    assert all("resourceCpuRequest" in r and "resourceMemoryRequest" in r for r in resources.values())
+    tasks = compiled["root"]["dag"]["tasks"]
+    retries = {name: task.get("retryPolicy", {}).get("maxRetryCount") for name, task in tasks.items()}
+    assert retries["version-data"] == 3 and retries["snapshot-data"] == 3 and retries["gate"] == 2
+    assert retries["train-recover"] == 1 and retries["precompute-hog"] is None
+    package = compiled["components"]["comp-condition-1"]["dag"]["tasks"]["package-bento"]
+    assert package["retryPolicy"]["maxRetryCount"] == 2
+    # the object store's secret reaches exactly the steps that use the store
+    with_secret = {name for name, spec in platform.items() if "secretAsEnv" in spec}
+    assert with_secret == {"exec-gate", "exec-package-bento"}
+    envs = {e["envVar"] for s in platform["exec-gate"]["secretAsEnv"] for e in s["keyToEnv"]}
+    assert envs == {"REDI_S3_ENDPOINT", "REDI_S3_ACCESS_KEY", "REDI_S3_SECRET_KEY", "REDI_S3_BUCKET", "REDI_S3_SECURE"}
+    assert {s["secretName"] for s in platform["exec-gate"]["secretAsEnv"]} == {"redi-s3"}
+    # GPU steps: accelerator, node selector, toleration, and the work-dir volume for resuming
+    for name in ("exec-train-recover", "exec-train-discriminate"):
+        assert resources[name]["accelerator"]["resourceType"] == "nvidia.com/gpu"
+        assert platform[name]["nodeSelector"]["labels"] == {"pool": "gpu-a100"}
+        assert platform[name]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu",
+                                                  "operator": "Exists"}]
+        (mount,) = platform[name]["pvcMount"]
+        assert mount["mountPath"] == "/var/lib/redi/work" and mount["pvcNameParameter"]["runtimeValue"] == {
+            "constant": "redi-work"}
+    assert "nodeSelector" not in platform.get("exec-evaluate", {})
 
 
 def test_compiled_yaml_gpu_requests_and_image(compiled):
     executors = compiled["deploymentSpec"]["executors"]
-    assert len(executors) == 9
+    assert len(executors) == 10
     gpus = {}
     for name, spec in executors.items():
         container = spec["container"]
@@ -67,26 +155,47 @@ def test_compiled_yaml_gpu_requests_and_image(compiled):
     assert all(v is None for v in gpus.values())  # only training asks for a GPU
 
 
-def test_line_files_are_valid():
+def test_line_files_are_redi_config_files():
+    from redi.config import load_config, to_dict
+
     names = lp.list_lines()
     assert {"bottle_caps", "woven_fabric"} <= set(names)
     for name in names:
-        spec = lp.load_line(name)
-        assert spec.line == name and spec.line in DEMO_LINES
-        cfg = make_config(spec.profile, json.dumps(spec.config))
-        assert cfg.profile == spec.profile
-        assert set(spec.gate) <= {"min_image_auroc", "min_pixel_auroc", "min_aupro", "tolerance"}
+        cfg = lp.load_line(name)
+        assert cfg.line.name == name and name in DEMO_LINES and cfg.line.demo.enabled
+        assert cfg.profile == "cpu" and cfg.gate.min_image_auroc >= 0.75
+        assert len(cfg.pipeline.schedule.split()) == 6 and cfg.pipeline.store_secret == "redi-s3"
+        # the same file through the one loader every redi command uses
+        assert to_dict(load_config(lp.LINES_DIR / f"{name}.yaml")) == to_dict(cfg)
+
+
+def test_gate_policy_from_the_config_section():
+    import dataclasses
+
+    from redi.gate import GatePolicy
+
+    cfg = lp.load_line("bottle_caps", overrides=["gate.tolerance=0.02"])
+    policy = GatePolicy(**dataclasses.asdict(cfg.gate))
+    assert policy.minimums() == {"image_auroc": 0.8, "pixel_auroc": 0.8, "aupro": 0.0} and policy.tolerance == 0.02
 
 
 def test_pipeline_arguments_validate_settings(tmp_path):
-    spec = lp.load_line("bottle_caps")
-    args = lp.pipeline_arguments(spec, tmp_path, "tiny", ["train.seed=3"], gate_overrides={"min_aupro": 0.2})
-    assert args["profile"] == "tiny" and json.loads(args["config_json"]) == {"train": {"seed": 3}}
-    assert args["min_aupro"] == 0.2 and args["data_path"] == str(tmp_path.resolve() / "data" / "bottle_caps")
-    with pytest.raises(RediError, match="unknown config key"):
-        lp.pipeline_arguments(spec, tmp_path, "tiny", ["train.nope=1"])
+    cfg = lp.load_line("bottle_caps", profile="tiny", overrides=["train.seed=3", "gate.min_aupro=0.2"])
+    args = lp.pipeline_arguments(cfg, tmp_path)
+    assert args["profile"] == "tiny" and json.loads(args["train_config"])["train"]["seed"] == 3
+    assert json.loads(args["config_json"])["gate"]["min_aupro"] == 0.2
+    assert "root" not in json.loads(args["data_config"])["data"]  # each step sets its own dataset copy
+    assert args["data_path"] == str(tmp_path.resolve() / "data" / "bottle_caps") and args["cluster_mode"] is False
+    built = make_config(args["profile"], args["data_config"], args["model_config"], args["train_config"])
+    assert built.train.seed == 3 and built.data.image_size == 128
+    with pytest.raises(RediError, match="unknown config key 'train.nope'"):
+        lp.load_line("bottle_caps", overrides=["train.nope=1"])
+    with pytest.raises(RediError, match="6-field cron"):
+        lp.load_line("bottle_caps", overrides=["pipeline.schedule=0 3 * * 0"])
     with pytest.raises(RediError, match="no line config"):
         lp.load_line("no_such_line")
+    with pytest.raises(RediError, match="no data path"):  # demo data is made only by local runs
+        lp.pipeline_arguments(cfg, "", cluster_mode=True)
 
 
 def test_cli_commands_compile(tmp_path):
@@ -94,29 +203,66 @@ def test_cli_commands_compile(tmp_path):
 
     parser = argparse.ArgumentParser()
     handlers = add_pipeline_commands(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["pipeline", "compile", "--out", str(tmp_path / "p.yaml")])
+    args = parser.parse_args(["pipeline", "compile", "--line", "woven_fabric", "--out", str(tmp_path / "p.yaml"),
+                              "--set", "pipeline.steps.gate.cpu_request=3"])
     assert handlers[args.command](args) == 0
-    assert "redi-line" in (tmp_path / "p.yaml").read_text()
+    text = (tmp_path / "p.yaml").read_text()
+    assert "redi-line" in text and "woven_fabric" in text and "resourceCpuRequest: '3'" in text
+    args = parser.parse_args(["pipeline", "schedule", "--line", "bottle_caps", "--host", "http://h", "--cron",
+                              "0 0 1 * * *", "--data-path", "/d"])
+    assert (args.host, args.cron, args.data_path) == ("http://h", "0 0 1 * * *", "/d")
+    args = parser.parse_args(["pipeline", "submit", "--line", "bottle_caps", "--revision", "abc123"])
+    assert args.host is None and args.revision == "abc123"
     args = parser.parse_args(["pipeline", "run", "--line", "woven_fabric", "--profile", "tiny", "--set", "a.b=1",
                               "--min-image-auroc", "0.7", "--revision", "v2"])
     assert (args.line, args.profile, args.set, args.min_image_auroc, args.revision) == (
         "woven_fabric", "tiny", ["a.b=1"], 0.7, "v2")
 
 
-def test_submit_uses_kfp_client(tmp_path):
-    class FakeClient:
-        def create_run_from_pipeline_package(self, package, arguments, run_name, experiment_name, namespace):
-            self.package, self.arguments, self.experiment = package, arguments, experiment_name
-            return type("Result", (), {"run_id": "run-123"})()
+class FakeClient:
+    """Records what would reach a KFP endpoint (no cluster can run here): kfp.Client's method names."""
 
+    def create_run_from_pipeline_package(self, pipeline_file, arguments, run_name, experiment_name, namespace):
+        self.package, self.arguments, self.experiment, self.run_name = pipeline_file, arguments, experiment_name, run_name
+        return type("Result", (), {"run_id": "run-123"})()
+
+    def create_experiment(self, name, namespace=None):
+        self.experiment = name
+        return type("Experiment", (), {"experiment_id": "exp-1"})()
+
+    def create_recurring_run(self, experiment_id, job_name, cron_expression, params, pipeline_package_path,
+                             **options):
+        self.recurring = {"experiment_id": experiment_id, "job_name": job_name, "cron": cron_expression,
+                          "params": params, "package": pipeline_package_path, **options}
+        return type("Recurring", (), {"recurring_run_id": "rec-9"})()
+
+
+def test_submit_uses_kfp_client(tmp_path):
     client = FakeClient()
-    result = lp.submit("http://kfp.example:8080", "bottle_caps", "cpu", "/mnt/redi", data_repo="https://git/x.git",
+    result = lp.submit("http://kfp.example:8080", "bottle_caps", "paper", "/mnt/redi", data_repo="https://git/x.git",
                        data_path="data/caps", data_revision="v7", package_path=tmp_path / "p.yaml", client=client)
     assert result["run_id"] == "run-123" and Path(client.package).is_file()
     assert client.arguments["data_revision"] == "v7" and client.arguments["workdir"] == "/mnt/redi"
     assert client.arguments["data_path"] == "data/caps" and client.experiment == "redi"
-    with pytest.raises(RediError, match="demo line without a data path"):
+    assert client.arguments["profile"] == "paper" and client.arguments["cluster_mode"] is True
+    assert "run_tag" not in client.arguments
+    with pytest.raises(RediError, match="no data path"):
         lp.submit("http://kfp.example:8080", "bottle_caps", client=client)
+    with pytest.raises(RediError, match="no KFP endpoint"):
+        lp.submit("", "bottle_caps", data_path="/mnt/data/caps")
+
+
+def test_schedule_creates_the_lines_recurring_run(tmp_path):
+    client = FakeClient()
+    result = lp.schedule("http://kfp.example:8080", "woven_fabric", data_path="/mnt/data/fabric",
+                         package_path=tmp_path / "p.yaml", client=client)
+    assert result["recurring_run_id"] == "rec-9" and result["cron"] == "0 30 3 * * 0"
+    rec = client.recurring
+    assert rec["cron"] == "0 30 3 * * 0" and rec["experiment_id"] == "exp-1" and rec["job_name"] == "woven_fabric-scheduled"
+    assert rec["params"]["profile"] == "cpu" and rec["params"]["data_path"] == "/mnt/data/fabric"
+    assert Path(rec["package"]).is_file() and rec["max_concurrency"] == 1
+    lp.schedule("http://kfp.example:8080", "woven_fabric", cron="0 0 * * * *", data_path="/d", client=client)
+    assert client.recurring["cron"] == "0 0 * * * *"
 
 
 def _corrupt(path: Path) -> None:
