@@ -218,3 +218,86 @@ def test_cli_monitor_exit_codes_and_reference(monitored: dict, tmp_path: Path, c
     assert _cli([*base, "--log-dir", str(tmp_path / "drift"), "--no-fail"]) == 0
     with pytest.raises(InputError, match="ISO"):
         _cli([*base, "--log-dir", str(tmp_path / "ok"), "--since", "yesterday"])
+
+
+# ----------------------------------------------------------------------------- drift-triggered retraining
+def _git(repo: Path, *args: str) -> str:
+    import subprocess
+
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@x",
+           "PATH": __import__("os").environ["PATH"], "HOME": str(repo)}
+    done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+class _FakeKfpClient:
+    """Stands in for kfp.Client (no cluster can run here): records the run it is asked to start."""
+
+    def __init__(self) -> None:
+        self.runs: list[dict] = []
+
+    def create_run_from_pipeline_package(self, pipeline_file, arguments, run_name, experiment_name, namespace):
+        self.runs.append({"package": pipeline_file, "arguments": arguments, "run_name": run_name,
+                          "experiment": experiment_name})
+        return type("Result", (), {"run_id": f"run-{len(self.runs)}"})()
+
+
+def test_drift_triggers_the_lines_own_profile_on_the_newest_revision(monitored: dict, tmp_path: Path) -> None:
+    import shutil
+
+    from redi.pipeline_cli import drift_trigger
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "data-repo"  # the line's data repository with two commits: v1 pinned, v2 newer
+    (repo / "data" / "caps").mkdir(parents=True)
+    _git(repo, "init", "-q")
+    (repo / "data" / "caps" / "batch.txt").write_text("v1")
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-q", "-m", "data v1")
+    v1 = _git(repo, "rev-parse", "HEAD")
+    (repo / "data" / "caps" / "batch.txt").write_text("v2")
+    _git(repo, "commit", "-q", "-am", "data v2")
+    v2 = _git(repo, "rev-parse", "HEAD")
+    lines = tmp_path / "lines"
+    lines.mkdir()
+    (lines / f"{LINE}.yaml").write_text(
+        f"profile: fast\nline:\n  name: {LINE}\n  data_repo: {repo}\n  data_path: data/caps\n"
+        f"  data_revision: {v1}\npipeline:\n  kfp_host: http://kfp.plant.local:8080\n")
+    client = _FakeKfpClient()
+    _log_rows(monitored["rows"]["brighter"], tmp_path / "logs")
+    result = run_monitor(LINE, tmp_path / "logs", monitored["reference"], tmp_path / "out", trigger_pipeline=True,
+                         trigger=drift_trigger(lines_dir=lines, client=client))
+    assert result.drift_detected and result.pipeline_triggered
+    (run,) = client.runs
+    assert run["arguments"]["profile"] == "fast"  # the line's own budget, not the test profile
+    assert run["arguments"]["data_revision"] == v2 != v1  # the newest data, not the pinned revision
+    assert run["arguments"]["cluster_mode"] is True and Path(run["package"]).is_file()
+    assert result.pipeline_result["where"] == "http://kfp.plant.local:8080"
+    assert result.pipeline_result["data_revision"] == v2 and result.pipeline_result["profile"] == "fast"
+    # no drift: nothing is started
+    _log_rows(monitored["rows"]["same"], tmp_path / "calm")
+    run_monitor(LINE, tmp_path / "calm", monitored["reference"], tmp_path / "out", trigger_pipeline=True,
+                trigger=drift_trigger(lines_dir=lines, client=client))
+    assert len(client.runs) == 1
+
+
+def test_monitoring_library_does_not_import_the_pipeline(monitored: dict, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, redi.monitoring; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
+           "('pipelines', 'components', 'kfp')))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    _log_rows(monitored["rows"]["brighter"], tmp_path / "logs")
+    from redi.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="needs a trigger function"):
+        run_monitor(LINE, tmp_path / "logs", monitored["reference"], tmp_path / "out", trigger_pipeline=True)
+    parser = argparse.ArgumentParser(prog="redi")
+    add_monitor_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["monitor", "--line", LINE, "--reference", "r.csv", "--trigger-pipeline",
+                              "--kfp-host", "http://kfp:8080"])
+    assert args.trigger_pipeline and args.kfp_host == "http://kfp:8080"
