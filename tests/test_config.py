@@ -53,3 +53,46 @@ def test_missing_and_invalid_files(tmp_path: Path):
     (tmp_path / "bad.yaml").write_text("- a list\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_operations_sections_have_defaults_and_take_overrides():
+    from redi.config import GateConfig, to_dict
+
+    cfg = load_config(profile="tiny", overrides=["gate.min_aupro=0.3", "line.data_repo=https://git/x.git",
+                                                 "pipeline.node_selector={pool: gpu}",
+                                                 "pipeline.steps.train_recover.memory_request=32Gi",
+                                                 "pipeline.tolerations=[]"])
+    assert cfg.gate == GateConfig(min_aupro=0.3) and cfg.gate.tolerance == 0.01
+    assert cfg.line.data_repo == "https://git/x.git" and not cfg.line.demo.enabled
+    assert cfg.pipeline.node_selector == {"pool": "gpu"} and cfg.pipeline.tolerations == []
+    assert cfg.pipeline.steps.train_recover.memory_request == "32Gi" and cfg.pipeline.steps.train_recover.accelerator
+    assert cfg.pipeline.steps.gate.retries > 0 and not cfg.pipeline.steps.evaluate.accelerator
+    assert {"line", "gate", "pipeline"} <= set(to_dict(cfg))  # `redi config` prints them
+
+
+def test_operations_sections_round_trip(tmp_path: Path):
+    cfg = load_config(profile="cpu", overrides=["pipeline.node_selector={a: b}", "pipeline.workdir_pvc=work"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("override, words", [
+    (["gate.min_image_auroc=1.5"], "gate minimums"),
+    (["gate.tolerance=1"], "gate.tolerance"),
+    (["pipeline.schedule=0 3 * * *"], "6-field cron"),
+    (["pipeline.node_selector=gpu"], "cannot read 'gpu' as dict"),
+    (["pipeline.tolerations=[{keyy: x}]"], "tolerations entries may only hold"),
+    (["pipeline.steps.gate.retries=-1"], "retries must be >= 0"),
+    (["pipeline.steps.nope.retries=1"], "unknown config key 'pipeline.steps.nope'"),
+])
+def test_bad_operations_settings_get_clear_errors(override, words):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
+        load_config(profile="tiny", overrides=override)
+
+
+def test_params_yaml_is_a_complete_redi_config_file():
+    root = Path(__file__).resolve().parents[1]
+    raw = __import__("yaml").safe_load((root / "params.yaml").read_text())
+    cfg = load_config(root / "params.yaml")
+    assert cfg.profile == "tiny" and raw["data"]["root"] == "data/demo/bottle_caps"
+    assert raw == to_dict(cfg)  # every setting listed, so dvc.yaml's params track each one
