@@ -15,7 +15,16 @@ Endpoints (all POST, as BentoML APIs are):
   in-process self-proxy, so BentoML's adaptive batching groups concurrent requests into one
   detector batch while the public API stays one image per call. A token is only valid inside the
   worker that made it, so calling this route from outside yields nothing.
-- BentoML's own ``/livez`` and ``/readyz`` (ready once every detector is loaded) and ``/metrics``.
+- BentoML's own ``/livez`` and ``/readyz`` (ready once every detector is loaded) and ``/metrics``
+  (Prometheus: BentoML's metrics and the plant's per line, ``serving/review_metrics.py``).
+- ``/review/``: the review station, a web page (``serving/review_app.py``, ``docs/review.md``): the
+  flagged parts this service kept, operators' verdicts, per-line summaries.
+
+Kept images (``redi.retention``): every flagged image, and a sample of normal ones, is copied with
+its map and record to the object store by a background thread behind a bounded queue (a full
+queue drops the copy and counts it, never the answer) and indexed in the review database
+(``redi.review``). Threshold overrides (``redi.thresholds``, ``redi review threshold``) are read
+at start and on every reload, and decide while the model version they were set for is served.
 
 What each line serves is decided in ONE place, its production pointer (``redi.storage``; moved by
 the gate, ``redi model promote`` and ``redi model rollback``). ``serving/model_source.py`` resolves it:
@@ -45,6 +54,15 @@ Configuration (environment variables, read when a worker starts):
 ``REDI_MAX_BATCH_SIZE``      adaptive batching: largest batch                            16
 ``REDI_MAX_LATENCY_MS``      adaptive batching: latency budget of a batch                30000
 ``REDI_WORKERS``             worker processes (each loads every detector)                1
+``REDI_RETAIN``              keep flagged images (and a sample of normal ones): on/off   on
+``REDI_RETAIN_NORMAL_RATE``  share of normal images kept: ``0.01`` or                    0.01
+                             ``lineA=0.05,lineB=0,*=0.01``
+``REDI_RETAIN_DAYS``         kept images older than this are deleted (0: never)          30
+``REDI_RETAIN_MAX_PER_LINE`` at most this many kept images per line, oldest deleted      5000
+``REDI_RETAIN_QUEUE``        copies waiting for upload; when full, copies are dropped    64
+``REDI_RETAIN_SWEEP_S``      seconds between two enforcements of the limits per line     300
+``REDI_REVIEW_DB``           SQLAlchemy URL of the review database                       SQLite in
+                                                                                         REDI_LOG_DIR
 ===========================  =========================================================  =========
 
 Every bad request gets a 4xx JSON ``{"error": message, "status": code}`` and the service goes on:
@@ -66,7 +84,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +92,21 @@ import aiohttp
 import bentoml
 import numpy as np
 import torch
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, RedirectResponse
 
 from redi.errors import ImageReadError, InputError, RediError
 from redi.images import decode_rgb
 from redi.models.detector import Detector, load_detector
 from redi.monitoring import ProductionLog, image_feature_row
+from redi.retention import RetainedItem, Retainer, RetentionPolicy
+from redi.review import ReviewDB, default_db_url
+from redi.storage import ObjectStore, store_from_env
+from redi.thresholds import effective_threshold, threshold_override
 from redi.utils import pick_device
 from serving.model_source import ModelRef, StoreModels, bento_models, choose_source
+from serving.review_app import create_review_app
+from serving.review_auth import cookie_value, read_session
+from serving.review_metrics import PlantMetrics
 
 # Deny by default: with REDI_API_KEY set, every route needs the key except these, declared public.
 PUBLIC_PATHS = frozenset({
@@ -89,7 +114,9 @@ PUBLIC_PATHS = frozenset({
     "/metrics",  # Prometheus scrapes
     "/docs.json", "/schema.json",  # the API's description, no data
     "/score_batch",  # internal batch route: its tokens are valid only inside the worker that made them
+    "/review/login",  # the review page's login form (it checks the key itself)
 })
+REVIEW_PREFIX = "/review/"  # the review pages also accept the signed session cookie (serving/review_auth.py)
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")
 MULTIPART_SLACK = 64 * 1024  # form boundaries and fields around the file
 SELF_CALL_ATTEMPTS = 4
@@ -156,7 +183,8 @@ class ServedLine:
     line: str
     ref: ModelRef
     detector: Detector
-    threshold: float
+    threshold: float  # the one deciding: the model's, or a threshold override for this version
+    override: dict[str, Any] | None = None  # the line's threshold override record, when one is set
 
     @property
     def version(self) -> str:
@@ -167,6 +195,16 @@ class ServedLine:
     def tag(self) -> str:
         """Where the model came from: its store key or BentoML tag."""
         return self.ref.tag
+
+    @property
+    def model_threshold(self) -> float:
+        """The threshold the model was calibrated with."""
+        return float(self.detector.threshold)
+
+    def with_override(self, override: dict[str, Any] | None) -> "ServedLine":
+        """This line deciding with ``override`` (applied only when it was set for this version)."""
+        return replace(self, override=override,
+                       threshold=effective_threshold(self.model_threshold, self.version, override))
 
 
 class RequestError(Exception):
@@ -207,16 +245,29 @@ class GuardMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        problem = self.check(headers)
+        path = scope.get("path", "")
+        problem = self.check(headers, review=path.startswith(REVIEW_PREFIX) or path == REVIEW_PREFIX.rstrip("/"))
         if problem is None:
             await self.app(scope, receive, send)
+            return
+        if (problem.status in (401, 403) and path.startswith("/review") and not path.startswith("/review/api/")
+                and scope.get("method") == "GET"):
+            # a browser on a review page: to the login form, then back
+            from urllib.parse import quote
+
+            await RedirectResponse(f"/review/login?next={quote(path)}", status_code=303)(scope, receive, send)
             return
         await JSONResponse({"error": problem.message, "status": problem.status}, status_code=problem.status)(
             scope, receive, send)
 
-    def check(self, headers: dict[str, str]) -> RequestError | None:
-        """The first problem with a request's headers, or None."""
+    def check(self, headers: dict[str, str], review: bool = False) -> RequestError | None:
+        """The first problem with a request's headers, or None.
+
+        ``review``: a ``/review/`` route, where a valid signed session cookie stands in for the key.
+        """
         key = self.settings.api_key
+        if key and review and read_session(key, cookie_value(headers.get("cookie", ""))):
+            key = ""  # logged in on the review page
         if key:
             given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not given:
@@ -256,16 +307,57 @@ class RediService:
             refs = [self.store_models.resolve(line) for line in self.store_models.lines()]
         else:
             refs = [r for r in bento_models(RediService.bento) if not self.settings.lines or r.line in self.settings.lines]
+        # the store of pointers, threshold overrides and kept images (a Bento may run without one)
+        self.store: ObjectStore | None = self.store_models.store if self.store_models else _configured_store()
         # replaced as a whole on reload (never mutated), so a request holds one consistent model
-        self.lines: dict[str, ServedLine] = {ref.line: load_served(ref, self.device) for ref in refs}
+        self.lines: dict[str, ServedLine] = {
+            ref.line: load_served(ref, self.device).with_override(self._override(ref.line)) for ref in refs}
         self.reload_status: dict[str, Any] = {"checked": None, "errors": {}}
         self._reload_lock = threading.Lock()
         self.log = ProductionLog(self.settings.log_dir)
+        self.metrics = PlantMetrics.get()
+        for served in self.lines.values():
+            self.metrics.serving(served.line, served.version, served.threshold)
+        self.retention = RetentionPolicy.from_env()
+        self.retainer = self._start_retainer()
         self._parked: dict[str, tuple[ServedLine, torch.Tensor, threading.Event]] = {}
         self._results: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()  # the two dicts are touched from the event loop and the batch thread
-        if self.store_models is not None and self.settings.reload_interval_s > 0:
+        if self.store is not None and self.settings.reload_interval_s > 0:
             threading.Thread(target=self._poll_pointers, name="redi-reload", daemon=True).start()
+
+    def _start_retainer(self) -> Retainer | None:
+        """The background writer of kept images (None without a store or with ``REDI_RETAIN=off``)."""
+        if self.store is None or not self.retention.enabled:
+            if self.retention.enabled:
+                LOG.warning("no object store is configured (REDI_S3_* / REDI_STORE_DIR): flagged images are not kept")
+            return None
+        try:
+            index: ReviewDB | None = ReviewDB(default_db_url())
+        except Exception as exc:  # the images are still kept; `redi review sync` indexes them later
+            LOG.error("the review database cannot be opened (%s); images are kept but not indexed", exc)
+            index = None
+        return Retainer(self.store, self.retention, index=index, on_event=self.metrics.retention_event)
+
+    def _override(self, line: str) -> dict[str, Any] | None:
+        """The line's threshold override record (None without a store or when none is set)."""
+        return threshold_override(self.store, line) if self.store is not None else None
+
+    def _apply_overrides(self, errors: dict[str, str]) -> dict[str, Any]:
+        """Re-read every line's threshold override; swap in lines whose threshold changed."""
+        changed = {}
+        for line, served in list(self.lines.items()):
+            try:
+                updated = served.with_override(self._override(line))
+            except Exception as exc:  # keep deciding with the current threshold; say why
+                errors[line] = f"threshold override: {type(exc).__name__}: {exc}"
+                continue
+            if updated.threshold != served.threshold or updated.override != served.override:
+                self.lines = {**self.lines, line: updated}
+                changed[line] = {"threshold_from": served.threshold, "threshold_to": updated.threshold}
+                LOG.warning("line %s now decides with threshold %s (was %s): %s", line, updated.threshold,
+                            served.threshold, (updated.override or {}).get("reason", "override cleared"))
+        return changed
 
     # -- following the production pointers ----------------------------------------------------
     def reload(self) -> dict[str, Any]:
@@ -276,21 +368,22 @@ class RediService:
         cannot be loaded (unreachable store, hash mismatch) keeps serving its current model and
         the error is reported in ``/metadata`` and the log.
         """
-        if self.store_models is None:
-            return {"source": self.source, "changed": {}, "errors": {},
-                    "note": "a Bento serves the models it pins; build a new Bento to change them"}
-        changed, errors = {}, {}
+        changed: dict[str, Any] = {}
+        errors: dict[str, str] = {}
         with self._reload_lock:  # the poll thread and /admin/reload never load the same model twice
-            try:
-                lines = self.store_models.lines()
-            except RediError as exc:
-                lines, errors["*"] = list(self.lines), str(exc)
+            lines: list[str] = []
+            if self.store_models is not None:
+                try:
+                    lines = self.store_models.lines()
+                except RediError as exc:
+                    lines, errors["*"] = list(self.lines), str(exc)
             for line in lines:
                 try:
                     current = self.lines.get(line)
                     if current is not None and self.store_models.production_version(line) == current.version:
                         continue
-                    served = load_served(self.store_models.resolve(line), self.device)
+                    served = load_served(self.store_models.resolve(line), self.device).with_override(
+                        self._override(line))
                     self.lines = {**self.lines, line: served}
                     changed[line] = {"from": current.version if current else None, "to": served.version}
                     LOG.warning("line %s now serves %s (was %s)", line, served.version,
@@ -299,10 +392,18 @@ class RediService:
                     errors[line] = f"{type(exc).__name__}: {exc}"
                     LOG.error("line %s: cannot load its production model, still serving %s: %s", line,
                               self.lines[line].version if line in self.lines else "nothing", exc)
+            for line, change in self._apply_overrides(errors).items():
+                changed.setdefault(line, {}).update(change)
+            for served in self.lines.values():
+                self.metrics.serving(served.line, served.version, served.threshold)
             self.reload_status = {"checked": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                   "errors": errors}
-        return {"source": self.source, "changed": changed, "errors": errors,
-                "versions": {name: s.version for name, s in sorted(self.lines.items())}}
+        result = {"source": self.source, "changed": changed, "errors": errors,
+                  "versions": {name: s.version for name, s in sorted(self.lines.items())},
+                  "thresholds": {name: s.threshold for name, s in sorted(self.lines.items())}}
+        if self.store_models is None:
+            result["note"] = "a Bento serves the models it pins; build a new Bento to change them"
+        return result
 
     def _poll_pointers(self) -> None:
         while True:
@@ -447,7 +548,22 @@ class RediService:
             raise RequestError(503, f"the production log {self.settings.log_dir} cannot be written ({exc}); the "
                                     f"result was not recorded - retry, and check REDI_LOG_DIR") from exc
         body["request_id"] = row["request_id"]
+        self.metrics.observe(served.line, body["decision"], score, served.threshold, body["latency_ms"] / 1000.0)
+        self._retain(served, row, rgb, result["map"])
         return body
+
+    def _retain(self, served: ServedLine, row: dict[str, Any], rgb: np.ndarray, amap: torch.Tensor) -> None:
+        """Queue a copy of a flagged (or sampled normal) image; never waits, never fails the answer."""
+        kind = self.retention.wants(served.line, bool(row["anomalous"])) if self.retainer else None
+        if kind is None or self.retainer is None:
+            return
+        info = {k: row[k] for k in ("score", "threshold", "anomalous", "decision", "model_version", "model_tag",
+                                    "latency_ms")}
+        info.update(model_threshold=served.model_threshold, threshold_override=served.override is not None
+                    and served.threshold != served.model_threshold)
+        self.retainer.offer(RetainedItem(request_id=row["request_id"], line=served.line,
+                                         time=_dt.datetime.fromisoformat(row["time"]), kind=kind, rgb=rgb,
+                                         anomaly_map=amap.numpy(), info=info))
 
     @staticmethod
     def _add_pictures(body: dict[str, Any], served: ServedLine, rgb: np.ndarray, amap: np.ndarray, return_map: bool,
@@ -479,6 +595,9 @@ class RediService:
             "lines": {
                 name: {"model_version": s.version, "model_tag": s.tag, "sha256": s.ref.sha256,
                        "promoted": s.ref.promoted, "promoted_by": s.ref.promoted_by, "threshold": s.threshold,
+                       "model_threshold": s.model_threshold,
+                       "threshold_override": None if s.override is None else {
+                           **s.override, "active": str(s.override.get("model_version")) == s.version},
                        "image_size": s.detector.image_size, "backbone": s.detector.metadata.get("backbone"),
                        "profile": s.detector.metadata.get("profile"), "metrics": s.ref.metrics}
                 for name, s in sorted(self.lines.items())},
@@ -487,7 +606,20 @@ class RediService:
             "limits": {"max_upload_bytes": self.settings.max_upload_bytes, "max_pixels": self.settings.max_pixels},
             "api_key_required": bool(self.settings.api_key),
             "production_log": str(self.settings.log_dir),
+            "retention": self._retention_status(),
         }
+
+    def _retention_status(self) -> dict[str, Any]:
+        """Retention settings and this worker's counts (``/metadata``)."""
+        policy = self.retention
+        status: dict[str, Any] = {
+            "enabled": self.retainer is not None, "normal_rate": policy.normal_rate, "line_rates": policy.line_rates,
+            "max_days": policy.max_days, "max_per_line": policy.max_per_line, "queue_size": policy.queue_size}
+        if self.retainer is not None:
+            r = self.retainer
+            status.update(queued=r.queue.qsize(), stored=r.stored, dropped=r.dropped, failed=r.failed,
+                          deleted=r.deleted, review_db=repr(r.index) if r.index else None)
+        return status
 
     @bentoml.api(route="/admin/reload")
     async def admin_reload(self) -> dict:
@@ -495,4 +627,12 @@ class RediService:
         return await asyncio.to_thread(self.reload)
 
 
+def _configured_store() -> ObjectStore | None:
+    """The object store when one is configured (``REDI_S3_ENDPOINT`` or ``REDI_STORE_DIR``), else None."""
+    if os.environ.get("REDI_S3_ENDPOINT", "").strip() or os.environ.get("REDI_STORE_DIR", "").strip():
+        return store_from_env()
+    return None
+
+
+RediService.mount_asgi_app(create_review_app(), path="/review")
 RediService.add_asgi_middleware(GuardMiddleware)
