@@ -2,15 +2,22 @@
 
 The prompt image X+ of an image X is the bank image with the highest cosine similarity to X. At
 training time X is itself in the bank, so its own entry is excluded: X+ is never X.
+
+The bank's images travel with the detector compressed (:class:`PromptImages`: lossy WebP by
+default, or lossless PNG) and are decoded on demand, only the prompts a batch uses.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from redi.errors import WeightsError
 from redi.utils import atomic_torch_save, load_torch_file
@@ -76,3 +83,114 @@ def nearest_prompt(queries: torch.Tensor, bank: torch.Tensor, exclude: torch.Ten
         indices.append(best.indices)
         similarities.append(best.values)
     return torch.cat(indices), torch.cat(similarities)
+
+
+# -- prompt images as the detector stores them -------------------------------------------------
+PROMPT_CODECS = ("webp", "png")
+# Until redi.config has a setting for it: lossy WebP at quality 85 keeps a 650-image, 256 px bank
+# at 1.5-16 MB (measured, docs/benchmarks.md) instead of 128 MB of raw pixels. The recover net is
+# trained on exactly the decoded prompts (stages.train_recover), so the loss costs no mismatch.
+PROMPT_CODEC = "webp"
+PROMPT_QUALITY = 85
+_PIL_FORMAT = {"webp": "WEBP", "png": "PNG"}
+
+
+def _encode_one(rgb: np.ndarray, codec: str, quality: int) -> bytes:
+    """One uint8 (S, S, 3) image as codec bytes (deterministic for a given Pillow build)."""
+    buffer = io.BytesIO()
+    options = {"quality": quality, "method": 6} if codec == "webp" else {"compress_level": 6}
+    Image.fromarray(rgb).save(buffer, _PIL_FORMAT[codec], **options)
+    return buffer.getvalue()
+
+
+class PromptImages:
+    """The prompt bank's images, compressed: one byte buffer and offsets, decoded on demand.
+
+    Memory is the compressed size (a few KB per image) instead of 3 * S * S bytes each. Indexing
+    (``store[i]``, ``store.shape``) gives uint8 ``(3, S, S)`` tensors like the raw tensor it
+    replaces, so code that showed prompts from the old uint8 buffer keeps working.
+    """
+
+    def __init__(self, codec: str, quality: int, size: int, data: torch.Tensor, offsets: torch.Tensor) -> None:
+        if codec not in PROMPT_CODECS:
+            raise WeightsError(f"unknown prompt codec {codec!r}; known: {PROMPT_CODECS}. Upgrade redi or retrain")
+        if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[-1]) != data.numel():
+            raise WeightsError("the prompt images are damaged (offsets do not match the data); retrain the detector")
+        self.codec, self.quality, self.size = codec, int(quality), int(size)
+        self.data, self.offsets = data.to(torch.uint8).contiguous(), offsets.to(torch.int64)
+
+    @classmethod
+    def empty(cls, size: int) -> "PromptImages":
+        """A store with no images (the recover net is off or no prompt is used)."""
+        return cls("png", 0, size, torch.zeros(0, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))
+
+    @classmethod
+    def encode(cls, images: torch.Tensor, codec: str = PROMPT_CODEC, quality: int = PROMPT_QUALITY) -> "PromptImages":
+        """Compress float images (N, 3, S, S) in [0, 1] (rounded to uint8 first)."""
+        if codec not in PROMPT_CODECS:
+            raise ValueError(f"prompt codec must be one of {PROMPT_CODECS}, got {codec!r}")
+        pixels = (images.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
+        return cls.encode_uint8(pixels, codec, quality)
+
+    @classmethod
+    def encode_uint8(cls, pixels: torch.Tensor, codec: str = PROMPT_CODEC,
+                     quality: int = PROMPT_QUALITY) -> "PromptImages":
+        """Compress uint8 images (N, 3, S, S)."""
+        if codec not in PROMPT_CODECS:
+            raise ValueError(f"prompt codec must be one of {PROMPT_CODECS}, got {codec!r}")
+        blobs = [_encode_one(np.ascontiguousarray(p.permute(1, 2, 0).numpy()), codec, quality) for p in pixels]
+        return cls.from_blobs(blobs, codec, quality, pixels.shape[-1])
+
+    @classmethod
+    def from_blobs(cls, blobs: Sequence[bytes], codec: str, quality: int, size: int) -> "PromptImages":
+        """A store from already-encoded images."""
+        lengths = torch.tensor([0] + [len(b) for b in blobs], dtype=torch.int64)
+        data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if blobs else torch.zeros(0, dtype=torch.uint8)
+        return cls(codec, quality, size, data.clone(), lengths.cumsum(0))
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(N, 3, S, S)``: the shape of the decoded bank."""
+        return (len(self), 3, self.size, self.size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (compressed images and offsets)."""
+        return self.data.numel() + self.offsets.numel() * 8
+
+    def blob(self, index: int) -> bytes:
+        """The encoded bytes of image ``index``."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"prompt index {index} is outside the bank of {len(self)} images")
+        begin, end = int(self.offsets[index]), int(self.offsets[index + 1])
+        return self.data[begin:end].numpy().tobytes()
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """Image ``index`` decoded: uint8 (3, S, S)."""
+        with Image.open(io.BytesIO(self.blob(int(index)))) as image:
+            rgb = np.asarray(image.convert("RGB"))
+        return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+    def decode(self, indices: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
+        """Images at ``indices`` (all when None) decoded: uint8 (n, 3, S, S) on the CPU."""
+        wanted = range(len(self)) if indices is None else [int(i) for i in indices]
+        images = [self[i] for i in wanted]
+        return torch.stack(images) if images else torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+
+    def decode_float(self, indices: torch.Tensor | Sequence[int] | None = None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Images at ``indices`` as the detector serves them: float in [0, 1]."""
+        return self.decode(indices).to(dtype) / 255.0
+
+    def to_payload(self) -> dict[str, Any]:
+        """What an artifact stores (plain types and tensors)."""
+        return {"codec": self.codec, "quality": self.quality, "size": self.size,
+                "data": self.data, "offsets": self.offsets}
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "PromptImages":
+        """Inverse of :meth:`to_payload`."""
+        return cls(payload["codec"], payload["quality"], payload["size"], payload["data"], payload["offsets"])

@@ -23,9 +23,9 @@ from redi.data.mvtec import MVTecCategory, Sample, split_train_val
 from redi.errors import DatasetError, WeightsError
 from redi.losses import discriminate_loss, recover_loss
 from redi.metrics import compute_all
-from redi.models.detector import Detector, as_served_prompts, load_detector, load_module_weights, save_detector
+from redi.models.detector import Detector, load_detector, load_module_weights, save_detector
 from redi.models.recover import RecoverNet
-from redi.prompt import PromptBank
+from redi.prompt import PROMPT_CODEC, PROMPT_QUALITY, PromptBank, PromptImages
 from redi.selfmaps import build_selfmap
 from redi.training import fingerprint, run_training
 from redi.utils import (atomic_torch_save, atomic_write_text, bf16_autocast, load_torch_file, pick_device,
@@ -164,7 +164,8 @@ def _recover_run_id(cfg: RediConfig, bank: PromptBank) -> str:
                         "prompt": model.prompt, "recover": to_dict(model.recover),
                         "train": to_dict(cfg.train.recover), "lambda_m": cfg.train.lambda_m,
                         "scales": cfg.train.msgms_scales, "flip": cfg.train.augment_flip, "amp": cfg.train.amp,
-                        "seed": cfg.train.seed, "size": cfg.data.image_size, "bank": _bank_fingerprint(bank)})
+                        "seed": cfg.train.seed, "size": cfg.data.image_size, "bank": _bank_fingerprint(bank),
+                        "prompt_codec": [PROMPT_CODEC, PROMPT_QUALITY]})
 
 
 def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | Path, cfg: RediConfig,
@@ -183,7 +184,10 @@ def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | P
     bank = PromptBank.load(bank_path, backbone=model_cfg.backbone)
     samples, images = _bank_images(bank, category, cfg)
     maps = _load_or_compute_selfmaps(selfmaps_path, samples, images, cfg, device)
-    prompts = (as_served_prompts(images[leave_one_out_prompts(bank)]) if model_cfg.prompt == "nearest"
+    # The bank is encoded once; the net trains on the decoded prompts, and recover.pt hands the
+    # same bytes to the detector, so it serves exactly the prompts it was trained on.
+    encoded = PromptImages.encode(images, PROMPT_CODEC, PROMPT_QUALITY) if model_cfg.prompt == "nearest" else None
+    prompts = (encoded.decode_float()[leave_one_out_prompts(bank)] if encoded is not None
                else torch.zeros_like(images))
     net = RecoverNet(1, model_cfg.recover.base_width, model_cfg.recover.depth, model_cfg.recover.input_size,
                      model_cfg.recover.fused_skips).to(device)
@@ -206,7 +210,8 @@ def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | P
     result = run_training("recover", net, cfg.train.recover, len(samples), step,
                           out_dir / "checkpoints" / "recover_last.pt", run_id, cfg.train.seed, device, amp=False)
     atomic_torch_save({"enabled": True, "state": net.cpu().state_dict(), "history": result.history,
-                       "run_id": run_id, "config": to_dict(cfg)}, path)
+                       "run_id": run_id, "config": to_dict(cfg), "prompt_ids": list(bank.image_ids),
+                       "prompts": encoded.to_payload() if encoded is not None else None}, path)
     _write_json(out_dir / "recover_history.json", result.history)
     return path
 
@@ -247,6 +252,23 @@ def _recover_identity(recover_path: str | Path) -> str:
     return f"{payload.get('run_id', '')}:{len(payload.get('history', []))}"
 
 
+def served_prompts(recover_path: str | Path, bank: PromptBank, images: torch.Tensor) -> PromptImages:
+    """The encoded prompt images the recover net in ``recover_path`` was trained on.
+
+    A recover.pt from before compressed prompts has none: its net trained on the uint8-rounded
+    images, which lossless PNG reproduces exactly.
+    """
+    payload = load_torch_file(recover_path, "recover net file", "rerun the recover stage (redi train)")
+    if payload.get("prompts") is None:
+        _log("discriminate", f"{recover_path} carries no encoded prompts (older recover stage); storing the "
+                             f"bank losslessly (PNG), as that net was trained on")
+        return PromptImages.encode(images, codec="png")
+    if list(payload.get("prompt_ids", [])) != list(bank.image_ids):
+        raise WeightsError(f"{recover_path} was trained with another prompt bank than the one given here "
+                           f"({len(bank)} images); rerun the recover stage with this prompt bank")
+    return PromptImages.from_payload(payload["prompts"])
+
+
 def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_path: str | Path,
                        out_dir: str | Path, cfg: RediConfig, line: str = "") -> Path:
     """Train the FRB with the recover net frozen, calibrate the threshold, write ``detector.pt``."""
@@ -257,7 +279,8 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
     bank = PromptBank.load(bank_path, backbone=cfg.model.backbone)
     samples, images = _bank_images(bank, category, cfg)
     detector = Detector(cfg, num_prompts=len(bank))
-    detector.set_prompts(bank.embeddings, images, bank.image_ids)
+    encoded = served_prompts(recover_path, bank, images) if detector.needs_prompt_images else None
+    detector.set_prompts(bank.embeddings, images, bank.image_ids, encoded)
     if detector.use_recover:
         load_module_weights(detector.recover, recover_path, "recover")
     detector = detector.to(device)

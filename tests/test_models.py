@@ -169,15 +169,115 @@ def test_dataset_path_and_detector_preprocess_give_identical_tensors(tiny_detect
 
 
 def test_recover_training_prompts_equal_the_served_prompts(tiny_detector):
-    """train_recover feeds as_served_prompts(images); the detector serves its uint8 copy: equal."""
+    """as_served_prompts (what a recover net trains on) equals what the detector serves for the
+    same images; lossy WebP stays close to the uint8 images, PNG is exact."""
     import copy
 
     from redi.models.detector import as_served_prompts
+    from redi.prompt import PromptImages
 
     detector = copy.deepcopy(tiny_detector)  # the fixture is shared: leave its bank alone
     size = detector.image_size
-    images = torch.rand(4, 3, size, size)
+    images = _smooth_images(4, size)
     detector.set_prompts(torch.randn(4, detector.backbone.embedding_dim), images, ["a", "b", "c", "d"])
     served = detector.prompt_batch(torch.arange(4), images)
     assert torch.equal(as_served_prompts(images), served)
-    assert (served - images).abs().max() <= 0.5 / 255 + 1e-7
+    assert (served - images).abs().mean() < 3 / 255
+    lossless = PromptImages.encode(images, codec="png").decode_float()
+    assert torch.equal(lossless, (images * 255).round() / 255)
+
+
+def _smooth_images(n: int, size: int) -> torch.Tensor:
+    """Images with structure (not white noise, which no image codec is made for)."""
+    generator = torch.Generator().manual_seed(n)
+    coarse = torch.rand(n, 3, 8, 8, generator=generator)
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+def _bank_detector(overrides: dict[str, object], n: int = 6):
+    cfg = profile_config("tiny")
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        target = getattr(cfg, section)
+        *parents, leaf = name.split(".")
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, leaf, value)
+    detector = Detector(cfg, num_prompts=n)
+    size = cfg.data.image_size
+    detector.set_prompts(torch.randn(n, detector.backbone.embedding_dim, generator=torch.Generator().manual_seed(1)),
+                         _smooth_images(n, size), [f"p{i}" for i in range(n)])
+    detector.threshold.fill_(0.5)
+    return detector.eval()
+
+
+@pytest.mark.parametrize("overrides", [{"model.recover.enabled": False}, {"model.prompt": "none"}])
+def test_artifact_without_prompt_use_has_no_prompt_images(overrides, tmp_path: Path):
+    detector = _bank_detector(overrides)
+    assert len(detector.prompts) == 0 and detector.prompts.nbytes <= 8
+    path = save_detector(detector, tmp_path / "detector.pt")
+    payload = load_torch_file(path, "detector", "")
+    assert payload["prompts"]["data"].numel() == 0
+    assert not any("prompt_images" in key for key in payload["state"])
+    loaded = load_detector(path)
+    x = _smooth_images(3, loaded.image_size)
+    before, after = detector.predict(x), loaded.predict(x)
+    assert torch.equal(before.score, after.score) and torch.equal(before.anomaly_map, after.anomaly_map)
+
+
+def test_saved_then_loaded_detector_scores_equal(tmp_path: Path):
+    detector = _bank_detector({})
+    path = save_detector(detector, tmp_path / "detector.pt")
+    loaded = load_detector(path)
+    x = _smooth_images(3, loaded.image_size)
+    before, after = detector.predict(x), loaded.predict(x)
+    assert (before.prompt_index >= 0).all()
+    assert torch.equal(before.score, after.score) and torch.equal(before.anomaly_map, after.anomaly_map)
+    assert loaded.prompts.data.numel() == detector.prompts.data.numel() > 0
+    assert torch.equal(loaded.prompts.decode(), detector.prompts.decode())
+
+
+def test_version_1_artifact_with_raw_prompts_still_loads_with_equal_scores(tmp_path: Path):
+    """A format-1 file kept every prompt as raw uint8 pixels in its state dict; it loads, its
+    prompts are re-encoded losslessly, so it serves the very pixels (and scores) it did."""
+    from redi.models.detector import ARTIFACT_VERSION
+    from redi.prompt import PromptImages
+
+    detector = _bank_detector({})
+    raw = detector.prompts.decode()  # the uint8 pixels a version-1 file would have held
+    detector.prompts = PromptImages.encode_uint8(raw, codec="png")
+    path = save_detector(detector, tmp_path / "detector.pt")
+    payload = load_torch_file(path, "detector", "")
+    assert payload["format_version"] == ARTIFACT_VERSION == 2
+    payload["format_version"] = 1
+    del payload["prompts"]
+    payload["state"]["prompt_images"] = raw
+    torch.save(payload, path)
+    loaded = load_detector(path)
+    assert loaded.prompts.codec == "png" and torch.equal(loaded.prompts.decode(), raw)
+    x = _smooth_images(2, loaded.image_size)
+    assert torch.equal(loaded.predict(x).score, detector.predict(x).score)
+
+
+def test_artifact_of_unknown_version_is_refused_with_the_fix(tiny_detector, tmp_path: Path):
+    path = save_detector(tiny_detector, tmp_path / "detector.pt")
+    payload = load_torch_file(path, "detector", "")
+    for version, message in ((99, "upgrade redi"), (0, "retrain")):
+        payload["format_version"] = version
+        torch.save(payload, path)
+        with pytest.raises(WeightsError, match=message):
+            load_detector(path)
+
+
+def test_trained_detector_serves_the_prompt_bytes_its_recover_net_trained_on(trained_line):
+    """train_recover encodes the bank once, trains on the decoded prompts and stores the bytes in
+    recover.pt; the detector artifact carries those same bytes."""
+    from redi.prompt import PROMPT_CODEC, PromptImages
+
+    recover = load_torch_file(trained_line["recover"], "recover", "")
+    detector = load_detector(trained_line["detector"])
+    trained_on = PromptImages.from_payload(recover["prompts"])
+    assert detector.prompts.codec == trained_on.codec == PROMPT_CODEC
+    assert torch.equal(detector.prompts.data, trained_on.data)
+    assert torch.equal(detector.prompts.offsets, trained_on.offsets)
+    assert recover["prompt_ids"] == detector.prompt_ids

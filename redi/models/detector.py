@@ -3,8 +3,14 @@
 X -> backbone(X) gives the reference features F_X and the embedding that picks the prompt X+
 (one backbone pass serves both) -> self-map H(X) -> recover net Y = HIP(H, X+) -> backbone(Y) =
 R_Y -> FRB -> F_Y -> D = sum_k (1 - cos(F_X^k, F_Y^k)) upsampled, Gaussian-smoothed; score =
-max D (paper Sec. 3.3). The module carries its prompt bank (embeddings and images), decision
-threshold and config, so one artifact file is the whole model.
+max D (paper Sec. 3.3). The module carries its prompt bank (embeddings, and the images compressed
+when the recover net uses them), decision threshold and config, so one artifact file is the whole
+model.
+
+Artifact versions: 1 stored every bank image as raw uint8 pixels in the state dict (217 MB for a
+650-image line); 2 stores them compressed (:class:`redi.prompt.PromptImages`) and not at all when
+no prompt is used. Version-1 files still load: their prompts are re-encoded losslessly (PNG), so
+the scores are unchanged.
 """
 
 from __future__ import annotations
@@ -27,12 +33,12 @@ from redi.errors import InputError, WeightsError
 from redi.images import preprocess
 from redi.models.discriminate import DiscriminateHead
 from redi.models.recover import RecoverNet
-from redi.prompt import nearest_prompt
+from redi.prompt import PROMPT_CODEC, PROMPT_QUALITY, PromptImages, nearest_prompt
 from redi.selfmaps import build_selfmap
 from redi.utils import atomic_torch_save, bf16_autocast, load_torch_file, use_bf16
 
 ARTIFACT_FORMAT = "redi-detector"
-ARTIFACT_VERSION = 1
+ARTIFACT_VERSION = 2
 
 
 @dataclass
@@ -88,19 +94,46 @@ class Detector(nn.Module):
                         if self.use_recover else None)
         self.head = DiscriminateHead(tuple(self.backbone.channels), model.bottleneck_channels, model.use_frb)
         self.blur = GaussianBlur(model.gaussian_sigma)
-        size = self.image_size
         self.register_buffer("prompt_embeddings", torch.zeros(num_prompts, self.backbone.embedding_dim))
-        self.register_buffer("prompt_images", torch.zeros(num_prompts, 3, size, size, dtype=torch.uint8))
+        # Not a buffer: compressed bytes on the CPU, decoded per batch (see redi.prompt.PromptImages)
+        self.prompts = PromptImages.empty(self.image_size)
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.prompt_ids: list[str] = []
         self.metadata: dict[str, Any] = {}
 
     # -- the prompt bank -------------------------------------------------------------------
-    def set_prompts(self, embeddings: torch.Tensor, images: torch.Tensor, image_ids: Sequence[str]) -> None:
-        """Install the prompt bank: normalised embeddings (N, D) and images (N, 3, S, S) in [0, 1]."""
+    @property
+    def needs_prompt_images(self) -> bool:
+        """Whether inference ever looks at a prompt image (recover net on and prompt=nearest)."""
+        return self.use_recover and self.use_prompt
+
+    @property
+    def prompt_images(self) -> PromptImages:
+        """The bank's images (compressed; ``[i]`` decodes one to uint8 (3, S, S))."""
+        return self.prompts
+
+    def set_prompts(self, embeddings: torch.Tensor, images: torch.Tensor | None, image_ids: Sequence[str],
+                    prompts: PromptImages | None = None) -> None:
+        """Install the prompt bank: embeddings (N, D, normalised here) and either float images
+        (N, 3, S, S) in [0, 1], compressed with the default codec, or ``prompts`` already encoded
+        (the exact bytes the recover net was trained on). The images are kept only when inference
+        uses them (:attr:`needs_prompt_images`)."""
+        count = embeddings.shape[0]
+        if len(image_ids) != count:
+            raise ValueError(f"{count} prompt embeddings but {len(image_ids)} image ids")
         self.prompt_embeddings = F.normalize(embeddings.float(), dim=1).to(self.prompt_embeddings.device)
-        self.prompt_images = prompts_to_uint8(images).to(self.prompt_images.device)
         self.prompt_ids = list(image_ids)
+        if not self.needs_prompt_images:
+            self.prompts = PromptImages.empty(self.image_size)
+            return
+        if prompts is None:
+            if images is None:
+                raise ValueError("set_prompts needs the prompt images (or encoded prompts) when the recover net uses them")
+            prompts = PromptImages.encode(images, PROMPT_CODEC, PROMPT_QUALITY)
+        if len(prompts) != count or prompts.size != self.image_size:
+            raise WeightsError(f"{len(prompts)} prompt images of {prompts.size} px do not fit {count} embeddings at "
+                               f"{self.image_size} px; rebuild the prompt bank and retrain the recover net")
+        self.prompts = prompts
 
     def select_prompts(self, embedding: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """Bank index of each image's prompt (-1 when prompts are off)."""
@@ -116,7 +149,10 @@ class Detector(nn.Module):
         prompts = torch.zeros_like(like)
         valid = indices >= 0
         if valid.any():
-            prompts[valid] = prompts_from_uint8(self.prompt_images[indices[valid]], like.dtype)
+            if len(self.prompts) == 0:
+                raise WeightsError("the detector holds no prompt images but was asked for a prompt; retrain it")
+            decoded = self.prompts.decode_float(indices[valid].cpu(), like.dtype)  # only this batch's prompts
+            prompts[valid] = decoded.to(like.device)
         return prompts
 
     # -- the two networks ------------------------------------------------------------------
@@ -185,20 +221,11 @@ class Detector(nn.Module):
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
 
-def prompts_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Prompt images (float in [0, 1]) as the detector stores them: uint8, a quarter of the size."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-def prompts_from_uint8(stored: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Stored uint8 prompt images back to float in [0, 1], exactly as the detector serves them."""
-    return stored.to(dtype) / 255.0
-
-
-def as_served_prompts(images: torch.Tensor) -> torch.Tensor:
-    """The prompt images the detector will serve for ``images`` (rounded to its uint8 storage), so
-    the recover net is trained on exactly the prompts it sees at inference."""
-    return prompts_from_uint8(prompts_to_uint8(images), images.dtype)
+def as_served_prompts(images: torch.Tensor, codec: str = PROMPT_CODEC, quality: int = PROMPT_QUALITY) -> torch.Tensor:
+    """The prompt images the detector will serve for ``images``: rounded to uint8, compressed with
+    the codec and decoded, so the recover net is trained on exactly the prompts it sees at
+    inference. (The training stage encodes the bank once and hands the same bytes to the detector.)"""
+    return PromptImages.encode(images, codec, quality).decode_float(dtype=images.dtype)
 
 
 def save_detector(detector: Detector, path: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -218,6 +245,7 @@ def save_detector(detector: Detector, path: str | Path, metadata: dict[str, Any]
         "backbone_channels": list(detector.backbone.channels),
         "num_prompts": int(detector.prompt_embeddings.shape[0]),
         "prompt_ids": detector.prompt_ids,
+        "prompts": detector.prompts.to_payload(),  # compressed; empty when inference never uses them
         "state": {k: v.detach().cpu() for k, v in detector.trainable_state().items()},
         "metadata": meta,
     }
@@ -230,9 +258,25 @@ def read_artifact(path: str | Path) -> dict[str, Any]:
     payload = load_torch_file(path, "detector file", "train a model first (`redi train`)")
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
         raise WeightsError(f"{path} is not a redi detector artifact")
-    if payload.get("format_version", 0) > ARTIFACT_VERSION:
-        raise WeightsError(f"{path} was written by a newer redi (format {payload['format_version']}); upgrade redi")
+    version = payload.get("format_version", 0)
+    if version > ARTIFACT_VERSION:
+        raise WeightsError(f"{path} was written by a newer redi (format {version}); upgrade redi")
+    if version < 1:
+        raise WeightsError(f"{path} has an unknown artifact format version {version!r}; retrain the model (`redi train`)")
     return payload
+
+
+def _prompts_of(payload: dict[str, Any], detector: Detector, path: str | Path) -> PromptImages:
+    """The artifact's prompt images; a version-1 file's raw uint8 prompts (taken out of its state
+    dict) are re-encoded losslessly, so the detector serves the very pixels it served before."""
+    raw = payload["state"].pop("prompt_images", None)
+    if "prompts" in payload:
+        return PromptImages.from_payload(payload["prompts"])
+    if raw is None:
+        raise WeightsError(f"{path} holds no prompt images (format {payload.get('format_version')}); retrain it")
+    if not detector.needs_prompt_images:
+        return PromptImages.empty(detector.image_size)
+    return PromptImages.encode_uint8(raw, codec="png")
 
 
 def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detector:
@@ -243,11 +287,15 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detec
     if list(detector.backbone.channels) != list(payload["backbone_channels"]):
         raise WeightsError(f"{path} was trained on backbone channels {payload['backbone_channels']}, "
                            f"but {cfg.model.backbone} gives {list(detector.backbone.channels)}")
+    prompts = _prompts_of(payload, detector, path)
     missing, unexpected = detector.load_state_dict(payload["state"], strict=False)
     missing = [k for k in missing if not k.startswith("backbone.")]
     if missing or unexpected:
         raise WeightsError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     detector.prompt_ids = list(payload["prompt_ids"])
+    if detector.needs_prompt_images and len(prompts) != payload["num_prompts"]:
+        raise WeightsError(f"{path} has {len(prompts)} prompt images for {payload['num_prompts']} prompts; retrain it")
+    detector.prompts = prompts
     detector.metadata = dict(payload["metadata"])
     return detector.to(device).eval()
 
