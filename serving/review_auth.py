@@ -28,6 +28,7 @@ def _sign(key: str, payload: str) -> str:
 def make_session(key: str, user: str, hours: float = SESSION_HOURS) -> str:
     """A session token for ``user`` valid for ``hours``."""
     payload = base64.urlsafe_b64encode(json.dumps({"u": user, "e": time.time() + hours * 3600}).encode()).decode()
+    payload = payload.rstrip("=")  # '=' would make the cookie a quoted string
     return f"{payload}.{_sign(key, payload)}"
 
 
@@ -37,7 +38,7 @@ def read_session(key: str, token: str) -> str | None:
     if not payload or not hmac.compare_digest(_sign(key, payload), signature):
         return None
     try:
-        data = json.loads(base64.urlsafe_b64decode(payload.encode()))
+        data = json.loads(base64.urlsafe_b64decode(payload.encode() + b"=" * (-len(payload) % 4)))
     except (ValueError, json.JSONDecodeError):
         return None
     if not isinstance(data, dict) or float(data.get("e", 0)) < time.time() or not str(data.get("u", "")).strip():
@@ -55,5 +56,5 @@ def cookie_value(header: str, name: str = COOKIE) -> str:
     for part in header.split(";"):
         k, _, v = part.strip().partition("=")
         if k == name:
-            return v
+            return v.strip('"')
     return ""

