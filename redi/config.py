@@ -30,10 +30,8 @@ import yaml
 
 from redi.errors import ConfigError
 
-SELFMAP_KINDS = ("hog", "sobel", "roberts", "canny")
 PROMPT_MODES = ("nearest", "none")
 PRECISIONS = ("auto", "fp32", "bf16")
-BACKBONES = ("efficientnet_lite0", "efficientnet_lite2", "wide_resnet50_2")
 TOLERATION_KEYS = ("key", "operator", "value", "effect")
 
 
@@ -227,10 +225,15 @@ class RediConfig:
 
     def validate(self) -> "RediConfig":
         """Raise ConfigError for values that would fail later with an obscure message."""
+        # names live in the builders' registries (imported here: they pull in torch, which
+        # `redi config --help` and the CLI's start-up need not pay for)
+        from redi.backbones import backbone_names
+        from redi.selfmaps import selfmap_names
+
         checks = [
-            (self.model.selfmap.kind in SELFMAP_KINDS, f"model.selfmap.kind must be one of {SELFMAP_KINDS}"),
+            (self.model.selfmap.kind in selfmap_names(), f"model.selfmap.kind must be one of {selfmap_names()}"),
             (self.model.prompt in PROMPT_MODES, f"model.prompt must be one of {PROMPT_MODES}"),
-            (self.model.backbone in BACKBONES, f"model.backbone must be one of {BACKBONES}"),
+            (self.model.backbone in backbone_names(), f"model.backbone must be one of {backbone_names()}"),
             (self.data.image_size % 32 == 0 and self.data.image_size >= 64,
              "data.image_size must be a multiple of 32 and at least 64"),
             (self.model.recover.input_size % 32 == 0, "model.recover.input_size must be 0 or a multiple of 32"),

@@ -17,7 +17,6 @@ from redi.backbones import (
     build_classifier,
     map_state_dict_in_order,
 )
-from redi.config import BACKBONES
 from redi.errors import ConfigError, InputError, WeightsError
 from redi.images import preprocess
 
@@ -44,9 +43,15 @@ def _as_batch(rgb, size: int) -> torch.Tensor:
     return preprocess([rgb], size)
 
 
-def test_registry_names_equal_the_config_tuple():
-    """redi.config validates model.backbone with its own tuple for now: it must not drift."""
-    assert backbone_names() == BACKBONES
+def test_config_validates_backbones_from_the_registry():
+    """Every registered backbone is a valid setting, and an unknown one is refused with the names."""
+    from redi.config import from_dict
+    from redi.errors import ConfigError
+
+    for name in backbone_names():
+        assert from_dict({"profile": "tiny", "model": {"backbone": name}}).model.backbone == name
+    with pytest.raises(ConfigError, match="model.backbone must be one of .*efficientnet_lite2"):
+        from_dict({"profile": "tiny", "model": {"backbone": "resnet18"}})
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite2", "efficientnet_lite0"])

@@ -63,6 +63,6 @@ def test_only_the_cli_bridges_may_import_the_pipeline(copy: Path) -> None:
 
 
 def test_registries_may_not_import_the_config(copy: Path) -> None:
-    _append(copy / "redi" / "backbones.py", "def _leak():\n    from redi.config import BACKBONES\n")
+    _append(copy / "redi" / "backbones.py", "def _leak():\n    from redi.config import RediConfig\n")
     result = _lint(copy)
     assert result.returncode != 0 and "redi.backbones -> redi.config" in result.stdout

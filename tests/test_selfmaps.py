@@ -9,7 +9,7 @@ from skimage import data, transform
 from skimage.feature import canny
 from skimage.util import img_as_ubyte
 
-from redi.config import SELFMAP_KINDS, SelfMapConfig
+from redi.config import SelfMapConfig
 from redi.errors import ConfigError, InputError
 from redi.selfmaps import (
     CannyMap,
@@ -196,6 +196,12 @@ def test_cuda_matches_cpu() -> None:
         assert torch.equal(gpu, module(batch.cuda()))  # deterministic on CUDA too
 
 
-def test_registry_kinds_equal_the_config_tuple():
-    """redi.config validates model.selfmap.kind with its own tuple for now: it must not drift."""
-    assert selfmap_names() == SELFMAP_KINDS
+def test_config_validates_selfmap_kinds_from_the_registry():
+    """Every registered self-map is a valid setting, and an unknown one is refused with the names."""
+    from redi.config import from_dict
+    from redi.errors import ConfigError
+
+    for kind in selfmap_names():
+        assert from_dict({"profile": "tiny", "model": {"selfmap": {"kind": kind}}}).model.selfmap.kind == kind
+    with pytest.raises(ConfigError, match="model.selfmap.kind must be one of .*hog"):
+        from_dict({"profile": "tiny", "model": {"selfmap": {"kind": "laplace"}}})
