@@ -38,7 +38,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 
 from redi.errors import ConfigError
-from redi.storage import LocalStore, ObjectStore, S3Store, StorageError, line_prefix
+from redi.storage import ObjectStore, StorageError, line_prefix
 
 LOG = logging.getLogger("redi.retention")
 RECORD_NAME = "record.json"
@@ -158,33 +158,10 @@ def request_id_of(folder: str) -> str:
     return folder.rsplit("/", 1)[-1].split("-", 1)[-1]
 
 
-def delete_key(store: ObjectStore, key: str) -> None:
-    """Delete one object (``redi.storage`` has no delete; this dispatches on the two store kinds).
-
-    A missing object is not an error (deletion is idempotent).
-    """
-    if isinstance(store, S3Store):
-        try:
-            store.client.remove_object(store.bucket, key)
-        except Exception as exc:  # network, permissions
-            raise StorageError(f"S3 delete of {key} on {store.describe()} failed: {exc}") from exc
-    elif isinstance(store, LocalStore):
-        path = store.root / key
-        if store.root not in path.resolve().parents:
-            raise StorageError(f"refusing to delete {key!r}: outside the store {store.root}")
-        path.unlink(missing_ok=True)
-        for parent in path.parents:  # drop empty folders up to the store root, as S3 has none
-            if parent == store.root or any(parent.iterdir()):
-                break
-            parent.rmdir()
-    else:
-        raise StorageError(f"cannot delete from {store!r}: only LocalStore and S3Store are supported")
-
-
 def delete_folder(store: ObjectStore, keys: list[str]) -> None:
     """Delete one kept folder: its ``record.json`` first (it stops counting as kept), then the rest."""
     for key in sorted(keys, key=lambda k: not k.endswith("/" + RECORD_NAME)):
-        delete_key(store, key)
+        store.delete(key)
 
 
 # ----------------------------------------------------------------------------- the limits
@@ -393,6 +370,6 @@ def records_in_store(store: ObjectStore, line: str) -> list[str]:
             if key.endswith("/" + RECORD_NAME)]
 
 
-__all__ = ["FLAGGED", "SAMPLED", "RetainedItem", "Retainer", "RetentionPolicy", "delete_key", "enforce_limits",
+__all__ = ["FLAGGED", "SAMPLED", "RetainedItem", "Retainer", "RetentionPolicy", "enforce_limits",
            "expired_folders", "item_prefix", "load_map", "parse_rates", "read_record", "records_in_store",
            "retained_folders", "store_item"]

@@ -93,6 +93,10 @@ class ObjectStore(ABC):
     def uri(self, key: str) -> str:
         """A human-readable address of ``key`` (``s3://bucket/key`` or a file path)."""
 
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove the object at ``key``; a missing object is not an error (deletion is idempotent)."""
+
     def exists(self, key: str) -> bool:
         """Whether an object is stored at ``key``."""
         return self.size(key) is not None
@@ -169,6 +173,14 @@ class LocalStore(ObjectStore):
 
     def uri(self, key: str) -> str:
         return str(self._path(key))
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        path.unlink(missing_ok=True)
+        for parent in path.parents:  # drop emptied folders up to the root, as a bucket has none
+            if parent == self.root or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
 
     def __repr__(self) -> str:
         return f"LocalStore({self.root})"
@@ -268,6 +280,12 @@ class S3Store(ObjectStore):
 
     def uri(self, key: str) -> str:
         return f"s3://{self.bucket}/{key}"
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.remove_object(self.bucket, _check_key(key))  # S3 DELETE succeeds on a missing key
+        except Exception as exc:
+            raise self._fail(f"delete of {key}", exc) from exc
 
     def __repr__(self) -> str:
         return f"S3Store({self.describe()})"

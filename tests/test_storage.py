@@ -78,6 +78,16 @@ def test_publish_promote_and_pointer(store, tmp_path):
     assert any("/promotions/" in key for key in store.list("lines/caps/"))
 
 
+def test_delete_is_idempotent_and_leaves_other_objects(store):
+    store.put_bytes("lines/a/keep/x.json", b"{}")
+    store.put_bytes("lines/a/drop/y.json", b"{}")
+    store.delete("lines/a/drop/y.json")
+    store.delete("lines/a/drop/y.json")  # again: not an error
+    assert store.list("lines/a/") == ["lines/a/keep/x.json"]
+    with pytest.raises(StorageError, match="invalid object key"):
+        store.delete("../outside")
+
+
 class _FailingStore:
     """A store whose upload breaks after ``allowed`` files (a network cut mid-upload)."""
 
