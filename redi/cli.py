@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     COMMANDS.update(add_review_commands(sub))
     COMMANDS.update(add_monitor_commands(sub))
     COMMANDS.update(add_pipeline_commands(sub))
+    COMMANDS.update(__import__("redi.export_cli").export_cli.add_export_commands(sub))
     return parser
 
 

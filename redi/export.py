@@ -1,0 +1,202 @@
+"""Export the whole detector for the edge: ONNX (for onnxruntime) and OpenVINO IR.
+
+One graph from the preprocessed batch to the answer: ``images`` (B, 3, S, S) float in [0, 1]
+(the output of :func:`redi.images.preprocess`, i.e. ``Detector.preprocess``) -> ``score`` (B,) and
+``anomaly_map`` (B, S, S). Inside: backbone(X), prompt retrieval (cosine nearest neighbour over
+the prompt bank, which the graph carries as uint8 pixels), the self-map (HOG, Sobel or Roberts),
+the recover net, backbone(Y), the discriminate head, the anomaly map and its max. The batch axis
+is dynamic. The graph is fp32: the recover net's bf16 path (``model.recover.precision=auto`` on
+CPUs with bf16 units) is a torch runtime choice, so parity is checked against the torch detector
+forced to fp32 (:func:`torch_fp32`).
+
+It uses torch's TorchScript-based ONNX exporter (``dynamo=False``): the dynamo exporter needs the
+``onnxscript`` package, which is not part of this project's stack. ``TorchHOG`` writes its
+gradients with ``out=`` into slices, which that tracer records wrongly, so the export swaps in
+:class:`ExportableHOG`, the same picture written with functional ops (tested equal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from redi.errors import RediError
+from redi.models.detector import Detector
+from redi.selfmaps import RobertsMap, SobelMap, TorchHOG
+from redi.utils import atomic_write
+
+EXPORT_FORMATS = ("onnx", "openvino")
+OPSET = 18
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("score", "anomaly_map")
+
+
+class ExportError(RediError):
+    """The detector cannot be exported as asked (a part with no graph form, a missing package)."""
+
+
+class ExportableHOG(TorchHOG):
+    """:class:`TorchHOG`'s picture with functional gradients and no CPU batch chunking, so the
+    ONNX tracer records it correctly and the batch axis stays dynamic. Same values: gradients
+    are exact integers either way."""
+
+    def _dominant_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        v = x.float().mul(255.0).round().clamp(0.0, 255.0)
+        g_row = F.pad(v[:, :, 2:, :] - v[:, :, :-2, :], (0, 0, 1, 1))  # 0 on the first and last row
+        g_col = F.pad(v[:, :, :, 2:] - v[:, :, :, :-2], (1, 1, 0, 0))
+        channels = v.shape[1]
+        # as TorchHOG: key = 4 |g|^2 + priority picks the largest magnitude, the first channel on ties
+        priority = torch.arange(channels, 0, -1, dtype=v.dtype, device=v.device).view(1, -1, 1, 1)
+        best = ((g_row * g_row + g_col * g_col) * 4.0 + priority).amax(dim=1, keepdim=True)
+        mag2 = torch.floor(best * 0.25)
+        channel = (float(channels) - (best - 4.0 * mag2)).long()
+        code = g_row * self.LUT_SIDE + g_col
+        index = (code.gather(1, channel) + (255 * self.LUT_SIDE + 255)).long()
+        return index, mag2.sqrt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) HOG picture in [0, 1]."""
+        return self._picture(x)
+
+
+def exportable_selfmap(module: nn.Module) -> nn.Module:
+    """The self-map as a traceable module; Canny (skimage on the CPU) has no graph form."""
+    if isinstance(module, TorchHOG):
+        return ExportableHOG(module.orientations, module.cell)
+    if isinstance(module, (SobelMap, RobertsMap)):
+        return module
+    raise ExportError(f"the {type(module).__name__} self-map runs outside torch and cannot be exported; "
+                      f"export a model trained with model.selfmap.kind=hog, sobel or roberts")
+
+
+class ExportableDetector(nn.Module):
+    """The detector as one traceable graph: ``forward(images) -> (score (B,), anomaly_map (B, S, S))``.
+
+    Shares the detector's modules (nothing is copied but the decoded prompt pixels); the recover
+    net runs in fp32.
+    """
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        self.detector = detector.cpu().eval()
+        self.selfmap = exportable_selfmap(detector.selfmap) if detector.use_recover else None
+        self.use_prompt = detector.needs_prompt_images
+        if self.use_prompt and len(detector.prompts) == 0:
+            raise ExportError("the detector has no prompt images; retrain it with a prompt bank")
+        # the bank as the detector serves it (decoded once), uint8 like the torch path before its / 255
+        pixels = detector.prompts.decode() if self.use_prompt else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+        self.register_buffer("prompt_pixels", pixels)
+
+    def prompts(self, embedding: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Each image's nearest bank image (cosine of embeddings) as float in [0, 1]."""
+        if not self.use_prompt:
+            return torch.zeros_like(like)
+        similarity = F.normalize(embedding.float(), dim=1) @ self.detector.prompt_embeddings.t()
+        index = similarity.argmax(dim=1)
+        return self.prompt_pixels.index_select(0, index).to(like.dtype) / 255.0
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score a preprocessed batch: (B, 3, S, S) float in [0, 1]."""
+        detector = self.detector
+        reference = detector.backbone(images)
+        recovered = images
+        if self.selfmap is not None:
+            recovered = detector.recover(self.selfmap(images), self.prompts(reference.embedding, images)).float()
+        maps = detector.anomaly_maps(reference.features, detector.head(detector.backbone(recovered).features))
+        return maps.flatten(1).amax(dim=1), maps
+
+
+@contextlib.contextmanager
+def torch_fp32(detector: Detector) -> Iterator[Detector]:
+    """Run the torch detector with its recover net in fp32 inside the block (what the export computes)."""
+    recover = detector.cfg.model.recover
+    saved = recover.precision
+    recover.precision = "fp32"
+    try:
+        yield detector
+    finally:
+        recover.precision = saved
+
+
+def _metadata(detector: Detector) -> dict[str, str]:
+    """What a runtime needs besides the graph: the input size, the threshold and where it came from."""
+    meta = detector.metadata
+    return {"redi_format": "redi-detector-onnx", "image_size": str(detector.image_size),
+            "threshold": repr(float(detector.threshold)), "line": str(meta.get("line", "")),
+            "version": str(meta.get("version", "")), "profile": str(meta.get("profile", "")),
+            "backbone": str(meta.get("backbone", "")), "input": f"{INPUT_NAME}: (B, 3, S, S) float32 in [0, 1] "
+            "from redi.images.preprocess", "outputs": "score: (B,), anomaly_map: (B, S, S)"}
+
+
+def export_onnx(detector: Detector, path: str | Path, opset: int = OPSET) -> Path:
+    """Write the whole detector as one ONNX file with a dynamic batch axis; returns the path.
+
+    The file's metadata (``metadata_props``) carries ``image_size``, ``threshold``, ``line`` and
+    ``version``.
+    """
+    import onnx
+
+    module = ExportableDetector(detector)
+    size = detector.image_size
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}}
+
+    def write(tmp: Path) -> None:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+            torch.onnx.export(module, (example,), str(tmp), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                              dynamic_axes=dynamic, opset_version=opset, dynamo=False, do_constant_folding=True)
+        model = onnx.load(str(tmp))
+        for key, value in _metadata(detector).items():
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, str(tmp))
+
+    return atomic_write(Path(path), write)
+
+
+def export_openvino(onnx_path: str | Path, xml_path: str | Path) -> Path:
+    """Convert an exported ONNX file to OpenVINO IR (``.xml`` + ``.bin`` beside it), fp32 weights."""
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        raise ExportError("OpenVINO is not installed; `pip install openvino` (it installs from PyPI)") from exc
+    xml_path = Path(xml_path)
+    xml_path.parent.mkdir(parents=True, exist_ok=True)
+    model = ov.convert_model(str(onnx_path))
+    ov.save_model(model, str(xml_path), compress_to_fp16=False)  # the default would halve the weights
+    return xml_path
+
+
+def onnx_session(path: str | Path, threads: int = 0):
+    """An onnxruntime CPU session for an exported file (``threads`` 0: onnxruntime's default)."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ExportError("onnxruntime is not installed; `pip install 'redi[export]'`") from exc
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(session, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(scores (B,), maps (B, S, S)) of a preprocessed batch through an onnxruntime session."""
+    score, anomaly_map = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.float().cpu().numpy()})
+    return score, anomaly_map
+
+
+def compare_with_torch(detector: Detector, session, images: torch.Tensor) -> dict[str, float]:
+    """Max absolute differences of scores and maps between onnxruntime and the fp32 torch detector."""
+    with torch_fp32(detector):
+        expected = detector.predict(images)
+    score, anomaly_map = run_onnx(session, images)
+    return {"score": float(np.abs(score - expected.score.numpy()).max()),
+            "anomaly_map": float(np.abs(anomaly_map - expected.anomaly_map.numpy()).max())}
