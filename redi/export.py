@@ -42,24 +42,49 @@ class ExportError(RediError):
     """The detector cannot be exported as asked (a part with no graph form, a missing package)."""
 
 
+def _antialiased_bilinear(g, image, output_size, align_corners, scale_factors):
+    """ONNX for ``aten::_upsample_bilinear2d_aa`` (torch's antialiased bilinear resize, used by the
+    recover net at a reduced ``input_size``), which the TorchScript exporter lacks: opset-18
+    ``Resize`` with ``antialias=1``, half-pixel centres (align_corners=False), the same triangle
+    filter widened by the scale (tested equal within float rounding through onnxruntime)."""
+    from torch.onnx import symbolic_helper
+
+    if symbolic_helper._maybe_get_const(align_corners, "b"):
+        raise ExportError("antialiased resize with align_corners=True has no ONNX form; it is not used by redi")
+    size = symbolic_helper._maybe_get_const(output_size, "is")
+    leading = g.op("Shape", image, start_i=0, end_i=2)  # (B, C) stay dynamic
+    sizes = g.op("Concat", leading, g.op("Constant", value_t=torch.tensor(size, dtype=torch.int64)), axis_i=0)
+    empty = g.op("Constant", value_t=torch.tensor([], dtype=torch.float32))
+    return g.op("Resize", image, empty, empty, sizes, mode_s="linear", antialias_i=1,
+                coordinate_transformation_mode_s="half_pixel")
+
+
+_registered: set[int] = set()
+
+
+def _register_symbolics(opset: int) -> None:
+    """Teach the TorchScript exporter the ops it lacks (once per opset, process-wide)."""
+    if opset not in _registered:
+        torch.onnx.register_custom_op_symbolic("aten::_upsample_bilinear2d_aa", _antialiased_bilinear, opset)
+        _registered.add(opset)
+
+
 class ExportableHOG(TorchHOG):
-    """:class:`TorchHOG`'s picture with functional gradients and no CPU batch chunking, so the
-    ONNX tracer records it correctly and the batch axis stays dynamic. Same values: gradients
-    are exact integers either way."""
+    """:class:`TorchHOG`'s picture with functional integer gradients and no CPU batch chunking, so
+    the ONNX tracer records it correctly and the batch axis stays dynamic. Same values: the
+    gradients are the same integers, the channel choice the same rule (tested equal)."""
 
     def _dominant_gradient(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        v = x.float().mul(255.0).round().clamp(0.0, 255.0)
+        # Integer arithmetic: exact in any runtime, also where floats run in bf16 (OpenVINO's
+        # default on CPUs with bf16 units), which would pick wrong channels and table rows.
+        v = x.float().mul(255.0).round().clamp(0.0, 255.0).to(torch.int32)
         g_row = F.pad(v[:, :, 2:, :] - v[:, :, :-2, :], (0, 0, 1, 1))  # 0 on the first and last row
         g_col = F.pad(v[:, :, :, 2:] - v[:, :, :, :-2], (1, 1, 0, 0))
-        channels = v.shape[1]
-        # as TorchHOG: key = 4 |g|^2 + priority picks the largest magnitude, the first channel on ties
-        priority = torch.arange(channels, 0, -1, dtype=v.dtype, device=v.device).view(1, -1, 1, 1)
-        best = ((g_row * g_row + g_col * g_col) * 4.0 + priority).amax(dim=1, keepdim=True)
-        mag2 = torch.floor(best * 0.25)
-        channel = (float(channels) - (best - 4.0 * mag2)).long()
+        squared = g_row * g_row + g_col * g_col
+        channel = squared.argmax(dim=1, keepdim=True)  # the largest magnitude, the first channel on ties
         code = g_row * self.LUT_SIDE + g_col
         index = (code.gather(1, channel) + (255 * self.LUT_SIDE + 255)).long()
-        return index, mag2.sqrt()
+        return index, squared.gather(1, channel).float().sqrt()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) HOG picture in [0, 1]."""
@@ -143,6 +168,9 @@ def export_onnx(detector: Detector, path: str | Path, opset: int = OPSET) -> Pat
     """
     import onnx
 
+    if opset < 18:
+        raise ExportError(f"the export needs ONNX opset 18 or newer (antialiased Resize), got {opset}")
+    _register_symbolics(opset)
     module = ExportableDetector(detector)
     size = detector.image_size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))

@@ -81,14 +81,17 @@ def test_canny_self_map_is_refused_with_the_fix():
         exportable_selfmap(CannyMap())
 
 
-@pytest.mark.parametrize("overrides", [{"enabled": False}, {"prompt": "none"}])
-def test_ablations_export_and_match(overrides, tmp_path: Path):
-    """Recover net off (RD + L_S) and the 'Free' zero prompt export too (random weights)."""
+@pytest.mark.parametrize("setting", ["recover off", "prompt none", "recover at 64 px"])
+def test_other_configurations_export_and_match(setting, tmp_path: Path):
+    """Recover net off (RD + L_S), the 'Free' zero prompt, and a recover net at a reduced
+    input_size (antialiased resize, as the fast profile) export too (random weights)."""
     cfg = profile_config("tiny")
-    if "enabled" in overrides:
+    if setting == "recover off":
         cfg.model.recover.enabled = False
-    else:
+    elif setting == "prompt none":
         cfg.model.prompt = "none"
+    else:
+        cfg.model.recover.input_size = 64
     detector = Detector(cfg, num_prompts=3)
     size = cfg.data.image_size
     detector.set_prompts(torch.randn(3, detector.backbone.embedding_dim), torch.rand(3, 3, size, size), ["a", "b", "c"])
