@@ -252,13 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     from redi.model_cli import add_model_commands
     from redi.monitor_cli import add_monitor_commands
     from redi.pipeline_cli import add_pipeline_commands
+    from redi.export_cli import add_export_commands
     from redi.review_cli import add_review_commands
 
     COMMANDS.update(add_model_commands(sub))
     COMMANDS.update(add_review_commands(sub))
     COMMANDS.update(add_monitor_commands(sub))
     COMMANDS.update(add_pipeline_commands(sub))
-    COMMANDS.update(__import__("redi.export_cli").export_cli.add_export_commands(sub))
+    COMMANDS.update(add_export_commands(sub))
     return parser
 
 

@@ -31,6 +31,7 @@ import yaml
 from redi.errors import ConfigError
 
 PROMPT_MODES = ("nearest", "none")
+PROMPT_CODECS = ("webp", "png")
 PRECISIONS = ("auto", "fp32", "bf16")
 TOLERATION_KEYS = ("key", "operator", "value", "effect")
 
@@ -81,6 +82,11 @@ class ModelConfig:
     use_frb: bool = True  # False: F_Y is R_Y itself (no Feature Recovery Block), Table 11
     bottleneck_channels: int = 0  # 0: the deepest backbone level's channel count
     gaussian_sigma: float = 4.0  # smoothing of the anomaly map (RD / anomalib use 4)
+    # How the detector stores its prompt images. WebP q85 keeps a 650-image 256 px bank at
+    # 1.5-16 MB instead of 128 MB raw (docs/benchmarks.md); the recover net trains on exactly the
+    # decoded prompts, so lossy storage costs no train/serve mismatch. "png" is lossless.
+    prompt_codec: str = "webp"
+    prompt_quality: int = 85  # WebP quality (ignored by png)
 
 
 @dataclass
@@ -233,6 +239,8 @@ class RediConfig:
         checks = [
             (self.model.selfmap.kind in selfmap_names(), f"model.selfmap.kind must be one of {selfmap_names()}"),
             (self.model.prompt in PROMPT_MODES, f"model.prompt must be one of {PROMPT_MODES}"),
+            (self.model.prompt_codec in PROMPT_CODECS, f"model.prompt_codec must be one of {PROMPT_CODECS}"),
+            (1 <= self.model.prompt_quality <= 100, "model.prompt_quality must be between 1 and 100"),
             (self.model.backbone in backbone_names(), f"model.backbone must be one of {backbone_names()}"),
             (self.data.image_size % 32 == 0 and self.data.image_size >= 64,
              "data.image_size must be a multiple of 32 and at least 64"),

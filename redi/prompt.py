@@ -87,9 +87,7 @@ def nearest_prompt(queries: torch.Tensor, bank: torch.Tensor, exclude: torch.Ten
 
 # -- prompt images as the detector stores them -------------------------------------------------
 PROMPT_CODECS = ("webp", "png")
-# Until redi.config has a setting for it: lossy WebP at quality 85 keeps a 650-image, 256 px bank
-# at 1.5-16 MB (measured, docs/benchmarks.md) instead of 128 MB of raw pixels. The recover net is
-# trained on exactly the decoded prompts (stages.train_recover), so the loss costs no mismatch.
+# Defaults of the encoders; a run's choice is the config's model.prompt_codec / prompt_quality.
 PROMPT_CODEC = "webp"
 PROMPT_QUALITY = 85
 _PIL_FORMAT = {"webp": "WEBP", "png": "PNG"}

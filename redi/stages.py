@@ -25,7 +25,7 @@ from redi.losses import discriminate_loss, recover_loss
 from redi.metrics import compute_all
 from redi.models.detector import Detector, load_detector, load_module_weights, save_detector
 from redi.models.recover import RecoverNet
-from redi.prompt import PROMPT_CODEC, PROMPT_QUALITY, PromptBank, PromptImages
+from redi.prompt import PromptBank, PromptImages
 from redi.selfmaps import build_selfmap
 from redi.training import fingerprint, run_training
 from redi.utils import (atomic_torch_save, atomic_write_text, bf16_autocast, load_torch_file, pick_device,
@@ -165,7 +165,7 @@ def _recover_run_id(cfg: RediConfig, bank: PromptBank) -> str:
                         "train": to_dict(cfg.train.recover), "lambda_m": cfg.train.lambda_m,
                         "scales": cfg.train.msgms_scales, "flip": cfg.train.augment_flip, "amp": cfg.train.amp,
                         "seed": cfg.train.seed, "size": cfg.data.image_size, "bank": _bank_fingerprint(bank),
-                        "prompt_codec": [PROMPT_CODEC, PROMPT_QUALITY]})
+                        "prompt_codec": [model.prompt_codec, model.prompt_quality]})
 
 
 def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | Path, cfg: RediConfig,
@@ -186,7 +186,8 @@ def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | P
     maps = _load_or_compute_selfmaps(selfmaps_path, samples, images, cfg, device)
     # The bank is encoded once; the net trains on the decoded prompts, and recover.pt hands the
     # same bytes to the detector, so it serves exactly the prompts it was trained on.
-    encoded = PromptImages.encode(images, PROMPT_CODEC, PROMPT_QUALITY) if model_cfg.prompt == "nearest" else None
+    encoded = (PromptImages.encode(images, model_cfg.prompt_codec, model_cfg.prompt_quality)
+               if model_cfg.prompt == "nearest" else None)
     prompts = (encoded.decode_float()[leave_one_out_prompts(bank)] if encoded is not None
                else torch.zeros_like(images))
     net = RecoverNet(1, model_cfg.recover.base_width, model_cfg.recover.depth, model_cfg.recover.input_size,

@@ -187,6 +187,18 @@ def test_recover_training_prompts_equal_the_served_prompts(tiny_detector):
     assert torch.equal(lossless, (images * 255).round() / 255)
 
 
+def test_prompt_codec_comes_from_the_config(tiny_detector):
+    """model.prompt_codec=png stores the bank losslessly: the served prompts are the uint8 images."""
+    import copy
+
+    detector = copy.deepcopy(tiny_detector)
+    detector.cfg.model.prompt_codec = "png"
+    images = _smooth_images(3, detector.image_size)
+    detector.set_prompts(torch.randn(3, detector.backbone.embedding_dim), images, ["a", "b", "c"])
+    assert detector.prompts.codec == "png"
+    assert torch.equal(detector.prompt_batch(torch.arange(3), images), (images * 255).round() / 255)
+
+
 def _smooth_images(n: int, size: int) -> torch.Tensor:
     """Images with structure (not white noise, which no image codec is made for)."""
     generator = torch.Generator().manual_seed(n)

@@ -129,7 +129,7 @@ class Detector(nn.Module):
         if prompts is None:
             if images is None:
                 raise ValueError("set_prompts needs the prompt images (or encoded prompts) when the recover net uses them")
-            prompts = PromptImages.encode(images, PROMPT_CODEC, PROMPT_QUALITY)
+            prompts = PromptImages.encode(images, self.cfg.model.prompt_codec, self.cfg.model.prompt_quality)
         if len(prompts) != count or prompts.size != self.image_size:
             raise WeightsError(f"{len(prompts)} prompt images of {prompts.size} px do not fit {count} embeddings at "
                                f"{self.image_size} px; rebuild the prompt bank and retrain the recover net")
