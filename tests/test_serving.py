@@ -12,11 +12,14 @@ import concurrent.futures as cf
 import io
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -72,23 +75,36 @@ def server(tmp_path_factory: pytest.TempPathFactory):
            "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(root / "logs"), "REDI_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
            "REDI_MAX_PIXELS": str(MAX_PIXELS), "REDI_DEVICE": "cpu", "PYTHONPATH": str(REPO),
            "REDI_STORE_DIR": str(root / "store"), "REDI_MODEL_CACHE": str(root / "cache")}
-    port = _free_port()
-    log_file = open(root / "server.log", "w")
-    proc = subprocess.Popen([str(BENTOML), "serve", "serving.service:RediService", "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, log_file = _start_server(env, root / "server.log")
     try:
-        if not wait_for_http(f"{url}/readyz", proc, 120):
-            pytest.fail(f"bentoml serve did not become ready:\n{(root / 'server.log').read_text()[-3000:]}")
         yield {"url": url, "root": root, "data": data, "detector": load_detector(detector_path), "tag": tag,
-               "env": env, "logs": root / "logs"}
+               "env": env, "logs": root / "logs", "detector_path": detector_path}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log_file.close()
+        _stop_server(proc, log_file)
+
+
+def _start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen, str, Any]:
+    """``bentoml serve`` in its own process group (so a test can kill -9 all of it); waits for /readyz."""
+    port = _free_port()
+    log_file = open(log, "w")
+    proc = subprocess.Popen([str(BENTOML), "serve", "serving.service:RediService", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    if not wait_for_http(f"{url}/readyz", proc, 180):
+        _stop_server(proc, log_file)
+        pytest.fail(f"bentoml serve did not become ready:\n{log.read_text()[-3000:]}")
+    return proc, url, log_file
+
+
+def _stop_server(proc: subprocess.Popen, log_file: Any) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    log_file.close()
 
 
 def _predict(server: dict, content: bytes, line: str = LINE, key: str | None = KEY, **options) -> requests.Response:
@@ -205,30 +221,130 @@ def test_bad_requests_get_clear_4xx_and_service_keeps_serving(server: dict) -> N
     _still_serves(server)
 
 
-def test_load_no_5xx_and_every_request_logged(server: dict) -> None:
+def _load_images(server: dict) -> list[bytes]:
+    """Three demo images at the model's size (sent as uint8) and one larger, non-square one (sent as
+    the preprocessed float batch), so both transports to the detector service are exercised."""
     images = [(server["data"] / "test" / sub / "000.png").read_bytes() for sub in ("good", "scratch", "hole")]
-    n_requests, n_clients = 240, 8
+    rgb = load_rgb(server["data"] / "test" / "good" / "001.png")
+    images.append(_png(np.asarray(Image.fromarray(rgb).resize((173, 151), Image.Resampling.BICUBIC))))
+    return images
 
-    def call(i: int) -> tuple[int, str, int]:
+
+def test_load_no_5xx_and_every_request_logged(server: dict) -> None:
+    images = _load_images(server)
+    expected = [_in_process_score(server, decode_rgb(content)) for content in images]
+    n_requests, n_clients = 240, 16
+
+    def call(i: int) -> tuple[int, dict]:
         response = _predict(server, images[i % len(images)])
-        body = response.json()
-        return response.status_code, body.get("request_id", ""), body.get("batch_size", 0)
+        return response.status_code, response.json()
 
     started = time.monotonic()
     with cf.ThreadPoolExecutor(n_clients) as pool:
         results = list(pool.map(call, range(n_requests), timeout=240))
     seconds = time.monotonic() - started
-    statuses = [status for status, _, _ in results]
+    statuses = [status for status, _ in results]
     assert statuses.count(200) == n_requests, sorted(set(statuses))
+    for i, (_, body) in enumerate(results):  # batched in the detector service = the same score in-process
+        assert body["anomaly_score"] == pytest.approx(expected[i % len(images)], rel=1e-4, abs=1e-5), i
     rows = ProductionLog(server["logs"]).read(LINE)
     logged = set(rows["request_id"])
-    assert all(request_id in logged for _, request_id, _ in results)
+    assert all(body["request_id"] in logged for _, body in results)
     assert rows["request_id"].is_unique
     assert set(feature_columns()) <= set(rows.columns)
     assert {"time", "line", "model_version", "score", "decision"} <= set(rows.columns)
-    assert max(batch for _, _, batch in results) > 1, "adaptive batching never grouped requests"
+    assert max(body["batch_size"] for _, body in results) > 1, "adaptive batching never grouped requests"
     print(f"\nload test: {n_requests} requests, {n_clients} clients, {seconds:.1f} s, "
-          f"{n_requests / seconds:.1f} req/s")
+          f"{n_requests / seconds:.1f} req/s, largest batch {max(body['batch_size'] for _, body in results)}")
+
+
+def test_internal_routes_are_not_public(server: dict) -> None:
+    # the detector service has no public port; the old self-proxy route is gone and the key guard
+    # covers whatever is not declared public
+    assert requests.post(f"{server['url']}/score_batch", json={}, timeout=10).status_code == 401
+    assert requests.post(f"{server['url']}/score", json={}, timeout=10).status_code == 401
+    assert requests.post(f"{server['url']}/score", json={}, headers={"X-API-Key": KEY}, timeout=10).status_code == 404
+
+
+def test_kill_9_under_load_loses_no_answered_row(server: dict) -> None:
+    """Every request that got an answer has its row in the log, even when the whole server is
+    killed with SIGKILL mid-load (the answer leaves only after its row's group commit)."""
+    root = server["root"] / "kill9"
+    env = {**server["env"], "REDI_LOG_DIR": str(root / "logs")}
+    root.mkdir()
+    proc, url, log_file = _start_server(env, root / "server.log")
+    target = {"url": url}
+    images = _load_images(server)
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def client(seed: int) -> None:
+        i = seed
+        while not stop.is_set():
+            try:
+                response = _predict(target, images[i % len(images)])
+            except requests.RequestException:
+                continue  # the server is gone: no answer, nothing owed
+            if response.status_code == 200:
+                answered.append(response.json()["request_id"])
+            i += 1
+
+    try:
+        with cf.ThreadPoolExecutor(16) as pool:
+            for seed in range(16):
+                pool.submit(client, seed)
+            deadline = time.monotonic() + 60
+            while len(answered) < 60 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)  # API worker, detector worker, arbiter: all at once
+            proc.wait(timeout=30)
+            time.sleep(0.5)
+            stop.set()
+    finally:
+        stop.set()
+        log_file.close()
+    assert len(answered) >= 60, f"only {len(answered)} answers before the kill"
+    rows = ProductionLog(root / "logs").read(LINE)
+    missing = set(answered) - set(rows["request_id"])
+    assert not missing, f"{len(missing)} answered requests have no row in the log"
+    print(f"\nkill -9: {len(answered)} answered, {len(rows)} rows logged")
+
+
+def test_onnx_runtime_scores_equal_torch(server: dict) -> None:
+    """REDI_RUNTIME=onnx: the detector service exports the line's model into the cache at load time and
+    runs it in onnxruntime; scores equal the torch detector's fp32 graph within 1e-4."""
+    pytest.importorskip("onnxruntime")
+    from redi.export import torch_fp32
+
+    root = server["root"] / "onnx"
+    root.mkdir()
+    env = {**server["env"], "REDI_RUNTIME": "onnx", "REDI_LOG_DIR": str(root / "logs"),
+           "REDI_MODEL_CACHE": str(root / "cache")}
+    proc, url, log_file = _start_server(env, root / "server.log")
+    target = {"url": url}
+    try:
+        meta = requests.post(f"{url}/metadata", json={}, headers={"X-API-Key": KEY}, timeout=30).json()
+        assert meta["lines"][LINE]["runtime"] == "onnx" and meta["detector"]["runtime"] == "onnx"
+        assert list((root / "cache" / "onnx").rglob("detector.onnx")), "the export should be cached"
+        images = _load_images(server)
+        detector = server["detector"]
+        for content in images:
+            with torch_fp32(detector):
+                expected = float(detector.predict(detector.preprocess([decode_rgb(content)])).score[0])
+            torch_answer = _predict(server, content).json()
+            answer = _predict(target, content, return_map=True)
+            assert answer.status_code == 200, answer.text
+            body = answer.json()
+            assert abs(body["anomaly_score"] - expected) < 1e-4, (body["anomaly_score"], expected)
+            print(f"\nonnx {body['anomaly_score']:.6f} torch fp32 {expected:.6f} torch service (auto precision) "
+                  f"{torch_answer['anomaly_score']:.6f}")
+        with cf.ThreadPoolExecutor(8) as pool:  # batched in onnxruntime too
+            statuses = list(pool.map(lambda i: _predict(target, images[i % len(images)]).status_code, range(32)))
+        assert statuses == [200] * 32
+        rows = ProductionLog(root / "logs").read(LINE)
+        assert rows[feature_columns()].notna().all().all()  # drift rows complete: embedding from the backbone
+    finally:
+        _stop_server(proc, log_file)
 
 
 def test_bentoml_build_offline(server: dict) -> None:

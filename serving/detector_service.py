@@ -1,0 +1,312 @@
+"""The detector service: every served line's model behind one batchable list API.
+
+The API service (``serving/service.py``) reaches it with ``bentoml.depends(RediDetector)``;
+``bentoml serve serving.service:RediService`` starts it as its own process group and the two
+talk over a Unix socket with BentoML's pickle transport (protocol 5, arrays as out-of-band
+buffers: no base64, no JSON of pixels). It has no public HTTP port.
+
+APIs (internal):
+
+- ``score(items)`` batchable: each item ``{"line", "pixels"}`` where ``pixels`` is the model input
+  of one image, either uint8 ``(S, S, 3)`` (an upload already at the model's size: a quarter of
+  the bytes) or float32 ``(3, S, S)`` from :func:`redi.images.preprocess`. BentoML's adaptive
+  batching groups concurrent calls; one detector batch runs per line (and model object). Each
+  answer: ``score``, ``map`` (float32 ``(S, S)``), ``embedding`` (float32 ``(D,)``), ``version``,
+  ``tag``, ``model_threshold``, ``batch_size``; or ``{"error": ..., "status": ...}`` (unknown line;
+  ``stale``: the model changed size since the caller preprocessed, with the new ``image_size``).
+- ``models()``: the catalogue (what each line serves, threshold override records, reload state).
+- ``reload()``: check the production pointers and threshold overrides now; returns what changed.
+
+What each line serves comes from ``serving/model_source.py`` (``store`` production pointers,
+polled every ``REDI_RELOAD_INTERVAL_S``, or the models pinned in a built Bento). Threshold
+overrides are read here with the pointers (one reader of the store); the API service applies the
+threshold to the score it gets back.
+
+``REDI_RUNTIME=onnx`` runs each line's exported ONNX graph (``redi.export``) in onnxruntime instead
+of the torch detector: a ``detector.onnx`` beside the detector file is used when present, else the
+detector is exported once at load time into ``REDI_MODEL_CACHE/onnx/<sha256>/``. The graph gives
+score and map; the drift row's embedding comes from the torch backbone alone (one backbone pass,
+see docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import bentoml
+import numpy as np
+import torch
+
+from redi.errors import RediError
+from redi.models.detector import Detector, load_detector
+from redi.storage import ObjectStore, store_from_env
+from redi.thresholds import effective_threshold, threshold_override
+from redi.utils import pick_device
+from serving.model_source import ModelRef, StoreModels, bento_models, choose_source
+from serving.settings import ServingSettings, detector_threads, env_int
+
+LOG = logging.getLogger("redi.serving.detector")
+
+
+def _has_gpu() -> bool:
+    """Whether this service should ask BentoML for a GPU (never with ``REDI_DEVICE=cpu``)."""
+    import os
+
+    if os.environ.get("REDI_DEVICE", "auto").strip().lower() == "cpu":
+        return False
+    return torch.cuda.is_available()
+
+
+def _resources() -> dict[str, Any]:
+    """What the detector service declares: a GPU when there is one, else the cores its threads use."""
+    return {"gpu": 1} if _has_gpu() else {"cpu": str(detector_threads())}
+
+
+# ----------------------------------------------------------------------------- one line's model
+@dataclass
+class LoadedLine:
+    """One line's loaded model (torch, optionally an onnxruntime session) and its override record."""
+
+    ref: ModelRef
+    detector: Detector
+    session: Any = None  # onnxruntime.InferenceSession with REDI_RUNTIME=onnx
+    override: dict[str, Any] | None = None
+
+    @property
+    def threshold(self) -> float:
+        """The threshold deciding now: the override when it was set for this version, else the model's."""
+        return effective_threshold(float(self.detector.threshold), self.ref.version, self.override)
+
+    def info(self) -> dict[str, Any]:
+        """The catalogue entry the API service keeps (everything but the weights)."""
+        d, ref = self.detector, self.ref
+        return {"line": ref.line, "model_version": ref.version, "model_tag": ref.tag, "sha256": ref.sha256,
+                "promoted": ref.promoted, "promoted_by": ref.promoted_by, "metrics": ref.metrics,
+                "model_threshold": float(d.threshold), "threshold": self.threshold, "override": self.override,
+                "image_size": int(d.image_size), "backbone": d.metadata.get("backbone"),
+                "profile": d.metadata.get("profile"), "runtime": "onnx" if self.session is not None else "torch"}
+
+    def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores (B,), maps (B, S, S), embeddings (B, D)) of a preprocessed float batch."""
+        if self.session is None:
+            out = self.detector.predict(batch)
+            return (out.score.float().cpu().numpy(), out.anomaly_map.float().cpu().numpy(),
+                    out.embedding.float().cpu().numpy())
+        from redi.export import run_onnx
+
+        scores, maps = run_onnx(self.session, batch)
+        with torch.inference_mode():  # the graph has no embedding output: one torch backbone pass
+            embedding = self.detector.backbone(batch.to(self.detector.threshold.device)).embedding
+        return np.asarray(scores, np.float32), np.asarray(maps, np.float32), embedding.float().cpu().numpy()
+
+
+def _onnx_file(ref: ModelRef, detector: Detector, cache: Path) -> Path:
+    """The line's ONNX graph: ``detector.onnx`` beside the detector, else exported once into the cache.
+
+    The cache key is the detector file's sha256, so a new model never reuses an old export.
+    """
+    beside = ref.path.with_name("detector.onnx")
+    if beside.is_file():
+        return beside
+    target = cache / "onnx" / ref.sha256[:32] / "detector.onnx"
+    if not target.is_file():
+        from redi.export import export_onnx
+
+        started = time.perf_counter()
+        export_onnx(detector, target)  # atomic: a crash mid-export leaves no half file
+        LOG.warning("line %s %s: exported to ONNX in %.1f s (%s)", ref.line, ref.version,
+                    time.perf_counter() - started, target)
+    return target
+
+
+def load_line(ref: ModelRef, device: torch.device, runtime: str, cache: Path,
+              override: dict[str, Any] | None) -> LoadedLine:
+    """Load a resolved (hash-checked) production model for ``runtime`` (torch or onnx)."""
+    detector = load_detector(ref.path, device)
+    session = None
+    if runtime == "onnx":
+        from redi.export import onnx_session
+
+        session = onnx_session(_onnx_file(ref, detector, cache), threads=detector_threads())
+    return LoadedLine(ref=ref, detector=detector, session=session, override=override)
+
+
+def _as_input(pixels: np.ndarray, size: int) -> torch.Tensor | None:
+    """One item's array as a (1, 3, S, S) float tensor, or None when it is not this model's size."""
+    if pixels.dtype == np.uint8 and pixels.shape == (size, size, 3):
+        from redi.images import preprocess
+
+        return preprocess([np.ascontiguousarray(pixels)], size)  # the same /255 the API would do
+    if pixels.dtype == np.float32 and pixels.shape == (3, size, size):
+        return torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)
+    return None
+
+
+# ----------------------------------------------------------------------------- the service
+# runner_connection: BentoML 1.4.40's client of a dependency closes its aiohttp session after
+# `max_requests` (default 100) calls or `max_age` (300 s) and opens a new one; closing it aborts the
+# calls still in flight on it ("Server disconnected", seen under 8 concurrent clients at every 100th
+# call). Over a local Unix socket there is nothing to rebalance, so the session lives on.
+@bentoml.service(name="redi-detector", workers=env_int("REDI_DETECTOR_WORKERS", 1), resources=_resources(),
+                 traffic={"timeout": 300}, runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9})
+class RediDetector:
+    """Every served line's detector; scores batches for the API service (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.settings = ServingSettings.from_env()
+        self.device = pick_device(self.settings.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(detector_threads())
+        self.source = choose_source(self.settings.model_source, getattr(RediDetector, "bento", None))
+        self.cache = self.settings.model_cache or Path(tempfile.gettempdir()) / "redi-model-cache"
+        self.store_models: StoreModels | None = None
+        if self.source == "store":
+            self.store_models = StoreModels.from_env(self.cache, self.settings.lines)
+            refs = [self.store_models.resolve(line) for line in self.store_models.lines()]
+        else:
+            refs = [r for r in bento_models(RediDetector.bento)
+                    if not self.settings.lines or r.line in self.settings.lines]
+        # pointers, threshold overrides (a Bento may run without a store)
+        self.store: ObjectStore | None = self.store_models.store if self.store_models else configured_store()
+        # replaced as a whole on reload (never mutated), so a batch holds one consistent model
+        self.lines: dict[str, LoadedLine] = {ref.line: self._load(ref) for ref in refs}
+        self.reload_status: dict[str, Any] = {"checked": None, "errors": {}}
+        self._reload_lock = threading.Lock()
+        LOG.warning("detector service: %s on %s, %d torch threads, runtime %s", sorted(self.lines), self.device,
+                    torch.get_num_threads(), self.settings.runtime)
+        if self.store is not None and self.settings.reload_interval_s > 0:
+            threading.Thread(target=self._poll, name="redi-reload", daemon=True).start()
+
+    def _override(self, line: str) -> dict[str, Any] | None:
+        return threshold_override(self.store, line) if self.store is not None else None
+
+    def _load(self, ref: ModelRef) -> LoadedLine:
+        return load_line(ref, self.device, self.settings.runtime, self.cache, self._override(ref.line))
+
+    # -- the batched model call ---------------------------------------------------------------
+    @bentoml.api(batchable=True, max_batch_size=env_int("REDI_MAX_BATCH_SIZE", 16),
+                 max_latency_ms=env_int("REDI_MAX_LATENCY_MS", 30000))
+    def score(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Score a batch of preprocessed images, one detector batch per line (see the module docstring)."""
+        lines = self.lines  # one snapshot: a reload mid-batch does not split it
+        answers: list[dict[str, Any] | None] = [None] * len(items)
+        groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for i, item in enumerate(items):
+            served = lines.get(str(item.get("line")))
+            if served is None:
+                answers[i] = {"error": f"unknown line {item.get('line')!r}", "status": 404}
+                continue
+            tensor = _as_input(np.asarray(item.get("pixels")), served.detector.image_size)
+            if tensor is None:
+                answers[i] = {"error": "stale", "status": 409, "image_size": served.detector.image_size}
+                continue
+            groups.setdefault(served.ref.line, []).append((i, tensor))
+        for line, group in groups.items():
+            served = lines[line]
+            scores, maps, embeddings = served.run(torch.cat([t for _, t in group]))
+            for j, (i, _) in enumerate(group):
+                answers[i] = {"score": float(scores[j]), "map": maps[j], "embedding": embeddings[j],
+                              "version": served.ref.version, "tag": served.ref.tag,
+                              "model_threshold": float(served.detector.threshold), "batch_size": len(group)}
+        return answers  # type: ignore[return-value]
+
+    # -- what is served -----------------------------------------------------------------------
+    @bentoml.api
+    def models(self) -> dict[str, Any]:
+        """The catalogue: source, each line's model and override, the last reload check."""
+        return {"source": self.source, "lines": {name: s.info() for name, s in sorted(self.lines.items())},
+                "reload": {"interval_s": self.settings.reload_interval_s if self.store_models else None,
+                           **self.reload_status},
+                "runtime": self.settings.runtime, "device": str(self.device), "threads": torch.get_num_threads()}
+
+    @bentoml.api(route="/reload")
+    def reload(self) -> dict[str, Any]:
+        """Check the pointers and overrides now (see :meth:`check_pointers`)."""
+        return self.check_pointers()
+
+    def check_pointers(self) -> dict[str, Any]:
+        """Swap in every line whose production pointer moved and re-read the overrides; return what changed.
+
+        A new model is loaded before it replaces the old one, so batches never wait for a load and
+        a batch in flight finishes on the model it started with. A line whose new model cannot be
+        loaded keeps its current one; the error is reported (``models()``, ``/metadata``) and logged.
+        """
+        changed: dict[str, Any] = {}
+        errors: dict[str, str] = {}
+        with self._reload_lock:  # the poll thread and /admin/reload never load the same model twice
+            for line in self._lines_to_check(errors):
+                try:
+                    current = self.lines.get(line)
+                    if current is not None and self.store_models.production_version(line) == current.ref.version:
+                        continue
+                    served = self._load(self.store_models.resolve(line))
+                    self.lines = {**self.lines, line: served}
+                    changed[line] = {"from": current.ref.version if current else None, "to": served.ref.version}
+                    LOG.warning("line %s now serves %s (was %s)", line, served.ref.version,
+                                current.ref.version if current else "nothing")
+                except Exception as exc:  # keep serving the current model; say why
+                    errors[line] = f"{type(exc).__name__}: {exc}"
+                    LOG.error("line %s: cannot load its production model, still serving %s: %s", line,
+                              self.lines[line].ref.version if line in self.lines else "nothing", exc)
+            for line, change in self._apply_overrides(errors).items():
+                changed.setdefault(line, {}).update(change)
+            self.reload_status = {"checked": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                                  "errors": errors}
+        result: dict[str, Any] = {"source": self.source, "changed": changed, "errors": errors,
+                                  "versions": {n: s.ref.version for n, s in sorted(self.lines.items())},
+                                  "thresholds": {n: s.threshold for n, s in sorted(self.lines.items())}}
+        if self.store_models is None:
+            result["note"] = "a Bento serves the models it pins; build a new Bento to change them"
+        return result
+
+    def _lines_to_check(self, errors: dict[str, str]) -> list[str]:
+        if self.store_models is None:
+            return []
+        try:
+            return self.store_models.lines()
+        except RediError as exc:
+            errors["*"] = str(exc)
+            return list(self.lines)
+
+    def _apply_overrides(self, errors: dict[str, str]) -> dict[str, Any]:
+        """Re-read every line's threshold override; swap in lines whose threshold changed."""
+        changed = {}
+        for line, served in list(self.lines.items()):
+            try:
+                updated = replace(served, override=self._override(line))
+            except Exception as exc:  # keep deciding with the current threshold; say why
+                errors[line] = f"threshold override: {type(exc).__name__}: {exc}"
+                continue
+            if updated.threshold != served.threshold or updated.override != served.override:
+                self.lines = {**self.lines, line: updated}
+                changed[line] = {"threshold_from": served.threshold, "threshold_to": updated.threshold}
+                LOG.warning("line %s now decides with threshold %s (was %s): %s", line, updated.threshold,
+                            served.threshold, (updated.override or {}).get("reason", "override cleared"))
+        return changed
+
+    def _poll(self) -> None:
+        while True:
+            time.sleep(self.settings.reload_interval_s)
+            try:
+                self.check_pointers()  # not self.reload(): an API method called on self goes through HTTP
+            except Exception:  # the poll thread must outlive any one failure
+                LOG.exception("checking the production pointers failed")
+
+
+def configured_store() -> ObjectStore | None:
+    """The object store when one is configured (``REDI_S3_ENDPOINT`` or ``REDI_STORE_DIR``), else None."""
+    import os
+
+    if os.environ.get("REDI_S3_ENDPOINT", "").strip() or os.environ.get("REDI_STORE_DIR", "").strip():
+        return store_from_env()
+    return None
+
+
+__all__ = ["LoadedLine", "RediDetector", "configured_store", "load_line"]
