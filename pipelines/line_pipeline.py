@@ -421,10 +421,20 @@ def print_summary(summary: dict[str, Any]) -> None:
         print(f"promoted model: {summary['production_detector']}")
         print(f"bento: {summary['bento']} (model {summary['bento_model']}, BENTOML_HOME={summary['bentoml_home']}; "
               f"exported to {summary['bento_uri']})")
+        print(f"serve it live (follows the production pointer): {_serve_hint(summary['production_detector'])}")
+        print(f"or serve the pinned Bento: BENTOML_HOME={summary['bentoml_home']} bentoml serve {summary['bento']} "
+              f"--port 3000")
     else:
         current = summary["production_version"]
         print(f"promoted model: none from this run; production stays at {current or 'nothing (no model yet)'}")
         print("bento: not built (nothing promoted)")
+
+
+def _serve_hint(production_detector: str) -> str:
+    """The command that serves the store this run promoted into."""
+    store = ("REDI_S3_* as for this run" if str(production_detector).startswith("s3://")
+             else f"REDI_STORE_DIR={Path(production_detector).parents[4]}")  # <root>/lines/L/versions/V/detector.pt
+    return f"{store} bentoml serve serving.service:RediService --port 3000"
 
 
 def _gate_settings(gate_overrides: dict[str, float] | None) -> list[str]:
