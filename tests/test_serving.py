@@ -102,9 +102,22 @@ def _stop_server(proc: subprocess.Popen, log_file: Any) -> None:
     try:
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        _kill_9_tree(proc)
         proc.wait(timeout=30)
     log_file.close()
+
+
+def _kill_9_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the server and every process it started. BentoML's workers run in process groups of
+    their own, so a signal to the server's group would leave them running."""
+    import psutil
+
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(tree) >= 3, f"expected the arbiter and two workers, found {[p.pid for p in tree]}"
+    for process in tree:
+        process.send_signal(signal.SIGKILL)
+    gone, alive = psutil.wait_procs(tree[1:], timeout=30)
+    assert not alive, f"still running after SIGKILL: {alive}"
 
 
 def _predict(server: dict, content: bytes, line: str = LINE, key: str | None = KEY, **options) -> requests.Response:
@@ -296,7 +309,7 @@ def test_kill_9_under_load_loses_no_answered_row(server: dict) -> None:
             deadline = time.monotonic() + 60
             while len(answered) < 60 and time.monotonic() < deadline:
                 time.sleep(0.05)
-            os.killpg(proc.pid, signal.SIGKILL)  # API worker, detector worker, arbiter: all at once
+            _kill_9_tree(proc)  # API worker, detector worker, arbiter: all at once
             proc.wait(timeout=30)
             time.sleep(0.5)
             stop.set()
