@@ -1,105 +1,289 @@
-"""Serving overhead: throughput and p50/p99 latency of a running ``bentoml serve`` vs in-process batches.
+"""Serving overhead: a running ``bentoml serve`` vs the same detector in-process, side by side in one run.
 
-    python bench/bench_serving.py --model runs/demo/detector.pt --line bottle_caps \
-        --url http://127.0.0.1:3000 --images data/demo/bottle_caps/test/good [--api-key KEY]
+    python bench/bench_serving.py --profiles tiny cpu --runtimes torch onnx --clients 1 4 16 \
+        --seconds 20 --out docs/bench_serving.md
 
-Start the service first (same machine, loopback only). The in-process figure runs the same
-detector file on the same images in batches of ``--batch-size``; the ratio of the two
-throughputs is the serving overhead (decode, HTTP, batching, feature row, durable log). The
-run is bounded by ``--requests`` and ``--max-seconds``. Writes a markdown table to
-``docs/bench_serving.md`` (``--out``).
+For each profile the script trains a detector on a synthetic demo line (speed does not depend on
+training: 1 epoch per stage), publishes and promotes it in a local object store in a work folder,
+and for each runtime starts ``bentoml serve serving.service:RediService`` on loopback (the API
+service and the detector service, as deployed: API key, production log with group commit, drift
+rows, retention off because there is no S3 here). Then for each client count C it measures, in
+this order and for ``--seconds`` each:
+
+1. in-process: the same work the service does for an image (PNG bytes -> ``decode_rgb`` ->
+   ``preprocess`` -> the detector service's own ``LoadedLine.run``, i.e. the same runtime,
+   threads and measured model batch size, "model batch" in the table) in batches of C, in this
+   process, no HTTP, no log. C callers can at best be batched together, so a batch of C is the
+   in-process ideal; each image's latency is its batch's time.
+2. served: C client threads, each sending its next image to ``/predict`` as soon as it got the
+   previous answer (keep-alive sessions); throughput = answers / seconds, latency per request.
+
+The two are measured back to back on the same CPU; the client threads run on the same machine
+(on 2 cores they take a share of the CPU the server would otherwise have). The 1-minute load
+average is read before each profile and written into the table: rerun when others were busy.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import io
+import os
 import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import requests
 import torch
 
-from redi.images import load_rgb
-from redi.models.detector import load_detector
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from redi.images import decode_rgb, preprocess  # noqa: E402
+from serving.settings import detector_threads, usable_cpus  # noqa: E402
+
+LINE = "bottle_caps"
+KEY = "bench-key"
 
 
-def in_process(model: Path, images: list[Path], batch_size: int, repeats: int) -> float:
-    """Images per second of load -> preprocess -> predict in batches, in this process."""
-    detector = load_detector(model)
-    rgbs = [load_rgb(p) for p in images]
-    detector.predict(detector.preprocess(rgbs[:batch_size]))  # warm-up
-    started, done = time.perf_counter(), 0
-    for _ in range(repeats):
-        for begin in range(0, len(rgbs), batch_size):
-            with torch.inference_mode():
-                detector.predict(detector.preprocess(rgbs[begin:begin + batch_size]))
-            done += len(rgbs[begin:begin + batch_size])
-    return done / (time.perf_counter() - started)
+@dataclass
+class Row:
+    """One measured cell."""
+
+    profile: str
+    runtime: str
+    clients: int
+    local_rate: float
+    local_p50: float
+    local_p99: float
+    served_rate: float
+    served_p50: float
+    served_p99: float
+    served_n: int
+    failures: int
+    max_batch: int
+    chunk: int
 
 
-def served(url: str, line: str, images: list[Path], n_requests: int, clients: int, key: str | None,
-           max_seconds: float) -> tuple[float, np.ndarray, int]:
-    """(requests per second, latencies in ms, non-200 count) of concurrent /predict calls."""
-    payloads = [p.read_bytes() for p in images]
-    headers = {"X-API-Key": key} if key else {}
-    deadline = time.monotonic() + max_seconds
+def _cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "")
+    extras = [name for name, flag in (("AMX", "amx_tile"), ("AVX512-BF16", "avx512_bf16")) if flag in flags]
+    return f"{fields.get('Model name', '?').strip()} ({', '.join(extras) or 'no bf16 units'}), " \
+           f"{fields.get('CPU(s)', '?').strip()} CPUs"
 
-    def call(i: int) -> tuple[float, int]:
-        if time.monotonic() > deadline:
-            return float("nan"), -1
+
+def make_detector(profile: str, work: Path) -> tuple[Path, list[bytes]]:
+    """A 1-epoch detector of ``profile`` on a synthetic demo line, and the line's test images as PNG bytes."""
+    from redi.config import profile_config
+    from redi.data.demo import make_demo_line
+    from redi.stages import train_all
+
+    cfg = profile_config(profile)
+    size = int(cfg.data.image_size)
+    data = work / profile / "data" / LINE
+    if not data.is_dir():
+        make_demo_line(data, LINE, n_train=10, n_test_good=6, n_test_defect=6, size=size, seed=0)
+    detector = work / profile / "run" / "detector.pt"
+    if not detector.is_file():
+        cfg.train.recover.epochs = cfg.train.discriminate.epochs = 1
+        cfg.train.device = "cpu"
+        detector = Path(train_all(data, work / profile / "run", cfg, line=LINE)["detector"])
+    images = [p.read_bytes() for p in sorted((data / "test").rglob("*.png"))]
+    return detector, images
+
+
+def publish(detector: Path, store_dir: Path) -> None:
+    """Put the detector into a local store as the line's production version."""
+    from redi.storage import LocalStore, production_record, promote, publish_version
+
+    store = LocalStore(store_dir)
+    if production_record(store, LINE) is None:
+        publish_version(store, LINE, "v1", {"detector.pt": detector}, {"promote": True})
+        promote(store, LINE, "v1", by="bench", reason="benchmark")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """``bentoml serve`` in its own process group, stopped by that group."""
+
+    def __init__(self, work: Path, store_dir: Path, runtime: str, extra_env: dict[str, str]) -> None:
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+               "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(work / "logs" / runtime), "REDI_DEVICE": "cpu",
+               "PYTHONPATH": str(REPO), "REDI_STORE_DIR": str(store_dir), "REDI_MODEL_CACHE": str(work / "cache"),
+               "REDI_RUNTIME": runtime, "REDI_RETAIN": "off", "REDI_RELOAD_INTERVAL_S": "0", **extra_env}
+        self.log = open(work / f"server-{runtime}.log", "w")
+        bentoml = Path(sys.executable).parent / "bentoml"
+        self.proc = subprocess.Popen([str(bentoml), "serve", "serving.service:RediService", "--host", "127.0.0.1",
+                                      "--port", self.url.rsplit(":", 1)[1]], cwd=REPO, env=env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 600  # an ONNX export of a large model takes a while
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bentoml serve exited; see {self.log.name}")
+            try:
+                if requests.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"bentoml serve did not become ready; see {self.log.name}")
+
+    def stop(self) -> None:
+        """Terminate the server (it stops its workers); kill what is left of its process tree."""
+        import psutil
+
+        tree = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        self.proc.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        for process in alive:  # BentoML's workers have process groups of their own
+            process.kill()
+        self.log.close()
+
+
+def in_process(served_line, images: list[bytes], clients: int, seconds: float) -> tuple[float, np.ndarray]:
+    """(images/s, per-image latencies ms) of decode -> preprocess -> run in batches of ``clients``."""
+    size = served_line.detector.image_size
+
+    def batch(start: int) -> None:
+        rgbs = [decode_rgb(images[(start + i) % len(images)]) for i in range(clients)]
+        served_line.run(preprocess(rgbs, size))
+
+    batch(0)  # warm-up
+    latencies, done, started = [], 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
         begin = time.perf_counter()
-        response = requests.post(f"{url}/predict", files={"image": ("x.png", payloads[i % len(payloads)])},
-                                 data={"line": line, "return_regions": "false"}, headers=headers, timeout=120)
-        return (time.perf_counter() - begin) * 1000.0, response.status_code
+        batch(done)
+        latencies.extend([(time.perf_counter() - begin) * 1000.0] * clients)
+        done += clients
+    return done / (time.perf_counter() - started), np.array(latencies)
 
-    call(0)  # warm-up
-    started = time.perf_counter()
+
+def served(url: str, images: list[bytes], clients: int, seconds: float) -> tuple[float, np.ndarray, int, int]:
+    """(answers/s, latencies ms, failures, largest batch) of ``clients`` closed-loop clients for ``seconds``."""
+    stop = threading.Event()
+
+    def client(seed: int) -> tuple[list[float], int, int]:
+        session, latencies, failures, largest, i = requests.Session(), [], 0, 0, seed
+        while not stop.is_set():
+            begin = time.perf_counter()
+            response = session.post(f"{url}/predict", files={"image": ("x.png", images[i % len(images)])},
+                                    data={"line": LINE, "return_regions": "false"}, headers={"X-API-Key": KEY},
+                                    timeout=300)
+            if response.status_code == 200:
+                latencies.append((time.perf_counter() - begin) * 1000.0)
+                largest = max(largest, int(response.json().get("batch_size", 0)))
+            else:
+                failures += 1
+            i += clients
+        return latencies, failures, largest
+
+    requests.post(f"{url}/predict", files={"image": ("x.png", images[0])}, data={"line": LINE},
+                  headers={"X-API-Key": KEY}, timeout=300)  # warm-up
     with cf.ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(call, range(n_requests)))
-    seconds = time.perf_counter() - started
-    done = [(ms, status) for ms, status in results if status != -1]
-    latencies = np.array([ms for ms, status in done if status == 200])
-    return len(latencies) / seconds, latencies, sum(1 for _, status in done if status != 200)
+        started = time.perf_counter()
+        futures = [pool.submit(client, seed) for seed in range(clients)]
+        time.sleep(seconds)
+        stop.set()
+        results = [f.result() for f in futures]
+        elapsed = time.perf_counter() - started  # includes the requests in flight at the stop
+    latencies = np.array([ms for lat, _, _ in results for ms in lat])
+    return len(latencies) / elapsed, latencies, sum(f for _, f, _ in results), max(b for _, _, b in results)
+
+
+def _pct(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def measure(profile: str, runtime: str, detector: Path, images: list[bytes], work: Path, clients: list[int],
+            seconds: float, extra_env: dict[str, str]) -> list[Row]:
+    """Every client count of one profile and runtime, in-process and served back to back."""
+    from serving.detector_service import load_line
+    from serving.model_source import ModelRef
+    from redi.utils import sha256_file
+
+    store_dir = work / profile / "store"
+    publish(detector, store_dir)
+    server = Server(work / profile, store_dir, runtime, extra_env)
+    try:
+        torch.set_num_threads(usable_cpus())  # the in-process reference gets every core, whatever the server uses
+        ref = ModelRef(line=LINE, version="v1", path=detector, sha256=sha256_file(detector), source="store",
+                       tag="bench", metrics={})
+        line = load_line(ref, torch.device("cpu"), runtime, work / profile / "cache", None)
+        rows = []
+        for c in clients:
+            local_rate, local_lat = in_process(line, images, c, seconds)
+            rate, lat, failures, largest = served(server.url, images, c, seconds)
+            rows.append(Row(profile, runtime, c, local_rate, _pct(local_lat, 50), _pct(local_lat, 99), rate,
+                            _pct(lat, 50), _pct(lat, 99), int(lat.size), failures, largest, line.chunk))
+            print(f"{profile} {runtime} clients {c}: in-process {local_rate:.2f}/s, served {rate:.2f}/s "
+                  f"({100 * rate / local_rate:.0f} %), p50 {_pct(lat, 50):.0f} ms, p99 {_pct(lat, 99):.0f} ms, "
+                  f"batch <= {largest}, failures {failures}", flush=True)
+        return rows
+    finally:
+        server.stop()
+
+
+def table(rows: list[Row], header: list[str]) -> str:
+    """The markdown report."""
+    lines = [*header, "",
+             "| profile | runtime | clients | in-process images/s | in-process p50 / p99 ms | served images/s | "
+             "served / in-process | served p50 / p99 ms | largest batch | model batch | requests | failed |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.profile} | {r.runtime} | {r.clients} | {r.local_rate:.2f} | {r.local_p50:.0f} / "
+                     f"{r.local_p99:.0f} | {r.served_rate:.2f} | {100 * r.served_rate / r.local_rate:.0f} % | "
+                     f"{r.served_p50:.0f} / {r.served_p99:.0f} | {r.max_batch} | {r.chunk} | {r.served_n} | {r.failures} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the detector.pt the service serves for --line")
-    parser.add_argument("--line", required=True)
-    parser.add_argument("--url", default="http://127.0.0.1:3000")
-    parser.add_argument("--images", required=True, help="folder of images of the line")
-    parser.add_argument("--api-key")
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-seconds", type=float, default=300.0)
+    parser.add_argument("--profiles", nargs="+", default=["tiny", "cpu"])
+    parser.add_argument("--runtimes", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx"])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--seconds", type=float, default=20.0, help="per measurement (in-process, served)")
+    parser.add_argument("--work", default=None, help="work folder (default: a temporary one)")
+    parser.add_argument("--server-env", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="extra environment of the server, e.g. REDI_TORCH_THREADS=1")
     parser.add_argument("--out", default="docs/bench_serving.md")
     args = parser.parse_args()
-    if not args.url.startswith(("http://127.0.0.1", "http://localhost")):
-        parser.error("the benchmark runs on loopback only: --url must be http://127.0.0.1:PORT")
-    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not images:
-        parser.error(f"no images in {args.images}")
-    local = in_process(Path(args.model), images, args.batch_size, repeats=max(1, 64 // len(images)))
-    rate, latencies, failures = served(args.url, args.line, images, args.requests, args.clients, args.api_key,
-                                       args.max_seconds)
-    p50, p99 = (np.percentile(latencies, [50, 99]) if latencies.size else (float("nan"),) * 2)
-    table = "\n".join([
-        "# Serving benchmark", "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, "
-        f"{'CUDA' if torch.cuda.is_available() else 'CPU'}; line `{args.line}`, {len(images)} distinct images, "
-        f"{args.clients} concurrent clients on loopback. Produced by `bench/bench_serving.py`.", "",
-        "| path | images/s | p50 latency ms | p99 latency ms | failed requests |",
-        "|---|---|---|---|---|",
-        f"| in-process batches of {args.batch_size} | {local:.2f} | - | - | - |",
-        f"| `bentoml serve` /predict ({latencies.size} requests) | {rate:.2f} | {p50:.1f} | {p99:.1f} | {failures} |",
-        "", f"Serving overhead (in-process / served throughput): **{local / rate:.2f}x**" if rate else "", ""])
+    extra_env = dict(item.split("=", 1) for item in args.server_env)
+    work = Path(args.work or tempfile.mkdtemp(prefix="redi-bench-serving-"))
+    header = ["# Serving benchmark: `bentoml serve` vs in-process, same detector, one run", "",
+              f"CPU: {_cpu_name()}; torch {torch.__version__}, {detector_threads()} detector threads "
+              f"(usable cores){'; server env ' + ' '.join(args.server_env) if args.server_env else ''}; "
+              f"{args.seconds:.0f} s per measurement. Produced by `bench/bench_serving.py`.", ""]
+    rows: list[Row] = []
+    for profile in args.profiles:
+        detector, images = make_detector(profile, work)
+        load = os.getloadavg()[0]
+        header.append(f"- `{profile}`: load average before measuring {load:.2f}; {len(images)} distinct "
+                      f"{decode_rgb(images[0]).shape[0]} px images")
+        for runtime in args.runtimes:
+            rows.extend(measure(profile, runtime, detector, images, work, args.clients, args.seconds, extra_env))
+    report = table(rows, header)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(table)
-    print(table)
+    Path(args.out).write_text(report)
+    print(report)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import tempfile
+import os
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -50,23 +50,15 @@ from redi.storage import ObjectStore, store_from_env
 from redi.thresholds import effective_threshold, threshold_override
 from redi.utils import pick_device
 from serving.model_source import ModelRef, StoreModels, bento_models, choose_source
-from serving.settings import ServingSettings, detector_threads, env_int
+from serving.settings import (ServingSettings, bump_generation, detector_threads, detector_workers, env_int, has_gpu,
+                              model_cache, read_generation, reload_generation_file)
 
 LOG = logging.getLogger("redi.serving.detector")
 
 
-def _has_gpu() -> bool:
-    """Whether this service should ask BentoML for a GPU (never with ``REDI_DEVICE=cpu``)."""
-    import os
-
-    if os.environ.get("REDI_DEVICE", "auto").strip().lower() == "cpu":
-        return False
-    return torch.cuda.is_available()
-
-
 def _resources() -> dict[str, Any]:
     """What the detector service declares: a GPU when there is one, else the cores its threads use."""
-    return {"gpu": 1} if _has_gpu() else {"cpu": str(detector_threads())}
+    return {"gpu": 1} if has_gpu() else {"cpu": str(detector_threads())}
 
 
 # ----------------------------------------------------------------------------- one line's model
@@ -78,6 +70,7 @@ class LoadedLine:
     detector: Detector
     session: Any = None  # onnxruntime.InferenceSession with REDI_RUNTIME=onnx
     override: dict[str, Any] | None = None
+    chunk: int = 0  # largest batch the model runs at once (0: any); measured at load, see measure_chunk
 
     @property
     def threshold(self) -> float:
@@ -91,10 +84,19 @@ class LoadedLine:
                 "promoted": ref.promoted, "promoted_by": ref.promoted_by, "metrics": ref.metrics,
                 "model_threshold": float(d.threshold), "threshold": self.threshold, "override": self.override,
                 "image_size": int(d.image_size), "backbone": d.metadata.get("backbone"),
-                "profile": d.metadata.get("profile"), "runtime": "onnx" if self.session is not None else "torch"}
+                "profile": d.metadata.get("profile"), "runtime": "onnx" if self.session is not None else "torch",
+                "batch_chunk": self.chunk}
 
     def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(scores (B,), maps (B, S, S), embeddings (B, D)) of a preprocessed float batch."""
+        """(scores (B,), maps (B, S, S), embeddings (B, D)) of a preprocessed float batch, run in
+        pieces of at most :attr:`chunk` images (the model's fastest batch size on this machine)."""
+        if self.chunk and batch.shape[0] > self.chunk:
+            parts = [self.run_once(piece) for piece in batch.split(self.chunk)]
+            return tuple(np.concatenate(arrays) for arrays in zip(*parts))  # type: ignore[return-value]
+        return self.run_once(batch)
+
+    def run_once(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One model call on the whole batch."""
         if self.session is None:
             out = self.detector.predict(batch)
             return (out.score.float().cpu().numpy(), out.anomaly_map.float().cpu().numpy(),
@@ -126,16 +128,57 @@ def _onnx_file(ref: ModelRef, detector: Detector, cache: Path) -> Path:
     return target
 
 
+def measure_chunk(line: LoadedLine, max_batch: int, keep: float = 0.95, stop: float = 0.9,
+                  min_seconds: float = 0.3) -> tuple[int, dict[int, float]]:
+    """The batch size this model should run at on this machine, timed at load: (size, images/s by size).
+
+    Batches help where the model leaves the cores idle (small models, GPUs) and hurt where it is
+    compute-bound with large activations (the ``cpu`` profile on a 2-core CPU: 6.4 images/s at
+    batch 1, 4.2 at 16, docs/benchmarks.md). Sizes 1, 2, 4, ... up to ``max_batch`` are timed on
+    random input (speed does not depend on the pixels), each after one warm-up call, until one
+    falls below ``stop`` x the best; the chosen size is the smallest within ``keep`` of the best
+    (smaller batches answer sooner). BentoML still gathers up to ``REDI_MAX_BATCH_SIZE`` requests;
+    the detector runs them in pieces of this size.
+    """
+    size = line.detector.image_size
+    sample = torch.rand(max_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    rates: dict[int, float] = {}
+    batch = 1
+    while batch <= max_batch:
+        line.run_once(sample[:batch])  # warm-up: kernels and their caches for this shape
+        started, done = time.perf_counter(), 0
+        while done == 0 or time.perf_counter() - started < min_seconds:
+            line.run_once(sample[:batch])
+            done += batch
+        rates[batch] = done / (time.perf_counter() - started)
+        if rates[batch] < stop * max(rates.values()):
+            break
+        batch *= 2
+    best = max(rates.values())
+    return min(b for b, r in rates.items() if r >= keep * best), rates
+
+
 def load_line(ref: ModelRef, device: torch.device, runtime: str, cache: Path,
-              override: dict[str, Any] | None) -> LoadedLine:
-    """Load a resolved (hash-checked) production model for ``runtime`` (torch or onnx)."""
+              override: dict[str, Any] | None, chunk: int | None = None) -> LoadedLine:
+    """Load a resolved (hash-checked) production model for ``runtime`` (torch or onnx).
+
+    ``chunk``: the batch size to run at; None measures it (:func:`measure_chunk`).
+    """
     detector = load_detector(ref.path, device)
     session = None
     if runtime == "onnx":
         from redi.export import onnx_session
 
         session = onnx_session(_onnx_file(ref, detector, cache), threads=detector_threads())
-    return LoadedLine(ref=ref, detector=detector, session=session, override=override)
+    line = LoadedLine(ref=ref, detector=detector, session=session, override=override)
+    if chunk is None:
+        started = time.perf_counter()
+        chunk, rates = measure_chunk(line, env_int("REDI_MAX_BATCH_SIZE", 16))
+        LOG.warning("line %s %s: runs batches of at most %d (images/s by batch size %s; timed in %.1f s)",
+                    ref.line, ref.version, chunk, {b: round(r, 2) for b, r in rates.items()},
+                    time.perf_counter() - started)
+    line.chunk = chunk
+    return line
 
 
 def _as_input(pixels: np.ndarray, size: int) -> torch.Tensor | None:
@@ -154,7 +197,7 @@ def _as_input(pixels: np.ndarray, size: int) -> torch.Tensor | None:
 # `max_requests` (default 100) calls or `max_age` (300 s) and opens a new one; closing it aborts the
 # calls still in flight on it ("Server disconnected", seen under 8 concurrent clients at every 100th
 # call). Over a local Unix socket there is nothing to rebalance, so the session lives on.
-@bentoml.service(name="redi-detector", workers=env_int("REDI_DETECTOR_WORKERS", 1), resources=_resources(),
+@bentoml.service(name="redi-detector", workers=detector_workers(), resources=_resources(),
                  traffic={"timeout": 300}, runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9})
 class RediDetector:
     """Every served line's detector; scores batches for the API service (see the module docstring)."""
@@ -165,7 +208,9 @@ class RediDetector:
         if self.device.type == "cpu":
             torch.set_num_threads(detector_threads())
         self.source = choose_source(self.settings.model_source, getattr(RediDetector, "bento", None))
-        self.cache = self.settings.model_cache or Path(tempfile.gettempdir()) / "redi-model-cache"
+        self.cache = model_cache(self.settings)
+        self.generation_file = reload_generation_file(self.settings)
+        self.generation = read_generation(self.generation_file)
         self.store_models: StoreModels | None = None
         if self.source == "store":
             self.store_models = StoreModels.from_env(self.cache, self.settings.lines)
@@ -188,13 +233,16 @@ class RediDetector:
         return threshold_override(self.store, line) if self.store is not None else None
 
     def _load(self, ref: ModelRef) -> LoadedLine:
-        return load_line(ref, self.device, self.settings.runtime, self.cache, self._override(ref.line))
+        fixed = os.environ.get("REDI_DETECTOR_CHUNK", "auto").strip().lower()
+        chunk = None if fixed in ("", "auto") else env_int("REDI_DETECTOR_CHUNK", 1)
+        return load_line(ref, self.device, self.settings.runtime, self.cache, self._override(ref.line), chunk)
 
     # -- the batched model call ---------------------------------------------------------------
     @bentoml.api(batchable=True, max_batch_size=env_int("REDI_MAX_BATCH_SIZE", 16),
                  max_latency_ms=env_int("REDI_MAX_LATENCY_MS", 30000))
     def score(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Score a batch of preprocessed images, one detector batch per line (see the module docstring)."""
+        self._follow_reloads()
         lines = self.lines  # one snapshot: a reload mid-batch does not split it
         answers: list[dict[str, Any] | None] = [None] * len(items)
         groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -221,6 +269,7 @@ class RediDetector:
     @bentoml.api
     def models(self) -> dict[str, Any]:
         """The catalogue: source, each line's model and override, the last reload check."""
+        self._follow_reloads()
         return {"source": self.source, "lines": {name: s.info() for name, s in sorted(self.lines.items())},
                 "reload": {"interval_s": self.settings.reload_interval_s if self.store_models else None,
                            **self.reload_status},
@@ -228,8 +277,17 @@ class RediDetector:
 
     @bentoml.api(route="/reload")
     def reload(self) -> dict[str, Any]:
-        """Check the pointers and overrides now (see :meth:`check_pointers`)."""
+        """Check the pointers and overrides now (see :meth:`check_pointers`); the other workers follow
+        before their next answer (:meth:`_follow_reloads`)."""
+        self.generation = bump_generation(self.generation_file)
         return self.check_pointers()
+
+    def _follow_reloads(self) -> None:
+        """Check the pointers here too when another worker was asked to reload since this one last did."""
+        generation = read_generation(self.generation_file)
+        if generation != self.generation:
+            self.generation = generation
+            self.check_pointers()
 
     def check_pointers(self) -> dict[str, Any]:
         """Swap in every line whose production pointer moved and re-read the overrides; return what changed.
@@ -302,8 +360,6 @@ class RediDetector:
 
 def configured_store() -> ObjectStore | None:
     """The object store when one is configured (``REDI_S3_ENDPOINT`` or ``REDI_STORE_DIR``), else None."""
-    import os
-
     if os.environ.get("REDI_S3_ENDPOINT", "").strip() or os.environ.get("REDI_STORE_DIR", "").strip():
         return store_from_env()
     return None

@@ -65,8 +65,12 @@ Configuration (environment variables, read when a worker starts):
 ``REDI_MAX_BATCH_SIZE``       adaptive batching: largest batch                            16
 ``REDI_MAX_LATENCY_MS``       adaptive batching: latency budget of a batch                30000
 ``REDI_WORKERS``              API service worker processes                                1
-``REDI_DETECTOR_WORKERS``     detector service worker processes (each loads every model)  1
-``REDI_TORCH_THREADS``        torch threads of a detector worker                          usable cores
+``REDI_DETECTOR_WORKERS``     detector service worker processes (each loads every model)  1 per usable
+                                                                                          core (CPU),
+                                                                                          1 (GPU)
+``REDI_TORCH_THREADS``        torch threads of a detector worker                          cores/workers
+``REDI_DETECTOR_CHUNK``       largest batch a model runs at once (``auto``: timed at      auto
+                              load, the fastest size on this machine)
 ``REDI_RETAIN``               keep flagged images (and a sample of normal ones): on/off   on
 ``REDI_RETAIN_NORMAL_RATE``   share of normal images kept: ``0.01`` or                    0.01
                               ``lineA=0.05,lineB=0,*=0.01``
@@ -112,7 +116,7 @@ from serving.detector_service import RediDetector, configured_store
 from serving.review_app import create_review_app
 from serving.review_auth import cookie_value, read_session
 from serving.review_metrics import PlantMetrics
-from serving.settings import ServingSettings, env_int, usable_cpus
+from serving.settings import ServingSettings, env_int, read_generation, reload_generation_file, usable_cpus
 
 # Deny by default: with REDI_API_KEY set, every route needs the key except these, declared public.
 PUBLIC_PATHS = frozenset({
@@ -233,6 +237,8 @@ class RediService:
         self.retainer = self._start_retainer()
         self.catalogue: dict[str, Any] | None = None  # the detector service's models(), refreshed
         self._catalogue_at = 0.0
+        self.generation_file = reload_generation_file(self.settings)
+        self.generation = read_generation(self.generation_file)
 
     def _start_retainer(self) -> Retainer | None:
         """The background writer of kept images (None without a store or with ``REDI_RETAIN=off``)."""
@@ -249,8 +255,12 @@ class RediService:
 
     # -- what the detector service serves ---------------------------------------------------------
     async def _catalogue(self, fresh: bool = False) -> dict[str, Any]:
-        """The detector service's catalogue; refreshed when asked or older than the reload interval."""
+        """The detector service's catalogue; refreshed when asked, after a reload (any worker's) and when
+        older than the reload interval."""
         interval = self.settings.reload_interval_s or 30.0
+        generation = read_generation(self.generation_file)
+        if generation != self.generation:
+            fresh, self.generation = True, generation
         if fresh or self.catalogue is None or time.monotonic() - self._catalogue_at > interval:
             catalogue = await self.detector.to_async.models()
             self.catalogue, self._catalogue_at = catalogue, time.monotonic()

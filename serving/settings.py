@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,15 +58,63 @@ def usable_cpus() -> int:
     return max(1, cores)
 
 
-def detector_threads() -> int:
-    """Torch intra-op threads of a detector worker: ``REDI_TORCH_THREADS``, else every usable core.
+def has_gpu() -> bool:
+    """Whether the detector service runs on a GPU (torch sees one and ``REDI_DEVICE`` is not cpu)."""
+    if os.environ.get("REDI_DEVICE", "auto").strip().lower() == "cpu":
+        return False
+    import torch
 
-    Why every core: the detector batch is the only CPU-heavy step and BentoML's batching keeps it
-    busy; the API service's per-request work (multipart parse, PNG decode, resize, JSON, log) runs
-    while the detector waits for its next batch and in the gaps of its OpenMP regions. The
-    benchmark (docs/benchmarks.md) measured the alternatives.
+    return torch.cuda.is_available()
+
+
+def detector_workers() -> int:
+    """Detector service processes: ``REDI_DETECTOR_WORKERS``, else 1 on a GPU and one per usable core on the CPU.
+
+    Why one single-threaded worker per core on the CPU (measured, docs/benchmarks.md): a server
+    process shares its cores with its event loop, the HTTP parsing and the API service; an OpenMP
+    team of several threads waits at every barrier for whichever of its threads was preempted, so
+    one 2-thread worker reached 69-81 % of the in-process throughput of the same model with 16
+    clients, two 1-thread workers 98-102 %. The cost: each worker holds every model, and one image
+    alone is scored by one core.
     """
-    return env_int("REDI_TORCH_THREADS", usable_cpus())
+    return env_int("REDI_DETECTOR_WORKERS", 1 if has_gpu() else usable_cpus())
+
+
+def detector_threads() -> int:
+    """Torch intra-op threads of a detector worker: ``REDI_TORCH_THREADS``, else the usable cores
+    shared out between the workers (1 each with the default worker count)."""
+    return env_int("REDI_TORCH_THREADS", max(1, usable_cpus() // detector_workers()))
+
+
+def model_cache(settings: "ServingSettings") -> Path:
+    """The folder of downloaded models and ONNX exports (``REDI_MODEL_CACHE``, else a temp folder)."""
+    import tempfile
+
+    return settings.model_cache or Path(tempfile.gettempdir()) / "redi-model-cache"
+
+
+def reload_generation_file(settings: "ServingSettings") -> Path:
+    """The file whose content changes at every ``/admin/reload``: how a reload that reaches one
+    worker (BentoML sends a request to one) reaches every detector and API worker of the host."""
+    return model_cache(settings) / "reload-generation"
+
+
+def read_generation(path: Path) -> str:
+    """The current reload generation ('' before the first reload)."""
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def bump_generation(path: Path) -> str:
+    """Start a new reload generation; returns it."""
+    generation = f"{time.time_ns()}-{os.getpid()}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(generation)
+    os.replace(tmp, path)  # readers see the old or the new value, never half of one
+    return generation
 
 
 @dataclass
@@ -110,4 +159,5 @@ class ServingSettings:
         )
 
 
-__all__ = ["RUNTIMES", "ServingSettings", "detector_threads", "env_int", "usable_cpus"]
+__all__ = ["RUNTIMES", "ServingSettings", "bump_generation", "detector_threads", "detector_workers", "env_int",
+           "has_gpu", "model_cache", "read_generation", "reload_generation_file", "usable_cpus"]
