@@ -129,22 +129,23 @@ def _onnx_file(ref: ModelRef, detector: Detector, cache: Path) -> Path:
 
 
 def measure_chunk(line: LoadedLine, max_batch: int, keep: float = 0.95, stop: float = 0.9,
-                  min_seconds: float = 0.3) -> tuple[int, dict[int, float]]:
+                  min_seconds: float = 0.3, budget_s: float = 8.0) -> tuple[int, dict[int, float]]:
     """The batch size this model should run at on this machine, timed at load: (size, images/s by size).
 
     Batches help where the model leaves the cores idle (small models, GPUs) and hurt where it is
     compute-bound with large activations (the ``cpu`` profile on a 2-core CPU: 6.4 images/s at
     batch 1, 4.2 at 16, docs/benchmarks.md). Sizes 1, 2, 4, ... up to ``max_batch`` are timed on
     random input (speed does not depend on the pixels), each after one warm-up call, until one
-    falls below ``stop`` x the best; the chosen size is the smallest within ``keep`` of the best
+    falls below ``stop`` x the best or ``budget_s`` is spent (a slow model is not timed at 16 for
+    half a minute); the chosen size is the smallest within ``keep`` of the best
     (smaller batches answer sooner). BentoML still gathers up to ``REDI_MAX_BATCH_SIZE`` requests;
     the detector runs them in pieces of this size.
     """
     size = line.detector.image_size
     sample = torch.rand(max_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     rates: dict[int, float] = {}
-    batch = 1
-    while batch <= max_batch:
+    batch, begun = 1, time.perf_counter()
+    while batch <= max_batch and (not rates or time.perf_counter() - begun < budget_s):
         line.run_once(sample[:batch])  # warm-up: kernels and their caches for this shape
         started, done = time.perf_counter(), 0
         while done == 0 or time.perf_counter() - started < min_seconds:
