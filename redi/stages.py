@@ -7,6 +7,7 @@ docs/architecture.md for the table of inputs and outputs.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sys
@@ -270,6 +271,20 @@ def served_prompts(recover_path: str | Path, bank: PromptBank, images: torch.Ten
     return PromptImages.from_payload(payload["prompts"])
 
 
+def _with_resolved_precision(cfg: RediConfig, device: torch.device) -> RediConfig:
+    """The config with ``model.recover.precision=auto`` resolved to what this machine measured.
+
+    The detector is calibrated and saved with that explicit precision, so wherever it runs its
+    scores are made the way its threshold was set (bf16 and fp32 scores differ by about 1e-2).
+    """
+    if cfg.model.recover.precision != "auto":
+        return cfg
+    resolved = copy.deepcopy(cfg)
+    resolved.model.recover.precision = "bf16" if use_bf16("auto", device) else "fp32"
+    _log("discriminate", f"recover net precision: {resolved.model.recover.precision} (measured on this machine)")
+    return resolved
+
+
 def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_path: str | Path,
                        out_dir: str | Path, cfg: RediConfig, line: str = "") -> Path:
     """Train the FRB with the recover net frozen, calibrate the threshold, write ``detector.pt``."""
@@ -279,6 +294,7 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
     category = open_line(data_root, cfg)
     bank = PromptBank.load(bank_path, backbone=cfg.model.backbone)
     samples, images = _bank_images(bank, category, cfg)
+    cfg = _with_resolved_precision(cfg, device)
     detector = Detector(cfg, num_prompts=len(bank))
     encoded = served_prompts(recover_path, bank, images) if detector.needs_prompt_images else None
     detector.set_prompts(bank.embeddings, images, bank.image_ids, encoded)

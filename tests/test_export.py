@@ -33,7 +33,7 @@ def exported(trained_line, tmp_path_factory) -> dict:
 @pytest.mark.parametrize("batch", [1, 3])
 def test_onnx_scores_and_maps_equal_torch_fp32(exported, batch):
     detector, session, images = exported["detector"], exported["session"], exported["images"]
-    assert detector.cfg.model.recover.precision == "auto"  # the export is compared with fp32 below
+    trained_with = detector.cfg.model.recover.precision  # resolved at training: "bf16" or "fp32"
     for begin in range(0, images.shape[0] - batch + 1, max(batch, 7)):  # good and defective images
         x = images[begin:begin + batch]
         with torch_fp32(detector):
@@ -42,7 +42,7 @@ def test_onnx_scores_and_maps_equal_torch_fp32(exported, batch):
         assert score.shape == (batch,) and anomaly_map.shape == (batch, detector.image_size, detector.image_size)
         assert np.abs(score - expected.score.numpy()).max() < TOLERANCE
         assert np.abs(anomaly_map - expected.anomaly_map.numpy()).max() < TOLERANCE
-    assert detector.cfg.model.recover.precision == "auto"  # torch_fp32 restored it
+    assert detector.cfg.model.recover.precision == trained_with  # torch_fp32 restored it
 
 
 @pytest.mark.slow

@@ -293,3 +293,17 @@ def test_trained_detector_serves_the_prompt_bytes_its_recover_net_trained_on(tra
     assert torch.equal(detector.prompts.data, trained_on.data)
     assert torch.equal(detector.prompts.offsets, trained_on.offsets)
     assert recover["prompt_ids"] == detector.prompt_ids
+
+
+def test_auto_precision_is_measured_and_frozen_into_the_detector(trained_line):
+    """precision=auto is decided by timing bf16 against fp32 here, and the detector keeps the
+    decision, so its scores are made wherever it runs as its threshold was calibrated."""
+    from redi.models.detector import load_detector
+    from redi.utils import BF16_MIN_SPEEDUP, bf16_speedup, use_bf16
+
+    speedup = bf16_speedup("cpu")
+    assert speedup > 0 and bf16_speedup("cpu") == speedup  # measured once per process
+    assert use_bf16("auto", torch.device("cpu")) == (speedup >= BF16_MIN_SPEEDUP)
+    assert use_bf16("fp32", torch.device("cpu")) is False and use_bf16("bf16", torch.device("cpu")) is True
+    detector = load_detector(trained_line["detector"])
+    assert detector.cfg.model.recover.precision == ("bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32")
