@@ -5,7 +5,8 @@ Variants share what they can, exactly as the stage functions allow:
 - ``ls_off``: full's prompt bank and recover net, discriminate net retrained without L_S;
 - ``recover_off``: full's prompt bank, no recover net (the recovery branch sees X: RD + L_S);
 - ``prompt_none``: the recover net retrained with a zero prompt (the paper's "Free");
-- ``fast``: every stage with the ``fast`` profile.
+- ``fast``: every stage with the ``fast`` profile;
+- ``fast_png``: ``fast`` with lossless (PNG) prompt images instead of the default WebP q85.
 
     python bench/dev_results.py --data ../shared/data/metal_plate ../shared/data/hazelnut \
         --variants full recover_off ls_off prompt_none fast --runs runs/results --out docs/results_runs.json
@@ -28,6 +29,7 @@ VARIANTS = {
     "ls_off": ("cpu", ["train.use_self_correlation=false"]),
     "prompt_none": ("cpu", ["model.prompt=none"]),
     "fast": ("fast", []),
+    "fast_png": ("fast", ["model.prompt_codec=png"]),  # lossless prompts: what the WebP default costs
 }
 
 CLI = {
@@ -39,6 +41,7 @@ CLI = {
     "prompt_none": "redi train-recover {data} --bank {full}/prompt_bank.pt --out {run} --profile cpu "
                    "--set model.prompt=none; redi train-discriminate ... --set model.prompt=none",
     "fast": "redi train {data} --out {run} --profile fast",
+    "fast_png": "redi train {data} --out {run} --profile fast --set model.prompt_codec=png",
 }
 
 
@@ -49,7 +52,7 @@ def run_variant(name: str, data: Path, runs: Path) -> dict:
     run, full = runs / name, runs / "full"
     started = time.perf_counter()
     save_config(cfg, run / "config.yaml")
-    if name in ("full", "fast"):
+    if name in ("full", "fast", "fast_png"):
         detector = train_all(data, run, cfg, line=data.name)["detector"]
     elif name == "recover_off":
         detector = train_discriminate(data, full / "prompt_bank.pt", run / "none", run, cfg, line=data.name)
