@@ -109,12 +109,53 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return bf16_speedup(device.type) >= BF16_MIN_SPEEDUP
 
 
+def _processor_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def _precision_cache() -> Path:
+    return Path(os.environ.get("REDI_CACHE_DIR") or Path.home() / ".cache" / "redi") / "bf16_speedup.json"
+
+
 @functools.lru_cache(maxsize=None)
 def bf16_speedup(device_type: str) -> float:
+    """fp32 time / bf16 time on this machine, measured once per processor and torch version and
+    remembered (``~/.cache/redi/bf16_speedup.json``, or ``REDI_CACHE_DIR``), so every process on
+    the machine makes the same choice: a run killed and resumed, or a service next to a training
+    job, never flips precision because the cores were busy during one measurement."""
+    import json
+
+    key = f"{device_type}|{_processor_name(device_type)}|torch {torch.__version__}"
+    cache = _precision_cache()
+    try:
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), (int, float)):
+        return float(known[key])
+    speedup = _measure_bf16_speedup(device_type)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache, json.dumps({**known, key: speedup}, indent=2))
+    except OSError:  # a read-only home: measured again by the next process, still a measurement
+        pass
+    return speedup
+
+
+def _measure_bf16_speedup(device_type: str) -> float:
     """fp32 time / bf16 time of a small conv stack shaped like the recover net's (channels-last,
-    3x3 convolutions at 32-64 channels), measured here. The two precisions run alternately and
-    each keeps its fastest run, so another process on the same cores slows both alike instead of
-    flipping the choice. Takes well under a second on a CPU."""
+    3x3 convolutions at 32-64 channels). The two precisions run alternately and each keeps its
+    fastest run, so another process on the same cores slows both alike. Well under a second."""
     device = torch.device(device_type)
     gen = torch.Generator().manual_seed(0)
     layers = torch.nn.Sequential(torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(),

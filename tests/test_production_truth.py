@@ -19,9 +19,8 @@ import pytest
 import requests
 from http_wait import wait_for_http  # tests/ is on sys.path (rootdir conftest)
 from s3_server import start_s3_server, weed_binary
+from tiny_line import make_line, train_tiny
 
-from redi.config import profile_config
-from redi.data.demo import make_demo_line
 from redi.models.detector import load_detector
 from redi.images import load_rgb
 from redi.storage import production_record, publish_version, store_from_env
@@ -85,17 +84,9 @@ class Server:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory):
     """S3 server, a demo line, two different gate-passed models (v1, v2) and a refused one (v3)."""
-    from redi.stages import train_all
-
     root = tmp_path_factory.mktemp("truth")
-    data = root / "data" / LINE
-    make_demo_line(data, LINE, n_train=10, n_test_good=2, n_test_defect=4, size=128, seed=0)
-    detectors = {}
-    for version, seed in (("v1", 0), ("v2", 1)):
-        cfg = profile_config("tiny")
-        cfg.train.recover.epochs = cfg.train.discriminate.epochs = 1
-        cfg.train.device, cfg.train.seed = "cpu", seed
-        detectors[version] = train_all(data, root / f"run-{version}", cfg, line=LINE)["detector"]
+    data = make_line(root, LINE)
+    detectors = {version: train_tiny(data, root / f"run-{version}", LINE, seed) for version, seed in (("v1", 0), ("v2", 1))}
     with start_s3_server(root / "s3") as server:
         env = {**os.environ, **server.env, "REDI_S3_BUCKET": "plant", "BENTOML_HOME": str(root / "bentoml"),
                "BENTOML_DO_NOT_TRACK": "true", "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(root / "logs"),

@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from redi.config import profile_config
-from redi.data.demo import make_demo_line
 from redi.images import load_rgb
 from redi.retention import RetainedItem, Retainer, RetentionPolicy
 from redi.review import ImageExpired, InvalidVerdict, ReviewDB, UnknownRequest

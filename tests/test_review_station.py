@@ -10,23 +10,20 @@ store with a one-slot queue neither delays nor fails ``/predict``.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import os
-import shutil
 import signal
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import requests
 from s3_server import start_s3_server, weed_binary
+from tiny_line import make_line, train_tiny
 from test_production_truth import BIN, Server, _redi
 from test_review import make_data_repo
 
 from redi.config import profile_config
-from redi.data.demo import make_demo_line
 from redi.images import load_rgb
 from redi.models.detector import load_detector
 from redi.review import ReviewDB
@@ -46,15 +43,9 @@ pytestmark = [pytest.mark.slow,
 @pytest.fixture(scope="module")
 def station(tmp_path_factory: pytest.TempPathFactory):
     """A trained line promoted in S3, a threshold override between its normal and defect probes, a server."""
-    from redi.stages import train_all
-
     root = tmp_path_factory.mktemp("station")
-    data = root / "data" / LINE
-    make_demo_line(data, LINE, n_train=10, n_test_good=3, n_test_defect=4, size=128, seed=0)
-    cfg = profile_config("tiny")
-    cfg.train.recover.epochs = cfg.train.discriminate.epochs = 1
-    cfg.train.device = "cpu"
-    detector_path = train_all(data, root / "run", cfg, line=LINE)["detector"]
+    data = make_line(root, LINE, n_test_good=3)
+    detector_path = train_tiny(data, root / "run", LINE)
     detector = load_detector(detector_path)
     probes = sorted((data / "test").rglob("*.png"))
     scores = {p: float(detector.predict(detector.preprocess([load_rgb(p)])).score[0]) for p in probes}

@@ -24,11 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 from http_wait import wait_for_http  # tests/ is on sys.path (rootdir conftest)
+from tiny_line import make_line, train_tiny
 import requests
 from PIL import Image
 
-from redi.config import profile_config
-from redi.data.demo import make_demo_line
 from redi.images import decode_rgb, load_rgb
 from redi.models.detector import load_detector
 from redi.monitoring import ProductionLog, feature_columns
@@ -58,15 +57,9 @@ def _png(arr: np.ndarray, mode: str | None = None) -> bytes:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     """Train, package and serve; yields the base URL and paths. The server is stopped by its PID."""
-    from redi.stages import train_all
-
     root = tmp_path_factory.mktemp("serving")
-    data = root / "data" / LINE
-    make_demo_line(data, LINE, n_train=10, n_test_good=2, n_test_defect=4, size=128, seed=0)
-    cfg = profile_config("tiny")
-    cfg.train.recover.epochs = cfg.train.discriminate.epochs = 1
-    cfg.train.device = "cpu"
-    detector_path = train_all(data, root / "run", cfg, line=LINE)["detector"]
+    data = make_line(root, LINE)
+    detector_path = train_tiny(data, root / "run", LINE)
     store = LocalStore(root / "store")
     publish_version(store, LINE, "v1", {"detector.pt": detector_path},
                     {"promote": True, "metrics": {"image_auroc": 0.5}})

@@ -43,3 +43,23 @@ def test_torch_save_and_load_round_trip(tmp_path: Path) -> None:
         load_torch_file(tmp_path / "bad.pt", "test file", "rerun")
     with pytest.raises(WeightsError, match="does not exist; rerun"):
         load_torch_file(tmp_path / "missing.pt", "test file", "rerun")
+
+
+def test_bf16_choice_is_measured_once_per_machine_and_shared(tmp_path):
+    """The first process measures bf16 against fp32 and records it; later processes reuse it, so
+    a resumed run or a service never flips precision because the cores were busy once."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "REDI_CACHE_DIR": str(tmp_path)}
+    code = "from redi.utils import bf16_speedup; print(bf16_speedup('cpu'))"
+    first = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                 check=True).stdout)
+    recorded = json.loads((tmp_path / "bf16_speedup.json").read_text())
+    assert list(recorded.values()) == [first] and first > 0
+    key = next(iter(recorded))
+    (tmp_path / "bf16_speedup.json").write_text(json.dumps({key: 0.5}))  # what another process measured
+    again = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                 check=True).stdout)
+    assert again == 0.5
