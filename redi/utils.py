@@ -96,7 +96,7 @@ BF16_MIN_SPEEDUP = 1.3  # a clear margin, so timing noise cannot flip the choice
 
 def use_bf16(precision: str, device: torch.device) -> bool:
     """Whether a module should run under bf16 autocast. 'auto' measures it on the running machine
-    (:func:`bf16_speedup`, once per process and device): bf16 when it is clearly faster. CPU flags
+    (:func:`bf16_speedup`, once per machine and remembered): bf16 when it is clearly faster. CPU flags
     are not enough: AVX512-BF16 without AMX is faster on some CPUs and not on others."""
     if precision == "bf16":
         return True
