@@ -4,9 +4,11 @@ Every entry point (CLI, DVC's params.yaml, the Kubeflow pipeline, serving) build
 through :func:`load_config`, so defaults live here and nowhere else.
 
 Profiles:
-- ``paper``: the paper's settings (Sec. 4.1.3): 256 px, recover 500 epochs lr 5e-4 halved at
-  200/400, discriminate 300 epochs lr 5e-3 halved at 100/200, batch 32, AdamW. A GPU budget.
-- ``cpu``: a budget that trains one of the small dev sets in about half an hour on 2 cores.
+- ``paper``: the paper's settings (Sec. 4.1.3): WideResNet-50-2, 256 px, recover 500 epochs lr
+  5e-4 halved at 200/400, discriminate 300 epochs lr 5e-3 halved at 100/200, batch 32, AdamW. A
+  GPU budget; WideResNet-50-2's weights must be on disk (a clear error says where otherwise).
+- ``paper_lite``: the paper's budget with EfficientNet-Lite2, whose weights install offline.
+- ``cpu``: a budget in optimizer steps that trains any line in about half an hour on 2 cores.
 - ``fast``: the ``cpu`` budget with the narrow, lower-resolution recover net built for speed.
 - ``tiny``: seconds; for tests and CI.
 
@@ -33,6 +35,11 @@ from redi.errors import ConfigError
 PROMPT_MODES = ("nearest", "none")
 PROMPT_CODECS = ("webp", "png")
 PRECISIONS = ("auto", "fp32", "bf16")
+ASPECTS = ("squash", "letterbox")
+SELFMAP_SCALES = ("line", "image")
+PROMPT_TRANSFORMS = ("hflip", "vflip", "rot90", "rot180", "rot270")
+RECOVER_SELECTIONS = ("last", "best_val")
+LS_NORMALISATIONS = ("width", "area")
 TOLERATION_KEYS = ("key", "operator", "value", "effect")
 
 
@@ -45,6 +52,9 @@ class DataConfig:
     skip_bad_files: bool = False  # when True, bad files are skipped and listed instead of failing
     val_fraction: float = 0.15  # normal train images held out to set the decision threshold
     min_val_images: int = 2
+    # squash: resize to S x S (aspect lost); letterbox: scale the long side to S and pad the
+    # short one (black), so strips and rails keep their shape
+    aspect: str = "squash"
 
 
 @dataclass
@@ -56,6 +66,11 @@ class SelfMapConfig:
     hog_cell: int = 8
     canny_low: float = 50.0
     canny_high: float = 100.0
+    # line: one fixed scale per line (scale_percentile of the raw maps over the bank's images,
+    # stored in the artifact), so a defect's strong gradient cannot dim the rest of its map;
+    # image: each map divided by its own maximum (the scaling before this option existed)
+    scale: str = "line"
+    scale_percentile: float = 99.5
 
 
 @dataclass
@@ -80,6 +95,8 @@ class ModelConfig:
     backbone_weights: str = ""  # optional weights file (needed for wide_resnet50_2 offline)
     selfmap: SelfMapConfig = field(default_factory=SelfMapConfig)
     prompt: str = "nearest"  # "none" is the paper's "Free" ablation: a zero prompt image
+    prompt_k: int = 1  # k nearest prompts: one recovery each, the anomaly map is their pixelwise minimum
+    prompt_transforms: list[str] = field(default_factory=list)  # bank augmented with these (e.g. hflip, rot180)
     recover: RecoverNetConfig = field(default_factory=RecoverNetConfig)
     use_frb: bool = True  # False: F_Y is R_Y itself (no Feature Recovery Block), Table 11
     bottleneck_channels: int = 0  # 0: the deepest backbone level's channel count
@@ -96,6 +113,9 @@ class StageTrainConfig:
     """Optimiser and schedule for one training stage."""
 
     epochs: int = 10
+    # > 0: the budget is this many optimizer steps whatever the line's size (epochs is ignored
+    # and milestones count steps); 0: the budget is epochs (milestones count epochs)
+    steps: int = 0
     lr: float = 5e-4
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.5
@@ -117,7 +137,16 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # mixed precision on CUDA; ignored on the CPU
     num_workers: int = 0
-    augment_flip: bool = False
+    augment_flip: bool = False  # recover training: random horizontal flips
+    augment_rot90: bool = False  # recover training: random multiples of 90 degrees (square inputs)
+    # k >= 2: out-of-fold recovery; k recover nets each trained without one fold, so every
+    # training image's Y (what the discriminate stage learns from) comes from a net that never saw it
+    recover_folds: int = 0
+    # best_val: keep the recover net of the epoch with the lowest L_Rec on the held-out normals
+    recover_select: str = "last"
+    # L_S normalisation: width (c/hw * ||g_X - g_Y||_F: the same size for any channel width, so
+    # lambda_S means the same for every backbone) or area (||.||_F / hw, the earlier choice)
+    ls_normalisation: str = "width"
 
 
 @dataclass
@@ -128,6 +157,7 @@ class EvalConfig:
     threshold_quantile: float = 1.0  # decision threshold = this quantile of held-out normal scores
     threshold_margin: float = 1.0  # ... times this margin
     report_max_images: int = 200  # images drawn in the HTML report
+    synthetic_per_image: int = 2  # synthetic defects drawn on each held-out normal for validation
     batch_size: int = 8
 
 
@@ -249,6 +279,20 @@ class RediConfig:
             (self.model.recover.input_size % 32 == 0, "model.recover.input_size must be 0 or a multiple of 32"),
             (1 <= self.model.recover.depth <= 6, "model.recover.depth must be between 1 and 6"),
             (self.model.recover.precision in PRECISIONS, f"model.recover.precision must be one of {PRECISIONS}"),
+            (self.data.aspect in ASPECTS, f"data.aspect must be one of {ASPECTS}"),
+            (self.model.selfmap.scale in SELFMAP_SCALES, f"model.selfmap.scale must be one of {SELFMAP_SCALES}"),
+            (50.0 <= self.model.selfmap.scale_percentile <= 100.0, "model.selfmap.scale_percentile must be in [50, 100]"),
+            (self.model.prompt_k >= 1, "model.prompt_k must be >= 1"),
+            (set(self.model.prompt_transforms) <= set(PROMPT_TRANSFORMS),
+             f"model.prompt_transforms may only hold {PROMPT_TRANSFORMS}"),
+            (self.train.recover_folds == 0 or self.train.recover_folds >= 2,
+             "train.recover_folds must be 0 (off) or >= 2"),
+            (self.train.recover_select in RECOVER_SELECTIONS,
+             f"train.recover_select must be one of {RECOVER_SELECTIONS}"),
+            (self.train.ls_normalisation in LS_NORMALISATIONS,
+             f"train.ls_normalisation must be one of {LS_NORMALISATIONS}"),
+            (self.train.recover.steps >= 0 and self.train.discriminate.steps >= 0, "steps must be >= 0"),
+            (self.eval.synthetic_per_image >= 1, "eval.synthetic_per_image must be >= 1"),
             (0.0 < self.data.val_fraction < 0.9,
              "data.val_fraction must be in (0, 0.9): held-out normal images set the decision threshold"),
             (0.0 < self.eval.threshold_quantile <= 1.0, "eval.threshold_quantile must be in (0, 1]"),
@@ -282,17 +326,26 @@ class RediConfig:
 
 def _paper() -> RediConfig:
     cfg = RediConfig(profile="paper")
+    cfg.model.backbone = "wide_resnet50_2"  # the paper's; its weights must be on disk (redi.backbones)
     cfg.train.recover = StageTrainConfig(epochs=500, lr=5e-4, milestones=[200, 400], batch_size=32)
     cfg.train.discriminate = StageTrainConfig(epochs=300, lr=5e-3, milestones=[100, 200], batch_size=32)
     return cfg
 
 
+def _paper_lite() -> RediConfig:
+    cfg = _paper()
+    cfg.profile = "paper_lite"  # the paper's budget with the backbone that installs offline
+    cfg.model.backbone = "efficientnet_lite2"
+    return cfg
+
+
 def _cpu() -> RediConfig:
     cfg = RediConfig(profile="cpu")
-    # Paper widths at 256 px; fewer epochs and a higher recover lr so that a set of ~50 images
-    # trains in about half an hour on 2 cores (bf16 recover net where it measures faster).
-    cfg.train.recover = StageTrainConfig(epochs=40, lr=1e-3, milestones=[25, 35], batch_size=8)
-    cfg.train.discriminate = StageTrainConfig(epochs=30, lr=5e-3, milestones=[15, 25], batch_size=8)
+    # Paper widths at 256 px; a budget in optimizer steps, so every line trains in the same time
+    # whatever its size (about 240 recover steps of 8 images: half an hour on 2 cores), and a
+    # higher recover lr than the paper's (bf16 recover net where it measures faster).
+    cfg.train.recover = StageTrainConfig(steps=240, lr=1e-3, milestones=[150, 210], batch_size=8)
+    cfg.train.discriminate = StageTrainConfig(steps=180, lr=5e-3, milestones=[90, 150], batch_size=8)
     return cfg
 
 
@@ -318,7 +371,7 @@ def _tiny() -> RediConfig:
     return cfg
 
 
-PROFILES = {"paper": _paper, "cpu": _cpu, "fast": _fast, "tiny": _tiny}
+PROFILES = {"paper": _paper, "paper_lite": _paper_lite, "cpu": _cpu, "fast": _fast, "tiny": _tiny}
 
 
 def profile_config(name: str) -> RediConfig:
