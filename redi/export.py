@@ -86,15 +86,17 @@ class ExportableHOG(TorchHOG):
         index = (code.gather(1, channel) + (255 * self.LUT_SIDE + 255)).long()
         return index, squared.gather(1, channel).float().sqrt()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) HOG picture in [0, 1]."""
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> the unscaled (B, 1, H, W) HOG picture (scaled by ScaledMap.forward)."""
         return self._picture(x)
 
 
 def exportable_selfmap(module: nn.Module) -> nn.Module:
     """The self-map as a traceable module; Canny (skimage on the CPU) has no graph form."""
     if isinstance(module, TorchHOG):
-        return ExportableHOG(module.orientations, module.cell)
+        exportable = ExportableHOG(module.orientations, module.cell, module.mode)
+        exportable.scale.copy_(module.scale)  # the line's fitted scale
+        return exportable
     if isinstance(module, (SobelMap, RobertsMap)):
         return module
     raise ExportError(f"the {type(module).__name__} self-map runs outside torch and cannot be exported; "
@@ -110,6 +112,10 @@ class ExportableDetector(nn.Module):
 
     def __init__(self, detector: Detector) -> None:
         super().__init__()
+        if detector.prompt_k > 1 or len(detector.transforms) > 1:
+            raise ExportError("the export covers one nearest prompt from a plain bank; this detector uses "
+                              f"model.prompt_k={detector.prompt_k} and model.prompt_transforms="
+                              f"{detector.transforms[1:]}: serve it with the torch runtime")
         self.detector = detector.cpu().eval()
         self.selfmap = exportable_selfmap(detector.selfmap) if detector.use_recover else None
         self.use_prompt = detector.needs_prompt_images

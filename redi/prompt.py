@@ -3,6 +3,12 @@
 The prompt image X+ of an image X is the bank image with the highest cosine similarity to X. At
 training time X is itself in the bank, so its own entry is excluded: X+ is never X.
 
+With ``model.prompt_transforms`` (e.g. ``hflip``, ``rot180``) the bank is augmented: it holds one
+embedding per (image, transform) and a prompt is the transformed image whose embedding matches X
+best, so a part that hangs mirrored or turned finds a prompt in its own pose. Bank index ``j``
+names image ``j % N`` under transform ``j // N`` (0: as photographed), so only the N images
+are stored.
+
 The bank's images travel with the detector compressed (:class:`PromptImages`: lossy WebP by
 default, or lossless PNG) and are decoded on demand, only the prompts a batch uses.
 """
@@ -10,7 +16,7 @@ default, or lossless PNG) and are decoded on demand, only the prompts a batch us
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,32 +30,71 @@ from redi.utils import atomic_torch_save, load_torch_file
 
 BANK_FORMAT = "redi-prompt-bank"
 
+# name -> the transform on (..., S, S) images; "identity" is always transform 0 of a bank
+TRANSFORMS = {
+    "identity": lambda t: t,
+    "hflip": lambda t: t.flip(-1),
+    "vflip": lambda t: t.flip(-2),
+    "rot90": lambda t: t.rot90(1, dims=(-2, -1)),
+    "rot180": lambda t: t.rot90(2, dims=(-2, -1)),
+    "rot270": lambda t: t.rot90(3, dims=(-2, -1)),
+}
+
+
+def transform_images(images: torch.Tensor, name: str) -> torch.Tensor:
+    """``images`` (..., S, S) under the named transform (one of :data:`TRANSFORMS`)."""
+    if name not in TRANSFORMS:
+        raise ValueError(f"unknown prompt transform {name!r}; known: {sorted(TRANSFORMS)}")
+    return TRANSFORMS[name](images)
+
+
+def bank_transforms(extra: Sequence[str]) -> list[str]:
+    """The transforms of an augmented bank in index order: identity first, then ``extra``."""
+    return ["identity", *extra]
+
+
+def prompt_pixels(decode, index: torch.Tensor, num_images: int, transforms: Sequence[str]) -> torch.Tensor:
+    """Prompt images for augmented bank indices ``index`` (all >= 0): image ``index % N`` decoded
+    by ``decode(base_indices)`` (float (n, 3, S, S)), then transform ``index // N`` applied."""
+    base, kind = index % num_images, index // num_images
+    images = decode(base)
+    if len(transforms) == 1:
+        return images
+    out = images.clone()
+    for number, name in enumerate(transforms):
+        rows = (kind == number).nonzero().flatten()
+        if number and rows.numel():
+            out[rows] = transform_images(images[rows], name)
+    return out
+
 
 @dataclass
 class PromptBank:
     """L2-normalised embeddings (N, D) with the image ids they came from."""
 
-    embeddings: torch.Tensor
+    embeddings: torch.Tensor  # (N * (1 + len(transforms)), D): transform-major, see the module docstring
     image_ids: list[str]
     backbone: str
+    transforms: list[str] = field(default_factory=list)  # the augmenting transforms (identity not listed)
 
     def __post_init__(self) -> None:
         self.embeddings = F.normalize(self.embeddings.float(), dim=1)
-        if len(self.image_ids) != self.embeddings.shape[0]:
-            raise ValueError("one image id per embedding is required")
+        if len(self.image_ids) * (1 + len(self.transforms)) != self.embeddings.shape[0]:
+            raise ValueError("one embedding per image and transform is required")
 
     def __len__(self) -> int:
+        """The number of images (not of embeddings, which is larger for an augmented bank)."""
         return len(self.image_ids)
 
     def nearest(self, queries: torch.Tensor, exclude: torch.Tensor | None = None,
                 batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-1 cosine retrieval. ``exclude[i]`` is a bank index query i may not get (or -1)."""
-        return nearest_prompt(queries, self.embeddings.to(queries.device), exclude, batch_size)
+        """Top-1 cosine retrieval. ``exclude[i]`` is an image query i may not get under any transform (or -1)."""
+        return nearest_prompt(queries, self.embeddings.to(queries.device), exclude, batch_size, period=len(self))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         atomic_torch_save({"format": BANK_FORMAT, "embeddings": self.embeddings, "image_ids": self.image_ids,
-                           "backbone": self.backbone}, path)
+                           "backbone": self.backbone, "transforms": self.transforms}, path)
         return path
 
     @classmethod
@@ -62,27 +107,40 @@ class PromptBank:
         if backbone and data["backbone"] != backbone:
             raise WeightsError(f"prompt bank {path} was built with backbone {data['backbone']!r}, "
                                f"but the model uses {backbone!r}; rebuild the bank")
-        return cls(data["embeddings"], list(data["image_ids"]), data["backbone"])
+        return cls(data["embeddings"], list(data["image_ids"]), data["backbone"], list(data.get("transforms", [])))
 
 
-def nearest_prompt(queries: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None,
-                   batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices and cosine similarities of the most similar bank rows (bank already normalised)."""
-    if bank.shape[0] < 1 or (exclude is not None and bank.shape[0] < 2):
+def top_prompts(queries: torch.Tensor, bank: torch.Tensor, k: int = 1, exclude: torch.Tensor | None = None,
+                batch_size: int = 1024, period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and cosine similarities (Q, k) of the k most similar bank rows (bank normalised).
+
+    ``exclude[i]`` (or -1) is an image query i may not get; with ``period`` = N (an augmented
+    bank) every row ``j`` with ``j % N == exclude[i]`` is excluded: no transform of X is X's prompt.
+    """
+    period = period or bank.shape[0]
+    available = period - (1 if exclude is not None else 0)
+    if bank.shape[0] < 1 or available < 1:
         raise ValueError("the prompt bank needs at least two images to exclude a query's own entry")
+    k = min(k, bank.shape[0] - (bank.shape[0] // period if exclude is not None else 0))
     queries = F.normalize(queries.float(), dim=1)
+    columns = torch.arange(bank.shape[0], device=bank.device) % period
     indices, similarities = [], []
     for start in range(0, queries.shape[0], batch_size):
         sims = queries[start:start + batch_size] @ bank.t()
         if exclude is not None:
-            rows = torch.arange(sims.shape[0], device=sims.device)
-            own = exclude[start:start + batch_size].to(sims.device)
-            valid = own >= 0
-            sims[rows[valid], own[valid]] = float("-inf")
-        best = sims.max(dim=1)
+            own = exclude[start:start + batch_size].to(sims.device).view(-1, 1)
+            sims = sims.masked_fill((columns.view(1, -1) == own) & (own >= 0), float("-inf"))
+        best = sims.topk(k, dim=1)
         indices.append(best.indices)
         similarities.append(best.values)
     return torch.cat(indices), torch.cat(similarities)
+
+
+def nearest_prompt(queries: torch.Tensor, bank: torch.Tensor, exclude: torch.Tensor | None = None,
+                   batch_size: int = 1024, period: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and cosine similarities (Q,) of the most similar bank rows (see :func:`top_prompts`)."""
+    indices, similarities = top_prompts(queries, bank, 1, exclude, batch_size, period)
+    return indices[:, 0], similarities[:, 0]
 
 
 # -- prompt images as the detector stores them -------------------------------------------------

@@ -20,9 +20,19 @@ How the HOG picture is made (skimage 0.26, ``skimage/feature/_hog.py`` and ``_ho
    bin's value. The picture does not depend on block normalisation (it is drawn from the raw cell
    histograms), so the reference uses ``cells_per_block=(1, 1)``; pixels outside the cells are 0.
 
-Intensity scaling (open in the paper; chosen here, identical in both implementations): every map
-is divided by its own maximum, ``map / (max(map) + 1e-6)``, so it lies in ``[0, 1]`` and a flat
-image gives an all-zero map. The same per-image max scaling is used for Sobel and Roberts.
+Intensity scaling (open in the paper; chosen here): ``model.selfmap.scale``.
+
+- ``line`` (the default): one fixed scale per product line, the ``scale_percentile`` (99.5) of
+  the raw map's pixels over the prompt bank's images, fitted once at training
+  (:func:`fit_selfmap_scale`) and stored in the artifact as the module's ``scale`` buffer; maps
+  are ``clamp(raw / scale, 0, 1)``. A defect's strong gradient then saturates only its own pixels.
+- ``image``: every map divided by its own maximum, ``map / (max(map) + 1e-6)``. A defect's strong
+  gradient is often that maximum, so it dims the whole picture of its image (measured on a
+  texture: an 8x10-pixel patch scaled every normal region by 0.66) and the recover net recovers
+  normal regions wrongly exactly on defective images. Kept for older artifacts and comparison.
+
+Either way the map lies in ``[0, 1]`` and a flat image gives an all-zero map; Sobel and Roberts
+scale the same way. :func:`hog_image_skimage` (the reference) is scaled per image.
 
 ``TorchHOG`` reproduces steps 1-4 batched in PyTorch (CPU or CUDA): the input is clamped to
 [0, 1] and rounded to the ``uint8`` levels (``round(x * 255)``), so gradients are the same integers
@@ -58,7 +68,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from redi.errors import ConfigError, InputError
+from redi.errors import ConfigError, InputError, WeightsError
 from redi.registry import Registry
 
 if TYPE_CHECKING:  # only for annotations: redi.config may import this module without a cycle
@@ -75,6 +85,65 @@ def _scale_to_unit(maps: torch.Tensor) -> torch.Tensor:
     """Divide each map of a (B, 1, H, W) batch by its own maximum (+ EPS)."""
     peak = maps.flatten(1).amax(dim=1).clamp_min(0.0).view(-1, 1, 1, 1)
     return maps / (peak + EPS)
+
+
+class ScaledMap(nn.Module):
+    """A self-map whose raw picture (``raw(x)``) is scaled per line or per image.
+
+    ``scale`` is a persistent buffer, so the fitted line scale travels in the detector's state
+    dict; NaN means "not fitted", and a line-scaled map refuses to run until it is.
+    """
+
+    def __init__(self, mode: str = "line") -> None:
+        super().__init__()
+        if mode not in ("line", "image"):
+            raise ConfigError(f"model.selfmap.scale must be 'line' or 'image'; got {mode!r}")
+        self.mode = mode
+        self.register_buffer("scale", torch.tensor(float("nan")))
+
+    def raw(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - every subclass defines it
+        raise NotImplementedError
+
+    def set_scale(self, value: float) -> None:
+        """Fix the line's scale (from :func:`fit_selfmap_scale`)."""
+        if not value > 0:
+            raise ConfigError(f"a self-map scale must be > 0; got {value} (are all bank images flat?)")
+        self.scale.fill_(float(value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) in [0, 1]."""
+        maps = self.raw(x)
+        if self.mode == "image":
+            return _scale_to_unit(maps)
+        if torch.isnan(self.scale):
+            raise WeightsError("the line's self-map scale is not fitted; fit it on the bank images with "
+                               "redi.selfmaps.fit_selfmap_scale (the training stages do) or set "
+                               "model.selfmap.scale=image")
+        return (maps / self.scale.to(maps.dtype)).clamp_(0.0, 1.0)
+
+
+@torch.no_grad()
+def fit_selfmap_scale(selfmap: nn.Module, images: torch.Tensor, percentile: float, batch_size: int = 16,
+                      max_pixels: int = 8_000_000) -> float:
+    """The line's self-map scale: ``percentile`` of the raw maps' pixels over ``images``.
+
+    Sets it on ``selfmap`` and returns it. Pixels are taken with a fixed stride when there are
+    more than ``max_pixels`` (deterministic, and a percentile of 8 M pixels is exact enough).
+    Modules without a scale (Canny's binary edges) are left alone and give 1.0.
+    """
+    if not isinstance(selfmap, ScaledMap):
+        return 1.0
+    device = selfmap.scale.device
+    parts = [selfmap.raw(images[i:i + batch_size].to(device)).flatten().cpu()
+             for i in range(0, images.shape[0], batch_size)]
+    pixels = torch.cat(parts) if parts else torch.zeros(1)
+    if pixels.numel() > max_pixels:
+        pixels = pixels[::-(-pixels.numel() // max_pixels)]
+    value = float(np.percentile(pixels.numpy(), percentile))
+    if not value > 0:  # sparse maps (large cells): fall back to the largest value
+        value = float(pixels.max())
+    selfmap.set_scale(value)
+    return value
 
 
 def _check_images(x: torch.Tensor) -> None:
@@ -191,7 +260,7 @@ def orientation_bin_table(orientations: int) -> np.ndarray:
     return table.ravel()
 
 
-class TorchHOG(nn.Module):
+class TorchHOG(ScaledMap):
     """Batched rendered-HOG picture, pixel-for-pixel like :func:`hog_image_skimage`.
 
     ``forward((B, 3, H, W) float in [0, 1]) -> (B, 1, H, W)`` in [0, 1]. The input is clamped to
@@ -202,8 +271,8 @@ class TorchHOG(nn.Module):
     LUT_SIDE = 511  # integer gradients lie in [-255, 255]
     CPU_CHUNK = 2  # images per step on the CPU: keeps the working set in L2 (measured ~1.7x faster than 8)
 
-    def __init__(self, orientations: int = 9, cell: int = 8) -> None:
-        super().__init__()
+    def __init__(self, orientations: int = 9, cell: int = 8, scale: str = "image") -> None:
+        super().__init__(scale)
         _check_hog_params(orientations, cell)
         self.orientations = orientations
         self.cell = cell
@@ -305,8 +374,8 @@ class TorchHOG(nn.Module):
         return picture
 
     @torch.no_grad()  # rounding to uint8 levels has no useful gradient; the map is an input
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Render the HOG picture of a (B, 3, H, W) batch in [0, 1] as (B, 1, H, W) in [0, 1]."""
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """The unscaled HOG picture of a (B, 3, H, W) batch in [0, 1]: (B, 1, H, W), gradient units."""
         _check_images(x)
         height, width = x.shape[2:]
         if height < self.cell or width < self.cell:
@@ -321,7 +390,7 @@ class TorchHOG(nn.Module):
         if picture.shape[2:] != (height, width):
             # Remainder rows / columns outside the cells stay 0, as in skimage.
             picture = F.pad(picture, (0, width - picture.shape[3], 0, height - picture.shape[2]))
-        return _scale_to_unit(picture)
+        return picture
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -332,37 +401,37 @@ def _grey(x: torch.Tensor) -> torch.Tensor:
     return (x.float() * weights).sum(dim=1, keepdim=True)
 
 
-class SobelMap(nn.Module):
-    """Sobel gradient magnitude of the grey image, scaled to [0, 1] per image."""
+class SobelMap(ScaledMap):
+    """Sobel gradient magnitude of the grey image, scaled to [0, 1] per line or per image."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, scale: str = "image") -> None:
+        super().__init__(scale)
         gx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
         self.register_buffer("kernels", torch.stack([gx, gx.t()]).unsqueeze(1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) in [0, 1]."""
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> unscaled (B, 1, H, W) magnitude."""
         _check_images(x)
         grey = F.pad(_grey(x), (1, 1, 1, 1), mode="reflect")  # reflect = OpenCV's BORDER_REFLECT_101
         g = F.conv2d(grey, self.kernels)
-        return _scale_to_unit(g.pow(2).sum(dim=1, keepdim=True).sqrt())
+        return g.pow(2).sum(dim=1, keepdim=True).sqrt()
 
 
-class RobertsMap(nn.Module):
-    """Roberts cross gradient magnitude of the grey image, scaled to [0, 1] per image."""
+class RobertsMap(ScaledMap):
+    """Roberts cross gradient magnitude of the grey image, scaled to [0, 1] per line or per image."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, scale: str = "image") -> None:
+        super().__init__(scale)
         g1 = torch.tensor([[1.0, 0.0], [0.0, -1.0]])
         g2 = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
         self.register_buffer("kernels", torch.stack([g1, g2]).unsqueeze(1), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) in [0, 1]."""
+    def raw(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> unscaled (B, 1, H, W) magnitude."""
         _check_images(x)
         grey = F.pad(_grey(x), (0, 1, 0, 1), mode="replicate")
         g = F.conv2d(grey, self.kernels)
-        return _scale_to_unit(g.pow(2).sum(dim=1, keepdim=True).sqrt())
+        return g.pow(2).sum(dim=1, keepdim=True).sqrt()
 
 
 class CannyMap(nn.Module):
@@ -401,17 +470,17 @@ class CannyMap(nn.Module):
 
 @SELFMAP_REGISTRY.register("hog")
 def _build_hog(cfg: SelfMapConfig) -> nn.Module:
-    return TorchHOG(orientations=int(cfg.hog_orientations), cell=int(cfg.hog_cell))
+    return TorchHOG(orientations=int(cfg.hog_orientations), cell=int(cfg.hog_cell), scale=cfg.scale)
 
 
 @SELFMAP_REGISTRY.register("sobel")
 def _build_sobel(cfg: SelfMapConfig) -> nn.Module:
-    return SobelMap()
+    return SobelMap(scale=cfg.scale)
 
 
 @SELFMAP_REGISTRY.register("roberts")
 def _build_roberts(cfg: SelfMapConfig) -> nn.Module:
-    return RobertsMap()
+    return RobertsMap(scale=cfg.scale)
 
 
 @SELFMAP_REGISTRY.register("canny")

@@ -12,6 +12,7 @@ import hashlib
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ from redi.losses import discriminate_loss, recover_loss
 from redi.metrics import compute_all
 from redi.models.detector import Detector, load_detector, load_module_weights, save_detector
 from redi.models.recover import RecoverNet
-from redi.prompt import PromptBank, PromptImages
-from redi.selfmaps import build_selfmap
+from redi.prompt import PromptBank, PromptImages, bank_transforms, prompt_pixels, transform_images
+from redi.selfmaps import build_selfmap, fit_selfmap_scale
 from redi.training import fingerprint, run_training
 from redi.utils import (atomic_torch_save, atomic_write_text, bf16_autocast, load_torch_file, pick_device,
                         progress, seed_everything, sha256_file, use_bf16)
@@ -72,25 +73,51 @@ def validate_data(data_root: str | Path, out_dir: str | Path, cfg: RediConfig) -
 
 
 # -- stage: self-generated maps -----------------------------------------------------------------
+def line_selfmap(images: torch.Tensor, cfg: RediConfig, device: torch.device,
+                 scale: float | None = None) -> torch.nn.Module:
+    """The configured self-map module on ``device``, its line scale fitted on ``images`` (the
+    bank's) or set to ``scale`` when one was fitted before."""
+    selfmap = build_selfmap(cfg.model.selfmap).to(device)
+    if cfg.model.selfmap.scale == "line":
+        if scale is None:
+            fit_selfmap_scale(selfmap, images, cfg.model.selfmap.scale_percentile)
+        else:
+            selfmap.set_scale(scale)
+    return selfmap
+
+
+def selfmap_scale_of(selfmap: torch.nn.Module) -> float | None:
+    """The fitted line scale of a self-map module (None when it scales per image or has none)."""
+    if getattr(selfmap, "mode", None) != "line":
+        return None
+    return float(selfmap.scale)
+
+
 @torch.inference_mode()
-def compute_selfmaps(images: torch.Tensor, cfg: RediConfig, device: torch.device,
+def compute_selfmaps(images: torch.Tensor, selfmap: torch.nn.Module, device: torch.device,
                      batch_size: int = 16) -> torch.Tensor:
     """Self-maps (N, 1, S, S) of a stack of images, batched on the device."""
-    selfmap = build_selfmap(cfg.model.selfmap).to(device)
     chunks = [selfmap(images[i:i + batch_size].to(device)).cpu() for i in range(0, images.shape[0], batch_size)]
     return torch.cat(chunks) if chunks else torch.zeros(0, 1, *images.shape[-2:])
 
 
 def precompute_selfmaps(data_root: str | Path, out_dir: str | Path, cfg: RediConfig) -> Path:
-    """Cache the training images' self-maps in ``selfmaps.pt`` (keyed by image id and config)."""
+    """Fit the line's self-map scale on the bank images and cache their maps in ``selfmaps.pt``
+    (keyed by image id and config)."""
     device = pick_device(cfg.train.device)
     category = open_line(data_root, cfg)
     train, _ = training_split(category, cfg)
     started = time.perf_counter()
-    maps = compute_selfmaps(load_images(train, cfg.data.image_size), cfg, device)
+    images = load_images(train, cfg.data.image_size)
+    selfmap = line_selfmap(images, cfg, device)
+    maps = compute_selfmaps(images, selfmap, device)
     path = Path(out_dir) / "selfmaps.pt"
-    atomic_torch_save({"image_ids": [s.image_id for s in train], "maps": maps.half(), "key": _selfmap_key(cfg)}, path)
-    _log("selfmaps", f"{len(train)} {cfg.model.selfmap.kind} maps in {time.perf_counter() - started:.1f} s -> {path}")
+    atomic_torch_save({"image_ids": [s.image_id for s in train], "maps": maps.half(), "key": _selfmap_key(cfg),
+                       "scale": selfmap_scale_of(selfmap)}, path)
+    scale = selfmap_scale_of(selfmap)
+    _log("selfmaps", f"{len(train)} {cfg.model.selfmap.kind} maps"
+                     f"{f', line scale {scale:.4g}' if scale is not None else ''} in "
+                     f"{time.perf_counter() - started:.1f} s -> {path}")
     return path
 
 
@@ -99,17 +126,21 @@ def _selfmap_key(cfg: RediConfig) -> str:
 
 
 def _load_or_compute_selfmaps(path: str | Path | None, train: list[Sample], images: torch.Tensor,
-                              cfg: RediConfig, device: torch.device) -> torch.Tensor:
+                              cfg: RediConfig, device: torch.device) -> tuple[torch.Tensor, torch.nn.Module]:
+    """(maps of the bank images, the self-map module with the line's scale) from the cache or fresh."""
     if path and Path(path).is_file():
         try:
             cached = load_torch_file(path, "self-map cache", "it is recomputed")
         except WeightsError as exc:  # a damaged cache is recomputed, never fatal
             _log("recover", f"{exc}")
             cached = {}
-        if isinstance(cached, dict) and cached.get("key") == _selfmap_key(cfg) and cached.get("image_ids") == [s.image_id for s in train]:
-            return cached["maps"].float()
+        if (isinstance(cached, dict) and cached.get("key") == _selfmap_key(cfg)
+                and cached.get("image_ids") == [s.image_id for s in train]
+                and (cfg.model.selfmap.scale != "line" or cached.get("scale"))):
+            return cached["maps"].float(), line_selfmap(images, cfg, device, cached.get("scale"))
         _log("recover", f"self-map cache {path} is for other settings or images; recomputing")
-    return compute_selfmaps(images, cfg, device)
+    selfmap = line_selfmap(images, cfg, device)
+    return compute_selfmaps(images, selfmap, device), selfmap
 
 
 # -- stage: prompt bank -------------------------------------------------------------------------
@@ -129,9 +160,13 @@ def build_prompt_bank(data_root: str | Path, out_path: str | Path, cfg: RediConf
     category = open_line(data_root, cfg)
     train, _ = training_split(category, cfg)
     backbone = build_backbone(cfg.model.backbone, cfg.model.backbone_weights or None)
-    embeddings = embed_images(backbone, load_images(train, cfg.data.image_size), device, cfg.eval.batch_size)
-    bank = PromptBank(embeddings, [s.image_id for s in train], cfg.model.backbone)
-    _log("prompt-bank", f"{len(bank)} images, {embeddings.shape[1]}-d {cfg.model.backbone} embeddings -> {out_path}")
+    images = load_images(train, cfg.data.image_size)
+    # transform-major: row t * N + i is image i under transform t (identity first)
+    embeddings = torch.cat([embed_images(backbone, transform_images(images, name), device, cfg.eval.batch_size)
+                            for name in bank_transforms(cfg.model.prompt_transforms)])
+    bank = PromptBank(embeddings, [s.image_id for s in train], cfg.model.backbone, list(cfg.model.prompt_transforms))
+    _log("prompt-bank", f"{len(bank)} images x {1 + len(bank.transforms)} transforms, {embeddings.shape[1]}-d "
+                        f"{cfg.model.backbone} embeddings -> {out_path}")
     return bank.save(out_path)
 
 
@@ -146,9 +181,24 @@ def _bank_images(bank: PromptBank, category: MVTecCategory, cfg: RediConfig) -> 
 
 
 def leave_one_out_prompts(bank: PromptBank) -> torch.Tensor:
-    """Each bank image's prompt at training time: its nearest other bank image."""
+    """Each bank image's prompt at training time: its nearest other bank image (any transform of
+    itself excluded), as an index into the (augmented) bank."""
     own = torch.arange(len(bank))
-    return bank.nearest(bank.embeddings, exclude=own)[0]
+    return bank.nearest(bank.embeddings[:len(bank)], exclude=own)[0]
+
+
+def load_bank(path: str | Path, cfg: RediConfig) -> PromptBank:
+    """The prompt bank at ``path``, refused when it was built for another backbone or transforms."""
+    bank = PromptBank.load(path, backbone=cfg.model.backbone)
+    if bank.transforms != list(cfg.model.prompt_transforms):
+        raise WeightsError(f"prompt bank {path} was built with transforms {bank.transforms}, but "
+                           f"model.prompt_transforms is {cfg.model.prompt_transforms}; rebuild the bank")
+    return bank
+
+
+def bank_prompts(encoded: PromptImages, index: torch.Tensor, bank: PromptBank) -> torch.Tensor:
+    """Float prompt images for (augmented) bank indices, decoded and transformed."""
+    return prompt_pixels(encoded.decode_float, index, len(bank), bank_transforms(bank.transforms))
 
 
 # -- stage: recover net -------------------------------------------------------------------------
@@ -157,65 +207,162 @@ def _bank_fingerprint(bank: PromptBank) -> str:
     return hashlib.sha256(bank.embeddings.numpy().tobytes()).hexdigest()[:16] + str(bank.image_ids)
 
 
-def _recover_run_id(cfg: RediConfig, bank: PromptBank) -> str:
+def _recover_run_id(cfg: RediConfig, bank: PromptBank, fold: int = -1) -> str:
     """What defines a recover run; nothing the recover net does not depend on (a map setting must
-    not throw away a finished 500-epoch run)."""
-    model = cfg.model
+    not throw away a finished 500-epoch run). ``fold`` >= 0 names an out-of-fold net."""
+    model, train = cfg.model, cfg.train
     return fingerprint({"backbone": [model.backbone, model.backbone_weights], "selfmap": to_dict(model.selfmap),
                         "prompt": model.prompt, "recover": to_dict(model.recover),
-                        "train": to_dict(cfg.train.recover), "lambda_m": cfg.train.lambda_m,
-                        "scales": cfg.train.msgms_scales, "flip": cfg.train.augment_flip, "amp": cfg.train.amp,
-                        "seed": cfg.train.seed, "size": cfg.data.image_size, "bank": _bank_fingerprint(bank),
-                        "prompt_codec": [model.prompt_codec, model.prompt_quality]})
+                        "train": to_dict(train.recover), "lambda_m": train.lambda_m,
+                        "scales": train.msgms_scales, "flip": train.augment_flip, "rot90": train.augment_rot90,
+                        "select": train.recover_select, "amp": train.amp,
+                        "seed": train.seed, "size": cfg.data.image_size, "bank": _bank_fingerprint(bank),
+                        "prompt_codec": [model.prompt_codec, model.prompt_quality], "fold": fold,
+                        "folds": train.recover_folds if fold >= 0 else 0})
+
+
+def recover_folds(num_images: int, folds: int, seed: int) -> list[list[int]]:
+    """Bank positions split into ``folds`` disjoint, near-equal folds (seeded, deterministic)."""
+    if folds > num_images:
+        raise DatasetError(f"train.recover_folds={folds} needs at least {folds} bank images; the bank has "
+                           f"{num_images}. Lower train.recover_folds (or 0 for off)")
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
+    return [sorted(order[f::folds]) for f in range(folds)]
+
+
+@dataclass
+class _RecoverData:
+    """What the recover net trains on: bank images, their self-maps and prompts (all aligned)."""
+
+    images: torch.Tensor
+    maps: torch.Tensor
+    prompts: torch.Tensor
+
+
+def _augment(x: torch.Tensor, h: torch.Tensor, p: torch.Tensor, flip: bool, rot90: bool):
+    """The same random flip / quarter turn on an image, its map and its prompt."""
+    if flip and torch.rand(()) < 0.5:
+        x, h, p = x.flip(-1), h.flip(-1), p.flip(-1)
+    if rot90 and x.shape[-1] == x.shape[-2]:
+        turns = int(torch.randint(0, 4, ()))
+        if turns:
+            x, h, p = (t.rot90(turns, dims=(-2, -1)) for t in (x, h, p))
+    return x, h, p
+
+
+def _train_one_recover_net(name: str, cfg: RediConfig, data: _RecoverData, subset: torch.Tensor,
+                           val: _RecoverData | None, checkpoint: Path, run_id: str,
+                           device: torch.device) -> tuple[RecoverNet, list[dict[str, float]]]:
+    """Train one HIP net on the bank positions in ``subset``; with ``val`` (held-out normals) its
+    L_Rec is logged per pass and, with ``train.recover_select=best_val``, the best pass is kept."""
+    model_cfg, train = cfg.model, cfg.train
+    net = RecoverNet(1, model_cfg.recover.base_width, model_cfg.recover.depth, model_cfg.recover.input_size,
+                     model_cfg.recover.fused_skips).to(device)
+    bf16 = use_bf16(model_cfg.recover.precision, device)
+
+    def step(indices: torch.Tensor):
+        rows = subset[indices]
+        x, h, p = (t[rows].to(device) for t in (data.images, data.maps, data.prompts))
+        x, h, p = _augment(x, h, p, train.augment_flip, train.augment_rot90)
+        with bf16_autocast(bf16, device):  # the net in bf16 where fast; the loss always in fp32
+            y = net(h, p)
+        return recover_loss(x, y.float(), train.lambda_m, train.msgms_scales), {}
+
+    @torch.no_grad()
+    def held_out_loss() -> float:
+        total = 0.0
+        for begin in range(0, val.images.shape[0], cfg.eval.batch_size):
+            x, h, p = (t[begin:begin + cfg.eval.batch_size].to(device) for t in (val.images, val.maps, val.prompts))
+            with bf16_autocast(bf16, device):
+                y = net(h, p)
+            total += float(recover_loss(x, y.float(), train.lambda_m, train.msgms_scales)) * x.shape[0]
+        return total / val.images.shape[0]
+
+    # amp=False: the net has its own precision switch, and the loss must stay in fp32
+    result = run_training(name, net, train.recover, len(subset), step, checkpoint, run_id, train.seed, device,
+                          amp=False, validate=held_out_loss if val is not None else None,
+                          keep_best=train.recover_select == "best_val")
+    return net.cpu(), result.history
+
+
+def _held_out_recover_data(category: MVTecCategory, bank: PromptBank, encoded: PromptImages | None,
+                           selfmap: torch.nn.Module, cfg: RediConfig, device: torch.device) -> _RecoverData | None:
+    """The held-out normals (not in the bank) with their self-maps and nearest bank prompts, for
+    the held-out L_Rec; None when there are none."""
+    in_bank = set(bank.image_ids)
+    held_out = [s for s in category.train if s.image_id not in in_bank]
+    if not held_out:
+        return None
+    images = load_images(held_out, cfg.data.image_size)
+    maps = compute_selfmaps(images, selfmap, device)
+    if encoded is None:
+        return _RecoverData(images, maps, torch.zeros_like(images))
+    backbone = build_backbone(cfg.model.backbone, cfg.model.backbone_weights or None)
+    nearest = bank.nearest(embed_images(backbone, images, device, cfg.eval.batch_size))[0]
+    return _RecoverData(images, maps, bank_prompts(encoded, nearest.cpu(), bank))
 
 
 def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | Path, cfg: RediConfig,
                   selfmaps_path: str | Path | None = None) -> Path:
-    """Train HIP to recover each training image from its self-map and prompt; write ``recover.pt``."""
+    """Train HIP to recover each training image from its self-map and prompt; write ``recover.pt``.
+
+    With ``train.recover_folds`` = k >= 2 it also trains k out-of-fold nets, each without one fold
+    of the bank, so the discriminate stage can learn from recoveries of images their net never saw
+    (as test images are); ``recover.pt`` then carries the folds and the fold nets' weights.
+    """
     out_dir = Path(out_dir)
     path = out_dir / "recover.pt"
-    model_cfg = cfg.model
+    model_cfg, train = cfg.model, cfg.train
     if not model_cfg.recover.enabled:
         atomic_torch_save({"enabled": False}, path)
         _log("recover", "recover net disabled (model.recover.enabled=false): Y = X")
         return path
-    seed_everything(cfg.train.seed)
-    device = pick_device(cfg.train.device)
+    seed_everything(train.seed)
+    device = pick_device(train.device)
     category = open_line(data_root, cfg)
-    bank = PromptBank.load(bank_path, backbone=model_cfg.backbone)
+    bank = load_bank(bank_path, cfg)
     samples, images = _bank_images(bank, category, cfg)
-    maps = _load_or_compute_selfmaps(selfmaps_path, samples, images, cfg, device)
+    maps, selfmap = _load_or_compute_selfmaps(selfmaps_path, samples, images, cfg, device)
     # The bank is encoded once; the net trains on the decoded prompts, and recover.pt hands the
     # same bytes to the detector, so it serves exactly the prompts it was trained on.
     encoded = (PromptImages.encode(images, model_cfg.prompt_codec, model_cfg.prompt_quality)
                if model_cfg.prompt == "nearest" else None)
-    prompts = (encoded.decode_float()[leave_one_out_prompts(bank)] if encoded is not None
+    prompts = (bank_prompts(encoded, leave_one_out_prompts(bank), bank) if encoded is not None
                else torch.zeros_like(images))
-    net = RecoverNet(1, model_cfg.recover.base_width, model_cfg.recover.depth, model_cfg.recover.input_size,
-                     model_cfg.recover.fused_skips).to(device)
-    flip = cfg.train.augment_flip
+    data = _RecoverData(images, maps, prompts)
+    val = (_held_out_recover_data(category, bank, encoded, selfmap, cfg, device)
+           if train.recover_select == "best_val" else None)
+    if train.recover_select == "best_val" and val is None:
+        raise DatasetError("train.recover_select=best_val needs held-out normal images; raise data.val_fraction")
     bf16 = use_bf16(model_cfg.recover.precision, device)
-
-    def step(indices: torch.Tensor):
-        x, h, p = images[indices].to(device), maps[indices].to(device), prompts[indices].to(device)
-        if flip and torch.rand(()) < 0.5:
-            x, h, p = x.flip(-1), h.flip(-1), p.flip(-1)
-        with bf16_autocast(bf16, device):  # the net in bf16 where fast; the loss always in fp32
-            y = net(h, p)
-        loss = recover_loss(x, y.float(), cfg.train.lambda_m, cfg.train.msgms_scales)
-        return loss, {}
-
-    _log("recover", f"{len(samples)} images, {cfg.train.recover.epochs} epochs, device {device}, "
-                    f"{'bf16' if bf16 else 'fp32'}, profile {cfg.profile}")
+    folds = recover_folds(len(samples), train.recover_folds, train.seed) if train.recover_folds else []
+    _log("recover", f"{len(samples)} images, {_budget_text(train.recover)}, device {device}, "
+                    f"{'bf16' if bf16 else 'fp32'}, profile {cfg.profile}"
+                    f"{f', {len(folds)} out-of-fold nets + the served net' if folds else ''}")
+    checkpoints = out_dir / "checkpoints"
+    fold_states = []
+    for number, fold in enumerate(folds):
+        excluded = set(fold)
+        keep = torch.tensor([i for i in range(len(samples)) if i not in excluded])
+        net, _ = _train_one_recover_net(f"recover fold {number + 1}/{len(folds)}", cfg, data, keep, val,
+                                        checkpoints / f"recover_fold{number}_last.pt",
+                                        _recover_run_id(cfg, bank, number), device)
+        fold_states.append(net.state_dict())
     run_id = _recover_run_id(cfg, bank)
-    # amp=False: the net has its own precision switch, and the loss must stay in fp32
-    result = run_training("recover", net, cfg.train.recover, len(samples), step,
-                          out_dir / "checkpoints" / "recover_last.pt", run_id, cfg.train.seed, device, amp=False)
-    atomic_torch_save({"enabled": True, "state": net.cpu().state_dict(), "history": result.history,
+    net, history = _train_one_recover_net("recover", cfg, data, torch.arange(len(samples)), val,
+                                          checkpoints / "recover_last.pt", run_id, device)
+    atomic_torch_save({"enabled": True, "state": net.state_dict(), "history": history,
                        "run_id": run_id, "config": to_dict(cfg), "prompt_ids": list(bank.image_ids),
-                       "prompts": encoded.to_payload() if encoded is not None else None}, path)
-    _write_json(out_dir / "recover_history.json", result.history)
+                       "prompts": encoded.to_payload() if encoded is not None else None,
+                       "selfmap_scale": selfmap_scale_of(selfmap),
+                       "folds": folds, "fold_states": fold_states}, path)
+    _write_json(out_dir / "recover_history.json", history)
     return path
+
+
+def _budget_text(stage) -> str:
+    """'240 steps' or '40 epochs': how a stage's budget reads in logs."""
+    return f"{stage.steps} steps" if stage.steps else f"{stage.epochs} epochs"
 
 
 # -- stage: discriminate net --------------------------------------------------------------------
@@ -233,6 +380,34 @@ def _features_for_training(detector: Detector, images: torch.Tensor, prompt_inde
     levels = len(reference[0])
     return ([torch.cat([r[i] for r in reference]) for i in range(levels)],
             [torch.cat([r[i] for r in recovered]) for i in range(levels)])
+
+
+def _out_of_fold_features(detector: Detector, recover_path: str | Path, images: torch.Tensor,
+                          prompt_index: torch.Tensor, device: torch.device,
+                          batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """F_X and R_Y where each image's Y comes from the fold net that never trained on it.
+
+    Without folds in ``recover_path`` (or with the recover net off) every Y comes from the served net.
+    """
+    payload = load_torch_file(recover_path, "recover net file", "rerun the recover stage") if detector.use_recover else {}
+    folds = payload.get("folds") or []
+    if not folds:
+        return _features_for_training(detector, images, prompt_index, device, batch_size)
+    served = {k: v.clone() for k, v in detector.recover.state_dict().items()}
+    reference: list[torch.Tensor] = []
+    recovered: list[torch.Tensor] = []
+    order = torch.tensor([i for fold in folds for i in fold])
+    for fold, state in zip(folds, payload["fold_states"]):
+        detector.recover.load_state_dict(state)
+        rows = torch.tensor(fold)
+        fx, ry = _features_for_training(detector, images[rows], prompt_index[rows], device, batch_size)
+        reference.append(fx)
+        recovered.append(ry)
+    detector.recover.load_state_dict(served)
+    back = torch.argsort(order)  # from fold order back to bank order
+    levels = len(reference[0])
+    return ([torch.cat([r[i] for r in reference])[back] for i in range(levels)],
+            [torch.cat([r[i] for r in recovered])[back] for i in range(levels)])
 
 
 def calibrate_threshold(detector: Detector, images: torch.Tensor, cfg: RediConfig) -> dict[str, float]:
@@ -285,6 +460,18 @@ def _with_resolved_precision(cfg: RediConfig, device: torch.device) -> RediConfi
     return resolved
 
 
+def _set_selfmap_scale(detector: Detector, recover_path: str | Path) -> None:
+    """Give the detector's self-map the line scale its recover net was trained with."""
+    if detector.cfg.model.selfmap.scale != "line":
+        return
+    payload = load_torch_file(recover_path, "recover net file", "rerun the recover stage (redi train)")
+    scale = payload.get("selfmap_scale")
+    if scale is None:
+        raise WeightsError(f"{recover_path} carries no self-map scale but model.selfmap.scale=line; rerun the "
+                           f"recover stage with this redi (or set model.selfmap.scale=image for that net)")
+    detector.selfmap.set_scale(scale)
+
+
 def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_path: str | Path,
                        out_dir: str | Path, cfg: RediConfig, line: str = "") -> Path:
     """Train the FRB with the recover net frozen, calibrate the threshold, write ``detector.pt``."""
@@ -292,20 +479,22 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
     category = open_line(data_root, cfg)
-    bank = PromptBank.load(bank_path, backbone=cfg.model.backbone)
+    bank = load_bank(bank_path, cfg)
     samples, images = _bank_images(bank, category, cfg)
     cfg = _with_resolved_precision(cfg, device)
-    detector = Detector(cfg, num_prompts=len(bank))
+    detector = Detector(cfg, num_prompts=bank.embeddings.shape[0])
     encoded = served_prompts(recover_path, bank, images) if detector.needs_prompt_images else None
     detector.set_prompts(bank.embeddings, images, bank.image_ids, encoded)
     if detector.use_recover:
         load_module_weights(detector.recover, recover_path, "recover")
+        _set_selfmap_scale(detector, recover_path)
     detector = detector.to(device)
     detector.eval()
     prompt_index = (leave_one_out_prompts(bank) if detector.use_prompt
                     else torch.full((len(bank),), -1, dtype=torch.long))
     started = time.perf_counter()
-    reference, recovered = _features_for_training(detector, images, prompt_index, device, cfg.eval.batch_size)
+    reference, recovered = _out_of_fold_features(detector, recover_path, images, prompt_index, device,
+                                                 cfg.eval.batch_size)
     _log("discriminate", f"features of {len(samples)} images in {time.perf_counter() - started:.1f} s")
     history: list[dict[str, float]] = []
     if cfg.model.use_frb:
@@ -314,11 +503,13 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
         def step(indices: torch.Tensor):
             fx = [f[indices].to(device) for f in reference]
             fy = head([f[indices].to(device) for f in recovered])
-            return discriminate_loss(fx, fy, cfg.train.lambda_s, cfg.train.use_self_correlation)
+            return discriminate_loss(fx, fy, cfg.train.lambda_s, cfg.train.use_self_correlation,
+                                     cfg.train.ls_normalisation)
 
         run_id = fingerprint({"recover": _recover_identity(recover_path) if detector.use_recover else "off",
                               "model": to_dict(cfg.model), "train": to_dict(cfg.train.discriminate),
                               "lambda_s": cfg.train.lambda_s, "ls": cfg.train.use_self_correlation,
+                              "ls_norm": cfg.train.ls_normalisation,
                               "amp": cfg.train.amp, "seed": cfg.train.seed, "size": cfg.data.image_size,
                               "bank": _bank_fingerprint(bank)})
         result = run_training("discriminate", head, cfg.train.discriminate, len(samples), step,

@@ -10,13 +10,14 @@ from skimage.feature import canny
 from skimage.util import img_as_ubyte
 
 from redi.config import SelfMapConfig
-from redi.errors import ConfigError, InputError
+from redi.errors import ConfigError, InputError, WeightsError
 from redi.selfmaps import (
     CannyMap,
     RobertsMap,
     SobelMap,
     TorchHOG,
     build_selfmap,
+    fit_selfmap_scale,
     hog_image_skimage,
     orientation_bin_table,
     selfmap_names,
@@ -120,7 +121,7 @@ def test_batch_consistency_and_determinism() -> None:
 
 @pytest.mark.parametrize("kind", ["hog", "sobel", "roberts", "canny"])
 def test_shapes_and_ranges(kind: str) -> None:
-    module = build_selfmap(SelfMapConfig(kind=kind))
+    module = build_selfmap(SelfMapConfig(kind=kind, scale="image"))
     x = torch.rand(3, 3, 64, 48, generator=torch.Generator().manual_seed(1))
     out = module(x)
     assert out.shape == (3, 1, 64, 48) and out.dtype == torch.float32
@@ -189,6 +190,7 @@ def test_cuda_matches_cpu() -> None:
     batch = _to_tensor(images)
     for kind in ("hog", "sobel", "roberts", "canny"):
         module = build_selfmap(SelfMapConfig(kind=kind))
+        fit_selfmap_scale(module, batch, 99.5)
         cpu = module(batch)
         gpu = module.to("cuda")(batch.cuda())
         assert gpu.device.type == "cuda"
@@ -205,3 +207,43 @@ def test_config_validates_selfmap_kinds_from_the_registry():
         assert from_dict({"profile": "tiny", "model": {"selfmap": {"kind": kind}}}).model.selfmap.kind == kind
     with pytest.raises(ConfigError, match="model.selfmap.kind must be one of .*hog"):
         from_dict({"profile": "tiny", "model": {"selfmap": {"kind": "laplace"}}})
+
+
+def _texture_with_defect() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A fine random texture, the same texture with a strong 8x10 dark-on-bright patch, and the patch's mask."""
+    g = torch.Generator().manual_seed(3)
+    base = (0.45 + 0.1 * torch.rand(1, 1, 128, 128, generator=g)).expand(1, 3, 128, 128).clone()
+    defect = base.clone()
+    defect[:, :, 60:68, 60:70] = 0.0
+    defect[:, :, 62:66, 62:68] = 1.0
+    mask = torch.zeros(128, 128, dtype=torch.bool)
+    mask[52:76, 52:78] = True  # the patch and the HOG cells its edges reach
+    return base, defect, mask
+
+
+@pytest.mark.parametrize("kind", ["hog", "sobel", "roberts"])
+def test_line_scale_keeps_normal_regions_unchanged_by_a_defect(kind: str) -> None:
+    """With one fixed scale per line a defect changes only its own neighbourhood of the map;
+    per-image max scaling dims every normal region of the defective image."""
+    base, defect, mask = _texture_with_defect()
+    bank = torch.cat([base, base.flip(-1), base.flip(-2)])
+    line = build_selfmap(SelfMapConfig(kind=kind, scale="line"))
+    scale = fit_selfmap_scale(line, bank, 99.5)
+    assert scale > 0 and torch.equal(line.scale, torch.tensor(scale))
+    normal = ~mask
+    clean_map, defect_map = line(base)[0, 0], line(defect)[0, 0]
+    torch.testing.assert_close(defect_map[normal], clean_map[normal], rtol=0, atol=1e-6)
+    per_image = build_selfmap(SelfMapConfig(kind=kind, scale="image"))
+    ratio = per_image(defect)[0, 0][normal].sum() / per_image(base)[0, 0][normal].sum()
+    assert ratio < 0.9, f"per-image scaling was expected to dim the normal regions (ratio {ratio:.2f})"
+
+
+def test_line_scale_must_be_fitted_and_travels_in_the_state_dict() -> None:
+    hog = build_selfmap(SelfMapConfig(kind="hog"))
+    with pytest.raises(WeightsError, match="not fitted"):
+        hog(torch.rand(1, 3, 32, 32))
+    fit_selfmap_scale(hog, torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), 99.0)
+    copy = build_selfmap(SelfMapConfig(kind="hog"))
+    copy.load_state_dict(hog.state_dict())
+    x = torch.rand(1, 3, 32, 32)
+    assert torch.equal(copy(x), hog(x))

@@ -33,8 +33,8 @@ from redi.errors import InputError, WeightsError
 from redi.images import preprocess
 from redi.models.discriminate import DiscriminateHead
 from redi.models.recover import RecoverNet
-from redi.prompt import PROMPT_CODEC, PROMPT_QUALITY, PromptImages, nearest_prompt
-from redi.selfmaps import build_selfmap
+from redi.prompt import PROMPT_CODEC, PROMPT_QUALITY, PromptImages, bank_transforms, prompt_pixels, top_prompts
+from redi.selfmaps import build_selfmap, fit_selfmap_scale
 from redi.utils import atomic_torch_save, bf16_autocast, load_torch_file, use_bf16
 
 ARTIFACT_FORMAT = "redi-detector"
@@ -88,6 +88,9 @@ class Detector(nn.Module):
         self.backbone = build_backbone(model.backbone, model.backbone_weights or None)
         self.use_recover = model.recover.enabled
         self.use_prompt = model.prompt == "nearest"
+        self.transforms = bank_transforms(model.prompt_transforms)  # of the augmented bank, identity first
+        # k nearest prompts only matter where a prompt is recovered from
+        self.prompt_k = model.prompt_k if (self.use_recover and self.use_prompt) else 1
         self.selfmap = build_selfmap(model.selfmap) if self.use_recover else None
         self.recover = (RecoverNet(selfmap_channels=1, base_width=model.recover.base_width, depth=model.recover.depth,
                                    work_size=model.recover.input_size, fused_skips=model.recover.fused_skips)
@@ -118,11 +121,14 @@ class Detector(nn.Module):
         (N, 3, S, S) in [0, 1], compressed with the default codec, or ``prompts`` already encoded
         (the exact bytes the recover net was trained on). The images are kept only when inference
         uses them (:attr:`needs_prompt_images`)."""
-        count = embeddings.shape[0]
-        if len(image_ids) != count:
-            raise ValueError(f"{count} prompt embeddings but {len(image_ids)} image ids")
+        count = len(image_ids)
+        if embeddings.shape[0] != count * len(self.transforms):
+            raise ValueError(f"{embeddings.shape[0]} prompt embeddings for {count} image ids and "
+                             f"{len(self.transforms)} transforms")
         self.prompt_embeddings = F.normalize(embeddings.float(), dim=1).to(self.prompt_embeddings.device)
         self.prompt_ids = list(image_ids)
+        if images is not None and self._selfmap_unfitted():  # the line scale comes from the bank's images
+            fit_selfmap_scale(self.selfmap, images, self.cfg.model.selfmap.scale_percentile)
         if not self.needs_prompt_images:
             self.prompts = PromptImages.empty(self.image_size)
             return
@@ -135,14 +141,22 @@ class Detector(nn.Module):
                                f"{self.image_size} px; rebuild the prompt bank and retrain the recover net")
         self.prompts = prompts
 
-    def select_prompts(self, embedding: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """Bank index of each image's prompt (-1 when prompts are off)."""
+    @property
+    def bank_images(self) -> int:
+        """N, the number of prompt bank images (the embeddings number N per transform)."""
+        return self.prompt_embeddings.shape[0] // len(self.transforms)
+
+    def select_prompts(self, embedding: torch.Tensor, exclude: torch.Tensor | None = None,
+                       k: int = 1) -> torch.Tensor:
+        """Bank index of each image's prompt, (B,) for k = 1 else (B, k) best first (-1 when prompts are off)."""
         if not self.use_prompt:
-            return torch.full((embedding.shape[0],), -1, dtype=torch.long, device=embedding.device)
+            shape = (embedding.shape[0],) if k == 1 else (embedding.shape[0], k)
+            return torch.full(shape, -1, dtype=torch.long, device=embedding.device)
         if self.prompt_embeddings.shape[0] == 0:
             raise WeightsError("the detector has an empty prompt bank; train it with a prompt bank "
                                "or set model.prompt=none")
-        return nearest_prompt(embedding, self.prompt_embeddings, exclude)[0]
+        indices = top_prompts(embedding, self.prompt_embeddings, k, exclude, period=self.bank_images)[0]
+        return indices[:, 0] if k == 1 else indices
 
     def prompt_batch(self, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Prompt images for the indices as floats in [0, 1]; zeros where the index is -1 ('Free')."""
@@ -151,9 +165,15 @@ class Detector(nn.Module):
         if valid.any():
             if len(self.prompts) == 0:
                 raise WeightsError("the detector holds no prompt images but was asked for a prompt; retrain it")
-            decoded = self.prompts.decode_float(indices[valid].cpu(), like.dtype)  # only this batch's prompts
+            # only this batch's prompts are decoded, then turned as their bank entry says
+            decoded = prompt_pixels(lambda base: self.prompts.decode_float(base.cpu(), like.dtype),
+                                    indices[valid].cpu(), len(self.prompts), self.transforms)
             prompts[valid] = decoded.to(like.device)
         return prompts
+
+    def _selfmap_unfitted(self) -> bool:
+        scale = getattr(self.selfmap, "scale", None)
+        return getattr(self.selfmap, "mode", None) == "line" and scale is not None and bool(torch.isnan(scale))
 
     # -- the two networks ------------------------------------------------------------------
     def recover_image(self, x: torch.Tensor, prompt_index: torch.Tensor) -> torch.Tensor:
@@ -188,11 +208,25 @@ class Detector(nn.Module):
         """Score a batch. ``exclude`` (training only) names each image's own bank index."""
         self.check_input(x)
         reference = self.backbone(x)
+        if self.prompt_k > 1:
+            return self._forward_k_prompts(x, reference, exclude)
         prompt_index = self.select_prompts(reference.embedding, exclude)
         recovered = self.recover_image(x, prompt_index)
         recovered_features = self.head(self.backbone(recovered).features)
         maps = self.anomaly_maps(reference.features, recovered_features)
         return DetectorOutput(maps.flatten(1).amax(dim=1), maps, recovered, prompt_index, reference.embedding)
+
+    def _forward_k_prompts(self, x: torch.Tensor, reference, exclude: torch.Tensor | None) -> DetectorOutput:
+        """One recovery per nearest prompt; each pixel keeps the smallest distance: a region is
+        normal when any of the k prompts explains it (k times the recover and backbone cost)."""
+        candidates = self.select_prompts(reference.embedding, exclude, self.prompt_k)
+        maps, first = None, None
+        for rank in range(candidates.shape[1]):
+            recovered = self.recover_image(x, candidates[:, rank])
+            rank_maps = self.anomaly_maps(reference.features, self.head(self.backbone(recovered).features))
+            maps = rank_maps if maps is None else torch.minimum(maps, rank_maps)
+            first = recovered if first is None else first
+        return DetectorOutput(maps.flatten(1).amax(dim=1), maps, first, candidates[:, 0], reference.embedding)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> DetectorOutput:
@@ -279,10 +313,19 @@ def _prompts_of(payload: dict[str, Any], detector: Detector, path: str | Path) -
     return PromptImages.encode_uint8(raw, codec="png")
 
 
+def _upgraded_config(config: dict[str, Any]) -> dict[str, Any]:
+    """An artifact's config with the settings that older redi versions did not write set to what
+    those versions did: self-maps were scaled per image before ``model.selfmap.scale`` existed."""
+    selfmap = config.get("model", {}).get("selfmap")
+    if isinstance(selfmap, dict) and "scale" not in selfmap:
+        config = {**config, "model": {**config["model"], "selfmap": {**selfmap, "scale": "image"}}}
+    return config
+
+
 def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detector:
     """Rebuild a detector from its artifact; the backbone's weights come from its package/file."""
     payload = read_artifact(path)
-    cfg = from_dict(payload["config"])
+    cfg = from_dict(_upgraded_config(payload["config"]))
     detector = Detector(cfg, num_prompts=payload["num_prompts"])
     if list(detector.backbone.channels) != list(payload["backbone_channels"]):
         raise WeightsError(f"{path} was trained on backbone channels {payload['backbone_channels']}, "
@@ -293,7 +336,7 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detec
     if missing or unexpected:
         raise WeightsError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     detector.prompt_ids = list(payload["prompt_ids"])
-    if detector.needs_prompt_images and len(prompts) != payload["num_prompts"]:
+    if detector.needs_prompt_images and len(prompts) * len(detector.transforms) != payload["num_prompts"]:
         raise WeightsError(f"{path} has {len(prompts)} prompt images for {payload['num_prompts']} prompts; retrain it")
     detector.prompts = prompts
     detector.metadata = dict(payload["metadata"])
