@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from redi.config import ASPECTS
 from redi.errors import DatasetError, ImageReadError, InputError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -248,25 +249,112 @@ def _to_unit_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
 
 
-def preprocess(images: Sequence[np.ndarray], image_size: int) -> torch.Tensor:
+def check_aspect(aspect: str) -> str:
+    """Return ``aspect`` when it is one of :data:`redi.config.ASPECTS`, else raise an InputError
+    that names the allowed values."""
+    if aspect not in ASPECTS:
+        raise InputError(f"aspect must be one of {ASPECTS} ('squash': resize to S x S, the shape is lost; "
+                         f"'letterbox': scale the long side to S and pad with black, the shape is kept), got "
+                         f"{aspect!r}; set data.aspect in the line's config")
+    return aspect
+
+
+def letterbox_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where an ``height x width`` image lands on the ``size x size`` letterbox canvas:
+    ``(new_h, new_w, top, left)``.
+
+    The long side becomes ``size``; the short side is scaled by the same factor and rounded to the
+    nearest integer (halves up, at least 1). The box is centred; when the margin is odd, the extra
+    pixel goes below / to the right. This is the one place the box is computed: images, masks and
+    maps all use it, so they line up pixel-exactly.
+
+    Raises:
+        InputError: a size is not a positive integer.
+    """
+    values = (height, width, size)
+    if not all(isinstance(v, (int, np.integer)) and v > 0 for v in values):
+        raise InputError(f"letterbox_geometry needs positive integers (height, width, size), got {values}")
+    height, width, size = int(height), int(width), int(size)
+    long_side, short_side = max(height, width), min(height, width)
+    # integer arithmetic: floor(short * size / long + 1/2), no float rounding surprises
+    scaled = max(1, (2 * short_side * size + long_side) // (2 * long_side))
+    new_h, new_w = (size, scaled) if height >= width else (scaled, size)
+    return new_h, new_w, (size - new_h) // 2, (size - new_w) // 2
+
+
+def _letterbox_size(size: int | tuple[int, int], what: str) -> int:
+    """The side S of a square target; letterboxing onto a non-square canvas is not defined."""
+    height, width = _square(size)
+    if height != width:
+        raise InputError(f"{what} with aspect='letterbox' needs a square size (an int S), got {size}; "
+                         f"use aspect='squash' for a (h, w) target")
+    return height
+
+
+def _letterbox_float(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """Float ``(1, 3, H, W)`` -> ``(1, 3, S, S)``: :func:`_resize_float` to the letterbox box, on black."""
+    new_h, new_w, top, left = letterbox_geometry(tensor.shape[-2], tensor.shape[-1], size)
+    resized = _resize_float(tensor, (new_h, new_w))
+    if new_h == size and new_w == size:
+        return resized
+    canvas = tensor.new_zeros(tensor.shape[0], tensor.shape[1], size, size)
+    canvas[..., top:top + new_h, left:left + new_w] = resized
+    return canvas
+
+
+def _fit(tensor: torch.Tensor, size: tuple[int, int], aspect: str) -> torch.Tensor:
+    """The resize every image goes through: squash to ``size`` or letterbox onto it."""
+    if aspect == "letterbox":
+        return _letterbox_float(tensor, size[0])
+    return _resize_float(tensor, size)
+
+
+def preprocess(images: Sequence[np.ndarray], image_size: int, aspect: str = "squash") -> torch.Tensor:
     """The one conversion of images to model input: uint8 RGB arrays of any size -> float
     ``(B, 3, S, S)`` in [0, 1], antialiased bilinear resize (see :func:`_resize_float`).
+
+    ``aspect`` (``data.aspect``): ``"squash"`` resizes every image to S x S (its shape is lost);
+    ``"letterbox"`` scales it so its long side is S (shape kept, :func:`letterbox_geometry`) and
+    centres it on a black (0) S x S canvas.
 
     Training, threshold calibration, evaluation, ``redi predict``, the service and the drift
     reference all go through this function, so a threshold is always applied to scores made the
     way it was calibrated. Each image is resized alone (images may differ in size).
 
     Raises:
-        InputError: an element is not a uint8 ``(H, W, 3)`` array, or ``image_size`` is not positive.
+        InputError: an element is not a uint8 ``(H, W, 3)`` array, ``image_size`` is not positive,
+            or ``aspect`` is not one of :data:`redi.config.ASPECTS`.
     """
+    check_aspect(aspect)
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise InputError("preprocess expects a list of images, got one (H, W, 3) array; pass [image]")
     size = _square(image_size)
+    if aspect == "letterbox":
+        _letterbox_size(image_size, "preprocess")
     batch = []
     for image in images:
         _check_rgb(image, "preprocess")
-        batch.append(_resize_float(_to_unit_tensor(image), size))
+        batch.append(_fit(_to_unit_tensor(image), size, aspect))
     return torch.cat(batch) if batch else torch.zeros(0, 3, *size)
+
+
+def crop_to_content(array: np.ndarray, image_hw: tuple[int, int], aspect: str = "squash") -> np.ndarray:
+    """The part of a model-space ``(S, S, ...)`` array (anomaly map, mask, input) that shows an
+    image of size ``image_hw``: all of it for ``"squash"``, the letterbox box for ``"letterbox"``
+    (the black padding covers no part of the image, so it is cut off before anything is mapped
+    back to the image's pixels). Returns a view.
+
+    Raises:
+        InputError: ``aspect`` is unknown, or a letterbox array is not square.
+    """
+    check_aspect(aspect)
+    if aspect == "squash":
+        return array
+    if array.ndim < 2 or array.shape[0] != array.shape[1]:
+        raise InputError(f"crop_to_content with aspect='letterbox' needs a square (S, S, ...) array, got shape "
+                         f"{array.shape}")
+    new_h, new_w, top, left = letterbox_geometry(int(image_hw[0]), int(image_hw[1]), int(array.shape[0]))
+    return array[top:top + new_h, left:left + new_w]
 
 
 def to_uint8_rgb(tensor: torch.Tensor) -> np.ndarray:
@@ -276,25 +364,48 @@ def to_uint8_rgb(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def resize_rgb(arr: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+def resize_rgb(arr: np.ndarray, size: int | tuple[int, int], aspect: str = "squash") -> np.ndarray:
     """Resize uint8 RGB ``(H, W, 3)`` to ``size x size`` (or ``(h, w)``) for display (reports,
     overlays), with the same antialiased bilinear resize as :func:`preprocess`, rounded to uint8.
+    ``aspect="letterbox"`` (square ``size`` only) places it as :func:`preprocess` does.
 
     Model input never goes through this function: use :func:`preprocess` (no 8-bit rounding).
     """
+    check_aspect(aspect)
     _check_rgb(arr, "resize_rgb")
     target = _square(size)
+    if aspect == "letterbox":
+        _letterbox_size(size, "resize_rgb")
     if arr.shape[:2] == target:
         return arr.copy()
-    return to_uint8_rgb(_resize_float(_to_unit_tensor(arr), target)[0])
+    return to_uint8_rgb(_fit(_to_unit_tensor(arr), target, aspect)[0])
 
 
-def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int], aspect: str = "squash") -> np.ndarray:
     """Resize a bool ``(H, W)`` mask to ``size x size`` (or ``(h, w)``) with nearest neighbour
-    (a mask stays binary; it is never blended)."""
+    (a mask stays binary; it is never blended).
+
+    ``aspect="letterbox"`` (square ``size`` only): the mask is resized to the same box as its image
+    (:func:`letterbox_geometry`) and padded with False, so it lines up with :func:`preprocess`'s
+    output pixel for pixel.
+    """
+    check_aspect(aspect)
     if mask.ndim != 2:
         raise InputError(f"resize_mask expects an (H, W) array, got shape {mask.shape}")
     height, width = _square(size)
+    if mask.shape == (height, width):
+        return mask.astype(bool, copy=True)
+    if aspect == "letterbox":
+        side = _letterbox_size(size, "resize_mask")
+        new_h, new_w, top, left = letterbox_geometry(mask.shape[0], mask.shape[1], side)
+        canvas = np.zeros((side, side), dtype=bool)
+        canvas[top:top + new_h, left:left + new_w] = _nearest(mask, new_h, new_w)
+        return canvas
+    return _nearest(mask, height, width)
+
+
+def _nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a 2-D mask to ``(height, width)`` bool."""
     if mask.shape == (height, width):
         return mask.astype(bool, copy=True)
     small = Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.Resampling.NEAREST)

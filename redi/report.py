@@ -312,6 +312,8 @@ def _header(detector, metrics: dict[str, Any], samples: Sequence[Sample], synthe
     line = pick("line", "") or "(unnamed line)"
     rows = [("line", line), ("model version", pick("version", metrics.get("model_version") or "n/a")),
             ("profile", pick("profile", cfg.profile)), ("backbone", pick("backbone", cfg.model.backbone)),
+            # the strips show the model's input: letterboxed pictures have black bars by design
+            ("input", f"{cfg.data.image_size} x {cfg.data.image_size} px, {cfg.data.aspect} (data.aspect)"),
             ("model created", meta.get("created", "n/a")), ("redi version", meta.get("redi_version", "n/a")),
             ("test data", metrics.get("data_root") or Path(samples[0].path).parent.parent.parent)]
     out = [f"<h1>Anomaly detection report: {_esc(line)}</h1>"]
@@ -389,7 +391,8 @@ def write_report(report_dir: str | Path, detector, samples: list[Sample], images
         detector: the evaluated ``redi.models.detector.Detector`` (its cfg, metadata, threshold
             and prompt bank are shown).
         samples: the test samples, in the order of the tensors.
-        images: (N, 3, S, S) floats in [0, 1]; masks: (N, S, S) bool ground truth.
+        images: (N, 3, S, S) floats in [0, 1]; masks: (N, S, S) bool ground truth, both in the
+            model's input geometry (``load_images`` / ``load_masks`` with ``cfg.data.aspect``).
         result: ``scores`` (N,), ``maps`` (N, S, S), optional ``recovered`` (N, 3, S, S) and
             ``prompt_index`` (N,) long with -1 for "no prompt".
         metrics: what :func:`redi.stages.evaluate` computed (``metrics.json``'s content).

@@ -234,7 +234,9 @@ class RetainedItem:
     time: _dt.datetime
     kind: str  # flagged | sampled
     rgb: np.ndarray  # uint8 (H, W, 3), the decoded upload
-    anomaly_map: np.ndarray  # float (h, w), model input size
+    # float (h, w): the model's map over the image's content (letterbox padding cut off,
+    # redi.images.crop_to_content), so resizing it to the image's size maps it back
+    anomaly_map: np.ndarray
     info: dict[str, Any]  # score, threshold, decision, model version/tag, ...
 
 

@@ -77,13 +77,18 @@ class LoadedLine:
         """The threshold deciding now: the override when it was set for this version, else the model's."""
         return effective_threshold(float(self.detector.threshold), self.ref.version, self.override)
 
+    @property
+    def aspect(self) -> str:
+        """How this model's input is resized (``data.aspect``): the API service preprocesses with it."""
+        return str(self.detector.cfg.data.aspect)
+
     def info(self) -> dict[str, Any]:
         """The catalogue entry the API service keeps (everything but the weights)."""
         d, ref = self.detector, self.ref
         return {"line": ref.line, "model_version": ref.version, "model_tag": ref.tag, "sha256": ref.sha256,
                 "promoted": ref.promoted, "promoted_by": ref.promoted_by, "metrics": ref.metrics,
                 "model_threshold": float(d.threshold), "threshold": self.threshold, "override": self.override,
-                "image_size": int(d.image_size), "backbone": d.metadata.get("backbone"),
+                "image_size": int(d.image_size), "aspect": self.aspect, "backbone": d.metadata.get("backbone"),
                 "profile": d.metadata.get("profile"), "runtime": "onnx" if self.session is not None else "torch",
                 "batch_chunk": self.chunk}
 
@@ -252,9 +257,13 @@ class RediDetector:
             if served is None:
                 answers[i] = {"error": f"unknown line {item.get('line')!r}", "status": 404}
                 continue
-            tensor = _as_input(np.asarray(item.get("pixels")), served.detector.image_size)
-            if tensor is None:
-                answers[i] = {"error": "stale", "status": 409, "image_size": served.detector.image_size}
+            pixels = np.asarray(item.get("pixels"))
+            tensor = _as_input(pixels, served.detector.image_size)
+            # float input was resized by the caller with its aspect; an S x S uint8 upload is the same either way
+            wrong_aspect = pixels.dtype != np.uint8 and str(item.get("aspect", "squash")) != served.aspect
+            if tensor is None or wrong_aspect:
+                answers[i] = {"error": "stale", "status": 409, "image_size": served.detector.image_size,
+                              "aspect": served.aspect}
                 continue
             groups.setdefault(served.ref.line, []).append((i, tensor))
         for line, group in groups.items():
@@ -263,7 +272,8 @@ class RediDetector:
             for j, (i, _) in enumerate(group):
                 answers[i] = {"score": float(scores[j]), "map": maps[j], "embedding": embeddings[j],
                               "version": served.ref.version, "tag": served.ref.tag,
-                              "model_threshold": float(served.detector.threshold), "batch_size": len(group)}
+                              "model_threshold": float(served.detector.threshold), "batch_size": len(group),
+                              "aspect": served.aspect}
         return answers  # type: ignore[return-value]
 
     # -- what is served -----------------------------------------------------------------------

@@ -107,7 +107,7 @@ import torch
 from starlette.responses import JSONResponse, RedirectResponse
 
 from redi.errors import ImageReadError, InputError
-from redi.images import decode_rgb, preprocess
+from redi.images import crop_to_content, decode_rgb, preprocess
 from redi.monitoring import ProductionLog, image_feature_row
 from redi.retention import RetainedItem, Retainer, RetentionPolicy
 from redi.review import ReviewDB, default_db_url
@@ -210,13 +210,14 @@ def _png_b64(rgb: np.ndarray) -> str:
     return base64.b64encode(to_png_bytes(rgb)).decode("ascii")
 
 
-def model_input(rgb: np.ndarray, size: int) -> np.ndarray:
+def model_input(rgb: np.ndarray, size: int, aspect: str = "squash") -> np.ndarray:
     """What crosses to the detector service for one image: the uint8 pixels themselves when the upload
-    is already at the model's size (no copy; a quarter of the float bytes), else the float32
-    ``(3, S, S)`` of :func:`redi.images.preprocess` (the resize the threshold was calibrated on)."""
+    is already at the model's size (no copy; a quarter of the float bytes; squash and letterbox leave
+    an S x S image as it is), else the float32 ``(3, S, S)`` of :func:`redi.images.preprocess` with the
+    model's ``data.aspect`` (the resize the threshold was calibrated on)."""
     if rgb.shape[:2] == (size, size):
         return rgb
-    return preprocess([rgb], size)[0].numpy()
+    return preprocess([rgb], size, aspect)[0].numpy()
 
 
 @bentoml.service(name="redi", workers=env_int("REDI_WORKERS", 1), traffic={"timeout": 120})
@@ -303,8 +304,9 @@ class RediService:
         if min_region_area < 1:
             raise RequestError(422, f"min_region_area must be at least 1, got {min_region_area}")
         loop = asyncio.get_running_loop()
-        rgb, pixels = await loop.run_in_executor(self.pool, self._decode, image, info["image_size"])
-        result = await self._score(line, rgb, pixels)
+        aspect = info.get("aspect", "squash")  # catalogues of older detector services carry none
+        rgb, pixels = await loop.run_in_executor(self.pool, self._decode, image, info["image_size"], aspect)
+        result = await self._score(line, rgb, pixels, aspect)
         info = self.catalogue["lines"].get(line, info)
         body, row, retained = await loop.run_in_executor(
             self.pool, self._respond, line, info, rgb, result, return_map, return_overlay, return_regions,
@@ -320,21 +322,22 @@ class RediService:
             self.retainer.offer(retained)
         return body
 
-    async def _score(self, line: str, rgb: np.ndarray, pixels: np.ndarray) -> dict[str, Any]:
+    async def _score(self, line: str, rgb: np.ndarray, pixels: np.ndarray, aspect: str) -> dict[str, Any]:
         """One image through the detector service's batchable ``score``; a model that changed its
-        input size since this request preprocessed (a reload) gets the image again at the new size."""
+        input size or aspect since this request preprocessed (a reload) gets the image again as it wants it."""
         for _ in range(2):
-            answer = (await self.detector.to_async.score([{"line": line, "pixels": pixels}]))[0]
+            answer = (await self.detector.to_async.score([{"line": line, "pixels": pixels, "aspect": aspect}]))[0]
             if answer.get("error") != "stale":
                 break
             await self._catalogue(fresh=True)
+            aspect = str(answer.get("aspect", "squash"))
             pixels = await asyncio.get_running_loop().run_in_executor(self.pool, model_input, rgb,
-                                                                      int(answer["image_size"]))
+                                                                      int(answer["image_size"]), aspect)
         if "error" in answer:
             raise RequestError(int(answer.get("status", 503)), f"{answer['error']}; see /metadata")
         return answer
 
-    def _decode(self, image: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, image: Path, size: int, aspect: str = "squash") -> tuple[np.ndarray, np.ndarray]:
         """Upload file -> uint8 RGB and the model input (:func:`model_input`); bad uploads become 4xx.
 
         Cheap checks first: the file size, then the pixel count from the image header (in
@@ -352,7 +355,7 @@ class RediService:
         except ImageReadError as exc:
             # Pillow names the in-memory buffer ("<_io.BytesIO object at 0x...>"): noise to a client
             raise RequestError(400, _BUFFER_REPR.sub("the upload", str(exc))) from exc
-        return rgb, model_input(rgb, size)
+        return rgb, model_input(rgb, size, aspect)
 
     def _respond(self, line: str, info: dict[str, Any], rgb: np.ndarray, result: dict[str, Any], return_map: bool,
                  return_overlay: bool, return_regions: bool, min_region_area: int,
@@ -360,6 +363,8 @@ class RediService:
         """The response, its production row and the kept copy (if any); the threshold is applied here,
         with the override of the catalogue when it was set for the version that scored the image."""
         score, version, amap = result["score"], str(result["version"]), np.asarray(result["map"])
+        # the aspect of the model that scored this image (a reload may have changed the catalogue since)
+        aspect = str(result.get("aspect", info.get("aspect", "squash")))
         model_threshold = float(result["model_threshold"])
         override = info.get("override")
         threshold = effective_threshold(model_threshold, version, override)
@@ -371,7 +376,8 @@ class RediService:
             "image_size": {"width": int(rgb.shape[1]), "height": int(rgb.shape[0])},
             "batch_size": result["batch_size"],
         }
-        self._add_pictures(body, threshold, rgb, amap, return_map, return_overlay, return_regions, min_region_area)
+        self._add_pictures(body, threshold, rgb, amap, return_map, return_overlay, return_regions, min_region_area,
+                           aspect)
         body["latency_ms"] = round((time.perf_counter() - started) * 1000.0, 3)
         row = {"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds"),
                "request_id": uuid.uuid4().hex, "line": line, "model_version": version,
@@ -380,25 +386,28 @@ class RediService:
                "width": int(rgb.shape[1]), "height": int(rgb.shape[0])}
         row.update(image_feature_row(rgb, score, result["embedding"]))
         body["request_id"] = row["request_id"]
-        retained = self._retained(line, row, rgb, amap, model_threshold, threshold)
+        # kept maps cover the image only (letterbox padding cut off), so whoever maps them back to the
+        # image's pixels (regions, review page, export masks) just resizes them
+        retained = self._retained(line, row, rgb, crop_to_content(amap, rgb.shape[:2], aspect), model_threshold,
+                                  threshold, aspect)
         return body, row, retained
 
     def _retained(self, line: str, row: dict[str, Any], rgb: np.ndarray, amap: np.ndarray, model_threshold: float,
-                  threshold: float) -> RetainedItem | None:
+                  threshold: float, aspect: str = "squash") -> RetainedItem | None:
         """The copy to keep of a flagged (or sampled normal) image, or None."""
         kind = self.retention.wants(line, bool(row["anomalous"])) if self.retainer else None
         if kind is None:
             return None
         info = {k: row[k] for k in ("score", "threshold", "anomalous", "decision", "model_version", "model_tag",
                                     "latency_ms")}
-        info.update(model_threshold=model_threshold, threshold_override=threshold != model_threshold)
+        info.update(model_threshold=model_threshold, threshold_override=threshold != model_threshold, aspect=aspect)
         return RetainedItem(request_id=row["request_id"], line=line, time=_dt.datetime.fromisoformat(row["time"]),
                             kind=kind, rgb=rgb, anomaly_map=amap, info=info)
 
     @staticmethod
     def _add_pictures(body: dict[str, Any], threshold: float, rgb: np.ndarray, amap: np.ndarray, return_map: bool,
-                      return_overlay: bool, return_regions: bool, min_region_area: int) -> None:
-        """Map / overlay PNGs and region boxes, as asked."""
+                      return_overlay: bool, return_regions: bool, min_region_area: int, aspect: str = "squash") -> None:
+        """Map / overlay PNGs (model space: letterboxed like the input) and region boxes (image pixels), as asked."""
         if not (return_map or return_overlay or return_regions):
             return
         from redi.images import resize_rgb
@@ -408,10 +417,11 @@ class RediService:
         if return_map:
             body["anomaly_map_png"] = _png_b64(heatmap_rgb(amap, vmin, vmax))
         if return_overlay:
-            body["overlay_png"] = _png_b64(overlay(resize_rgb(rgb, amap.shape[0]), amap, vmin, vmax))
+            body["overlay_png"] = _png_b64(overlay(resize_rgb(rgb, amap.shape[0], aspect), amap, vmin, vmax))
         if return_regions:
-            sy, sx = rgb.shape[0] / amap.shape[0], rgb.shape[1] / amap.shape[1]
-            regions = defect_regions(amap, threshold, min_area=min_region_area)
+            content = crop_to_content(amap, rgb.shape[:2], aspect)  # no region in the letterbox padding
+            sy, sx = rgb.shape[0] / content.shape[0], rgb.shape[1] / content.shape[1]
+            regions = defect_regions(content, threshold, min_area=min_region_area)
             body["defect_regions"] = [
                 {"x0": int(r["x0"] * sx), "y0": int(r["y0"] * sy), "x1": int(round(r["x1"] * sx)),
                  "y1": int(round(r["y1"] * sy)), "area_map_pixels": r["area"], "max_score": r["max_score"]}

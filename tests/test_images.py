@@ -11,8 +11,8 @@ import torch
 from PIL import Image, ImageFile
 
 from redi.errors import DatasetError, ImageReadError, InputError
-from redi.images import (decode_rgb, image_size_of, load_mask, load_rgb, preprocess, resize_mask, resize_rgb,
-                         to_uint8_rgb)
+from redi.images import (crop_to_content, decode_rgb, image_size_of, letterbox_geometry, load_mask, load_rgb,
+                         preprocess, resize_mask, resize_rgb, to_uint8_rgb)
 
 
 def _save(image: Image.Image, path: Path, **kwargs) -> Path:
@@ -235,3 +235,202 @@ def test_preprocess_is_antialiased_and_rejects_wrong_input():
         preprocess([stripes[..., 0]], 16)
     with pytest.raises(InputError, match="positive"):
         preprocess([stripes], 0)
+
+
+# ----------------------------------------------------------------------------- aspect: squash | letterbox
+def _old_squash(image: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """The squash resize as it was before data.aspect existed (kept here as the reference)."""
+    hw = (size, size) if isinstance(size, int) else size
+    x = torch.from_numpy(np.array(image, order="C")).permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+    if tuple(x.shape[-2:]) == hw:
+        return x
+    return torch.nn.functional.interpolate(x, size=hw, mode="bilinear", align_corners=False,
+                                           antialias=True).clamp_(0.0, 1.0)
+
+
+def _old_nearest(mask: np.ndarray, size: int) -> np.ndarray:
+    if mask.shape == (size, size):
+        return mask.astype(bool)
+    return np.array(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.NEAREST)) > 127
+
+
+def _box(nonzero: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) (exclusive ends) of the True pixels."""
+    rows, cols = np.flatnonzero(nonzero.any(axis=1)), np.flatnonzero(nonzero.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
+def test_letterbox_geometry_keeps_the_aspect_and_centres():
+    assert letterbox_geometry(100, 250, 256) == (102, 256, 77, 0)  # 100 * 256 / 250 = 102.4 -> 102
+    assert letterbox_geometry(250, 100, 256) == (256, 102, 0, 77)
+    assert letterbox_geometry(256, 256, 256) == (256, 256, 0, 0)
+    assert letterbox_geometry(64, 160, 320) == (128, 320, 96, 0)
+    assert letterbox_geometry(3, 2, 4) == (4, 3, 0, 0)  # 2.67 -> 3; odd margin: the extra pixel right
+    assert letterbox_geometry(1, 5000, 16) == (1, 16, 7, 0)  # never 0 pixels high
+    with pytest.raises(InputError, match="positive"):
+        letterbox_geometry(0, 10, 16)
+
+
+@pytest.mark.parametrize("hw", [(100, 250), (250, 100)])
+def test_letterbox_keeps_the_shape_on_black(hw):
+    rng = np.random.default_rng(3)
+    image = rng.integers(1, 256, (*hw, 3), dtype=np.uint8)  # no 0 inside: any 0 out is padding
+    out = preprocess([image], 256, "letterbox")[0]
+    assert out.shape == (3, 256, 256)
+    content = (out > 0).any(dim=0).numpy()
+    top, bottom, left, right = _box(content)
+    expected = (102, 256) if hw[0] < hw[1] else (256, 102)
+    assert (bottom - top, right - left) == expected
+    assert content[top:bottom, left:right].all()
+    assert top == (256 - (bottom - top)) // 2 and left == (256 - (right - left)) // 2  # centred
+    padding = torch.ones(256, 256, dtype=torch.bool)
+    padding[top:bottom, left:right] = False
+    assert (out[:, padding] == 0).all()  # the padding is exactly 0
+    # the content is the same antialiased bilinear resize, to the box instead of the square
+    assert torch.equal(out[:, top:bottom, left:right], preprocess([image], expected)[0])
+    # what resize_rgb shows is the same picture rounded to 8 bits; crop_to_content gets the box back
+    shown = resize_rgb(image, 256, "letterbox")
+    np.testing.assert_array_equal(shown, to_uint8_rgb(out))
+    assert crop_to_content(shown, hw, "letterbox").shape == (*expected, 3)
+    assert crop_to_content(shown, hw, "squash") is shown
+
+
+def test_letterbox_leaves_a_square_image_at_size_alone():
+    image = np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert torch.equal(preprocess([image], 32, "letterbox"), preprocess([image], 32))
+    square = np.ones((48, 48), dtype=bool)
+    assert resize_mask(square, 32, "letterbox").all()  # a square image fills the canvas: no padding
+
+
+@pytest.mark.parametrize("hw, size", [((64, 160), 320), ((160, 64), 320), ((100, 250), 256), ((300, 120), 64)])
+def test_letterboxed_mask_lines_up_with_its_image(hw, size):
+    image = np.zeros((*hw, 3), dtype=np.uint8)
+    mask = np.zeros(hw, dtype=bool)
+    h, w = hw
+    block = (slice(h * 2 // 10, h * 3 // 10), slice(w * 5 // 10, w * 7 // 10))
+    image[block] = 255
+    mask[block] = True
+    lit = preprocess([image], size, "letterbox")[0, 0].numpy() > 0.5
+    small = resize_mask(mask, size, "letterbox")
+    assert small.dtype == bool and small.shape == (size, size)
+    new_h, new_w, top, left = letterbox_geometry(h, w, size)
+    outside = np.ones((size, size), dtype=bool)
+    outside[top:top + new_h, left:left + new_w] = False
+    assert not small[outside].any()  # padded with False
+    if size % max(hw) == 0:  # an integer scale: nearest and bilinear-at-0.5 pick the same pixels
+        np.testing.assert_array_equal(small, lit)
+    else:  # any scale: the block lands at the same place, to the pixel
+        assert np.abs(np.subtract(_box(small), _box(lit))).max() <= 1
+    assert np.array_equal(crop_to_content(small, hw, "letterbox"), small[top:top + new_h, left:left + new_w])
+
+
+def test_squash_is_unchanged_and_the_default():
+    rng = np.random.default_rng(5)
+    images = [rng.integers(0, 256, hw, dtype=np.uint8) for hw in [(70, 90, 3), (32, 32, 3), (300, 120, 3), (7, 5, 3)]]
+    batch, explicit = preprocess(images, 32), preprocess(images, 32, "squash")
+    assert torch.equal(batch, explicit)
+    for image, got in zip(images, batch):
+        assert torch.equal(got, _old_squash(image, 32)[0])  # bit-identical to the old resize
+        np.testing.assert_array_equal(resize_rgb(image, 32, "squash"), to_uint8_rgb(_old_squash(image, 32)[0]))
+    assert torch.equal(preprocess([images[0]], (16, 48))[0], _old_squash(images[0], (16, 48))[0])
+    mask = rng.random((40, 100)) > 0.7
+    for size in (20, 40, 100, 128):
+        np.testing.assert_array_equal(resize_mask(mask, size), _old_nearest(mask, size))
+        np.testing.assert_array_equal(resize_mask(mask, size, "squash"), _old_nearest(mask, size))
+
+
+def test_unknown_aspect_is_refused_with_the_allowed_values():
+    image = np.zeros((10, 20, 3), dtype=np.uint8)
+    for call in (lambda: preprocess([image], 16, "pad"), lambda: resize_rgb(image, 16, "fit"),
+                 lambda: resize_mask(image[..., 0] > 0, 16, "Letterbox"),
+                 lambda: crop_to_content(np.zeros((16, 16)), (10, 20), "crop")):
+        with pytest.raises(InputError, match=r"aspect must be one of \('squash', 'letterbox'\).*data\.aspect"):
+            call()
+    with pytest.raises(InputError, match="square size"):
+        preprocess([image], (16, 32), "letterbox")
+    with pytest.raises(InputError, match="square size"):
+        resize_mask(image[..., 0] > 0, (16, 32), "letterbox")
+
+
+def _nonsquare_line(root: Path, hw: tuple[int, int] = (32, 80)) -> Path:
+    """A tiny MVTec-layout line of 32x80 images: grey parts, the defect a white block with its mask."""
+    for split, name in [("train/good", "000"), ("train/good", "001"), ("test/good", "000"), ("test/crack", "000")]:
+        rgb = np.full((*hw, 3), 100, dtype=np.uint8)
+        if split == "test/crack":
+            rgb[10:20, 30:50] = 255
+            mask = np.zeros(hw, dtype=np.uint8)
+            mask[10:20, 30:50] = 255
+            (root / "ground_truth" / "crack").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(mask).save(root / "ground_truth" / "crack" / f"{name}_mask.png")
+        (root / split).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(root / split / f"{name}.png")
+    return root
+
+
+def test_load_images_and_masks_letterbox_line_up(tmp_path):
+    from redi.data.dataset import ImageDataset, load_images, load_masks, load_sample
+    from redi.data.mvtec import MVTecCategory
+
+    category = MVTecCategory(_nonsquare_line(tmp_path / "strips"))
+    test = category.test
+    images = load_images(test, 160, "letterbox")
+    masks = load_masks(test, 160, "letterbox")
+    assert images.shape == (2, 3, 160, 160) and masks.shape == (2, 1, 160, 160)
+    # 32x80 -> 64x160 at rows 48..112: black bars above and below, the part between
+    assert (images[:, :, :48] == 0).all() and (images[:, :, 112:] == 0).all()
+    assert (images[:, :, 48:112] >= 100 / 255.0 - 1e-6).all()  # no black inside the part
+    defect = [i for i, s in enumerate(test) if s.label == 1][0]
+    good = 1 - defect
+    assert masks[good].sum() == 0
+    expected = np.zeros((160, 160), dtype=bool)
+    expected[48 + 20:48 + 40, 60:100] = True  # the block, scaled 2x, moved down by the bar
+    np.testing.assert_array_equal(masks[defect, 0].numpy().astype(bool), expected)
+    # the white block is exactly where the mask is (bilinear at an integer scale, cut half-way)
+    np.testing.assert_array_equal(images[defect, 0].numpy() > (100 + 255) / 2 / 255, expected)
+    # every loader gives the same pixels; squash stays the default
+    image, mask = load_sample(test[defect], 160, "letterbox")
+    assert torch.equal(image, images[defect]) and torch.equal(mask, masks[defect])
+    item = ImageDataset(test, 160, aspect="letterbox")[defect]
+    assert torch.equal(item["image"], images[defect]) and torch.equal(item["mask"], masks[defect])
+    assert not torch.equal(load_images(test, 160), images)
+    assert masks[defect].sum() != load_masks(test, 160)[defect].sum()
+    with pytest.raises(InputError, match="aspect must be one of"):
+        load_masks(test, 160, "pad")
+    with pytest.raises(InputError, match="aspect must be one of"):
+        ImageDataset(test, 160, aspect="pad")
+
+
+def test_make_nonsquare_crops_images_and_masks_alike(tmp_path, capsys):
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "make_nonsquare.py"
+    spec = importlib.util.spec_from_file_location("make_nonsquare", script)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.crop_box(512, 512) == (153, 0, 205, 512)  # full width, height 512 / 2.5 = 204.8 -> 205
+    assert tool.crop_box(512, 512, orientation="tall") == (0, 153, 512, 205)
+    src = tmp_path / "square"
+    for split in ("train/good", "test/good", "test/crack"):
+        for i in range(2):
+            (src / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((50, 50, 3), 90 + i, dtype=np.uint8)).save(src / split / f"{i:03d}.png")
+    (src / "ground_truth" / "crack").mkdir(parents=True)
+    for i, rows in enumerate([slice(22, 28), slice(0, 5)]):  # the second defect lies outside the 50x20 crop
+        mask = np.zeros((50, 50), dtype=np.uint8)
+        mask[rows, 10:20] = 255
+        Image.fromarray(mask).save(src / "ground_truth" / "crack" / f"{i:03d}_mask.png")
+    out = tmp_path / "runs" / "wide"
+    assert tool.main([str(src), "--out", str(out)]) == 0
+    assert "dropped 1 defective test image" in capsys.readouterr().out
+    assert load_rgb(out / "train" / "good" / "000.png").shape == (20, 50, 3)
+    kept = load_mask(out / "ground_truth" / "crack" / "000_mask.png", expected_hw=(20, 50))
+    assert kept[7:13, 10:20].all() and kept.sum() == 60  # rows 22..28 of 50, cut at 15..35
+    assert not (out / "test" / "crack" / "001.png").exists()
+    with pytest.raises(SystemExit, match="not empty"):
+        tool.main([str(src), "--out", str(out)])
+    assert tool.main([str(src), "--out", str(out), "--overwrite", "--orientation", "tall"]) == 0
+    assert load_rgb(out / "train" / "good" / "000.png").shape == (50, 20, 3)
+    with pytest.raises(SystemExit, match="inside"):
+        tool.main([str(src), "--out", str(src / "cropped")])
+    with pytest.raises(SystemExit, match="shared data"):
+        tool.main([str(src), "--out", str(tool.SHARED / "data" / "x")])

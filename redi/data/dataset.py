@@ -1,4 +1,9 @@
-"""Torch views of a list of samples: tensors at one square size, ``[0, 1]`` RGB."""
+"""Torch views of a list of samples: tensors at one square size, ``[0, 1]`` RGB.
+
+Every function takes ``aspect`` (``data.aspect``: ``"squash"`` or ``"letterbox"``, see
+:func:`redi.images.preprocess`); images and masks of one sample always go through the same
+geometry (:func:`redi.images.letterbox_geometry`), so masks line up with their images.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +13,45 @@ import torch
 from torch.utils.data import Dataset
 
 from redi.data.mvtec import Sample
-from redi.images import image_size_of, load_mask, load_rgb, preprocess, resize_mask
+from redi.images import check_aspect, image_size_of, load_mask, load_rgb, preprocess, resize_mask
 
 
-def load_image(sample: Sample, image_size: int) -> torch.Tensor:
+def load_image(sample: Sample, image_size: int, aspect: str = "squash") -> torch.Tensor:
     """Read one sample's image as model input ``(3, S, S)``, exactly as ``Detector.preprocess``
-    converts it (:func:`redi.images.preprocess`), so training, calibration, evaluation and
-    inference see the same pixels.
+    converts it (:func:`redi.images.preprocess` with the same ``aspect``), so training,
+    calibration, evaluation and inference see the same pixels.
 
     Raises:
         ImageReadError: the image cannot be read.
+        InputError: ``aspect`` is not one of :data:`redi.config.ASPECTS`.
     """
-    return preprocess([load_rgb(sample.path)], image_size)[0]
+    check_aspect(aspect)
+    return preprocess([load_rgb(sample.path)], image_size, aspect)[0]
 
 
-def load_sample(sample: Sample, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _mask_tensor(sample: Sample, image_hw: tuple[int, int], image_size: int, aspect: str) -> torch.Tensor:
+    """One sample's mask as float ``(1, S, S)`` in {0, 1}; zeros when it has none."""
+    if sample.mask_path is None:
+        return torch.zeros(1, image_size, image_size)
+    full = load_mask(sample.mask_path, expected_hw=image_hw, image_path=sample.path)
+    return torch.from_numpy(resize_mask(full, image_size, aspect)).float().unsqueeze(0)
+
+
+def load_sample(sample: Sample, image_size: int, aspect: str = "squash") -> tuple[torch.Tensor, torch.Tensor]:
     """Read one sample as ``(image (3, S, S), mask (1, S, S))`` float tensors.
 
-    The mask is all zeros for samples without one (normal images, image-level-only lines).
+    The mask is all zeros for samples without one (normal images, image-level-only lines). With
+    ``aspect="letterbox"`` the mask is letterboxed into the same box as the image (padding False).
 
     Raises:
         ImageReadError: the image or mask cannot be read.
         DatasetError: the mask's size differs from the image's.
+        InputError: ``aspect`` is not one of :data:`redi.config.ASPECTS`.
     """
+    check_aspect(aspect)
     rgb = load_rgb(sample.path)
-    image = preprocess([rgb], image_size)[0]
-    if sample.mask_path is None:
-        mask = torch.zeros(1, image_size, image_size)
-    else:
-        full = load_mask(sample.mask_path, expected_hw=rgb.shape[:2], image_path=sample.path)
-        mask = torch.from_numpy(resize_mask(full, image_size)).float().unsqueeze(0)
-    return image, mask
+    image = preprocess([rgb], image_size, aspect)[0]
+    return image, _mask_tensor(sample, rgb.shape[:2], image_size, aspect)
 
 
 class ImageDataset(Dataset):
@@ -51,12 +64,18 @@ class ImageDataset(Dataset):
             masks nearest).
         cache: keep decoded, resized tensors in memory after the first read (worth it when
             many epochs run over a small set: 3*S*S*4 bytes per image, 0.8 MB at 256 px).
+        aspect: ``"squash"`` or ``"letterbox"`` (``data.aspect``), for images and masks alike.
+
+    Raises:
+        InputError: ``aspect`` is not one of :data:`redi.config.ASPECTS`.
     """
 
-    def __init__(self, samples: Sequence[Sample], image_size: int, cache: bool = False) -> None:
+    def __init__(self, samples: Sequence[Sample], image_size: int, cache: bool = False,
+                 aspect: str = "squash") -> None:
         self.samples = list(samples)
         self.image_size = int(image_size)
         self.cache = cache
+        self.aspect = check_aspect(aspect)  # fail at construction, not at the first batch
         self._cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __len__(self) -> int:
@@ -67,7 +86,7 @@ class ImageDataset(Dataset):
         if index in self._cache:
             image, mask = self._cache[index]
         else:
-            image, mask = load_sample(sample, self.image_size)
+            image, mask = load_sample(sample, self.image_size, self.aspect)
             if self.cache:
                 self._cache[index] = (image, mask)
         return {"image": image.clone() if self.cache else image,
@@ -75,22 +94,30 @@ class ImageDataset(Dataset):
                 "label": int(sample.label), "index": int(index), "image_id": sample.image_id}
 
 
-def load_images(samples: Sequence[Sample], image_size: int) -> torch.Tensor:
+def load_images(samples: Sequence[Sample], image_size: int, aspect: str = "squash") -> torch.Tensor:
     """All samples' images as one float tensor ``(N, 3, S, S)`` in ``[0, 1]`` (small sets only),
-    each converted by :func:`load_image` (one full-size image in memory at a time)."""
+    each converted by :func:`load_image` (one full-size image in memory at a time).
+
+    Raises:
+        InputError: ``aspect`` is not one of :data:`redi.config.ASPECTS`.
+    """
+    check_aspect(aspect)
     if not samples:
         return torch.zeros(0, 3, image_size, image_size)
-    return torch.stack([load_image(s, image_size) for s in samples])
+    return torch.stack([load_image(s, image_size, aspect) for s in samples])
 
 
-def load_masks(samples: Sequence[Sample], image_size: int) -> torch.Tensor:
-    """All samples' masks as one float tensor ``(N, 1, S, S)`` with values in {0, 1}."""
+def load_masks(samples: Sequence[Sample], image_size: int, aspect: str = "squash") -> torch.Tensor:
+    """All samples' masks as one float tensor ``(N, 1, S, S)`` with values in {0, 1}, in the same
+    geometry as :func:`load_images` with the same ``aspect`` (pixel for pixel).
+
+    Raises:
+        InputError: ``aspect`` is not one of :data:`redi.config.ASPECTS`.
+    """
+    check_aspect(aspect)
     masks = []
     for sample in samples:
-        if sample.mask_path is None:
-            masks.append(torch.zeros(1, image_size, image_size))
-            continue
-        # the image's header gives its size without decoding it
-        full = load_mask(sample.mask_path, expected_hw=image_size_of(sample.path), image_path=sample.path)
-        masks.append(torch.from_numpy(resize_mask(full, image_size)).float().unsqueeze(0))
+        # the image's header gives its size (which the letterbox box depends on) without decoding it
+        image_hw = image_size_of(sample.path) if sample.mask_path is not None else (image_size, image_size)
+        masks.append(_mask_tensor(sample, image_hw, image_size, aspect))
     return torch.stack(masks) if masks else torch.zeros(0, 1, image_size, image_size)
