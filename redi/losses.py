@@ -5,8 +5,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from redi.errors import ConfigError
+
 # RIAD's constant for images in [0, 1].
 GMS_C = 0.0026
+# How L_S is scaled (docs/loss_balance.md): "width" = c/hw * ||g_X - g_Y||_F, "area" = ||.||_F / hw.
+LS_NORMALISATIONS = ("width", "area")
 
 
 def _prewitt_magnitude(grey: torch.Tensor) -> torch.Tensor:
@@ -43,39 +47,63 @@ def cosine_distance_loss(reference: list[torch.Tensor], recovered: list[torch.Te
     return torch.stack(losses).mean()
 
 
-def self_correlation_distance(fx: torch.Tensor, fy: torch.Tensor) -> torch.Tensor:
-    """Per-sample ||g_X - g_Y||_F / hw for one level (Eq. 7-8), without forming the hw x hw matrices.
+def _check_normalisation(normalisation: str) -> None:
+    if normalisation not in LS_NORMALISATIONS:
+        raise ConfigError(f"L_S normalisation must be one of {LS_NORMALISATIONS} (train.ls_normalisation), "
+                          f"got {normalisation!r}")
+
+
+def self_correlation_distance(fx: torch.Tensor, fy: torch.Tensor, normalisation: str = "area") -> torch.Tensor:
+    """Per-sample self-correlation distance ||g_X - g_Y||_F for one level (Eq. 7-8), scaled.
 
     F is softmax-normalised over channels at each position and reshaped to A (c x hw); g = A^T A.
     Because ||A^T A - B^T B||_F^2 = ||A A^T||_F^2 + ||B B^T||_F^2 - 2 ||A B^T||_F^2, only c x c
     products are needed: O(c^2 hw) instead of O(c hw^2) time and no hw x hw memory (at stride 4
     on a 256 px input hw = 4096). The Gram products run in float64 because the identity subtracts
-    nearly equal numbers when g_X is close to g_Y. Dividing by hw (the RMS over the hw x hw
-    entries) makes levels of different resolution weigh alike.
+    nearly equal numbers when g_X is close to g_Y.
+
+    ``normalisation``: "area" divides by hw (the RMS over the hw x hw entries), so levels of
+    different resolution weigh alike. "width" multiplies by c as well (c/hw * ||.||_F): where the
+    softmax is flat (every entry of g about 1/c) the area-scaled distance shrinks with c, and
+    "width" evens that out between backbones. Real EfficientNet-Lite features have a peaked softmax
+    (one channel dominates most positions), where the area-scaled distance is already of L_D's size
+    and "width" makes it 14-60x L_D; docs/loss_balance.md has the measurements. The default is "area".
     """
-    batch, _, height, width = fx.shape
-    a = torch.softmax(fx.float(), dim=1).reshape(batch, fx.shape[1], -1).double()
+    _check_normalisation(normalisation)
+    batch, channels, height, width = fx.shape
+    a = torch.softmax(fx.float(), dim=1).reshape(batch, channels, -1).double()
     b = torch.softmax(fy.float(), dim=1).reshape(batch, fy.shape[1], -1).double()
     aa = torch.bmm(a, a.transpose(1, 2)).pow(2).sum(dim=(1, 2))
     bb = torch.bmm(b, b.transpose(1, 2)).pow(2).sum(dim=(1, 2))
     ab = torch.bmm(a, b.transpose(1, 2)).pow(2).sum(dim=(1, 2))
     squared = (aa + bb - 2 * ab).clamp_min(1e-18)
-    return (squared.sqrt() / (height * width)).to(fx.dtype if fx.dtype.is_floating_point else torch.float32)
+    scale = (channels if normalisation == "width" else 1) / (height * width)
+    return (squared.sqrt() * scale).to(fx.dtype if fx.dtype.is_floating_point else torch.float32)
 
 
-def self_correlation_loss(reference: list[torch.Tensor], recovered: list[torch.Tensor]) -> torch.Tensor:
+def self_correlation_loss(reference: list[torch.Tensor], recovered: list[torch.Tensor],
+                          normalisation: str = "area") -> torch.Tensor:
     """L_S (Eq. 8): mean over levels (and the batch) of the self-correlation distance."""
-    return torch.stack([self_correlation_distance(fx, fy).mean().float()
+    _check_normalisation(normalisation)
+    return torch.stack([self_correlation_distance(fx, fy, normalisation).mean().float()
                         for fx, fy in zip(reference, recovered)]).mean()
 
 
 def discriminate_loss(reference: list[torch.Tensor], recovered: list[torch.Tensor], lambda_s: float = 1.0,
-                      use_self_correlation: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_Dis = L_D + lambda_S * L_S; returns the loss and its parts for logging."""
+                      use_self_correlation: bool = True,
+                      normalisation: str = "area") -> tuple[torch.Tensor, dict[str, float]]:
+    """L_Dis = L_D + lambda_S * L_S; returns the loss and its parts for logging.
+
+    Parts: ``l_d``; and, when L_S is computed, ``l_s`` and ``ls_over_ld`` (L_S / L_D, both
+    unweighted: how much L_S weighs against L_D before lambda_S, the balance that
+    ``normalisation`` sets; 0 when L_D is 0).
+    """
+    _check_normalisation(normalisation)  # also when L_S is off: a wrong setting fails at once
     loss_d = cosine_distance_loss(reference, recovered)
     parts = {"l_d": float(loss_d.detach())}
     if not use_self_correlation or lambda_s == 0:
         return loss_d, parts
-    loss_s = self_correlation_loss(reference, recovered)
+    loss_s = self_correlation_loss(reference, recovered, normalisation)
     parts["l_s"] = float(loss_s.detach())
+    parts["ls_over_ld"] = parts["l_s"] / parts["l_d"] if parts["l_d"] > 0 else 0.0
     return loss_d + lambda_s * loss_s, parts
