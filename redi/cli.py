@@ -147,6 +147,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+@command("validate-detector")
+def _validate_detector(args: argparse.Namespace) -> int:
+    from redi.validation import validate
+
+    detector = Path(args.model)
+    if detector.is_dir():
+        detector = detector / "detector.pt"
+    cfg = _config(args, args.data)
+    path = validate(detector, args.data, args.out, cfg)
+    result = json.loads(Path(path).read_text())
+    summary = {**result["metrics"], "threshold": result["threshold"],
+               "recall_at_threshold": result["recall_at_threshold"],
+               "recall_per_kind": {k: v["recall_at_threshold"] for k, v in result["per_kind"].items()},
+               "recommended_margin": result["recommended_margin"], "counts": result["counts"]}
+    print(json.dumps(summary, indent=2))
+    print(f"metrics: {path}\nexamples: {Path(args.out) / 'val_examples.png'}")
+    return 0
+
+
 @command("predict")
 def _predict(args: argparse.Namespace) -> int:
     from redi.predict import predict_paths
@@ -240,6 +259,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("data", help="line folder with test/ and ground_truth/")
     p.add_argument("--out", required=True)
     p.add_argument("--no-report", action="store_true", help="metrics only")
+    _add_config_options(p)
+
+    p = sub.add_parser("validate-detector",
+                       help="validate a detector on held-out normal training images plus synthetic defects "
+                            "(no test labels): val_metrics.json, val_examples.png")
+    p.add_argument("model", help="detector.pt or a run folder holding it")
+    p.add_argument("data", help="the line folder the detector was trained on (only train/good is read)")
+    p.add_argument("--out", required=True, help="folder for val_metrics.json and val_examples.png")
     _add_config_options(p)
 
     p = sub.add_parser("predict", help="score one image or a folder; write scores.csv and map PNGs")

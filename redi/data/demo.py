@@ -312,17 +312,39 @@ def _rng(seed: int, line: str, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), zlib.crc32(line.encode()), _SPLIT_CODES[split], int(index)])
 
 
+def min_defect_area(size: int) -> int:
+    """Fewest changed pixels a defect must have at image side ``size`` (a 1-px scratch of 0.13 S)."""
+    return max(12, int(0.0005 * size * size))
+
+
+def keep_visible(clean: np.ndarray, modified: np.ndarray, shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Apply a drawn defect to a uint8 image, keeping only its visible change.
+
+    Args:
+        clean: uint8 (S, S, 3), the defect-free image.
+        modified: float or uint8 (S, S, 3), the image with the defect drawn everywhere it could be
+            (rounded to uint8 here).
+        shape: bool (S, S), where the defect is.
+
+    Returns:
+        (uint8 image, bool mask) with ``mask == (image != clean).any(channel)`` exactly. Pixels of
+        ``shape`` that change by at most ``DIFF_THRESHOLD`` grey levels keep the clean value,
+        except small gaps inside the defect (a 3x3 closing), so masks are solid regions.
+    """
+    modified = np.clip(np.rint(modified), 0, 255).astype(np.uint8)
+    visible = shape & (np.abs(modified.astype(np.int16) - clean).max(axis=2) > DIFF_THRESHOLD)
+    region = ndimage.binary_closing(visible, structure=np.ones((3, 3), bool)) & shape
+    image = np.where(region[..., None], modified, clean)
+    return image, (image != clean).any(axis=2)
+
+
 def _damage(spec: DemoLine, kind: str, clean: np.ndarray, params: Params, rng: np.random.Generator,
             size: int) -> tuple[np.ndarray, np.ndarray]:
     """Apply a defect; returns (uint8 image, mask) with mask == image differs from clean."""
-    min_area = max(12, int(0.0005 * size * size))  # a 1-px scratch of 0.13 S
+    min_area = min_defect_area(size)
     for _ in range(20):  # a draw can land where it changes too little: draw again
         modified, shape = spec.defect(kind, clean.astype(np.float64), params, rng, size)
-        modified = np.clip(np.rint(modified), 0, 255).astype(np.uint8)
-        visible = shape & (np.abs(modified.astype(np.int16) - clean).max(axis=2) > DIFF_THRESHOLD)
-        region = ndimage.binary_closing(visible, structure=np.ones((3, 3), bool)) & shape
-        image = np.where(region[..., None], modified, clean)
-        mask = (image != clean).any(axis=2)
+        image, mask = keep_visible(clean, modified, shape)
         if mask.sum() >= min_area:
             return image, mask
     raise RuntimeError(f"could not place a visible {kind} defect at size {size}")  # a bug, not user input
