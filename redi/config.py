@@ -144,9 +144,10 @@ class TrainConfig:
     recover_folds: int = 0
     # best_val: keep the recover net of the epoch with the lowest L_Rec on the held-out normals
     recover_select: str = "last"
-    # L_S normalisation: width (c/hw * ||g_X - g_Y||_F: the same size for any channel width, so
-    # lambda_S means the same for every backbone) or area (||.||_F / hw, the earlier choice)
-    ls_normalisation: str = "width"
+    # L_S normalisation: area (||g_X - g_Y||_F / hw) or width (c times that). With real
+    # EfficientNet-Lite features "area" puts L_S at L_D's size (ratio 0.25-1.2) and "width" makes
+    # it 14-63x L_D (docs/loss_balance.md); the ratio is logged every pass as ls_over_ld
+    ls_normalisation: str = "area"
 
 
 @dataclass
@@ -157,7 +158,7 @@ class EvalConfig:
     threshold_quantile: float = 1.0  # decision threshold = this quantile of held-out normal scores
     threshold_margin: float = 1.0  # ... times this margin
     report_max_images: int = 200  # images drawn in the HTML report
-    synthetic_per_image: int = 2  # synthetic defects drawn on each held-out normal for validation
+    synthetic_per_image: int = 4  # synthetic defects drawn on each held-out normal for validation
     batch_size: int = 8
 
 

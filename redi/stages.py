@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from redi.backbones import build_backbone
@@ -23,6 +24,7 @@ from redi.config import RediConfig, save_config, to_dict
 from redi.data.dataset import load_images, load_masks
 from redi.data.mvtec import MVTecCategory, Sample, split_train_val
 from redi.errors import DatasetError, WeightsError
+from redi.images import crop_to_content, image_size_of
 from redi.losses import discriminate_loss, recover_loss
 from redi.metrics import compute_all
 from redi.models.detector import Detector, load_detector, load_module_weights, save_detector
@@ -108,7 +110,7 @@ def precompute_selfmaps(data_root: str | Path, out_dir: str | Path, cfg: RediCon
     category = open_line(data_root, cfg)
     train, _ = training_split(category, cfg)
     started = time.perf_counter()
-    images = load_images(train, cfg.data.image_size)
+    images = load_images(train, cfg.data.image_size, cfg.data.aspect)
     selfmap = line_selfmap(images, cfg, device)
     maps = compute_selfmaps(images, selfmap, device)
     path = Path(out_dir) / "selfmaps.pt"
@@ -122,7 +124,7 @@ def precompute_selfmaps(data_root: str | Path, out_dir: str | Path, cfg: RediCon
 
 
 def _selfmap_key(cfg: RediConfig) -> str:
-    return fingerprint({"selfmap": to_dict(cfg.model.selfmap), "size": cfg.data.image_size})
+    return fingerprint({"selfmap": to_dict(cfg.model.selfmap), "size": [cfg.data.image_size, cfg.data.aspect]})
 
 
 def _load_or_compute_selfmaps(path: str | Path | None, train: list[Sample], images: torch.Tensor,
@@ -160,7 +162,7 @@ def build_prompt_bank(data_root: str | Path, out_path: str | Path, cfg: RediConf
     category = open_line(data_root, cfg)
     train, _ = training_split(category, cfg)
     backbone = build_backbone(cfg.model.backbone, cfg.model.backbone_weights or None)
-    images = load_images(train, cfg.data.image_size)
+    images = load_images(train, cfg.data.image_size, cfg.data.aspect)
     # transform-major: row t * N + i is image i under transform t (identity first)
     embeddings = torch.cat([embed_images(backbone, transform_images(images, name), device, cfg.eval.batch_size)
                             for name in bank_transforms(cfg.model.prompt_transforms)])
@@ -177,7 +179,7 @@ def _bank_images(bank: PromptBank, category: MVTecCategory, cfg: RediConfig) -> 
         raise DatasetError(f"the prompt bank names images that are not in {category.root}: {missing[:3]}; "
                            f"rebuild the prompt bank for this dataset revision")
     samples = [by_id[i] for i in bank.image_ids]
-    return samples, load_images(samples, cfg.data.image_size)
+    return samples, load_images(samples, cfg.data.image_size, cfg.data.aspect)
 
 
 def leave_one_out_prompts(bank: PromptBank) -> torch.Tensor:
@@ -216,7 +218,7 @@ def _recover_run_id(cfg: RediConfig, bank: PromptBank, fold: int = -1) -> str:
                         "train": to_dict(train.recover), "lambda_m": train.lambda_m,
                         "scales": train.msgms_scales, "flip": train.augment_flip, "rot90": train.augment_rot90,
                         "select": train.recover_select, "amp": train.amp,
-                        "seed": train.seed, "size": cfg.data.image_size, "bank": _bank_fingerprint(bank),
+                        "seed": train.seed, "size": [cfg.data.image_size, cfg.data.aspect], "bank": _bank_fingerprint(bank),
                         "prompt_codec": [model.prompt_codec, model.prompt_quality], "fold": fold,
                         "folds": train.recover_folds if fold >= 0 else 0})
 
@@ -293,7 +295,7 @@ def _held_out_recover_data(category: MVTecCategory, bank: PromptBank, encoded: P
     held_out = [s for s in category.train if s.image_id not in in_bank]
     if not held_out:
         return None
-    images = load_images(held_out, cfg.data.image_size)
+    images = load_images(held_out, cfg.data.image_size, cfg.data.aspect)
     maps = compute_selfmaps(images, selfmap, device)
     if encoded is None:
         return _RecoverData(images, maps, torch.zeros_like(images))
@@ -510,7 +512,7 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
                               "model": to_dict(cfg.model), "train": to_dict(cfg.train.discriminate),
                               "lambda_s": cfg.train.lambda_s, "ls": cfg.train.use_self_correlation,
                               "ls_norm": cfg.train.ls_normalisation,
-                              "amp": cfg.train.amp, "seed": cfg.train.seed, "size": cfg.data.image_size,
+                              "amp": cfg.train.amp, "seed": cfg.train.seed, "size": [cfg.data.image_size, cfg.data.aspect],
                               "bank": _bank_fingerprint(bank)})
         result = run_training("discriminate", head, cfg.train.discriminate, len(samples), step,
                               out_dir / "checkpoints" / "discriminate_last.pt", run_id, cfg.train.seed, device,
@@ -520,7 +522,7 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
     # The held-out normals are exactly the training images that are not in the bank.
     in_bank = set(bank.image_ids)
     val = [s for s in category.train if s.image_id not in in_bank]
-    calibration = calibrate_threshold(detector, load_images(val, cfg.data.image_size), cfg)
+    calibration = calibrate_threshold(detector, load_images(val, cfg.data.image_size, cfg.data.aspect), cfg)
     _log("discriminate", f"threshold {calibration['threshold']:.4f} from {calibration['n_val']} held-out normals")
     _write_json(out_dir / "discriminate_history.json", history)
     meta = {"line": line or category.name, "calibration": calibration, "n_train": len(samples),
@@ -557,6 +559,22 @@ def _mean_or_none(flags: torch.Tensor) -> float | None:
     return float(flags.float().mean()) if flags.numel() else None
 
 
+def _image_pixels(samples: list[Sample], masks, maps, aspect: str):
+    """Masks and maps restricted to the pixels that show the image: a letterbox's padding is not
+    part of the part and would add easy normal pixels to the pixel metrics. Cropped when every
+    test image has the same shape (one box); otherwise the whole canvas is scored, and logged."""
+    if aspect != "letterbox":
+        return masks, maps
+    shapes = {image_size_of(s.path) for s in samples}
+    if len(shapes) != 1:
+        _log("evaluate", f"test images come in {len(shapes)} shapes: pixel metrics include the letterbox padding")
+        return masks, maps
+    image_hw = shapes.pop()
+    crop = [(crop_to_content(m, image_hw, aspect), crop_to_content(a, image_hw, aspect))
+            for m, a in zip(masks, maps)]
+    return np.stack([m for m, _ in crop]), np.stack([a for _, a in crop])
+
+
 def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Path, cfg: RediConfig,
              write_report: bool = True) -> Path:
     """Score the test split; write ``metrics.json`` and the HTML report folder."""
@@ -569,16 +587,18 @@ def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Pa
     category.require_test()
     test = category.test
     size = detector.image_size
-    images = load_images(test, size)
-    masks = load_masks(test, size)[:, 0].bool()
+    aspect = detector.cfg.data.aspect
+    images = load_images(test, size, aspect)
+    masks = load_masks(test, size, aspect)[:, 0].bool()
     started = time.perf_counter()
     result = score_images(detector, images, cfg.eval.batch_size, keep_maps=True, keep_recovered=write_report,
                           show_progress=True)
     seconds = time.perf_counter() - started
     labels = torch.tensor([s.label for s in test])
     has_masks = any(s.mask_path is not None for s in test)
-    metrics = compute_all(labels.numpy(), result["scores"].numpy(),
-                          masks.numpy() if has_masks else None, result["maps"].numpy() if has_masks else None,
+    pixel_masks, pixel_maps = (_image_pixels(test, masks.numpy(), result["maps"].numpy(), aspect)
+                               if has_masks else (None, None))
+    metrics = compute_all(labels.numpy(), result["scores"].numpy(), pixel_masks, pixel_maps,
                           max_fpr=cfg.eval.max_fpr)
     decisions = detector.is_anomalous(result["scores"])
     metrics.update({

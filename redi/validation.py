@@ -100,8 +100,8 @@ def validation_set(detector: Detector, category: MVTecCategory, cfg: RediConfig)
     """
     held, bank = held_out_split(detector, category)
     size = detector.image_size
-    normals = load_images(held, size)
-    donors = load_images(_donor_samples(bank, cfg.train.seed), size)
+    normals = load_images(held, size, detector.cfg.data.aspect)
+    donors = load_images(_donor_samples(bank, cfg.train.seed), size, detector.cfg.data.aspect)
     synthetic = synthesize_defects(normals, donors, cfg.eval.synthetic_per_image, cfg.train.seed)
     return normals, synthetic
 

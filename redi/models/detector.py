@@ -242,7 +242,7 @@ class Detector(nn.Module):
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """uint8 RGB arrays of any size -> ``(B, 3, S, S)`` float batch in [0, 1] at this model's
         size: :func:`redi.images.preprocess`, the conversion the threshold was calibrated on."""
-        return preprocess(images, self.image_size)
+        return preprocess(images, self.image_size, self.cfg.data.aspect)
 
     def is_anomalous(self, scores: torch.Tensor) -> torch.Tensor:
         """Decision: score above the calibrated threshold."""
