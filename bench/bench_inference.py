@@ -1,8 +1,8 @@
 """Inference speed of the ReDi detector, with a breakdown of where the time goes.
 
 Runs every configuration side by side in one process on the same random inputs: the paper-width
-model (``cpu`` profile) in fp32 and with the bf16 recover net, the ``fast`` configuration and the
-recover-off ablation. Weights are random (speed does not depend on them); the prompt bank holds
+model in fp32 and with the bf16 recover net, two cheaper recover nets, the ``fast`` configuration
+and the recover-off ablation. Weights are random (speed does not depend on them); the prompt bank holds
 ``--bank`` images. Example:
 
     python bench/bench_inference.py --threads 2 --batches 1 8 --repeats 5 --out docs/bench_inference.md
@@ -23,9 +23,13 @@ from redi.config import load_config
 from redi.models.detector import Detector
 
 CONFIGS = {
-    "paper-width, fp32 (cpu profile)": ("cpu", ["model.recover.precision=fp32"]),
-    "paper-width, bf16 recover (cpu profile)": ("cpu", ["model.recover.precision=bf16"]),
-    "fast": ("fast", []),
+    "paper-width, fp32 (cpu_wide profile)": ("cpu_wide", ["model.recover.precision=fp32"]),
+    "paper-width, bf16 recover (cpu_wide profile)": ("cpu_wide", ["model.recover.precision=bf16"]),
+    "small recover net (16-128, 4 levels, 128 px; cpu profile)": ("cpu", []),
+    "smallest recover net (8-32, 3 levels, 128 px), Lite2": ("cpu", ["model.recover.base_width=8",
+                                                                "model.recover.depth=3",
+                                                                "model.recover.input_size=128"]),
+    "fast (cpu profile with Lite0)": ("fast", []),
     "recover off (RD + L_S)": ("cpu", ["model.recover.enabled=false"]),
 }
 PARTS = ("backbone(X)", "prompt retrieval", "self-map (HOG)", "recover net", "backbone(Y)", "FRB", "map post-processing")

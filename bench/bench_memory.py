@@ -1,6 +1,6 @@
 """Memory per served line: artifact size and resident memory of a detector with a large prompt bank.
 
-Builds a detector (``cpu`` profile: paper-width recover net, EfficientNet-Lite2, 256 px, random
+Builds a detector (``cpu_wide`` profile: paper-width recover net, EfficientNet-Lite2, 256 px, random
 weights: sizes do not depend on their values) with a prompt bank of ``--images`` images, saves it,
 and loads it twice in a fresh Python process that reports its resident memory (VmRSS): the first
 load also pays for imports and caches, the second is what each further line of a service costs. Once with the recover net on (prompts used) and once with it off. Bank images:
@@ -89,7 +89,7 @@ def hazelnut_images(count: int, size: int) -> torch.Tensor:
 
 def measure(images: torch.Tensor, overrides: list[str], folder: Path) -> dict[str, float]:
     """Save a detector with this bank and load it in a fresh process; sizes in bytes."""
-    cfg = load_config(profile="cpu", overrides=overrides)
+    cfg = load_config(profile="cpu_wide", overrides=overrides)  # the paper-width recover net
     detector = Detector(cfg, num_prompts=images.shape[0])
     generator = torch.Generator().manual_seed(0)
     embeddings = torch.randn(images.shape[0], detector.backbone.embedding_dim, generator=generator)
@@ -117,7 +117,7 @@ def main() -> None:
     torch.set_num_threads(2)
     mb = 1 / 2**20
     rows = [f"Machine: {platform.machine()}, torch {torch.__version__}, {args.images} bank images at {args.size} px, "
-            f"cpu profile (paper-width recover net, efficientnet_lite2). {args.label}", "",
+            f"cpu_wide profile (paper-width recover net, efficientnet_lite2). {args.label}", "",
             "| bank images | configuration | artifact MB | RSS, first line MB | RSS, each further line MB "
             "| network weights MB | prompt images held MB | further line beyond weights MB |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]

@@ -1,5 +1,9 @@
 """Train and evaluate full ReDi and its ablations on real dev sets; write a results table.
 
+The ReDi variants use the ``cpu_wide`` profile (the paper-width recover net). The rows in
+docs/results_runs.json were made when that net was the ``cpu`` profile's, with a 40-epoch budget;
+the method study of issue 9 (``bench/method_study.py``) supersedes them.
+
 Variants share what they can, exactly as the stage functions allow:
 - ``full``: every stage (``redi train`` + ``redi evaluate``);
 - ``ls_off``: full's prompt bank and recover net, discriminate net retrained without L_S;
@@ -24,21 +28,21 @@ from redi.stages import (evaluate, precompute_selfmaps, train_all, train_discrim
                          train_recover)
 
 VARIANTS = {
-    "full": ("cpu", []),
-    "recover_off": ("cpu", ["model.recover.enabled=false"]),
-    "ls_off": ("cpu", ["train.use_self_correlation=false"]),
-    "prompt_none": ("cpu", ["model.prompt=none"]),
+    "full": ("cpu_wide", []),
+    "recover_off": ("cpu_wide", ["model.recover.enabled=false"]),
+    "ls_off": ("cpu_wide", ["train.use_self_correlation=false"]),
+    "prompt_none": ("cpu_wide", ["model.prompt=none"]),
     "fast": ("fast", []),
     "fast_png": ("fast", ["model.prompt_codec=png"]),  # lossless prompts: what the WebP default costs
 }
 
 CLI = {
-    "full": "redi train {data} --out {run} --profile cpu",
+    "full": "redi train {data} --out {run} --profile cpu_wide",
     "recover_off": "redi train-discriminate {data} --bank {full}/prompt_bank.pt --recover none --out {run} "
-                   "--profile cpu --set model.recover.enabled=false",
+                   "--profile cpu_wide --set model.recover.enabled=false",
     "ls_off": "redi train-discriminate {data} --bank {full}/prompt_bank.pt --recover {full}/recover.pt --out {run} "
-              "--profile cpu --set train.use_self_correlation=false",
-    "prompt_none": "redi train-recover {data} --bank {full}/prompt_bank.pt --out {run} --profile cpu "
+              "--profile cpu_wide --set train.use_self_correlation=false",
+    "prompt_none": "redi train-recover {data} --bank {full}/prompt_bank.pt --out {run} --profile cpu_wide "
                    "--set model.prompt=none; redi train-discriminate ... --set model.prompt=none",
     "fast": "redi train {data} --out {run} --profile fast",
     "fast_png": "redi train {data} --out {run} --profile fast --set model.prompt_codec=png",

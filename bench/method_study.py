@@ -27,18 +27,26 @@ from redi.validation import validate
 SMALL = ["model.recover.base_width=16", "model.recover.depth=4", "model.recover.input_size=128"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "rd": ("cpu", ["model.recover.enabled=false"]),  # recover off: Reverse Distillation + L_S
-    "paper_width": ("cpu", []),  # the paper-width recover net (32-512, 5 levels, 256 px)
+    "paper_width": ("cpu_wide", []),  # the paper-width recover net (32-512, 5 levels, 256 px)
     "small": ("cpu", SMALL),  # a narrower, shallower recover net at 128 px
     "tinyrec": ("cpu", ["model.recover.base_width=8", "model.recover.depth=3", "model.recover.input_size=128"]),
     "small_imgscale": ("cpu", [*SMALL, "model.selfmap.scale=image"]),
     "small_oof": ("cpu", [*SMALL, "train.recover_folds=3"]),
     "small_bestval": ("cpu", [*SMALL, "train.recover_select=best_val"]),
     "small_flip": ("cpu", [*SMALL, "train.augment_flip=true"]),
+    "small_flip_bankaug": ("cpu", [*SMALL, "train.augment_flip=true", "model.prompt_transforms=[hflip,vflip,rot180]"]),
+    "small_flip_bottleneck": ("cpu", [*SMALL, "train.augment_flip=true", "model.bottleneck_channels=240"]),
     "small_k3": ("cpu", [*SMALL, "model.prompt_k=3"]),
     "small_bankaug": ("cpu", [*SMALL, "model.prompt_transforms=[hflip,vflip,rot180]"]),
-    "small_lsarea": ("cpu", [*SMALL, "train.ls_normalisation=area"]),
+    "small_lswidth": ("cpu", [*SMALL, "train.ls_normalisation=width"]),
+    "small_letterbox": ("cpu", [*SMALL, "data.aspect=letterbox"]),
     "small_bottleneck": ("cpu", [*SMALL, "model.bottleneck_channels=240"]),
     "rd_bottleneck": ("cpu", ["model.recover.enabled=false", "model.bottleneck_channels=240"]),
+    # twice the cpu profile's step budget, both stages, milestones at the same fractions
+    "small_2x": ("cpu", [*SMALL, "train.recover.steps=480", "train.recover.milestones=[300,420]",
+                         "train.discriminate.steps=360", "train.discriminate.milestones=[180,300]"]),
+    "rd_2x": ("cpu", ["model.recover.enabled=false", "train.discriminate.steps=360",
+                      "train.discriminate.milestones=[180,300]"]),
     "default": ("cpu", []),  # whatever the cpu profile is now (after the study: its chosen settings)
 }
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
@@ -48,7 +56,7 @@ def cli_command(profile: str, overrides: list[str], data: Path, run: Path, seed:
     """The redi commands that make the same row."""
     sets = " ".join(f"--set {o}" for o in [*overrides, f"train.seed={seed}"])
     return (f"redi train {data} --out {run} --profile {profile} {sets}; "
-            f"redi validate {run} {data} --out {run}/val; redi evaluate {run} {data} --out {run}/eval")
+            f"redi validate-detector {run} {data} --out {run}/val; redi evaluate {run} {data} --out {run}/eval")
 
 
 def run_variant(name: str, data: Path, runs: Path, seed: int) -> dict:
