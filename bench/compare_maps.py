@@ -48,12 +48,13 @@ def compare(run_a: Path, run_b: Path, data: Path, out: Path, normals: int = 2, d
     rows = []
     for i in _pick(labels, out_b["scores"].numpy(), gap, normals, defects):
         rgb = to_uint8_rgb(images[i])
-        vmax = 2 * max(float(a.threshold), float(b.threshold))
+        top = max(float(a.threshold), float(b.threshold))
+        vmin, vmax = 0.5 * top, 1.3 * top
         what = "normal" if labels[i] == 0 else f"{test[i].defect_type}, AP gap {100 * gap[i]:+.0f}"
         rows.append(strip([
             (mask_contour(rgb, masks[i]), f"{test[i].image_id.split('/')[-1]} ({what})"),
-            (overlay(rgb, out_a["maps"][i].numpy(), 0.0, vmax), f"A {float(out_a['scores'][i]):.2f} / thr {float(a.threshold):.2f}"),
-            (overlay(rgb, out_b["maps"][i].numpy(), 0.0, vmax), f"B {float(out_b['scores'][i]):.2f} / thr {float(b.threshold):.2f}"),
+            (overlay(rgb, out_a["maps"][i].numpy(), vmin, vmax), f"A {float(out_a['scores'][i]):.2f} / thr {float(a.threshold):.2f}"),
+            (overlay(rgb, out_b["maps"][i].numpy(), vmin, vmax), f"B {float(out_b['scores'][i]):.2f} / thr {float(b.threshold):.2f}"),
             (to_uint8_rgb(out_b["recovered"][i]), "B recovered Y"),
         ]))
     width = max(r.shape[1] for r in rows)

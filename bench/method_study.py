@@ -90,6 +90,16 @@ def _mean(rows: list[dict], key: str) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+def _spread(rows: list[dict], key: str) -> str:
+    """Mean in percent, with the seeds' standard deviation when there are several."""
+    values = [100 * r[key] for r in rows if r.get(key) is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.fmean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
 def markdown_table(results: list[dict]) -> str:
     """One row per (data set, variant): means over its seeds, validation and test side by side, in percent."""
     def pct(value):
@@ -104,11 +114,35 @@ def markdown_table(results: list[dict]) -> str:
     for (data, variant), rows in sorted(groups.items()):
         seeds = ",".join(str(r["seed"]) for r in sorted(rows, key=lambda r: r["seed"]))
         lines.append(f"| {data} | {variant} | {seeds} | {pct(_mean(rows, 'val_image_auroc'))} | "
-                     f"{pct(_mean(rows, 'val_pixel_ap'))} | {pct(_mean(rows, 'test_image_auroc'))} | "
-                     f"{pct(_mean(rows, 'test_pixel_auroc'))} | {pct(_mean(rows, 'test_pixel_ap'))} | "
+                     f"{_spread(rows, 'val_pixel_ap')} | {pct(_mean(rows, 'test_image_auroc'))} | "
+                     f"{pct(_mean(rows, 'test_pixel_auroc'))} | {_spread(rows, 'test_pixel_ap')} | "
                      f"{pct(_mean(rows, 'test_aupro'))} | {_mean(rows, 'train_seconds'):.0f} | "
                      f"{_mean(rows, 'recover_seconds'):.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def margin_rows(runs: Path, data: str, variant: str, seeds: list[int]) -> str:
+    """Markdown rows: the margin validation recommends, and the test recall / false alarms it gives
+    against the default margin 1.0 (read from each run's val_metrics.json and eval/scores.json)."""
+    lines = []
+    for seed in seeds:
+        run = runs / data / f"{variant}_s{seed}"
+        val = json.loads((run / "val" / "val_metrics.json").read_text())
+        scores = json.loads((run / "eval" / "scores.json").read_text())
+        threshold = json.loads((run / "eval" / "metrics.json").read_text())["threshold"]
+        margin = val["recommended_margin"]
+
+        def rates(limit: float) -> str:
+            flagged = [s for s in scores if s["score"] > limit]
+            defects = [s for s in scores if s["label"] == 1]
+            normals = [s for s in scores if s["label"] == 0]
+            recall = sum(s["label"] == 1 for s in flagged) / max(len(defects), 1)
+            false_alarms = sum(s["label"] == 0 for s in flagged) / max(len(normals), 1)
+            return f"{100 * recall:.1f} / {100 * false_alarms:.1f}"
+
+        lines.append(f"| {data} | {variant} | {seed} | {margin:.2f} | {rates(threshold)} | "
+                     f"{rates(threshold * margin)} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
