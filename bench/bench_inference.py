@@ -55,7 +55,8 @@ def timed_forward(detector: Detector, x: torch.Tensor, timer: Timer) -> torch.Te
         reference = detector.backbone(x)
     with timer.part("prompt retrieval"):
         index = detector.select_prompts(reference.embedding)
-        prompts = detector.prompt_batch(index, x)
+        # prompt images are decoded only where the recover net uses them (as recover_image does)
+        prompts = detector.prompt_batch(index, x) if detector.use_recover else None
     if detector.use_recover:
         with timer.part("self-map (HOG)"):
             selfmap = detector.selfmap(x)

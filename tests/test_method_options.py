@@ -133,3 +133,19 @@ def test_k_nearest_prompts_give_a_pointwise_minimum_map(line, tmp_path):
         maps.append(one.anomaly_maps(one.backbone(images).features, one.head(one.backbone(y).features)))
     torch.testing.assert_close(out3.anomaly_map, torch.stack(maps).amin(0), atol=1e-5, rtol=1e-5)
     assert torch.equal(out3.prompt_index, out1.prompt_index)
+
+
+def test_an_artifact_from_before_the_new_settings_loads_as_it_was_trained(trained_line, tmp_path):
+    """Settings an older redi did not write take the behaviour that redi had, not the profile's
+    current defaults (the cpu profile's 2x bottleneck would not fit the saved head)."""
+    payload = load_torch_file(trained_line["detector"], "detector", "")
+    config = payload["config"]
+    config["profile"] = "cpu"
+    del config["model"]["bottleneck_ratio"], config["model"]["selfmap"]["scale"], config["train"]["recover"]["steps"]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    detector = load_detector(old)
+    assert detector.cfg.model.bottleneck_ratio == 1.0 and detector.cfg.model.selfmap.scale == "image"
+    assert detector.cfg.train.recover.steps == 0 and profile_config("cpu").model.bottleneck_ratio == 2.0
+    x = torch.rand(1, 3, detector.image_size, detector.image_size)
+    assert torch.isfinite(detector.predict(x).score).all()

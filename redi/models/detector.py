@@ -95,7 +95,8 @@ class Detector(nn.Module):
         self.recover = (RecoverNet(selfmap_channels=1, base_width=model.recover.base_width, depth=model.recover.depth,
                                    work_size=model.recover.input_size, fused_skips=model.recover.fused_skips)
                         if self.use_recover else None)
-        self.head = DiscriminateHead(tuple(self.backbone.channels), model.bottleneck_channels, model.use_frb)
+        bottleneck = model.bottleneck_channels or round(model.bottleneck_ratio * self.backbone.channels[-1])
+        self.head = DiscriminateHead(tuple(self.backbone.channels), bottleneck, model.use_frb)
         self.blur = GaussianBlur(model.gaussian_sigma)
         self.register_buffer("prompt_embeddings", torch.zeros(num_prompts, self.backbone.embedding_dim))
         # Not a buffer: compressed bytes on the CPU, decoded per batch (see redi.prompt.PromptImages)
@@ -314,12 +315,23 @@ def _prompts_of(payload: dict[str, Any], detector: Detector, path: str | Path) -
 
 
 def _upgraded_config(config: dict[str, Any]) -> dict[str, Any]:
-    """An artifact's config with the settings that older redi versions did not write set to what
-    those versions did: self-maps were scaled per image before ``model.selfmap.scale`` existed."""
-    selfmap = config.get("model", {}).get("selfmap")
+    """An artifact's config with every setting it lacks (written by an older redi) set to what
+    that redi did: the schema's base defaults (not the profile's, which may have moved on, e.g.
+    the ``cpu`` profile's 2x bottleneck), and per-image self-map scaling, which was all there was
+    before ``model.selfmap.scale``."""
+    import copy
+
+    def fill(saved: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+        merged = copy.deepcopy(base)
+        for key, value in saved.items():
+            merged[key] = fill(value, base[key]) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+        return merged
+
+    selfmap = config.get("model", {}).get("selfmap", {})
+    upgraded = fill(config, to_dict(RediConfig(profile=str(config.get("profile", "cpu")))))
     if isinstance(selfmap, dict) and "scale" not in selfmap:
-        config = {**config, "model": {**config["model"], "selfmap": {**selfmap, "scale": "image"}}}
-    return config
+        upgraded["model"]["selfmap"]["scale"] = "image"
+    return upgraded
 
 
 def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detector:
