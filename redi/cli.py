@@ -130,13 +130,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _detector_file(model: str) -> Path:
+    """A run folder's ``detector.pt``, or the detector file given."""
+    path = Path(model)
+    return path / "detector.pt" if path.is_dir() else path
+
+
 @command("evaluate")
 def _evaluate(args: argparse.Namespace) -> int:
     from redi.stages import evaluate
 
-    detector = Path(args.model)
-    if detector.is_dir():
-        detector = detector / "detector.pt"
+    detector = _detector_file(args.model)
     cfg = _config(args, args.data)
     path = evaluate(detector, args.data, args.out, cfg, write_report=not args.no_report)
     metrics = json.loads(Path(path).read_text())
@@ -151,9 +155,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _validate_detector(args: argparse.Namespace) -> int:
     from redi.validation import validate
 
-    detector = Path(args.model)
-    if detector.is_dir():
-        detector = detector / "detector.pt"
+    detector = _detector_file(args.model)
     cfg = _config(args, args.data)
     path = validate(detector, args.data, args.out, cfg)
     result = json.loads(Path(path).read_text())

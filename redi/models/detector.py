@@ -344,7 +344,10 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu") -> Detec
                            f"but {cfg.model.backbone} gives {list(detector.backbone.channels)}")
     prompts = _prompts_of(payload, detector, path)
     missing, unexpected = detector.load_state_dict(payload["state"], strict=False)
-    missing = [k for k in missing if not k.startswith("backbone.")]
+    # the frozen backbone comes from its package; a per-image scaled self-map has no fitted scale
+    # (artifacts from before model.selfmap.scale do not hold one)
+    optional = {"selfmap.scale"} if cfg.model.selfmap.scale == "image" else set()
+    missing = [k for k in missing if not k.startswith("backbone.") and k not in optional]
     if missing or unexpected:
         raise WeightsError(f"{path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     detector.prompt_ids = list(payload["prompt_ids"])
