@@ -116,7 +116,7 @@ def _processor_name(device_type: str) -> str:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
+    except OSError:  # no /proc (not Linux): fall back to the platform's name below
         pass
     import platform
 
