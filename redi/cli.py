@@ -144,8 +144,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = _config(args, args.data)
     path = evaluate(detector, args.data, args.out, cfg, write_report=not args.no_report)
     metrics = json.loads(Path(path).read_text())
-    keys = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "threshold", "profile")
-    print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
+    keys = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro", "threshold", "threshold_policy", "false_call_target",
+            "profile")
+    point = metrics["operating_point"]
+    at_threshold = {k: point.get(k) for k in ("recall", "escape_rate", "false_call_rate", "tp", "fn", "fp", "tn")}
+    print(json.dumps({**{k: metrics.get(k) for k in keys}, "at_threshold": at_threshold}, indent=2))
+    print(f"at the served threshold {metrics['threshold']:.4g}: caught {point['tp']} of {point['tp'] + point['fn']} "
+          f"defects, flagged {point['fp']} of {point['fp'] + point['tn']} good parts", file=sys.stderr)
     if not args.no_report:
         print(f"report: {Path(args.out) / 'report' / 'index.html'}")
     return 0
@@ -159,8 +164,9 @@ def _validate_detector(args: argparse.Namespace) -> int:
     cfg = _config(args, args.data)
     path = validate(detector, args.data, args.out, cfg)
     result = json.loads(Path(path).read_text())
-    summary = {**result["metrics"], "threshold": result["threshold"],
+    summary = {**result["metrics"], "threshold": result["threshold"], "threshold_policy": result["threshold_policy"],
                "recall_at_threshold": result["recall_at_threshold"],
+               "false_alarm_rate_at_threshold": result["false_alarm_rate_at_threshold"],
                "recall_per_kind": {k: v["recall_at_threshold"] for k, v in result["per_kind"].items()},
                "recommended_margin": result["recommended_margin"], "counts": result["counts"]}
     print(json.dumps(summary, indent=2))

@@ -159,8 +159,19 @@ class EvalConfig:
     """Evaluation and decision threshold."""
 
     max_fpr: float = 0.3  # AUPRO integration limit
-    threshold_quantile: float = 1.0  # decision threshold = this quantile of held-out normal scores
-    threshold_margin: float = 1.0  # ... times this margin
+    # How the served threshold is set from the held-out normal scores (redi.operating_point):
+    # a Gumbel law fitted to their lowest 80 %, read where a new good part's expected false-call
+    # rate is false_call_target (docs/threshold_policy.md: the policy that held its target on
+    # held-out normals and kept its recall with unusual normals among them). "max" is the rule
+    # before policies: threshold_quantile of them.
+    threshold_policy: str = "gumbel_trimmed"
+    false_call_target: float = 0.01  # share of good parts the line accepts to re-inspect
+    threshold_quantile: float = 1.0  # the "max" policy's quantile of the held-out normal scores
+    threshold_margin: float = 1.0  # the policy's threshold times this margin
+    # the operating point the line aims for: the report says whether the scores allow it and, if
+    # not, which pair they do allow
+    goal_recall: float = 0.95
+    goal_false_call_rate: float = 0.02
     report_max_images: int = 200  # images drawn in the HTML report
     synthetic_per_image: int = 4  # synthetic defects drawn on each held-out normal for validation
     batch_size: int = 8
@@ -198,6 +209,13 @@ class GateConfig:
     min_pixel_auroc: float = 0.0
     min_aupro: float = 0.0
     tolerance: float = 0.01  # candidate >= production - tolerance on each gated metric
+    # The decision at the served threshold, on the line's labelled test data: a model that
+    # catches fewer defects than this, or flags more good parts, is refused whatever its AUROC
+    min_recall: float = 0.8
+    max_false_call_rate: float = 0.1
+    # candidate recall >= production's - rate_tolerance and false calls <= production's +
+    # rate_tolerance, each model at its own served threshold (one part of 20 is 0.05)
+    rate_tolerance: float = 0.05
 
 
 @dataclass
@@ -271,6 +289,7 @@ class RediConfig:
         # names live in the builders' registries (imported here: they pull in torch, which
         # `redi config --help` and the CLI's start-up need not pay for)
         from redi.backbones import backbone_names
+        from redi.operating_point import policy_names
         from redi.selfmaps import selfmap_names
 
         checks = [
@@ -303,6 +322,13 @@ class RediConfig:
             (0.0 < self.data.val_fraction < 0.9,
              "data.val_fraction must be in (0, 0.9): held-out normal images set the decision threshold"),
             (0.0 < self.eval.threshold_quantile <= 1.0, "eval.threshold_quantile must be in (0, 1]"),
+            (self.eval.threshold_policy in policy_names(),
+             f"eval.threshold_policy must be one of {policy_names()}"),
+            (0.0 < self.eval.false_call_target < 0.5,
+             "eval.false_call_target must be in (0, 0.5): the share of good parts the line accepts to "
+             "re-inspect, e.g. 0.01"),
+            (0.0 < self.eval.goal_recall <= 1.0 and 0.0 <= self.eval.goal_false_call_rate < 1.0,
+             "eval.goal_recall must be in (0, 1] and eval.goal_false_call_rate in [0, 1)"),
             (self.train.recover.epochs >= 0 and self.train.discriminate.epochs >= 0, "epochs must be >= 0"),
             *self._operations_checks(),
         ]
@@ -320,6 +346,8 @@ class RediConfig:
             (all(0.0 <= v <= 1.0 for v in (gate.min_image_auroc, gate.min_pixel_auroc, gate.min_aupro)),
              "gate minimums (gate.min_image_auroc, min_pixel_auroc, min_aupro) must lie in [0, 1]"),
             (0.0 <= gate.tolerance < 1.0, "gate.tolerance must lie in [0, 1)"),
+            (all(0.0 <= v <= 1.0 for v in (gate.min_recall, gate.max_false_call_rate, gate.rate_tolerance)),
+             "gate.min_recall, gate.max_false_call_rate and gate.rate_tolerance must lie in [0, 1]"),
             (not pipe.schedule or len(pipe.schedule.split()) == 6,
              f"pipeline.schedule {pipe.schedule!r} must be a 6-field cron (seconds minutes hours day month "
              f"weekday, as KFP reads it), e.g. '0 0 3 * * 0' for Sundays at 03:00"),

@@ -29,6 +29,7 @@ from redi.losses import discriminate_loss, recover_loss
 from redi.metrics import compute_all
 from redi.models.detector import Detector, load_detector, load_module_weights, save_detector
 from redi.models.recover import RecoverNet
+from redi.operating_point import achievable, decision_stats, set_threshold
 from redi.prompt import PromptBank, PromptImages, bank_transforms, prompt_pixels, transform_images
 from redi.selfmaps import build_selfmap, fit_selfmap_scale
 from redi.training import fingerprint, run_training
@@ -412,17 +413,20 @@ def _out_of_fold_features(detector: Detector, recover_path: str | Path, images: 
             [torch.cat([r[i] for r in recovered])[back] for i in range(levels)])
 
 
-def calibrate_threshold(detector: Detector, images: torch.Tensor, cfg: RediConfig) -> dict[str, float]:
-    """Decision threshold from held-out normal images only (never from test labels)."""
+def calibrate_threshold(detector: Detector, images: torch.Tensor, cfg: RediConfig) -> dict[str, Any]:
+    """Decision threshold from held-out normal images only (never from test labels), set by the
+    line's threshold policy for its false-call target (:func:`redi.operating_point.set_threshold`)."""
     if images.shape[0] == 0:
         raise DatasetError("no held-out normal images to calibrate the threshold on; "
                            "raise data.val_fraction or add images to train/good")
     scores = score_images(detector, images, cfg.eval.batch_size)["scores"]
-    quantile = float(torch.quantile(scores, cfg.eval.threshold_quantile))
-    threshold = quantile * cfg.eval.threshold_margin
+    threshold = set_threshold(scores.numpy(), cfg.eval.threshold_policy, cfg.eval.false_call_target,
+                              cfg.eval.threshold_quantile, cfg.eval.threshold_margin)
     detector.threshold.fill_(threshold)
-    return {"threshold": threshold, "val_score_mean": float(scores.mean()), "val_score_max": float(scores.max()),
-            "n_val": int(images.shape[0])}
+    return {"threshold": threshold, "policy": cfg.eval.threshold_policy,
+            "false_call_target": cfg.eval.false_call_target, "margin": cfg.eval.threshold_margin,
+            "val_score_mean": float(scores.mean()), "val_score_max": float(scores.max()),
+            "val_false_call_rate": float((scores > threshold).float().mean()), "n_val": int(images.shape[0])}
 
 
 def _recover_identity(recover_path: str | Path) -> str:
@@ -523,7 +527,8 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
     in_bank = set(bank.image_ids)
     val = [s for s in category.train if s.image_id not in in_bank]
     calibration = calibrate_threshold(detector, load_images(val, cfg.data.image_size, cfg.data.aspect), cfg)
-    _log("discriminate", f"threshold {calibration['threshold']:.4f} from {calibration['n_val']} held-out normals")
+    _log("discriminate", f"threshold {calibration['threshold']:.4f} ({cfg.eval.threshold_policy} policy, false-call "
+                         f"target {cfg.eval.false_call_target:.1%}) from {calibration['n_val']} held-out normals")
     _write_json(out_dir / "discriminate_history.json", history)
     meta = {"line": line or category.name, "calibration": calibration, "n_train": len(samples),
             "version": time.strftime("%Y%m%d-%H%M%S")}
@@ -575,9 +580,51 @@ def _image_pixels(samples: list[Sample], masks, maps, aspect: str):
     return np.stack([m for m, _ in crop]), np.stack([a for _, a in crop])
 
 
+def _served_threshold_info(detector: Detector) -> dict[str, Any]:
+    """How the detector's threshold was set: policy and target (``unknown`` for detectors
+    calibrated before threshold policies, whose rule was a quantile of the held-out normals)."""
+    calibration = dict(detector.metadata.get("calibration") or {})
+    return {"threshold": float(detector.threshold), "threshold_policy": calibration.get("policy", "max"),
+            "false_call_target": calibration.get("false_call_target"),
+            "threshold_margin": calibration.get("margin", detector.cfg.eval.threshold_margin)}
+
+
+def operating_point_metrics(labels: np.ndarray, scores: np.ndarray, defect_types: list[str], threshold: float,
+                            cfg: RediConfig) -> dict[str, Any]:
+    """The decision at the served threshold: confusion matrix, recall per defect type, and the best
+    recall / false-call pairs any threshold would give on these labelled scores."""
+    point = decision_stats(labels, scores, threshold)
+    kinds = sorted({t for t, y in zip(defect_types, labels) if y == 1})
+    per_type = {}
+    for kind in kinds:
+        chosen = np.array([t == kind and y == 1 for t, y in zip(defect_types, labels)])
+        per_type[kind] = {"n": int(chosen.sum()), "caught": int((scores[chosen] > threshold).sum()),
+                          "recall": float((scores[chosen] > threshold).mean())}
+    both = bool(labels.any() and not labels.all())
+    reach = (achievable(labels, scores, cfg.eval.goal_recall, cfg.eval.goal_false_call_rate) if both else None)
+    return {"operating_point": point, "recall_per_type": per_type, "achievable": reach}
+
+
+def validation_scores(detector: Detector, category: MVTecCategory, cfg: RediConfig) -> dict[str, Any] | None:
+    """Scores of the synthetic validation set (held-out normals + synthetic defects), or None when
+    this data folder cannot make it (e.g. the detector's bank images are not in it)."""
+    from redi.validation import validation_set
+
+    try:
+        normals, synthetic = validation_set(detector, category, cfg)
+    except DatasetError as exc:
+        _log("evaluate", f"no validation curve: {exc}")
+        return None
+    images = torch.cat([normals.float(), synthetic.images])
+    scores = score_images(detector, images, cfg.eval.batch_size)["scores"].numpy()
+    labels = np.r_[np.zeros(normals.shape[0], dtype=np.int64), synthetic.labels.numpy()]
+    return {"labels": labels, "scores": scores, "kinds": ["good"] * normals.shape[0] + list(synthetic.kinds)}
+
+
 def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Path, cfg: RediConfig,
              write_report: bool = True) -> Path:
-    """Score the test split; write ``metrics.json`` and the HTML report folder."""
+    """Score the test split; write ``metrics.json`` (every decision number names its threshold)
+    and, with ``write_report``, the HTML report folder and the validation operating point."""
     from redi.report import write_report as render_report  # matplotlib only when reporting
 
     out_dir = Path(out_dir)
@@ -601,24 +648,38 @@ def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Pa
     metrics = compute_all(labels.numpy(), result["scores"].numpy(), pixel_masks, pixel_maps,
                           max_fpr=cfg.eval.max_fpr)
     decisions = detector.is_anomalous(result["scores"])
+    served = _served_threshold_info(detector)
     metrics.update({
-        "threshold": float(detector.threshold),
+        **served,
         "accuracy_at_threshold": float((decisions.long() == labels).float().mean()),
         "recall_at_threshold": _mean_or_none(decisions[labels == 1]),
         "false_alarm_rate_at_threshold": _mean_or_none(decisions[labels == 0]),
+        **operating_point_metrics(labels.numpy(), result["scores"].numpy().astype(np.float64),
+                                  [s.defect_type for s in test], served["threshold"], cfg),
         "profile": detector.metadata.get("profile"), "backbone": detector.metadata.get("backbone"),
         "model_version": detector.metadata.get("version"), "line": detector.metadata.get("line"),
         "data_root": str(category.root), "seconds_per_image": seconds / max(len(test), 1), "device": str(device),
     })
+    validation = validation_scores(detector, category, cfg) if write_report else None
+    if validation is not None:
+        val_point = decision_stats(validation["labels"], validation["scores"], served["threshold"])
+        metrics["validation"] = {"threshold": served["threshold"], "recall_at_threshold": val_point["recall"],
+                                 "false_call_rate_at_threshold": val_point["false_call_rate"],
+                                 "n_normal": val_point["fp"] + val_point["tn"],
+                                 "n_synthetic": val_point["tp"] + val_point["fn"]}
     out_dir.mkdir(parents=True, exist_ok=True)
     per_image = [{"image_id": s.image_id, "defect_type": s.defect_type, "label": s.label,
-                  "score": float(score), "anomalous": bool(d)}
+                  "score": float(score), "anomalous": bool(d), "threshold": served["threshold"]}
                  for s, score, d in zip(test, result["scores"], decisions)]
     _write_json(out_dir / "scores.json", per_image)
     if write_report:
-        render_report(out_dir / "report", detector, test, images, masks, result, metrics)
+        render_report(out_dir / "report", detector, test, images, masks, result, metrics, validation=validation)
+    point = metrics["operating_point"]
     _log("evaluate", " ".join(f"{k} {metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
                               if metrics.get(k) is not None))
+    _log("evaluate", f"at the served threshold {served['threshold']:.4f}: caught {point['tp']} of "
+                     f"{point['tp'] + point['fn']} defects, flagged {point['fp']} of {point['fp'] + point['tn']} "
+                     f"good parts")
     return _write_json(out_dir / "metrics.json", metrics)
 
 

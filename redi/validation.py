@@ -35,6 +35,7 @@ from redi.data.synthetic import SYNTHETIC_KINDS, SyntheticSet, synthesize_defect
 from redi.errors import DatasetError
 from redi.metrics import compute_all, image_auroc
 from redi.models.detector import Detector, load_detector
+from redi.operating_point import set_threshold
 from redi.utils import atomic_write_text, pick_device
 
 STAGE = "validate-detector"
@@ -120,32 +121,35 @@ def _score(detector: Detector, images: torch.Tensor, batch_size: int) -> tuple[t
 
 
 def margin_table(normal_scores: np.ndarray | torch.Tensor, defect_scores: np.ndarray | torch.Tensor,
-                 quantile: float, margins: Sequence[float] = MARGINS) -> tuple[list[dict[str, float]], float]:
+                 quantile: float, margins: Sequence[float] = MARGINS, policy: str = "max",
+                 target: float = 0.01) -> tuple[list[dict[str, float]], float]:
     """Threshold margins on the validation set, and the recommended one.
 
-    For each margin m the threshold is ``quantile(normal_scores, quantile) * m`` (the rule of
-    ``redi.stages.calibrate_threshold``). Recall is measured on the defect scores. The false-alarm
+    For each margin m the threshold is the line's threshold policy on the normal scores times m
+    (``redi.operating_point.set_threshold``, the rule of ``redi.stages.calibrate_threshold``;
+    ``quantile`` is the ``max`` policy's). Recall is measured on the defect scores. The false-alarm
     rate is measured leave-one-out (``false_alarm_rate``): normal i is compared with the threshold
     made from the other normals, as a new normal image meets a threshold made without it; the
-    in-sample rate (``false_alarm_rate_in_sample``, 0 for any m >= 1 at quantile 1) is listed too
-    but would always favour the smallest such margin. The recommended margin has the best balanced
-    accuracy ``(recall + 1 - false_alarm_rate) / 2``; ties go to the larger margin (fewer false alarms).
+    in-sample rate (``false_alarm_rate_in_sample``, 0 for any m >= 1 under the ``max`` policy at
+    quantile 1) is listed too but would always favour the smallest such margin. The recommended
+    margin has the best balanced accuracy ``(recall + 1 - false_alarm_rate) / 2``; ties go to the
+    larger margin (fewer false alarms).
 
     Returns:
         (rows ``margin, threshold, recall, false_alarm_rate, false_alarm_rate_in_sample,
         balanced_accuracy``, recommended margin).
 
     Raises:
-        DatasetError: fewer than 2 normal scores or no defect score.
+        DatasetError: fewer than 3 normal scores (2 left out of each leave-one-out fit) or no
+            defect score.
     """
     normal = np.asarray(normal_scores, dtype=np.float64).ravel()
     defect = np.asarray(defect_scores, dtype=np.float64).ravel()
-    if normal.size < 2 or defect.size < 1:
-        raise DatasetError(f"a margin table needs at least 2 normal and 1 defect score, got {normal.size} and "
-                           f"{defect.size}; add held-out normal images (data.val_fraction)")
-    # np.quantile's default (linear) is torch.quantile's, which calibrate_threshold uses
-    base = float(np.quantile(normal, quantile))
-    loo_base = np.array([np.quantile(np.delete(normal, i), quantile) for i in range(normal.size)])
+    if normal.size < 3 or defect.size < 1:
+        raise DatasetError(f"a margin table needs at least 3 normal and 1 defect score, got {normal.size} and "
+                           f"{defect.size}; add held-out normal images (data.val_fraction, data.min_val_images)")
+    base = set_threshold(normal, policy, target, quantile)
+    loo_base = np.array([set_threshold(np.delete(normal, i), policy, target, quantile) for i in range(normal.size)])
     rows = []
     for margin in margins:
         recall = float((defect > base * margin).mean())
@@ -156,6 +160,14 @@ def margin_table(normal_scores: np.ndarray | torch.Tensor, defect_scores: np.nda
                      "balanced_accuracy": round((recall + 1.0 - false_alarms) / 2.0, 12)})
     best = max(rows, key=lambda r: (r["balanced_accuracy"], r["margin"]))
     return rows, best["margin"]
+
+
+def served_policy(detector: Detector) -> tuple[str, float]:
+    """(policy, false-call target) the detector's threshold was calibrated with; ``max`` for
+    detectors calibrated before threshold policies."""
+    calibration = detector.metadata.get("calibration") or {}
+    return (str(calibration.get("policy", "max")),
+            float(calibration.get("false_call_target") or detector.cfg.eval.false_call_target))
 
 
 def _validate(detector: Detector, normals: torch.Tensor, synthetic: SyntheticSet, cfg: RediConfig
@@ -186,8 +198,10 @@ def _validate(detector: Detector, normals: torch.Tensor, synthetic: SyntheticSet
                                        np.r_[normal_scores.numpy(), kind_scores.numpy()]),
             "mean_defect_area": float(synthetic.masks[chosen].float().mean()),  # share of the image
         }
-    rows, recommended = margin_table(normal_scores, defect_scores, cfg.eval.threshold_quantile)
-    base = float(np.quantile(normal_scores.numpy().astype(np.float64), cfg.eval.threshold_quantile))
+    policy, target = served_policy(detector)
+    rows, recommended = margin_table(normal_scores, defect_scores, cfg.eval.threshold_quantile, policy=policy,
+                                     target=target)
+    base = set_threshold(normal_scores.numpy(), policy, target, cfg.eval.threshold_quantile)
     result = {
         "metrics": {k: metrics[k] for k in (*METRIC_KEYS, "f1", "f1_threshold")},
         "counts": {"normal": n, "synthetic": len(synthetic),
@@ -198,6 +212,7 @@ def _validate(detector: Detector, normals: torch.Tensor, synthetic: SyntheticSet
         "recall_at_threshold": float((defect_scores > threshold).float().mean()) if calibrated else None,
         "false_alarm_rate_at_threshold": float((normal_scores > threshold).float().mean()) if calibrated else None,
         "per_kind": per_kind,
+        "threshold_policy": policy, "false_call_target": target,
         "threshold_quantile": cfg.eval.threshold_quantile,
         "margin_table": rows,
         "recommended_margin": recommended,
@@ -214,13 +229,15 @@ def validate_detector(detector: Detector, normals: torch.Tensor, synthetic: Synt
         detector: a trained detector (its threshold is used for the recall figures when set).
         normals: held-out normal images ``(N, 3, S, S)``, label 0, empty masks.
         synthetic: synthetic defects (label 1) with their masks, e.g. from :func:`validation_set`.
-        cfg: ``eval.batch_size``, ``eval.max_fpr`` (AUPRO) and ``eval.threshold_quantile`` (margins).
+        cfg: ``eval.batch_size``, ``eval.max_fpr`` (AUPRO) and ``eval.threshold_quantile`` (margins,
+            under the threshold policy the detector was calibrated with: :func:`served_policy`).
 
     Returns:
         JSON-ready dict: ``metrics`` (image_auroc, pixel_auroc, pixel_ap, aupro, f1, f1_threshold),
         ``counts``, ``threshold``, ``detector_margin``, ``recall_at_threshold``,
         ``false_alarm_rate_at_threshold`` (in sample: these normals set the threshold),
-        ``per_kind`` (n, recall_at_threshold, image_auroc, mean_defect_area), ``threshold_quantile``,
+        ``per_kind`` (n, recall_at_threshold, image_auroc, mean_defect_area), ``threshold_policy``,
+        ``false_call_target``, ``threshold_quantile``,
         ``margin_table``, ``recommended_margin`` and ``recommended_threshold`` (see :func:`margin_table`).
 
     Raises:
@@ -280,8 +297,12 @@ def validate(detector_path: str | Path, data_root: str | Path, out_dir: str | Pa
     metrics = result["metrics"]
     _log(" ".join(f"{k} {metrics[k]:.4f}" for k in METRIC_KEYS if metrics.get(k) is not None)
          + f" on {len(held)} normals + {len(synthetic)} synthetic defects ({seconds:.1f} s)")
+    if result["threshold"] is not None:
+        _log(f"at the served threshold {result['threshold']:.4f} ({result['threshold_policy']} policy, false-call "
+             f"target {result['false_call_target']:.1%}): {result['recall_at_threshold']:.1%} of the synthetic "
+             f"defects caught, {result['false_alarm_rate_at_threshold']:.1%} of the held-out normals flagged")
     _log(f"recommended threshold margin {result['recommended_margin']:.2f} "
-         f"(quantile {cfg.eval.threshold_quantile} of held-out normal scores x margin)")
+         f"({result['threshold_policy']} policy's threshold on the held-out normal scores x margin)")
     result.update({
         "held_out_ids": [s.image_id for s in held],
         "seed": cfg.train.seed, "synthetic_per_image": cfg.eval.synthetic_per_image,

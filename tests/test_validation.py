@@ -101,7 +101,7 @@ def test_margin_table_prefers_the_larger_margin_on_a_tie():
     # a defect just above the normals: a large margin misses it, so a smaller one wins
     rows, best = margin_table(normal, np.array([1.35, 1.36]), quantile=1.0)
     assert best < 1.1
-    with pytest.raises(DatasetError, match="at least 2 normal"):
+    with pytest.raises(DatasetError, match="at least 3 normal"):
         margin_table(normal[:1], defect, quantile=1.0)
 
 
