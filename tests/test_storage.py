@@ -197,7 +197,13 @@ def test_store_from_env(s3_server, tmp_path):
 
 
 # -- the gate's rules ---------------------------------------------------------------------------
-CANDIDATE = {"image_auroc": 0.90, "pixel_auroc": 0.95, "aupro": 0.80}
+def _point(tp: int, fn: int, fp: int, tn: int, threshold: float = 1.0) -> dict:
+    """An ``operating_point`` as redi.stages.evaluate writes it."""
+    return {"threshold": threshold, "tp": tp, "fn": fn, "fp": fp, "tn": tn, "recall": tp / (tp + fn),
+            "escape_rate": fn / (tp + fn), "false_call_rate": fp / (fp + tn)}
+
+
+CANDIDATE = {"image_auroc": 0.90, "pixel_auroc": 0.95, "aupro": 0.80, "operating_point": _point(19, 1, 1, 39)}
 
 
 def test_gate_minimums():
@@ -207,7 +213,7 @@ def test_gate_minimums():
     assert not refused["promote"]
     assert refused["reasons"] == ["image_auroc 0.9000 is below the minimum 0.9500"]
     # a required metric that could not be measured never passes
-    no_pixels = {"image_auroc": 0.9, "pixel_auroc": None, "aupro": None}
+    no_pixels = {"image_auroc": 0.9, "pixel_auroc": None, "aupro": None, "operating_point": _point(19, 1, 1, 39)}
     assert decide(no_pixels, GatePolicy(min_image_auroc=0.5))["promote"]
     refused = decide(no_pixels, GatePolicy(min_pixel_auroc=0.5))
     assert not refused["promote"] and "not measured" in refused["reasons"][0]
@@ -215,7 +221,8 @@ def test_gate_minimums():
 
 def test_gate_against_production_with_tolerance():
     policy = GatePolicy(tolerance=0.01)
-    assert decide(CANDIDATE, policy, {"image_auroc": 0.905, "pixel_auroc": 0.95, "aupro": 0.8})["promote"]
+    assert decide(CANDIDATE, policy, {"image_auroc": 0.905, "pixel_auroc": 0.95, "aupro": 0.8,
+                                      "operating_point": _point(18, 2, 0, 40, 2.0)})["promote"]
     refused = decide(CANDIDATE, policy, {"image_auroc": 0.93, "pixel_auroc": 0.95, "aupro": 0.8})
     assert not refused["promote"]
     assert "worse than the production model's 0.9300" in refused["reasons"][0]
@@ -225,8 +232,49 @@ def test_gate_against_production_with_tolerance():
         "meets the line's minimums; the line has no production model yet"]
 
 
+def test_gate_refuses_better_auroc_that_catches_nothing_at_its_threshold():
+    # the strip line of issue 16: a fine ranking, but the served threshold above nearly every defect
+    strips = {"image_auroc": 0.95, "pixel_auroc": 0.96, "aupro": 0.85, "operating_point": _point(0, 50, 1, 54, 1.93)}
+    production = {"image_auroc": 0.90, "pixel_auroc": 0.95, "aupro": 0.80, "operating_point": _point(45, 5, 2, 53, 1.2)}
+    for against in (None, production):
+        refused = decide(strips, GatePolicy(), against)
+        assert not refused["promote"]
+        assert refused["reasons"][0] == ("recall 0.0 % (0 of 50 defects caught) at the served threshold 1.93 is "
+                                         "below the line minimum 80.0 %")
+    # against production, each at its own threshold: recall 0 % vs 90 %
+    (versus,) = [c for c in decide(strips, GatePolicy(), production)["checks"]
+                 if c["kind"] == "vs_production" and c["metric"] == "recall"]
+    assert not versus["passed"] and "vs production's 90.0 % at its threshold 1.2" in versus["reason"]
+    assert versus["threshold"] == 1.93 and versus["production_threshold"] == 1.2
+    # switching the bound off lets the ranking decide again, but not past production
+    off = GatePolicy(min_recall=0.0)
+    assert decide(strips, off)["promote"]
+    assert not decide(strips, off, production)["promote"]
+
+
+def test_gate_false_calls_and_unmeasured_recall():
+    noisy = {**CANDIDATE, "operating_point": _point(20, 0, 8, 32)}  # 20 % of good parts flagged
+    refused = decide(noisy, GatePolicy())
+    assert refused["reasons"] == ["false_call_rate 20.0 % (8 of 40 good parts flagged) at the served threshold 1 "
+                                  "is above the line maximum 10.0 %"]
+    assert decide(noisy, GatePolicy(max_false_call_rate=1.0))["promote"]
+    # more false calls than production beyond the tolerance is a regression even under the maximum
+    worse = {**CANDIDATE, "operating_point": _point(20, 0, 3, 37)}
+    production = {**CANDIDATE, "operating_point": _point(20, 0, 0, 40)}
+    assert not decide(worse, GatePolicy(rate_tolerance=0.05), production)["promote"]
+    assert decide(worse, GatePolicy(rate_tolerance=0.1), production)["promote"]
+    # a test split without defects cannot show a recall: a bar on it fails, loudly
+    no_defects = {**CANDIDATE, "operating_point": {"threshold": 1.0, "tp": 0, "fn": 0, "fp": 0, "tn": 40,
+                                                   "recall": None, "false_call_rate": 0.0}}
+    refused = decide(no_defects, GatePolicy())
+    assert not refused["promote"] and "gate.min_recall=0" in refused["reasons"][0]
+    assert decide(no_defects, GatePolicy(min_recall=0.0))["promote"]
+
+
 def test_gate_policy_validation():
     with pytest.raises(ConfigError, match="min_aupro"):
         GatePolicy(min_aupro=1.5)
     with pytest.raises(ConfigError, match="tolerance"):
         GatePolicy(tolerance=-0.1)
+    with pytest.raises(ConfigError, match="max_false_call_rate"):
+        GatePolicy(max_false_call_rate=1.5)
