@@ -5,9 +5,16 @@
     report/index.html          the page (inline CSS, relative links only, no JavaScript)
     report/roc.png, pr.png     image-level ROC and precision-recall curves
     report/pro.png             pixel-level PRO curve (only when the test masks hold defects)
-    report/histogram.png       image scores, normal vs defective, with the decision threshold
+    report/histogram.png       image scores, normal vs defective, with the served and F1-optimal thresholds
+    report/tradeoff.png        false calls vs escapes at every threshold (validation and test), the
+                               served threshold marked, the line's goal shaded
     report/colour_scale.png    the anomaly-map colour scale shared by every strip
     report/images/strip_NNNN.png   input | ground truth | map overlay | recovered | prompt
+
+The page opens with what the line does at the served threshold: caught, escaped, false calls
+(a confusion matrix), recall per defect type, whether any threshold reaches the line's goal
+(``eval.goal_recall`` / ``eval.goal_false_call_rate``), and the escaped parts and false calls as
+picture strips.
 
 Which images get a strip (at most ``cfg.eval.report_max_images``; the page repeats this rule):
 every image the decision threshold gets wrong comes first (most confident mistakes first), then
@@ -28,6 +35,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
+import matplotlib.patches
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -36,6 +44,7 @@ from matplotlib.figure import Figure
 from redi.data.mvtec import Sample
 from redi.errors import InputError, MetricsError
 from redi.metrics import pr_curve_points, pro_curve, roc_curve_points
+from redi.operating_point import decision_stats, tradeoff_curve
 from redi.visualize import (display_range, draw_boxes, defect_regions, mask_contour, overlay, placeholder_tile,
                             save_png, strip)
 
@@ -183,11 +192,37 @@ def _plot_histogram(path: Path, labels: np.ndarray, scores: np.ndarray, threshol
             count = int((labels == value).sum())
             ax.hist(scores[labels == value], bins=edges, alpha=0.6, color=colour, label=f"{name} ({count})")
     if math.isfinite(threshold):
-        ax.axvline(threshold, color="black", lw=1.5, label=f"decision threshold {threshold:.4f}")
+        ax.axvline(threshold, color="black", lw=1.5, label=f"served threshold {threshold:.4f}")
     if f1_threshold is not None:
-        ax.axvline(f1_threshold, color="black", lw=1.0, ls="--", label=f"F1-optimal {f1_threshold:.4f}")
+        ax.axvline(f1_threshold, color="black", lw=1.0, ls="--", label=f"F1-optimal on test {f1_threshold:.4f}")
     ax.set(xlabel="image anomaly score (max of the map)", ylabel="images", title="score distribution")
     ax.legend(fontsize=8)
+    return _save(figure, path)
+
+
+def _plot_tradeoff(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray, str]], threshold: float,
+                   f1_threshold: float | None, goal: tuple[float, float]) -> Path:
+    """False calls (good parts flagged) against escapes (defects passed), one curve per labelled set,
+    with the served threshold (and the test set's F1-optimal one) marked on each."""
+    figure, ax = _figure(5.6, 4.0)
+    for name, labels, scores, colour in curves:
+        curve = tradeoff_curve(labels, scores)
+        ax.plot(curve["false_call_rate"] * 100, curve["escape_rate"] * 100, color=colour, lw=1.8,
+                drawstyle="steps-post", label=name)
+        point = decision_stats(labels, scores, threshold)
+        ax.plot(point["false_call_rate"] * 100, point["escape_rate"] * 100, "o", color=colour, ms=8, mec="black",
+                label=f"{name} at the served threshold")
+        if f1_threshold is not None and name.startswith("test"):
+            best = decision_stats(labels, scores, f1_threshold)
+            ax.plot(best["false_call_rate"] * 100, best["escape_rate"] * 100, "s", color=colour, ms=7,
+                    mfc="white", label="test at the F1-optimal threshold")
+    recall, false_calls = goal
+    ax.add_patch(matplotlib.patches.Rectangle((0, 0), false_calls * 100, (1 - recall) * 100, color="tab:green",
+                                              alpha=0.2, label=f"goal: recall >= {recall:.0%}, false calls <= "
+                                                               f"{false_calls:.0%}"))
+    ax.set(xlim=(-1, 101), ylim=(-1, 101), xlabel="false calls: good parts flagged (%)",
+           ylabel="escapes: defects passed (%)", title=f"operating point, served threshold {threshold:.4g}")
+    ax.legend(fontsize=7, loc="upper right")
     return _save(figure, path)
 
 
@@ -246,6 +281,9 @@ th{background:#f2f2f2} .num{text-align:right;font-variant-numeric:tabular-nums}
 .synthetic pre{white-space:pre-wrap;font-size:.85em;max-height:12em;overflow:auto}
 .curves img{margin:4px;border:1px solid #ddd;vertical-align:top} .strip{max-width:100%;height:auto}
 .note{color:#555;font-size:.9em}
+.verdict{background:#eef4fb;border:2px solid #2f6db5;padding:.8em 1em;margin:1em 0;font-size:1.1em}
+.confusion td,.confusion th{padding:6px 14px;font-size:1.05em} figure.mistake{margin:.5em 0}
+figure.mistake figcaption{font-size:.85em;color:#333}
 """
 
 
@@ -278,7 +316,7 @@ def _metrics_rows(metrics: dict[str, Any], computed: dict[str, Any]) -> list[tup
          _fmt(get("aupro")) if get("aupro") is not None else pixel_note),
         ("F1-optimal threshold (on this test set)", _fmt(get("f1_threshold"))),
         ("best image F1", _fmt(get("f1"))),
-        ("decision threshold (calibrated on held-out normal images)", _fmt(get("threshold"))),
+        (f"served threshold (set on held-out normal images; {_policy_text(metrics)})", _fmt(get("threshold"))),
         ("recall at the decision threshold", _fmt(get("recall_at_threshold"))),
         ("false-alarm rate at the decision threshold", _fmt(get("false_alarm_rate_at_threshold"))),
         ("accuracy at the decision threshold", _fmt(get("accuracy_at_threshold"))),
@@ -380,10 +418,101 @@ def _curves(report_dir: Path, labels: np.ndarray, scores: np.ndarray, masks: np.
             + [f'<p class="note">{_esc(n)}</p>' for n in notes])
 
 
+# ----------------------------------------------------------------------------- the operating point
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f} %"
+
+
+def _policy_text(metrics: dict[str, Any]) -> str:
+    policy, target = metrics.get("threshold_policy"), metrics.get("false_call_target")
+    if policy in (None, "max") or target is None:
+        return f"policy {policy or 'max'}: a quantile of the held-out normal scores"
+    return f"policy {policy}, false-call target {target:.1%} of good parts"
+
+
+def _confusion_table(point: dict[str, Any]) -> str:
+    return ('<table class="confusion"><tr><th></th><th>flagged (reject)</th><th>passed</th></tr>'
+            f'<tr><th>defective parts</th><td class="num ok">{point["tp"]} caught</td>'
+            f'<td class="num wrong">{point["fn"]} escaped</td></tr>'
+            f'<tr><th>good parts</th><td class="num wrong">{point["fp"]} false calls</td>'
+            f'<td class="num ok">{point["tn"]} passed</td></tr></table>')
+
+
+def _achievable_text(reach: dict[str, Any] | None) -> str:
+    if reach is None:
+        return "The test set lacks defective or good parts: no threshold trade-off can be measured on it."
+    goal = reach["target"]
+    best, low = reach["best_recall_within_false_calls"], reach["lowest_false_calls_at_recall"]
+    head = (f"The line's goal (recall &ge; {goal['min_recall']:.0%} with false calls &le; "
+            f"{goal['max_false_call_rate']:.0%}) ")
+    head += ("<strong>is reachable</strong> on this test set by some threshold." if reach["met"] else
+             "<strong>is not reachable</strong> on this test set by any threshold: these scores do not separate "
+             "the parts well enough.")
+    return (f"{head} Best recall with false calls &le; {goal['max_false_call_rate']:.0%}: "
+            f"{_pct(best['recall'])} (threshold {best['threshold']:.4g}); fewest false calls with recall &ge; "
+            f"{goal['min_recall']:.0%}: {_pct(low['false_call_rate'])} (threshold {low['threshold']:.4g}).")
+
+
+def _operating_section(report_dir: Path, metrics: dict[str, Any], labels: np.ndarray, scores: np.ndarray,
+                       validation: dict[str, Any] | None, threshold: float, goal: tuple[float, float]) -> list[str]:
+    """What the line will do at the served threshold: verdict box, confusion matrix, recall per
+    defect type, whether the goal pair is reachable, and the false-call vs escape curve."""
+    point = metrics.get("operating_point") or decision_stats(labels, scores, threshold)
+    out = ["<h2>What the line does at the served threshold</h2>",
+           f'<div class="verdict"><strong>Served threshold {threshold:.4f}</strong> ({_esc(_policy_text(metrics))}). '
+           f"On this test set it <strong>catches {point['tp']} of {point['tp'] + point['fn']} defective parts "
+           f"({_pct(point['recall'])})</strong>, lets <strong>{point['fn']} escape</strong>, and flags "
+           f"<strong>{point['fp']} of {point['fp'] + point['tn']} good parts ({_pct(point['false_call_rate'])} "
+           f"false calls)</strong>.</div>", _confusion_table(point)]
+    per_type = metrics.get("recall_per_type") or {}
+    if per_type:
+        out.append("<h3>Recall per defect type (at the served threshold)</h3><table><tr><th>defect type</th>"
+                   "<th>parts</th><th>caught</th><th>recall</th></tr>")
+        out += [f'<tr><td>{_esc(k)}</td><td class="num">{v["n"]}</td><td class="num">{v["caught"]}</td>'
+                f'<td class="num">{_pct(v["recall"])}</td></tr>' for k, v in per_type.items()]
+        out.append("</table>")
+    out.append(f'<p>{_achievable_text(metrics.get("achievable"))}</p>')
+    curves = []
+    if validation is not None:
+        curves.append(("validation (held-out normals + synthetic defects)", validation["labels"],
+                       validation["scores"], "tab:orange"))
+    if labels.any() and not labels.all():
+        curves.append(("test (labelled)", labels, scores, "tab:blue"))
+    if curves:
+        _plot_tradeoff(report_dir / "tradeoff.png", curves, threshold, metrics.get("f1_threshold"), goal)
+        out.append('<p><img src="tradeoff.png" alt="false calls against escapes at every threshold"></p>')
+    notes = ['The curve shows every threshold: moving it trades false calls (good parts sent to '
+             're-inspection) against escapes (defective parts shipped). The filled dot is the served threshold.']
+    if validation is None:
+        notes.append("No validation curve: the held-out normals of this detector are not in this data folder.")
+    else:
+        val = metrics.get("validation") or {}
+        notes.append(f"Validation uses no labelled defect: its recall at the served threshold is "
+                     f"{_pct(val.get('recall_at_threshold'))} on {val.get('n_synthetic', 'n/a')} synthetic defects; "
+                     f"its false calls ({_pct(val.get('false_call_rate_at_threshold'))}) are in-sample, on the very "
+                     f"normals that set the threshold.")
+    out += [f'<p class="note">{_esc(n)}</p>' for n in notes]
+    return out
+
+
+def _gallery(title: str, empty: str, indices: list[int], samples: Sequence[Sample], scores: np.ndarray,
+             strips: dict[int, str]) -> list[str]:
+    """A titled list of picture strips (escapes or false calls), most confident mistakes first."""
+    out = [f"<h3>{_esc(title)} ({len(indices)})</h3>"]
+    if not indices:
+        return out + [f'<p class="note">{_esc(empty)}</p>']
+    for i in indices:
+        caption = f"{samples[i].image_id} ({samples[i].defect_type}), score {float(scores[i]):.4f}"
+        picture = (f'<img class="strip" loading="lazy" src="{_esc(strips[i])}" alt="{_esc(samples[i].image_id)}">'
+                   if i in strips else '<span class="note">not drawn (eval.report_max_images)</span>')
+        out.append(f'<figure class="mistake">{picture}<figcaption>{_esc(caption)}</figcaption></figure>')
+    return out
+
+
 # ----------------------------------------------------------------------------- entry point
 def write_report(report_dir: str | Path, detector, samples: list[Sample], images: torch.Tensor,
                  masks: torch.Tensor, result: dict[str, Any], metrics: dict[str, Any],
-                 cmap: str = "inferno") -> Path:
+                 cmap: str = "inferno", validation: dict[str, Any] | None = None) -> Path:
     """Write ``report_dir/index.html`` and its pictures; return the path of ``index.html``.
 
     Args:
@@ -397,6 +526,8 @@ def write_report(report_dir: str | Path, detector, samples: list[Sample], images
             ``prompt_index`` (N,) long with -1 for "no prompt".
         metrics: what :func:`redi.stages.evaluate` computed (``metrics.json``'s content).
         cmap: matplotlib colormap of the anomaly maps.
+        validation: ``labels``, ``scores`` of the synthetic validation set
+            (:func:`redi.stages.validation_scores`), drawn on the operating-point curve.
     """
     report_dir = Path(report_dir)
     scores = _numpy(result["scores"], np.float64)
@@ -439,6 +570,14 @@ def write_report(report_dir: str | Path, detector, samples: list[Sample], images
     synthetic = find_synthetic_readme(samples)
     order = sorted(range(n), key=lambda i: (-scores[i], samples[i].image_id))
     body = _header(detector, metrics, samples, synthetic)
+    goal = (float(detector.cfg.eval.goal_recall), float(detector.cfg.eval.goal_false_call_rate))
+    if decisions is not None:
+        body += _operating_section(report_dir, metrics, labels, scores, validation, threshold, goal)
+        by_margin = sorted(range(n), key=lambda i: -abs(scores[i] - threshold))
+        body += _gallery("Escaped defective parts", "No defective part passed the served threshold.",
+                         [i for i in by_margin if labels[i] == 1 and not decisions[i]], samples, scores, strips)
+        body += _gallery("False calls: good parts flagged", "No good part was flagged at the served threshold.",
+                         [i for i in by_margin if labels[i] == 0 and decisions[i]], samples, scores, strips)
     body += ["<h2>Metrics</h2>", "<table>"]
     body += [f'<tr><td>{_esc(k)}</td><td class="num">{_esc(v)}</td></tr>' for k, v in _metrics_rows(metrics, stats)]
     body += ["</table>", '<p class="note">An image is flagged defective when its score (the maximum of its anomaly '
