@@ -3,9 +3,11 @@
 SQLite by default (``sqlite:///<REDI_LOG_DIR>/review.db``), any SQLAlchemy URL in production
 (``REDI_REVIEW_DB``, e.g. ``postgresql+psycopg://user@db/redi``). Three tables:
 
-- ``retained``: one row per image the service kept (``redi.retention``): request id, line, time,
-  score, threshold, decision, model version, store keys, defect regions; ``expired_at`` once the
-  retention limits deleted it.
+- ``retained``: one row per image the service kept (``redi.retention``): request id, line, kind
+  (``flagged`` or ``sampled``), time, score, threshold, decision, model version, store keys, defect
+  regions, ``sample_rate`` (the share of such answers kept when it was: 1 for flagged parts, the
+  line's normal rate for sampled ones; NULL for rows kept before it was recorded); ``expired_at``
+  once the retention limits deleted it.
 - ``verdicts``: every verdict ever given, never updated: request id, ``defect`` or
   ``false_alarm``, defect type, note, whether the drawn mask was accepted, who, when. The latest
   verdict of a request is the one that counts; earlier ones stay as history.
@@ -24,8 +26,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, func, select,
-                        update)
+from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, func, inspect,
+                        select, text, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
@@ -89,6 +91,9 @@ class Retained(Base):
     regions: Mapped[str] = mapped_column(Text, default="[]")
     indexed_at: Mapped[str] = mapped_column(String(40))
     expired_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # the chance this answer had to be kept (1 flagged, the normal rate sampled): a verdict on a sampled
+    # part stands for 1/sample_rate parts when rates are estimated (redi.review_threshold)
+    sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Verdict(Base):
@@ -139,6 +144,31 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+# columns added after the first release: create_all() makes missing tables, never missing columns
+_LATER_COLUMNS = {"retained": {"sample_rate": "FLOAT"}}
+
+
+def _add_later_columns(engine: Engine) -> None:
+    """Add the columns an older database lacks (nullable, so old rows read as NULL)."""
+    for table, columns in _LATER_COLUMNS.items():
+        for name, sql_type in columns.items():
+            if name in {c["name"] for c in inspect(engine).get_columns(table)}:
+                continue
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
+            except Exception:  # another worker added it first; anything else fails the check below
+                if name not in {c["name"] for c in inspect(engine).get_columns(table)}:
+                    raise
+
+
+def _sample_rate(record: Mapping[str, Any]) -> float | None:
+    """The record's sampling rate; a flagged part is always kept (1), an old sampled one is unknown."""
+    if record.get("sample_rate") is not None:
+        return float(record["sample_rate"])
+    return 1.0 if record.get("kind", "flagged") == "flagged" else None
+
+
 def _retained_dict(row: Retained) -> dict[str, Any]:
     out = {c.name: getattr(row, c.name) for c in Retained.__table__.columns}
     out["regions"] = json.loads(row.regions or "[]")
@@ -165,6 +195,7 @@ class ReviewDB:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         Base.metadata.create_all(self.engine)
+        _add_later_columns(self.engine)
 
     def __repr__(self) -> str:
         return f"ReviewDB({self.engine.url.render_as_string(hide_password=True)})"
@@ -182,7 +213,8 @@ class ReviewDB:
                 model_version=str(record.get("model_version", "")), model_tag=str(record.get("model_tag", "")),
                 width=int(record["width"]), height=int(record["height"]), image_key=record["image_key"],
                 map_key=record["map_key"], record_key=record["record_key"],
-                regions=json.dumps(record.get("regions", [])), indexed_at=now_iso()))
+                regions=json.dumps(record.get("regions", [])), indexed_at=now_iso(),
+                sample_rate=_sample_rate(record)))
 
     def pinned_ids(self, line: str) -> set[str]:
         """Request ids of the line that have a verdict and were not exported (retention keeps them)."""
@@ -261,17 +293,27 @@ class ReviewDB:
                     for r, v in session.execute(query)]
 
     def summary(self, line: str, day: str | None = None) -> dict[str, Any]:
-        """Per model version: flagged (kept) today and in all, judged, confirmed, false alarms and rate."""
+        """Per model version: flagged (kept) today and in all, judged, confirmed, false alarms and rate,
+        and the thresholds those parts were decided with.
+
+        A rate means nothing without the threshold it was made at, and an override changes the
+        threshold within one model version, so each version names the lowest and highest threshold
+        of its judged parts (``threshold_min``, ``threshold_max``; None when none is judged) and of
+        all its flagged parts (``flagged_threshold_min``, ``flagged_threshold_max``). The totals mix
+        versions whose scores are not on one scale: they carry no threshold.
+        """
         day = day or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
         latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
                   .group_by(Verdict.request_id).subquery())
-        query = (select(Retained.model_version, Retained.date, Verdict.verdict)
+        query = (select(Retained.model_version, Retained.date, Retained.threshold, Verdict.verdict)
                  .outerjoin(latest, latest.c.request_id == Retained.request_id)
                  .outerjoin(Verdict, Verdict.id == latest.c.vid)
                  .where(Retained.line == line, Retained.kind == "flagged"))
         versions: dict[str, dict[str, Any]] = {}
+        judged_thresholds: dict[str, list[float]] = {}
+        flagged_thresholds: dict[str, list[float]] = {}
         with Session(self.engine) as session:
-            for version, date, verdict in session.execute(query):
+            for version, date, threshold, verdict in session.execute(query):
                 row = versions.setdefault(version, {"model_version": version, "flagged_today": 0, "flagged": 0,
                                                     "judged": 0, "confirmed": 0, "false_alarms": 0})
                 row["flagged"] += 1
@@ -279,14 +321,35 @@ class ReviewDB:
                 row["judged"] += verdict is not None
                 row["confirmed"] += verdict == "defect"
                 row["false_alarms"] += verdict == "false_alarm"
-        for row in versions.values():
+                flagged_thresholds.setdefault(version, []).append(threshold)
+                if verdict is not None:
+                    judged_thresholds.setdefault(version, []).append(threshold)
+        for version, row in versions.items():
             row["false_alarm_rate"] = row["false_alarms"] / row["judged"] if row["judged"] else None
+            judged = judged_thresholds.get(version)
+            row["threshold_min"], row["threshold_max"] = (min(judged), max(judged)) if judged else (None, None)
+            row["flagged_threshold_min"] = min(flagged_thresholds[version])
+            row["flagged_threshold_max"] = max(flagged_thresholds[version])
         totals = {k: sum(r[k] for r in versions.values())
                   for k in ("flagged_today", "flagged", "judged", "confirmed", "false_alarms")}
         totals["false_alarm_rate"] = totals["false_alarms"] / totals["judged"] if totals["judged"] else None
         return {"line": line, "day": day, "by_model_version": sorted(versions.values(),
                                                                      key=lambda r: r["model_version"]),
                 "totals": totals}
+
+    def kept_with_verdicts(self, line: str) -> list[dict[str, Any]]:
+        """Every kept part of the line, expired ones included (their verdicts and scores still stand),
+        oldest first: ``request_id, kind, time, score, threshold, model_version, sample_rate`` and
+        ``verdict`` (the latest verdict's kind, or None)."""
+        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
+                  .group_by(Verdict.request_id).subquery())
+        query = (select(Retained.request_id, Retained.kind, Retained.time, Retained.score, Retained.threshold,
+                        Retained.model_version, Retained.sample_rate, Verdict.verdict)
+                 .outerjoin(latest, latest.c.request_id == Retained.request_id)
+                 .outerjoin(Verdict, Verdict.id == latest.c.vid)
+                 .where(Retained.line == line).order_by(Retained.time))
+        with Session(self.engine) as session:
+            return [dict(row._mapping) for row in session.execute(query)]
 
     # -- verdicts ------------------------------------------------------------------------------
     def add_verdict(self, request_id: str, verdict: str, by: str, note: str = "", defect_type: str = "",

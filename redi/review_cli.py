@@ -57,6 +57,10 @@ def _export(args: argparse.Namespace) -> int:
 def _threshold(args: argparse.Namespace) -> int:
     from redi.thresholds import override_history, set_threshold_override, threshold_override
 
+    if args.suggest:
+        if args.value is not None or args.clear or args.show:
+            raise InputError("--suggest only proposes a threshold: give it without --value, --clear or --show")
+        return _suggest(args)
     store = _store(args)
     if args.show:
         print(json.dumps({"override": threshold_override(store, args.line),
@@ -75,17 +79,66 @@ def _threshold(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pct(rate: float) -> str:
+    return f"{100 * rate:.1f} %"
+
+
+def _suggest(args: argparse.Namespace) -> int:
+    """Print a threshold proposed from the verdicts (``redi.review_threshold``); apply nothing."""
+    from redi.review_threshold import apply_command, suggest_threshold
+
+    result = suggest_threshold(_db(args), args.line, args.false_call_target, args.version or "", args.normal_rate)
+    result["apply_command"] = apply_command(result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    c, seen = result["counts"], result["served_thresholds"]
+    print(f"line {args.line}, model {result['model_version']}: threshold proposed from the operators' verdicts "
+          f"(nothing is applied)")
+    print(f"rests on {c['judged_defects']} judged defects and {c['judged_good']} judged good parts: "
+          f"{c['judged_flagged']} flagged (of {c['kept_flagged']} kept) and {c['judged_sampled']} sampled passed parts "
+          f"(of {c['kept_sampled']} kept, {c['judged_sampled_defects']} of them defects); weights per part: "
+          f"{', '.join(f'{w:g}' for w in result['sample_weights'])}")
+    print(f"judged parts were decided at threshold {seen['min']:g}" +
+          (f" .. {seen['max']:g} (overrides)" if seen["max"] != seen["min"] else ""))
+    print(f"{'estimated over all parts':28s} {'threshold':>10s} {'recall':>8s} {'escapes':>8s} {'false calls':>12s} "
+          f"{'flag rate':>10s}   judged tp/fn/fp/tn")
+    target = f"suggested (false calls <= {_pct(args.false_call_target)})"
+    for name, row in (("served now", result["served"]), (target, result["suggested"])):
+        n = row["counts"]
+        print(f"{name:28s} {row['threshold']:10.5g} {_pct(row['recall']):>8s} {_pct(row['escape_rate']):>8s} "
+              f"{_pct(row['false_call_rate']):>12s} {_pct(row['flag_rate']):>10s}   "
+              f"{n['tp']}/{n['fn']}/{n['fp']}/{n['tn']}")
+    for warning in result["warnings"]:
+        print(f"WARNING: {warning}")
+    print("to apply it (audited, the service picks it up at its next reload):")
+    print(f"  {result['apply_command']}")
+    return 0
+
+
+def _threshold_range(row: dict[str, Any]) -> str:
+    """The thresholds a summary row's judged parts were decided with (its flagged ones if none is judged)."""
+    low, high = row.get("threshold_min"), row.get("threshold_max")
+    if low is None:
+        low, high = row.get("flagged_threshold_min"), row.get("flagged_threshold_max")
+        if low is None:
+            return "-"
+    return f"{low:.4g}" if low == high else f"{low:.4g}..{high:.4g}"
+
+
 def _summary(args: argparse.Namespace) -> int:
     summary = _db(args).summary(args.line, args.day)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"line {args.line}, UTC day {summary['day']}")
-    print(f"{'model version':34s} {'today':>6s} {'flagged':>8s} {'judged':>7s} {'defects':>8s} {'false':>6s} {'FA rate':>8s}")
+    print(f"line {args.line}, UTC day {summary['day']}; threshold: the one the judged parts were decided with "
+          f"(scores and thresholds of different model versions are not comparable)")
+    print(f"{'model version':34s} {'threshold':>15s} {'today':>6s} {'flagged':>8s} {'judged':>7s} {'defects':>8s} "
+          f"{'false':>6s} {'FA rate':>8s}")
     for row in summary["by_model_version"] + [{"model_version": "all", **summary["totals"]}]:
         rate = "-" if row["false_alarm_rate"] is None else f"{100 * row['false_alarm_rate']:.0f} %"
-        print(f"{row['model_version']:34s} {row['flagged_today']:6d} {row['flagged']:8d} {row['judged']:7d} "
-              f"{row['confirmed']:8d} {row['false_alarms']:6d} {rate:>8s}")
+        print(f"{row['model_version']:34s} {_threshold_range(row):>15s} {row['flagged_today']:6d} {row['flagged']:8d} "
+              f"{row['judged']:7d} {row['confirmed']:8d} {row['false_alarms']:6d} {rate:>8s}")
     return 0
 
 
@@ -118,13 +171,24 @@ def add_review_commands(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--by", help="who exports (commit author when git has none)")
     p.add_argument("--push", action="store_true", help="dvc push the new data to the default remote")
     p.add_argument("--json", action="store_true")
-    p = add("threshold", "set, clear or show the line's threshold override (no retrain; audited)")
+    p = add("threshold", "set, clear or show the line's threshold override (no retrain; audited), or propose one "
+                         "from the verdicts (--suggest)")
     p.add_argument("--value", type=float, help="the new decision threshold")
     p.add_argument("--clear", action="store_true", help="decide with the model's own threshold again")
     p.add_argument("--show", action="store_true", help="print the override in force and its history")
+    p.add_argument("--suggest", action="store_true",
+                   help="propose a threshold from the operators' verdicts and print the command that applies it "
+                        "(applies nothing)")
+    p.add_argument("--false-call-target", type=float, default=0.01,
+                   help="--suggest: highest share of good parts flagged (default 0.01)")
+    p.add_argument("--normal-rate", type=float,
+                   help="--suggest: the share of passed parts the service kept (REDI_RETAIN_NORMAL_RATE), for parts "
+                        "kept before the rate was recorded")
+    p.add_argument("--json", action="store_true", help="--suggest: print the proposal as JSON")
     p.add_argument("--reason", help="why (recorded)")
     p.add_argument("--by", help="who (default: user@host)")
-    p.add_argument("--version", help="the model version it is for (default: the production version)")
+    p.add_argument("--version", help="the model version it is for (default: the production version; with "
+                                     "--suggest the latest version with verdicts)")
     p = add("summary", "flagged, confirmed and false alarms per model version")
     p.add_argument("--day", help="UTC day YYYY-MM-DD for 'today' (default: today)")
     p.add_argument("--json", action="store_true")

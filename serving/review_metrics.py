@@ -11,6 +11,9 @@ Per line (label ``line``):
 ===================================  =========  ==========================================================
 ``redi_requests_total``              counter    answered ``/predict`` requests, label ``decision`` (normal /
                                                 anomalous): flagged share = anomalous / all
+``redi_decisions_total``             counter    the same requests, also labelled with what decided them:
+                                                ``model_version``, ``threshold`` (the value, as ``/predict``
+                                                answers it) and ``threshold_source`` (model / override)
 ``redi_anomaly_score``               histogram  image anomaly scores
 ``redi_score_to_threshold``          histogram  score / threshold (1 = at the threshold; comparable across models)
 ``redi_request_latency_seconds``     histogram  time to answer ``/predict`` (decode, batch, response)
@@ -29,6 +32,13 @@ from typing import Any
 SCORE_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 RATIO_BUCKETS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+DECISIONS = ("normal", "anomalous")
+
+
+def threshold_label(threshold: float) -> str:
+    """The threshold as a label value: Python's shortest round-trip form, the digits ``/predict``'s
+    JSON and ``redi_threshold`` show, so a dashboard can match them exactly."""
+    return repr(float(threshold))
 
 
 class PlantMetrics:
@@ -41,6 +51,16 @@ class PlantMetrics:
         import prometheus_client as prom  # after BentoML set PROMETHEUS_MULTIPROC_DIR (see the docstring)
 
         self.requests = prom.Counter("redi_requests_total", "Answered /predict requests", ["line", "decision"])
+        # A flag rate means nothing without the threshold it was made at, and a rate over a window
+        # that spans an override mixes two. So the decisions are also counted per threshold, with the
+        # threshold's value as a label. Prometheus advises against float labels because an unbounded
+        # set of values makes unbounded series; this one is bounded: it changes only when a model is
+        # promoted or someone sets an audited override (a handful a month), and each change adds two
+        # series per line. The gauge redi_threshold alone could not do it: joining it to a rate needs
+        # a window in which the threshold did not move, which a dashboard cannot know.
+        self.decisions = prom.Counter("redi_decisions_total", "Answered /predict requests by the threshold that "
+                                      "decided them", ["line", "model_version", "threshold", "threshold_source",
+                                                       "decision"])
         self.score = prom.Histogram("redi_anomaly_score", "Image anomaly scores", ["line"], buckets=SCORE_BUCKETS)
         self.ratio = prom.Histogram("redi_score_to_threshold", "Anomaly score divided by the threshold", ["line"],
                                     buckets=RATIO_BUCKETS)
@@ -62,15 +82,23 @@ class PlantMetrics:
                 cls._instance = PlantMetrics()
             return cls._instance
 
-    def observe(self, line: str, decision: str, score: float, threshold: float, latency_s: float) -> None:
-        """Count one answered request."""
+    def observe(self, line: str, decision: str, score: float, threshold: float, latency_s: float,
+                model_version: str = "", source: str = "model") -> None:
+        """Count one answered request (``source``: where its threshold came from, model or override)."""
         self.requests.labels(line, decision).inc()
+        self._decision_series(line, model_version, threshold, source)[decision].inc()
         self.score.labels(line).observe(score)
         if threshold > 0:
             self.ratio.labels(line).observe(score / threshold)
         self.latency.labels(line).observe(latency_s)
 
-    def serving(self, line: str, version: str, threshold: float) -> None:
+    def _decision_series(self, line: str, version: str, threshold: float, source: str) -> dict[str, Any]:
+        """Both decision series of one threshold; created together at 0, so ``rate()`` sees the first
+        flagged part too (a counter that appears at 1 loses its first increment in PromQL)."""
+        labels = (line, version, threshold_label(threshold), source)
+        return {decision: self.decisions.labels(*labels, decision) for decision in DECISIONS}
+
+    def serving(self, line: str, version: str, threshold: float, source: str = "model") -> None:
         """Record what a line serves now (after start, a reload or an override)."""
         previous = self._served.get(line)
         if previous is not None and previous != version:
@@ -78,6 +106,7 @@ class PlantMetrics:
         self._served[line] = version
         self.model.labels(line, version).set(1)
         self.threshold.labels(line).set(threshold)
+        self._decision_series(line, version, threshold, source)
 
     def retention_event(self, event: str, line: str) -> None:
         """Count a retention event (stored, dropped, failed, deleted)."""

@@ -15,7 +15,8 @@ preprocessed images with BentoML's adaptive batching.
 Endpoints (all POST, as BentoML APIs are):
 
 - ``/predict`` (multipart: ``image`` file, ``line``; optional ``return_map``, ``return_overlay``,
-  ``return_regions``): anomaly score, decision, threshold, model version, latency, and on request
+  ``return_regions``): anomaly score, decision, the threshold it was made at and where that came
+  from (``threshold_source``: ``model`` or ``override``), model version, latency, and on request
   the coloured anomaly map / overlay as base64 PNG and the defect regions' bounding boxes.
 - ``/metadata``: served lines, model versions, sha256, source, thresholds, evaluation metrics, limits.
 - ``/admin/reload``: have the detector service check the production pointers and threshold
@@ -95,6 +96,7 @@ import concurrent.futures as cf
 import datetime as _dt
 import hmac
 import logging
+import math
 import re
 import time
 import uuid
@@ -109,7 +111,7 @@ from starlette.responses import JSONResponse, RedirectResponse
 from redi.errors import ImageReadError, InputError
 from redi.images import crop_to_content, decode_rgb, preprocess
 from redi.monitoring import ProductionLog, image_feature_row
-from redi.retention import RetainedItem, Retainer, RetentionPolicy
+from redi.retention import FLAGGED, RetainedItem, Retainer, RetentionPolicy
 from redi.review import ReviewDB, default_db_url
 from redi.thresholds import effective_threshold
 from serving.detector_service import RediDetector, configured_store
@@ -210,6 +212,15 @@ def _png_b64(rgb: np.ndarray) -> str:
     return base64.b64encode(to_png_bytes(rgb)).decode("ascii")
 
 
+def threshold_source(model_version: str, override: dict[str, Any] | None) -> str:
+    """``override`` when the line's override decides for ``model_version``, else ``model``.
+
+    Asked of :func:`redi.thresholds.effective_threshold` itself (NaN for the model's threshold comes
+    back NaN only when no override applies), so the two can never disagree on which one decided.
+    """
+    return "model" if math.isnan(effective_threshold(math.nan, model_version, override)) else "override"
+
+
 def model_input(rgb: np.ndarray, size: int, aspect: str = "squash") -> np.ndarray:
     """What crosses to the detector service for one image: the uint8 pixels themselves when the upload
     is already at the model's size (no copy; a quarter of the float bytes; squash and letterbox leave
@@ -266,7 +277,8 @@ class RediService:
             catalogue = await self.detector.to_async.models()
             self.catalogue, self._catalogue_at = catalogue, time.monotonic()
             for name, info in catalogue["lines"].items():
-                self.metrics.serving(name, info["model_version"], info["threshold"])
+                self.metrics.serving(name, info["model_version"], info["threshold"],
+                                     threshold_source(info["model_version"], info.get("override")))
         return self.catalogue
 
     async def __is_ready__(self) -> bool:
@@ -284,8 +296,8 @@ class RediService:
                       return_regions: bool = True, min_region_area: int = 16) -> dict:
         """Score one image of a product line.
 
-        Returns ``line, anomaly_score, anomalous, decision, threshold, model_version, model_tag,
-        latency_ms, image_size`` and, on request, ``anomaly_map_png`` / ``overlay_png`` (base64
+        Returns ``line, anomaly_score, anomalous, decision, threshold, threshold_source`` (``model``
+        or ``override``), ``model_version, model_tag, latency_ms, image_size`` and, on request, ``anomaly_map_png`` / ``overlay_png`` (base64
         PNG at the model's input size) and ``defect_regions`` (boxes in the uploaded image's pixels).
         """
         started = time.perf_counter()
@@ -317,7 +329,7 @@ class RediService:
             raise RequestError(503, f"the production log {self.settings.log_dir} cannot be written ({exc}); the "
                                     f"result was not recorded - retry, and check REDI_LOG_DIR") from exc
         self.metrics.observe(line, body["decision"], body["anomaly_score"], body["threshold"],
-                             body["latency_ms"] / 1000.0)
+                             body["latency_ms"] / 1000.0, body["model_version"], body["threshold_source"])
         if retained is not None and self.retainer is not None:
             self.retainer.offer(retained)
         return body
@@ -372,7 +384,7 @@ class RediService:
         body: dict[str, Any] = {
             "line": line, "anomaly_score": score, "anomalous": anomalous,
             "decision": "anomalous" if anomalous else "normal", "threshold": threshold,
-            "model_version": version, "model_tag": result["tag"],
+            "threshold_source": threshold_source(version, override), "model_version": version, "model_tag": result["tag"],
             "image_size": {"width": int(rgb.shape[1]), "height": int(rgb.shape[0])},
             "batch_size": result["batch_size"],
         }
@@ -389,18 +401,21 @@ class RediService:
         # kept maps cover the image only (letterbox padding cut off), so whoever maps them back to the
         # image's pixels (regions, review page, export masks) just resizes them
         retained = self._retained(line, row, rgb, crop_to_content(amap, rgb.shape[:2], aspect), model_threshold,
-                                  threshold, aspect)
+                                  body["threshold_source"], aspect)
         return body, row, retained
 
     def _retained(self, line: str, row: dict[str, Any], rgb: np.ndarray, amap: np.ndarray, model_threshold: float,
-                  threshold: float, aspect: str = "squash") -> RetainedItem | None:
+                  source: str, aspect: str = "squash") -> RetainedItem | None:
         """The copy to keep of a flagged (or sampled normal) image, or None."""
         kind = self.retention.wants(line, bool(row["anomalous"])) if self.retainer else None
         if kind is None:
             return None
         info = {k: row[k] for k in ("score", "threshold", "anomalous", "decision", "model_version", "model_tag",
                                     "latency_ms")}
-        info.update(model_threshold=model_threshold, threshold_override=threshold != model_threshold, aspect=aspect)
+        # sample_rate: the chance this answer had to be kept; a verdict on a sampled part stands for
+        # 1/sample_rate passed parts when `redi review threshold --suggest` estimates rates
+        info.update(model_threshold=model_threshold, threshold_override=source == "override", threshold_source=source,
+                    sample_rate=1.0 if kind == FLAGGED else self.retention.rate(line), aspect=aspect)
         return RetainedItem(request_id=row["request_id"], line=line, time=_dt.datetime.fromisoformat(row["time"]),
                             kind=kind, rgb=rgb, anomaly_map=amap, info=info)
 

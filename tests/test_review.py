@@ -95,6 +95,9 @@ def test_verdicts_history_latest_wins_and_errors(kept) -> None:
     summary = db.summary(LINE)
     assert summary["totals"] == {"flagged_today": 3, "flagged": 3, "judged": 1, "confirmed": 0, "false_alarms": 1,
                                  "false_alarm_rate": 1.0}
+    (version,) = summary["by_model_version"]  # the rate names the threshold its judged part was decided at
+    assert (version["threshold_min"], version["threshold_max"]) == (1.0, 1.0)
+    assert db.get("fa1")["sample_rate"] == 1.0  # flagged: always kept
     # a verdict on an image the store lost (expired) is refused and marks it
     image_key = db.get("dm1")["image_key"]
     (store.root / image_key).unlink()

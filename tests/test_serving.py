@@ -31,7 +31,9 @@ from PIL import Image
 from redi.images import decode_rgb, load_rgb
 from redi.models.detector import load_detector
 from redi.monitoring import ProductionLog, feature_columns
+from redi.review import ReviewDB
 from redi.storage import LocalStore, promote, publish_version
+from serving.review_metrics import metric_value
 
 pytestmark = pytest.mark.slow
 
@@ -161,7 +163,7 @@ def test_scores_equal_in_process_detector(server: dict, name: str) -> None:
     expected = _in_process_score(server, load_rgb(path))
     threshold = float(server["detector"].threshold)
     assert body["anomaly_score"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
-    assert body["threshold"] == pytest.approx(threshold)
+    assert body["threshold"] == pytest.approx(threshold) and body["threshold_source"] == "model"  # no override
     assert body["anomalous"] == (body["anomaly_score"] > threshold)
     assert body["decision"] == ("anomalous" if body["anomalous"] else "normal")
     assert body["model_tag"] == server["tag"] and body["latency_ms"] > 0
@@ -245,6 +247,7 @@ def test_load_no_5xx_and_every_request_logged(server: dict) -> None:
         response = _predict(server, images[i % len(images)])
         return response.status_code, response.json()
 
+    before = requests.get(f"{server['url']}/metrics", timeout=10).text
     started = time.monotonic()
     with cf.ThreadPoolExecutor(n_clients) as pool:
         results = list(pool.map(call, range(n_requests), timeout=240))
@@ -260,8 +263,33 @@ def test_load_no_5xx_and_every_request_logged(server: dict) -> None:
     assert set(feature_columns()) <= set(rows.columns)
     assert {"time", "line", "model_version", "score", "decision"} <= set(rows.columns)
     assert max(body["batch_size"] for _, body in results) > 1, "adaptive batching never grouped requests"
+    _check_decision_metrics(server, before, [body for _, body in results])
     print(f"\nload test: {n_requests} requests, {n_clients} clients, {seconds:.1f} s, "
           f"{n_requests / seconds:.1f} req/s, largest batch {max(body['batch_size'] for _, body in results)}")
+
+
+def _check_decision_metrics(server: dict, before: str, bodies: list[dict]) -> None:
+    """/metrics counted these answers per line and per the threshold that decided them, and each kept
+    part's record carries the chance it had to be kept."""
+    after = requests.get(f"{server['url']}/metrics", timeout=10).text
+    threshold = bodies[0]["threshold"]
+    assert {(b["threshold"], b["threshold_source"], b["model_version"]) for b in bodies} == {(threshold, "model", "v1")}
+    assert metric_value(after, "redi_threshold", line=LINE) == pytest.approx(threshold)
+    series = {"line": LINE, "model_version": "v1", "threshold": repr(threshold), "threshold_source": "model"}
+    for decision in ("anomalous", "normal"):
+        def count(text: str, name: str, **labels: str) -> float:
+            value = metric_value(text, name, decision=decision, **labels)
+            assert value is not None, f"{name} has no {decision} series for {labels}:\n{text[-2000:]}"
+            return value
+
+        expected = sum(b["decision"] == decision for b in bodies)  # both series exist, also at 0
+        assert count(after, "redi_decisions_total", **series) - count(before, "redi_decisions_total", **series) \
+            == expected, decision
+        assert count(after, "redi_requests_total", line=LINE) - count(before, "redi_requests_total", line=LINE) \
+            == expected, decision
+    time.sleep(2)  # the retention thread indexes kept copies after the answers
+    kept = ReviewDB(f"sqlite:///{server['logs'] / 'review.db'}").kept_with_verdicts(LINE)
+    assert all(r["sample_rate"] == (1.0 if r["kind"] == "flagged" else 0.01) for r in kept), kept[:3]
 
 
 def test_internal_routes_are_not_public(server: dict) -> None:
