@@ -204,7 +204,7 @@ def _plot_tradeoff(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray, s
                    f1_threshold: float | None, goal: tuple[float, float]) -> Path:
     """False calls (good parts flagged) against escapes (defects passed), one curve per labelled set,
     with the served threshold (and the test set's F1-optimal one) marked on each."""
-    figure, ax = _figure(5.6, 4.0)
+    figure, ax = _figure(8.6, 4.0)
     for name, labels, scores, colour in curves:
         curve = tradeoff_curve(labels, scores)
         ax.plot(curve["false_call_rate"] * 100, curve["escape_rate"] * 100, color=colour, lw=1.8,
@@ -222,7 +222,7 @@ def _plot_tradeoff(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray, s
                                                                f"{false_calls:.0%}"))
     ax.set(xlim=(-1, 101), ylim=(-1, 101), xlabel="false calls: good parts flagged (%)",
            ylabel="escapes: defects passed (%)", title=f"operating point, served threshold {threshold:.4g}")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: the curves stay clear
     return _save(figure, path)
 
 

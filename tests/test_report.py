@@ -200,7 +200,7 @@ def test_write_report_page_and_pictures(tmp_path: Path, detector) -> None:
         assert (index.parent / link).is_file(), link
     for name in ("roc.png", "pr.png", "pro.png", "histogram.png", "colour_scale.png"):
         assert name in links
-    strips = [link for link in links if link.startswith("images/strip_")]
+    strips = sorted({link for link in links if link.startswith("images/strip_")})  # mistakes show twice
     assert len(strips) == 4  # cfg.eval.report_max_images
     assert "images/strip_0001.png" in strips  # the false alarm is always drawn
     assert "not drawn" in page  # the two others are listed without a picture
@@ -259,3 +259,54 @@ def test_write_report_without_threshold(tmp_path: Path, detector) -> None:
     assert "NO</td>" not in page and "<td>n/a</td><td>n/a</td>" in page  # no decisions claimed
     for link in _links(page):
         assert (tmp_path / "r" / link).is_file(), link
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+
+
+@pytest.mark.slow
+def test_operating_point_section_in_a_browser(tmp_path: Path, detector) -> None:
+    """A plant engineer opens the report: the verdict at the served threshold, the confusion matrix,
+    recall per defect type, the trade-off curve (validation and test) and the escapes are on the page."""
+    from redi.stages import operating_point_metrics
+
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing (make test installs it: apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    samples, images, masks, result, metrics = _fake_line(tmp_path / "data", detector.image_size, n_good=4, n_bad=4)
+    scores = result["scores"].numpy().astype(np.float64)
+    scores[5] = 0.3  # one defect scores below the threshold (0.5): an escape
+    result["scores"] = torch.from_numpy(scores).float()
+    labels = np.array([s.label for s in samples])
+    metrics.update(threshold_policy="gumbel_trimmed", false_call_target=0.01,
+                   **operating_point_metrics(labels, scores, [s.defect_type for s in samples], 0.5, detector.cfg))
+    point = metrics["operating_point"]
+    assert (point["tp"], point["fn"], point["fp"], point["tn"]) == (3, 1, 1, 3)
+    validation = {"labels": np.r_[np.zeros(4), np.ones(8)].astype(int),
+                  "scores": np.r_[0.1, 0.2, 0.3, 0.4, np.linspace(0.45, 0.95, 8)]}
+    metrics["validation"] = {"recall_at_threshold": 7 / 8, "false_call_rate_at_threshold": 0.0, "n_synthetic": 8}
+    index = write_report(tmp_path / "report", detector, samples, images, masks, result, metrics,
+                         validation=validation)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 1400})
+            page.goto(index.as_uri())
+            verdict = page.locator(".verdict").inner_text()
+            assert "Served threshold 0.5000" in verdict and "catches 3 of 4 defective parts (75.0 %)" in verdict
+            assert "1 escape" in verdict and "flags 1 of 4 good parts (25.0 % false calls)" in verdict
+            cells = page.locator("table.confusion td").all_inner_texts()
+            assert cells == ["3 caught", "1 escaped", "1 false calls", "3 passed"]
+            assert page.get_by_role("heading", name="Escaped defective parts (1)").is_visible()
+            assert page.get_by_role("heading", name="False calls: good parts flagged (1)").is_visible()
+            curve = page.locator('img[src="tradeoff.png"]')
+            curve.scroll_into_view_if_needed()
+            assert curve.evaluate("img => img.complete && img.naturalWidth > 300")  # the picture loaded
+            assert "scratch" in page.locator("text=Recall per defect type").locator("xpath=following::table[1]") \
+                .inner_text()
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
