@@ -22,7 +22,8 @@ from redi.config import PROFILES
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 Handler = Callable[[argparse.Namespace], int]
 _GATE_OPTIONS = (("--min-image-auroc", "min_image_auroc"), ("--min-pixel-auroc", "min_pixel_auroc"),
-                 ("--min-aupro", "min_aupro"), ("--tolerance", "tolerance"))
+                 ("--min-aupro", "min_aupro"), ("--tolerance", "tolerance"), ("--min-recall", "min_recall"),
+                 ("--max-false-call-rate", "max_false_call_rate"), ("--rate-tolerance", "rate_tolerance"))
 
 
 def _add_run_options(parser: argparse.ArgumentParser, with_line: bool = True) -> None:

@@ -32,7 +32,8 @@ def _artifact(kind: type, path: Path, **metadata) -> dsl.Artifact:
 def _settings() -> dict:
     """The line's config for a test-sized gate: tiny profile, no minimums, no tolerance."""
     cfg = lp.load_line(LINE, profile="tiny", overrides=["gate.min_image_auroc=0", "gate.min_pixel_auroc=0",
-                                                        "gate.tolerance=0"])
+                                                        "gate.tolerance=0", "gate.min_recall=0",
+                                                        "gate.max_false_call_rate=1"])
     return {"profile": cfg.profile, "config_json": lp.section_json(cfg, *lp.MODEL_SECTIONS, "gate")}
 
 

@@ -20,6 +20,8 @@ from components.common import REDI_IMAGE, make_config  # noqa: E402  (importable
 TASKS = ["version-data", "snapshot-data", "precompute-hog", "build-prompt-bank", "train-recover", "train-discriminate", "evaluate",
          "drift-reference", "gate"]
 SMALL_DEMO = {"n_train": 10, "n_test_good": 4, "n_test_defect": 8, "size": 128}
+# a few-epoch model on 10 images is a plumbing test, not a line: no minimums, at any threshold
+NO_MINIMUMS = {"min_image_auroc": 0.0, "min_pixel_auroc": 0.0, "min_recall": 0.0, "max_false_call_rate": 1.0}
 FAST = ["train.recover.epochs=4", "train.discriminate.epochs=3"]  # the tiny profile, fewer epochs
 CRIPPLED = ["model.recover.enabled=false", "model.use_frb=false"]  # no recovery, no FRB: a worse model
 
@@ -213,9 +215,9 @@ def test_cli_commands_compile(tmp_path):
     args = parser.parse_args(["pipeline", "submit", "--line", "bottle_caps", "--revision", "abc123"])
     assert args.host is None and args.revision == "abc123"
     args = parser.parse_args(["pipeline", "run", "--line", "woven_fabric", "--profile", "tiny", "--set", "a.b=1",
-                              "--min-image-auroc", "0.7", "--revision", "v2"])
-    assert (args.line, args.profile, args.set, args.min_image_auroc, args.revision) == (
-        "woven_fabric", "tiny", ["a.b=1"], 0.7, "v2")
+                              "--min-image-auroc", "0.7", "--min-recall", "0.9", "--revision", "v2"])
+    assert (args.line, args.profile, args.set, args.min_image_auroc, args.min_recall, args.revision) == (
+        "woven_fabric", "tiny", ["a.b=1"], 0.7, 0.9, "v2")
 
 
 class FakeClient:
@@ -294,7 +296,7 @@ def test_local_runs_gate_promotes_then_refuses(tmp_path, s3_env, monkeypatch, ca
 
     # 1. a tiny model on small demo data: promoted (no production yet), stored in S3, packaged as a Bento
     first = lp.run_line_pipeline("bottle_caps", "tiny", work, overrides=FAST, demo_options=SMALL_DEMO,
-                                 gate_overrides={"min_image_auroc": 0.0, "min_pixel_auroc": 0.0})
+                                 gate_overrides=NO_MINIMUMS)
     assert first["promoted"], first["reasons"]
     pointer = production_record(store, "bottle_caps")
     assert pointer["version"] == first["version"]
@@ -330,7 +332,7 @@ def test_local_runs_gate_promotes_then_refuses(tmp_path, s3_env, monkeypatch, ca
 
     # 3. a deliberately worse model (no recover net, no FRB): refused against production, pointer unmoved
     second = lp.run_line_pipeline("bottle_caps", "tiny", work, overrides=CRIPPLED,
-                                  gate_overrides={"min_image_auroc": 0.0, "min_pixel_auroc": 0.0, "tolerance": 0.0})
+                                  gate_overrides={**NO_MINIMUMS, "tolerance": 0.0})
     assert not second["promoted"]
     assert any("worse than the production model" in reason for reason in second["reasons"]), second["reasons"]
     assert production_record(store, "bottle_caps") == pointer
