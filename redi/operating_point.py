@@ -181,6 +181,31 @@ def _gaussian_predictive_policy(scores: np.ndarray, target: float, quantile: flo
     return float(scores.mean() + stats.t.isf(target, n - 1) * scores.std(ddof=1) * math.sqrt(1.0 + 1.0 / n))
 
 
+SMALL_SAMPLE_RATIO = 1.25  # the fit's allowance for its own uncertainty beyond this: say so
+
+
+def small_sample_note(n: int, policy: str, target: float) -> str | None:
+    """A sentence for the line's engineer when ``n`` held-out normals are too few for ``policy`` to
+    place a ``target`` threshold near the fitted law's own quantile (None when they are enough).
+
+    With few normals the fitted Gumbel policies add a wide allowance for the fit's uncertainty
+    (at 1 %: 13.6 scale units above the location from 4 normals, 6.8 from 8, 5.2 from 20, against
+    4.6 for a known law), so the threshold sits high and defects pass. The cure is more held-out
+    normals, not another policy.
+    """
+    fit = {"gumbel_trimmed": "trimmed", "gumbel": "lmoments"}.get(policy)
+    if fit is None or n < 2:
+        return None
+    factor = gumbel_predictive_factor(n, round(target, 12), fit)
+    known = -math.log(-math.log1p(-target))
+    if factor / known <= SMALL_SAMPLE_RATIO:
+        return None
+    return (f"only {n} held-out normal images: to hold a {target:.1%} false-call target the threshold sits "
+            f"{factor / known:.1f}x as far above the fitted location as the law's own quantile would, so some "
+            f"defects will pass; hold out more normals (data.val_fraction, data.min_val_images) or add images "
+            f"to train/good")
+
+
 def set_threshold(scores: Any, policy: str, target: float, quantile: float = 1.0, margin: float = 1.0) -> float:
     """The decision threshold from held-out normal scores: ``policy``'s estimate times ``margin``.
 

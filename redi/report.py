@@ -464,6 +464,8 @@ def _operating_section(report_dir: Path, metrics: dict[str, Any], labels: np.nda
            f"({_pct(point['recall'])})</strong>, lets <strong>{point['fn']} escape</strong>, and flags "
            f"<strong>{point['fp']} of {point['fp'] + point['tn']} good parts ({_pct(point['false_call_rate'])} "
            f"false calls)</strong>.</div>", _confusion_table(point)]
+    if metrics.get("threshold_note"):
+        out.append(f'<p class="wrong">Set from few normals: {_esc(metrics["threshold_note"])}.</p>')
     per_type = metrics.get("recall_per_type") or {}
     if per_type:
         out.append("<h3>Recall per defect type (at the served threshold)</h3><table><tr><th>defect type</th>"

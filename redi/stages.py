@@ -29,7 +29,7 @@ from redi.losses import discriminate_loss, recover_loss
 from redi.metrics import compute_all
 from redi.models.detector import Detector, load_detector, load_module_weights, save_detector
 from redi.models.recover import RecoverNet
-from redi.operating_point import achievable, decision_stats, set_threshold
+from redi.operating_point import achievable, decision_stats, set_threshold, small_sample_note
 from redi.prompt import PromptBank, PromptImages, bank_transforms, prompt_pixels, transform_images
 from redi.selfmaps import build_selfmap, fit_selfmap_scale
 from redi.training import fingerprint, run_training
@@ -423,10 +423,14 @@ def calibrate_threshold(detector: Detector, images: torch.Tensor, cfg: RediConfi
     threshold = set_threshold(scores.numpy(), cfg.eval.threshold_policy, cfg.eval.false_call_target,
                               cfg.eval.threshold_quantile, cfg.eval.threshold_margin)
     detector.threshold.fill_(threshold)
+    note = small_sample_note(int(images.shape[0]), cfg.eval.threshold_policy, cfg.eval.false_call_target)
+    if note:
+        _log("discriminate", f"WARNING: {note}")
     return {"threshold": threshold, "policy": cfg.eval.threshold_policy,
             "false_call_target": cfg.eval.false_call_target, "margin": cfg.eval.threshold_margin,
             "val_score_mean": float(scores.mean()), "val_score_max": float(scores.max()),
-            "val_false_call_rate": float((scores > threshold).float().mean()), "n_val": int(images.shape[0])}
+            "val_false_call_rate": float((scores > threshold).float().mean()), "n_val": int(images.shape[0]),
+            "note": note}
 
 
 def _recover_identity(recover_path: str | Path) -> str:
@@ -586,7 +590,8 @@ def _served_threshold_info(detector: Detector) -> dict[str, Any]:
     calibration = dict(detector.metadata.get("calibration") or {})
     return {"threshold": float(detector.threshold), "threshold_policy": calibration.get("policy", "max"),
             "false_call_target": calibration.get("false_call_target"),
-            "threshold_margin": calibration.get("margin", detector.cfg.eval.threshold_margin)}
+            "threshold_margin": calibration.get("margin", detector.cfg.eval.threshold_margin),
+            "threshold_n_held_out": calibration.get("n_val"), "threshold_note": calibration.get("note")}
 
 
 def operating_point_metrics(labels: np.ndarray, scores: np.ndarray, defect_types: list[str], threshold: float,

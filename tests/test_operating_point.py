@@ -108,3 +108,13 @@ def test_decision_stats_curve_and_what_is_achievable() -> None:
     assert achievable(labels, scores, min_recall=0.3, max_false_call_rate=0.0)["met"]
     with pytest.raises(MetricsError, match="both normal and defective"):
         tradeoff_curve(np.ones(3), scores[:3])
+
+
+def test_small_sample_note_says_when_few_normals_push_the_threshold_up() -> None:
+    from redi.operating_point import small_sample_note
+
+    note = small_sample_note(4, "gumbel_trimmed", 0.01)
+    assert note is not None and "only 4 held-out normal images" in note and "data.min_val_images" in note
+    assert small_sample_note(8, "gumbel", 0.01) is not None
+    assert small_sample_note(40, "gumbel_trimmed", 0.01) is None  # the allowance is small by then
+    assert small_sample_note(4, "max", 0.01) is None  # the max policy makes no allowance to speak of
