@@ -123,6 +123,33 @@ def analyse(run: dict, target: float, rng: np.random.Generator) -> dict:
     return out
 
 
+STRIP_HELD_OUT, STRIP_OUTLIERS = 20, 2  # the strip line: 10-35 held out, a few unusual among them
+
+
+def strip_like(run: dict, target: float, rng: np.random.Generator, policies: tuple[str, ...]) -> dict | None:
+    """A strip-like line built from one set's scores: 20 held-out images drawn from the pooled
+    normals, 2 of them replaced by defective parts' scores (unusual normals), the rest of the
+    normals and defects measuring the served threshold. None when the set has too few normals."""
+    pool = np.r_[np.asarray(run["held_out"]), np.asarray(run["test_normal"])]
+    defects = np.asarray(run["test_defect"])
+    if pool.size < STRIP_HELD_OUT + 10 or defects.size < 10:
+        return None
+    out = {p: {"false_call_rate": [], "recall": [], "clean_false_call_rate": [], "clean_recall": []}
+           for p in policies}
+    for _ in range(REPEATS // 4):
+        order, bad = rng.permutation(pool.size), rng.choice(defects.size, STRIP_OUTLIERS, replace=False)
+        kept = STRIP_HELD_OUT - STRIP_OUTLIERS
+        cal = np.r_[pool[order[:kept]], defects[bad]]
+        clean = pool[order[:STRIP_HELD_OUT]]  # the same line without its unusual images
+        for policy in policies:
+            f, r, _t = _rates(cal, pool[order[STRIP_HELD_OUT:]], np.delete(defects, bad), policy, target)
+            cf, cr, _t = _rates(clean, pool[order[STRIP_HELD_OUT:]], np.delete(defects, bad), policy, target)
+            for key, value in (("false_call_rate", f), ("recall", r), ("clean_false_call_rate", cf),
+                               ("clean_recall", cr)):
+                out[policy][key].append(value)
+    return {p: {k: float(np.mean(v)) for k, v in m.items()} for p, m in out.items()}
+
+
 def table(results: dict) -> str:
     """Markdown: one row per policy, one column group per data set."""
     runs = results["runs"]
@@ -145,6 +172,16 @@ def table(results: dict) -> str:
                          f"{m['test_recall']:.0%} / {m['synthetic_recall']:.0%}".replace("%", ""))
         lines.append(f"| {policy} | " + " | ".join(cells) + f" | {statistics.mean(fcrs):.1%} | "
                      f"{statistics.mean(recalls):.1%} | {statistics.mean(dirty):.1%} |")
+    strips = [(Path(r["data"]).name, r["strip_like"]) for r in runs if r.get("strip_like")]
+    if strips:
+        lines += ["", f"Strip-like lines ({STRIP_HELD_OUT} held out; clean, then {STRIP_OUTLIERS} of them replaced "
+                  "by defective parts' scores): false calls / recall, in %", "",
+                  "| set | " + " | ".join(f"{p} clean | {p} unusual" for p in strips[0][1]) + " |",
+                  "|---" * (2 * len(strips[0][1]) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(
+            f"{v['clean_false_call_rate']:.1%} / {v['clean_recall']:.1%} | "
+            f"{v['false_call_rate']:.1%} / {v['recall']:.1%}".replace("%", "") for v in row.values()) + " |"
+            for name, row in strips]
     counts = ", ".join(f"{name}: {len(next(r for r in runs if Path(r['data']).name == name)['held_out'])} held out"
                        for name in names)
     return "\n".join(lines + ["", f"Held-out normals per set: {counts}."])
@@ -173,12 +210,14 @@ def main() -> None:
             make_demo_line(folder, line, n_train=60, n_test_good=120, n_test_defect=60, seed=0)
         data.append(folder)
     rng = np.random.default_rng(0)
+    strip_rng = np.random.default_rng(1)  # its own stream: the per-policy draws stay as they were
     runs = []
     for root in data:
         for seed in args.seeds:
             scores = collect_scores(root, args.runs / root.name / f"seed{seed}", args.profile, seed,
                                     args.overrides)
-            runs.append({**scores, "policies": analyse(scores, args.target, rng)})
+            runs.append({**scores, "policies": analyse(scores, args.target, rng),
+                         "strip_like": strip_like(scores, args.target, strip_rng, ("max", "gumbel", "gumbel_trimmed"))})
             print(f"{root.name} seed {seed}: " + ", ".join(
                 f"{p} {v['resampled_false_call_rate']:.3f}/{v['test_recall']:.2f}" for p, v in runs[-1]["policies"].items()),
                 flush=True)
