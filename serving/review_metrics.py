@@ -107,6 +107,8 @@ class PlantMetrics:
         self.model.labels(line, version).set(1)
         self.threshold.labels(line).set(threshold)
         self._decision_series(line, version, threshold, source)
+        for decision in DECISIONS:  # the flag-rate ratio needs both series from the start, at 0
+            self.requests.labels(line, decision)
 
     def retention_event(self, event: str, line: str) -> None:
         """Count a retention event (stored, dropped, failed, deleted)."""
