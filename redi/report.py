@@ -205,22 +205,24 @@ def _plot_tradeoff(path: Path, curves: list[tuple[str, np.ndarray, np.ndarray, s
     """False calls (good parts flagged) against escapes (defects passed), one curve per labelled set,
     with the served threshold (and the test set's F1-optimal one) marked on each."""
     figure, ax = _figure(8.6, 4.0)
+    upper = 10.0  # % false calls shown: up to where every curve has caught every defect (the rest is flat)
     for name, labels, scores, colour in curves:
         curve = tradeoff_curve(labels, scores)
+        upper = max(upper, 1.2 * 100 * float(curve["false_call_rate"][curve["escape_rate"] <= 0].min()))
         ax.plot(curve["false_call_rate"] * 100, curve["escape_rate"] * 100, color=colour, lw=1.8,
                 drawstyle="steps-post", label=name)
         point = decision_stats(labels, scores, threshold)
         ax.plot(point["false_call_rate"] * 100, point["escape_rate"] * 100, "o", color=colour, ms=8, mec="black",
-                label=f"{name} at the served threshold")
+                label=f"{name} at the served threshold", zorder=5)  # above the F1 square where they meet
         if f1_threshold is not None and name.startswith("test"):
             best = decision_stats(labels, scores, f1_threshold)
-            ax.plot(best["false_call_rate"] * 100, best["escape_rate"] * 100, "s", color=colour, ms=7,
-                    mfc="white", label="test at the F1-optimal threshold")
+            ax.plot(best["false_call_rate"] * 100, best["escape_rate"] * 100, "s", color=colour, ms=10,
+                    mfc="white", label="test at the F1-optimal threshold", zorder=4)
     recall, false_calls = goal
     ax.add_patch(matplotlib.patches.Rectangle((0, 0), false_calls * 100, (1 - recall) * 100, color="tab:green",
                                               alpha=0.2, label=f"goal: recall >= {recall:.0%}, false calls <= "
                                                                f"{false_calls:.0%}"))
-    ax.set(xlim=(-1, 101), ylim=(-1, 101), xlabel="false calls: good parts flagged (%)",
+    ax.set(xlim=(-0.5, min(101.0, upper)), ylim=(-1, 101), xlabel="false calls: good parts flagged (%)",
            ylabel="escapes: defects passed (%)", title=f"operating point, served threshold {threshold:.4g}")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # beside the axes: the curves stay clear
     return _save(figure, path)
