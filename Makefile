@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/redi demo --line $(LINE) --profile $(PROFILE)
 
-# Headless Chromium renders the Evidently dashboard in one test; installed when missing and allowed.
+# Headless Chromium renders pages in the browser tests (Evidently dashboard, review station, report); installed when missing and allowed.
 browser:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
-	  echo "chromium could not be installed: the dashboard screenshot test will be skipped"
+	  echo "chromium could not be installed: the browser tests will be skipped"
 
 test: $(STAMP) browser
 	$(BIN)/python -m pytest tests
