@@ -127,6 +127,9 @@ def gumbel_trimmed_fit(scores: np.ndarray, keep: float = KEEP_SHARE) -> tuple[fl
 _FITS = {"lmoments": gumbel_fit, "trimmed": gumbel_trimmed_fit}
 
 
+SIMULATED_SCORES = 4_000_000
+
+
 @functools.lru_cache(maxsize=256)
 def gumbel_predictive_factor(n: int, target: float, fit: str = "lmoments", draws: int = 20000) -> float:
     """c such that a new normal's expected false-call rate is ``target`` at ``location + c * scale``.
@@ -139,6 +142,9 @@ def gumbel_predictive_factor(n: int, target: float, fit: str = "lmoments", draws
     and bisecting on the mean tail probability.
     """
     rng = np.random.default_rng(12345)
+    # at most SIMULATED_SCORES values at once (32 MB): a line holding out thousands of normals needs
+    # fewer draws, its factor being close to the known law's
+    draws = max(2000, min(draws, SIMULATED_SCORES // n))
     location, scale = _FITS[fit](rng.gumbel(size=(draws, n)))
 
     def mean_false_calls(c: float) -> float:

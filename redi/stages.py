@@ -563,11 +563,6 @@ def score_images(detector: Detector, images: torch.Tensor, batch_size: int = 8, 
     return result
 
 
-def _mean_or_none(flags: torch.Tensor) -> float | None:
-    """Mean of boolean flags; None (JSON null, never NaN) for an empty set."""
-    return float(flags.float().mean()) if flags.numel() else None
-
-
 def _image_pixels(samples: list[Sample], masks, maps, aspect: str):
     """Masks and maps restricted to the pixels that show the image: a letterbox's padding is not
     part of the part and would add easy normal pixels to the pixel metrics. Cropped when every
@@ -585,8 +580,8 @@ def _image_pixels(samples: list[Sample], masks, maps, aspect: str):
 
 
 def _served_threshold_info(detector: Detector) -> dict[str, Any]:
-    """How the detector's threshold was set: policy and target (``unknown`` for detectors
-    calibrated before threshold policies, whose rule was a quantile of the held-out normals)."""
+    """How the detector's threshold was set: policy and target (``max`` for detectors calibrated
+    before threshold policies, whose rule was a quantile of the held-out normals)."""
     calibration = dict(detector.metadata.get("calibration") or {})
     return {"threshold": float(detector.threshold), "threshold_policy": calibration.get("policy", "max"),
             "false_call_target": calibration.get("false_call_target"),
@@ -654,13 +649,15 @@ def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Pa
                           max_fpr=cfg.eval.max_fpr)
     decisions = detector.is_anomalous(result["scores"])
     served = _served_threshold_info(detector)
+    decided = operating_point_metrics(labels.numpy(), result["scores"].numpy().astype(np.float64),
+                                      [s.defect_type for s in test], served["threshold"], cfg)
+    point = decided["operating_point"]
     metrics.update({
         **served,
-        "accuracy_at_threshold": float((decisions.long() == labels).float().mean()),
-        "recall_at_threshold": _mean_or_none(decisions[labels == 1]),
-        "false_alarm_rate_at_threshold": _mean_or_none(decisions[labels == 0]),
-        **operating_point_metrics(labels.numpy(), result["scores"].numpy().astype(np.float64),
-                                  [s.defect_type for s in test], served["threshold"], cfg),
+        # the flat names older readers know, from the one operating point
+        "accuracy_at_threshold": point["accuracy"], "recall_at_threshold": point["recall"],
+        "false_alarm_rate_at_threshold": point["false_call_rate"],
+        **decided,
         "profile": detector.metadata.get("profile"), "backbone": detector.metadata.get("backbone"),
         "model_version": detector.metadata.get("version"), "line": detector.metadata.get("line"),
         "data_root": str(category.root), "seconds_per_image": seconds / max(len(test), 1), "device": str(device),
@@ -679,7 +676,6 @@ def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Pa
     _write_json(out_dir / "scores.json", per_image)
     if write_report:
         render_report(out_dir / "report", detector, test, images, masks, result, metrics, validation=validation)
-    point = metrics["operating_point"]
     _log("evaluate", " ".join(f"{k} {metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
                               if metrics.get(k) is not None))
     _log("evaluate", f"at the served threshold {served['threshold']:.4f}: caught {point['tp']} of "

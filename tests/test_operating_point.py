@@ -118,3 +118,14 @@ def test_small_sample_note_says_when_few_normals_push_the_threshold_up() -> None
     assert small_sample_note(8, "gumbel", 0.01) is not None
     assert small_sample_note(40, "gumbel_trimmed", 0.01) is None  # the allowance is small by then
     assert small_sample_note(4, "max", 0.01) is None  # the max policy makes no allowance to speak of
+
+
+def test_predictive_factor_for_a_large_line_nears_the_known_law() -> None:
+    import math
+
+    from redi.operating_point import gumbel_predictive_factor
+
+    known = -math.log(-math.log1p(-0.01))
+    large = gumbel_predictive_factor(3000, 0.01, "trimmed")  # simulated with fewer draws (memory bound)
+    assert known < large < known + 0.1
+    assert gumbel_predictive_factor(4, 0.01, "trimmed") > 2.5 * known  # few normals: a wide allowance
