@@ -1,7 +1,7 @@
 """Speed of the exported detector beside torch: one detector, every runtime, in one process.
 
 For each profile: a detector with random weights (speed does not depend on them) and a prompt
-bank of ``--bank`` demo images, exported with ``redi.export.export_onnx``; then the same
+bank of ``--bank`` demo images, exported with ``redi.methods.redi.export.export_onnx``; then the same
 preprocessed demo images through torch fp32, torch with the configured precision
 (``model.recover.precision=auto``: bf16 recover net on CPUs with bf16 units), onnxruntime (CPU)
 and, when installed, OpenVINO (CPU; fp32 hint and its default hint). Each row also gives the
@@ -24,12 +24,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from redi.config import load_config
+from redi.core.config import load_config
 from redi.data.demo import generate_pair
-from redi.export import export_onnx, export_openvino, onnx_session, run_onnx, torch_fp32
-from redi.images import preprocess
-from redi.models.detector import Detector
-from redi.utils import use_bf16
+from redi.methods.onnx import export_openvino, onnx_session, run_onnx
+from redi.methods.redi.export import export_onnx, torch_fp32
+from redi.core.images import preprocess
+from redi.methods.redi.detector import Detector
+from redi.core.utils import use_bf16
 
 Runner = Callable[[torch.Tensor], np.ndarray]
 

@@ -21,7 +21,7 @@ import torch
 from skimage import data, transform
 from skimage.util import img_as_ubyte
 
-from redi.selfmaps import TorchHOG, hog_image_skimage
+from redi.core.selfmaps import TorchHOG, hog_image_skimage
 
 IMAGE_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "brick", "grass", "gravel", "camera")
 

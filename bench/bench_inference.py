@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from redi.config import load_config
-from redi.models.detector import Detector
+from redi.core.config import load_config
+from redi.methods.redi.detector import Detector
 
 CONFIGS = {
     "paper-width, fp32 (cpu_wide profile)": ("cpu_wide", ["model.recover.precision=fp32"]),
@@ -61,7 +61,7 @@ def timed_forward(detector: Detector, x: torch.Tensor, timer: Timer) -> torch.Te
         with timer.part("self-map (HOG)"):
             selfmap = detector.selfmap(x)
         with timer.part("recover net"):
-            from redi.utils import bf16_autocast, use_bf16
+            from redi.core.utils import bf16_autocast, use_bf16
 
             with bf16_autocast(use_bf16(detector.cfg.model.recover.precision, x.device), x.device):
                 recovered = detector.recover(selfmap, prompts).float()

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from redi.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, _ResNetBody, build_backbone
-from redi.images import load_rgb, preprocess
-from redi.losses import LS_NORMALISATIONS, cosine_distance_loss, self_correlation_loss
-from redi.models.discriminate import DiscriminateHead
+from redi.core.backbones import IMAGENET_MEAN, IMAGENET_STD, Backbone, _ResNetBody, build_backbone
+from redi.core.images import load_rgb, preprocess
+from redi.methods.redi.losses import LS_NORMALISATIONS, cosine_distance_loss, self_correlation_loss
+from redi.methods.redi.discriminate import DiscriminateHead
 
 WIDTHS = {"efficientnet_lite2": (24, 48, 120), "efficientnet_lite0": (24, 40, 112),
           "wide_resnet50_2": (256, 512, 1024)}

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from redi.config import load_config
-from redi.models.detector import Detector, save_detector
+from redi.core.config import load_config
+from redi.methods.base import save_detector
+from redi.methods.redi.detector import Detector
 
 HAZELNUT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hazelnut" / "train" / "good"
 CONFIGS = {"recover on, prompt=nearest": [], "recover off": ["model.recover.enabled=false"]}
@@ -46,7 +47,7 @@ def rss():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
 import torch
-from redi.models.detector import load_detector
+from redi.methods.base import load_detector
 before = rss()
 first = load_detector(sys.argv[1])
 after_first = rss()
@@ -73,7 +74,7 @@ def demo_images(line: str, count: int, size: int) -> torch.Tensor:
 
 def hazelnut_images(count: int, size: int) -> torch.Tensor:
     """``count`` random square crops (60-100 % of the side) of the real hazelnut images at ``size``."""
-    from redi.images import load_rgb, preprocess
+    from redi.core.images import load_rgb, preprocess
 
     files = sorted(HAZELNUT.iterdir())
     rng = np.random.default_rng(0)

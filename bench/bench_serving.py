@@ -45,7 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from redi.images import decode_rgb, preprocess  # noqa: E402
+from redi.core.images import decode_rgb, preprocess  # noqa: E402
 from serving.settings import detector_threads, detector_workers, usable_cpus  # noqa: E402
 
 LINE = "bottle_caps"
@@ -85,9 +85,9 @@ def _cpu_name() -> str:
 
 def make_detector(profile: str, work: Path) -> tuple[Path, list[bytes]]:
     """A 1-epoch detector of ``profile`` on a synthetic demo line, and the line's test images as PNG bytes."""
-    from redi.config import profile_config
+    from redi.core.config import profile_config
     from redi.data.demo import make_demo_line
-    from redi.stages import train_all
+    from redi.workflow.stages import train_all
 
     cfg = profile_config(profile)
     size = int(cfg.data.image_size)
@@ -105,7 +105,8 @@ def make_detector(profile: str, work: Path) -> tuple[Path, list[bytes]]:
 
 def publish(detector: Path, store_dir: Path) -> None:
     """Put the detector into a local store as the line's production version."""
-    from redi.storage import LocalStore, production_record, promote, publish_version
+    from redi.ops.object_store import LocalStore
+    from redi.ops.model_registry import production_record, promote, publish_version
 
     store = LocalStore(store_dir)
     if production_record(store, LINE) is None:
@@ -231,7 +232,7 @@ def measure(profile: str, runtime: str, detector: Path, images: list[bytes], wor
     """Every client count of one profile and runtime, in-process and served back to back."""
     from serving.detector_service import load_line
     from serving.model_source import ModelRef
-    from redi.utils import sha256_file
+    from redi.core.utils import sha256_file
 
     store_dir = work / profile / "store"
     publish(detector, store_dir)

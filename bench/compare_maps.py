@@ -19,11 +19,11 @@ import torch
 
 from redi.data.dataset import load_images, load_masks
 from redi.data.mvtec import MVTecCategory
-from redi.images import to_uint8_rgb
-from redi.metrics import pixel_ap
-from redi.models.detector import load_detector
-from redi.stages import score_images
-from redi.visualize import mask_contour, overlay, save_png, strip
+from redi.core.images import to_uint8_rgb
+from redi.core.metrics import pixel_ap
+from redi.methods.base import load_detector
+from redi.methods.common import score_images
+from redi.core.visualize import mask_contour, overlay, save_png, strip
 
 
 def _pick(labels: np.ndarray, scores_b: np.ndarray, ap_gap: np.ndarray, normals: int, defects: int) -> list[int]:
@@ -40,7 +40,7 @@ def compare(run_a: Path, run_b: Path, data: Path, out: Path, normals: int = 2, d
     images = load_images(test, b.image_size, b.cfg.data.aspect)
     masks = load_masks(test, b.image_size, b.cfg.data.aspect)[:, 0].bool().numpy()
     out_a = score_images(a, images, keep_maps=True)
-    out_b = score_images(b, images, keep_maps=True, keep_recovered=True)
+    out_b = score_images(b, images, keep_maps=True, keep_pictures=True)
     labels = np.array([s.label for s in test])
     gap = np.array([pixel_ap(masks[i:i + 1], out_b["maps"][i:i + 1].numpy())
                     - pixel_ap(masks[i:i + 1], out_a["maps"][i:i + 1].numpy()) if labels[i] else 0.0
@@ -55,7 +55,7 @@ def compare(run_a: Path, run_b: Path, data: Path, out: Path, normals: int = 2, d
             (mask_contour(rgb, masks[i]), f"{test[i].image_id.split('/')[-1]} ({what})"),
             (overlay(rgb, out_a["maps"][i].numpy(), vmin, vmax), f"A {float(out_a['scores'][i]):.2f} / thr {float(a.threshold):.2f}"),
             (overlay(rgb, out_b["maps"][i].numpy(), vmin, vmax), f"B {float(out_b['scores'][i]):.2f} / thr {float(b.threshold):.2f}"),
-            (to_uint8_rgb(out_b["recovered"][i]), "B recovered Y"),
+            (to_uint8_rgb(out_b["pictures"]["recovered Y"][i]), "B recovered Y"),
         ]))
     width = max(r.shape[1] for r in rows)
     picture = np.concatenate([np.pad(r, ((0, 4), (0, width - r.shape[1]), (0, 0)), constant_values=255) for r in rows])

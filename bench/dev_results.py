@@ -23,9 +23,9 @@ import json
 import time
 from pathlib import Path
 
-from redi.config import load_config, save_config
-from redi.stages import (evaluate, precompute_selfmaps, train_all, train_discriminate,
-                         train_recover)
+from redi.core.config import load_config, save_config
+from redi.methods.redi.fit import precompute_selfmaps, train_discriminate, train_recover
+from redi.workflow.stages import evaluate, train_all
 
 VARIANTS = {
     "full": ("cpu_wide", []),

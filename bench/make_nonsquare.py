@@ -35,8 +35,8 @@ import numpy as np
 from PIL import Image
 
 from redi.data.mvtec import MVTecCategory, Sample
-from redi.errors import RediError
-from redi.images import load_mask, load_rgb
+from redi.core.errors import RediError
+from redi.core.images import load_mask, load_rgb
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"  # the read-only data next to the checkout
 MARKER = "NONSQUARE.json"

@@ -20,9 +20,9 @@ import statistics
 import time
 from pathlib import Path
 
-from redi.config import load_config, save_config
-from redi.stages import evaluate, train_all
-from redi.validation import validate
+from redi.core.config import load_config, save_config
+from redi.workflow.stages import evaluate, train_all
+from redi.workflow.validation import validate
 
 SMALL = ["model.recover.base_width=16", "model.recover.depth=4", "model.recover.input_size=128"]
 # The study ran before the cpu profile adopted flips and the 2x bottleneck; every variant pins the

@@ -3,7 +3,7 @@
 For each data set a detector is trained (``redi train``, default profile unless ``--profile``),
 then four score sets are kept: the held-out normals (what the threshold is set from), the test
 normals, the test defects and the synthetic validation defects (``redi validate-detector``'s set).
-Two measurements per threshold policy (``redi.operating_point``):
+Two measurements per threshold policy (``redi.core.operating_point``):
 
 - **served**: the threshold set from the line's own held-out normals, applied to its test split
   (false calls on test normals, recall on test defects and on the synthetic defects);
@@ -38,14 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from redi.config import load_config
+from redi.core.config import load_config
 from redi.data.dataset import load_images
 from redi.data.demo import make_demo_line
 from redi.data.mvtec import MVTecCategory
-from redi.models.detector import load_detector
-from redi.operating_point import decision_stats, policy_names, set_threshold
-from redi.stages import score_images, train_all
-from redi.validation import held_out_split, validation_set
+from redi.methods.base import load_detector
+from redi.core.operating_point import decision_stats, policy_names, set_threshold
+from redi.methods.common import score_images
+from redi.workflow.stages import train_all
+from redi.workflow.validation import held_out_split, validation_set
 
 REPEATS = 2000
 

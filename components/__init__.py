@@ -1,6 +1,6 @@
 """Kubeflow Pipelines components of redi: one lightweight Python component per pipeline stage.
 
-Each wraps the ``redi.stages`` (or ``redi.gate`` / ``redi.packaging`` / ``redi.monitoring``)
+Each wraps the ``redi.workflow.stages`` (or ``redi.ops.gate`` / ``redi.ops.packaging`` / ``redi.ops.monitoring``)
 function that the CLI and DVC also call, with KFP artifacts in and out. Every component names the
 project's image (``components.common.REDI_IMAGE``, override with the ``REDI_IMAGE`` environment
 variable when compiling) as its ``base_image`` and installs nothing at run time.
@@ -11,6 +11,5 @@ Import each component from its module (``from components.gate import gate``). Th
 pull in the decorated modules.
 """
 
-# the stages, in pipeline order; each is components/<stage>.py defining the component <stage>
-STAGES = ("version_data", "precompute_hog", "build_prompt_bank", "train_recover", "train_discriminate",
-          "evaluate", "drift_reference", "gate", "package_bento")
+# The stages are the rows of redi.stages.STAGES; each is components/<stage>.py defining the component
+# <stage> (tests/test_stages.py checks it). Not imported here, for the reason above.

@@ -34,13 +34,13 @@ RUN_TAG_ENV = "REDI_RUN_TAG"  # set by the local runner: the run's tag (on a clu
 
 
 def make_config(profile: str, *sections_json: str, data_root: str | Path | None = None):
-    """The step's :class:`redi.config.RediConfig`: the profile's defaults < the given sections.
+    """The step's :class:`redi.core.config.RediConfig`: the profile's defaults < the given sections.
 
     Each of ``sections_json`` is a JSON mapping of config sections (e.g. ``{"data": {...}}``); a step
     receives only the sections its stage reads, so that its KFP cache key changes only with them.
     """
-    from redi.config import from_dict
-    from redi.errors import ConfigError
+    from redi.core.config import from_dict
+    from redi.core.errors import ConfigError
 
     data: dict[str, Any] = {}
     for text in sections_json:
@@ -77,7 +77,7 @@ def status_dir() -> Path | None:
 
 
 def _write_status(stage: str, record: dict[str, Any]) -> None:
-    from redi.utils import atomic_write_text
+    from redi.core.utils import atomic_write_text
 
     folder = status_dir()
     if folder is not None:
@@ -108,7 +108,7 @@ def open_store(workdir: str, cluster_mode: bool):
     """The line's object store. Cluster mode: S3 from ``REDI_S3_*`` or an error naming the missing
     setting (a folder inside a pod would be an empty production, lost with the pod). Local runs:
     S3 when configured, else ``REDI_STORE_DIR`` or ``<workdir>/store``."""
-    from redi.storage import store_from_env
+    from redi.ops.object_store import store_from_env
 
     local_root = os.environ.get("REDI_STORE_DIR") or (str(Path(workdir) / "store") if workdir else None)
     return store_from_env(local_root=None if cluster_mode else local_root, require_remote=cluster_mode)
@@ -145,7 +145,7 @@ def fetch_dataset(data_path: str, data_repo: str, data_revision: str, dest: Path
     Returns:
         ``{"source": ..., "revision": ...}`` describing what was fetched.
     """
-    from redi.errors import DatasetError
+    from redi.core.errors import DatasetError
 
     if dest.exists():
         shutil.rmtree(dest)
@@ -173,7 +173,7 @@ def tree_hash(folder: str | Path) -> str:
     """sha256 over every file's relative path and content hash: the dataset's content fingerprint."""
     import hashlib
 
-    from redi.utils import sha256_file
+    from redi.core.utils import sha256_file
 
     folder = Path(folder)
     digest = hashlib.sha256()
@@ -188,7 +188,7 @@ def resolve_revision(data_repo: str, revision: str = "HEAD") -> str:
     A local repository: ``git rev-parse``; a URL: ``git ls-remote`` (branches, tags, HEAD; a
     revision it does not list, e.g. an abbreviated commit, is returned as given).
     """
-    from redi.errors import DatasetError
+    from redi.core.errors import DatasetError
 
     revision = revision or "HEAD"
     local = "://" not in data_repo and Path(data_repo).is_dir()
@@ -214,7 +214,7 @@ def _dvc() -> str:
 
 
 def _copy_tree(src: Path, dest: Path) -> None:
-    from redi.errors import DatasetError
+    from redi.core.errors import DatasetError
 
     if not src.is_dir():
         raise DatasetError(f"dataset folder {src} does not exist; give the line's folder in MVTec-AD layout "

@@ -9,12 +9,12 @@ from components.common import COMPONENT_OPTIONS
 @dsl.component(**COMPONENT_OPTIONS)
 def drift_reference(line: str, profile: str, data_config: str, model_config: str, train_config: str, eval_config: str,
                     dataset: Input[Dataset], detector: Input[Model], reference: Output[Dataset]):
-    """``redi.monitoring.build_reference``: one row per normal training image (brightness, contrast,
+    """``redi.ops.monitoring.build_reference``: one row per normal training image (brightness, contrast,
     sharpness, anomaly score, embedding components) in ``reference.csv``."""
     from pathlib import Path
 
     from components.common import make_config, out_dir, stage_guard
-    from redi.monitoring import build_reference
+    from redi.ops.monitoring import build_reference
 
     with stage_guard("drift_reference", line) as record:
         cfg = make_config(profile, data_config, model_config, train_config, eval_config, data_root=dataset.path)

@@ -10,13 +10,13 @@ from components.common import COMPONENT_OPTIONS
 def evaluate(line: str, profile: str, data_config: str, model_config: str, train_config: str, eval_config: str,
              dataset: Input[Dataset], detector: Input[Model], metrics: Output[Metrics], report: Output[HTML],
              evaluation: Output[Artifact]):
-    """``redi.stages.evaluate``: ``evaluation`` holds ``metrics.json``, ``scores.json`` and ``report/``;
+    """``redi.workflow.stages.evaluate``: ``evaluation`` holds ``metrics.json``, ``scores.json`` and ``report/``;
     ``metrics`` shows the numbers in the KFP UI; ``report`` is the report as one HTML file."""
     import json
     from pathlib import Path
 
     from components.common import inline_html, make_config, numeric_metrics, out_dir, stage_guard
-    from redi.stages import evaluate as run_evaluation
+    from redi.workflow.stages import evaluate as run_evaluation
 
     with stage_guard("evaluate", line) as record:
         cfg = make_config(profile, data_config, model_config, train_config, eval_config, data_root=dataset.path)

@@ -10,7 +10,7 @@ from components.common import COMPONENT_OPTIONS
 def gate(line: str, profile: str, config_json: str, workdir: str, cluster_mode: bool, dataset: Input[Dataset],
          detector: Input[Model], evaluation: Input[Artifact], manifest: Input[Artifact],
          reference: Input[Dataset], decision: Output[Artifact]) -> bool:
-    """``redi.gate.gate_model``: evaluates the production model on the same test data, decides, uploads
+    """``redi.ops.gate.gate_model``: evaluates the production model on the same test data, decides, uploads
     the version (detector, metrics, report, manifest, drift reference, decision) to object storage
     and, when promoting, moves the line's production pointer last. Returns whether it promoted.
 
@@ -23,8 +23,8 @@ def gate(line: str, profile: str, config_json: str, workdir: str, cluster_mode: 
     from pathlib import Path
 
     from components.common import RUN_TAG_ENV, make_config, open_store, out_dir, stage_guard
-    from redi.config import save_config
-    from redi.gate import GatePolicy, gate_model
+    from redi.core.config import save_config
+    from redi.ops.gate import GatePolicy, gate_model
 
     with stage_guard("gate", line) as record:
         store = open_store(workdir, cluster_mode)  # first: fail before any work when production is unreachable

@@ -9,7 +9,7 @@ from components.common import COMPONENT_OPTIONS
 @dsl.component(**COMPONENT_OPTIONS)
 def package_bento(line: str, workdir: str, bentoml_home: str, cluster_mode: bool, decision: Input[Artifact],
                   bento: Output[Artifact]) -> str:
-    """``redi.packaging.build_production_bento`` from the store's production pointers (the gate just moved
+    """``redi.ops.packaging.build_production_bento`` from the store's production pointers (the gate just moved
     this line's), then ``bentoml export`` of the Bento into the store (``bentos/<name>/<version>.bento``),
     so it outlives the step's pod. Returns the Bento tag.
 
@@ -22,7 +22,7 @@ def package_bento(line: str, workdir: str, bentoml_home: str, cluster_mode: bool
     from pathlib import Path
 
     from components.common import open_store, out_dir, stage_guard
-    from redi.utils import atomic_write_text
+    from redi.core.utils import atomic_write_text
 
     with stage_guard("package_bento", line) as record:
         store = open_store(workdir, cluster_mode)
@@ -32,7 +32,7 @@ def package_bento(line: str, workdir: str, bentoml_home: str, cluster_mode: bool
         os.environ["BENTOML_DO_NOT_TRACK"] = "true"
         import bentoml
 
-        from redi.packaging import build_production_bento
+        from redi.ops.packaging import build_production_bento
 
         version = json.loads((Path(decision.path) / "decision.json").read_text()).get("version", "")
         built = build_production_bento(store, bentoml_home=home or None)

@@ -1,7 +1,7 @@
 """KFP component ``snapshot_data``: the line's dataset at a content hash, as the ``dataset`` artifact.
 
 Cached: its inputs are the data source, the resolved commit and the content hash that
-``version_data`` measured, so the same data gives the same cache key and KFP reuses the artifact
+``validate_data`` measured, so the same data gives the same cache key and KFP reuses the artifact
 (and the cached steps that consume it). It fetches the data again and checks the hash, so data
 that changed between the two steps stops the run instead of training on something else.
 """
@@ -20,14 +20,14 @@ def snapshot_data(line: str, data_path: str, data_repo: str, revision: str, data
     from pathlib import Path
 
     from components.common import fetch_dataset, stage_guard, tree_hash
-    from redi.errors import DatasetError
+    from redi.core.errors import DatasetError
 
     with stage_guard("snapshot_data", line) as record:
         source = fetch_dataset(data_path, data_repo, revision, Path(dataset.path))
         found = tree_hash(dataset.path)
         if found != data_hash:
             raise DatasetError(f"the data at {source['source']} ({source['revision']}) changed during the run: "
-                               f"content hash {found[:12]} here, {data_hash[:12]} when version_data validated it; "
+                               f"content hash {found[:12]} here, {data_hash[:12]} when validate_data validated it; "
                                f"run the pipeline again (pin a revision to avoid this)")
         dataset.metadata.update({"line": line, "revision": source["revision"], "data_hash": data_hash})
         record.update({"dataset": str(dataset.path), "data_hash": data_hash, **source})

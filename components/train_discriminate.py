@@ -10,13 +10,13 @@ from components.common import COMPONENT_OPTIONS
 def train_discriminate(line: str, profile: str, data_config: str, model_config: str, train_config: str,
                        eval_config: str, workdir: str, dataset: Input[Dataset], prompt_bank: Input[Artifact],
                        recover: Input[Model], detector: Output[Model]):
-    """``redi.stages.train_discriminate`` in ``<workdir>/<line>/train`` (resumable); the complete
+    """``redi.methods.redi.fit.train_discriminate`` in ``<workdir>/<line>/train`` (resumable); the complete
     ``detector.pt`` goes into the ``detector`` artifact. GPU when there is one."""
     from pathlib import Path
 
     from components.common import copy_files, line_dir, make_config, out_dir, stage_guard
-    from redi.models.detector import read_artifact
-    from redi.stages import train_discriminate as train
+    from redi.methods.base import read_artifact
+    from redi.methods.redi.fit import train_discriminate as train
 
     with stage_guard("train_discriminate", line) as record:
         cfg = make_config(profile, data_config, model_config, train_config, eval_config, data_root=dataset.path)

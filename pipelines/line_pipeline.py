@@ -2,7 +2,7 @@
 
 DAG (every name is a component of ``components/``)::
 
-    version_data ─ snapshot_data ─┬─ precompute_hog ─────────┐
+    validate_data ─ snapshot_data ─┬─ precompute_selfmaps ────┐
     (never cached)  (cached)      └─ build_prompt_bank ─ train_recover (GPU) ─ train_discriminate (GPU) ─┬─ evaluate ──────┐
                                                                                                         └─ drift_reference ┴─ gate
                                                                                         if the gate promotes: package_bento
@@ -17,11 +17,11 @@ DAG (every name is a component of ``components/``)::
 - :func:`submit` starts a run on a KFP endpoint, :func:`schedule` a recurring run (the line's cron).
 
 A product line is a redi config file ``pipelines/lines/<line>.yaml`` (the one schema of
-``redi/config.py``: its ``line``, ``gate`` and ``pipeline`` sections, and any model settings).
+``redi/core/config.py``: its ``line``, ``gate`` and ``pipeline`` sections, and any model settings).
 
 Caching: KFP keys a step on its component, its input parameter values and its input artifacts'
 identities. No step takes a per-run value; each training step takes only the config sections its
-stage reads. ``version_data`` (never cached: a working copy or branch can change) measures the data's
+stage reads. ``validate_data`` (never cached: a working copy or branch can change) measures the data's
 content hash, and the cached ``snapshot_data`` turns (source, commit, hash) into the ``dataset``
 artifact, so a rerun on the same data and settings reuses every finished step on a cluster.
 """
@@ -48,22 +48,25 @@ from components.drift_reference import drift_reference
 from components.evaluate import evaluate
 from components.gate import gate
 from components.package_bento import package_bento
-from components.precompute_hog import precompute_hog
+from components.precompute_selfmaps import precompute_selfmaps
 from components.snapshot_data import snapshot_data
 from components.train_discriminate import train_discriminate
 from components.train_recover import train_recover
-from components.version_data import version_data
-from redi.config import RediConfig, StepConfig, from_dict, parse_overrides, read_config_file, to_dict
-from redi.errors import ConfigError, RediError
+from components.validate_data import validate_data
+from redi.core.config import RediConfig, StepConfig, from_dict, parse_overrides, read_config_file, to_dict
+from redi.core.errors import ConfigError, RediError
+from redi.stages import STAGES, get_stage
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 LINES_DIR = Path(__file__).resolve().parent / "lines"
 PIPELINE_NAME = "redi-line"
 DEFAULT_WORKDIR = "runs/pipeline"
-MODEL_SECTIONS = ("data", "model", "train", "eval")  # what the training stages read (as in dvc.yaml)
-UNCACHED = ("version_data", "gate", "package_bento")  # their outputs depend on more than their inputs
-STORE_STEPS = ("gate", "package_bento")  # read and write the object store: they get the store's secret
-WORKDIR_STEPS = ("train_recover", "train_discriminate")  # keep checkpoints in the work dir (resume)
+MODEL_SECTIONS = ("data", "model", "train", "eval")  # the sections a step may be handed (as in dvc.yaml)
+# from the stage table (redi.stages): steps whose outputs depend on more than their inputs, steps that
+# read and write the object store (they get the store's secret), steps that keep checkpoints in the work dir
+UNCACHED = tuple(s.name for s in STAGES if not s.cached)
+STORE_STEPS = tuple(s.name for s in STAGES if s.store)
+WORKDIR_STEPS = tuple(s.name for s in STAGES if s.workdir)
 
 
 class PipelineError(RediError):
@@ -164,8 +167,9 @@ def pipeline_arguments(cfg: RediConfig, workdir: str | Path, data_revision: str 
 def _apply_step_settings(task: dsl.PipelineTask, stage: str, cfg: RediConfig) -> dsl.PipelineTask:
     """The step's Kubernetes settings from the line's ``pipeline`` section (no effect in local runs)."""
     pipe = cfg.pipeline
+    row = get_stage(stage)
     step: StepConfig = getattr(pipe.steps, stage)
-    task.set_display_name(stage.replace("_", "-")).set_caching_options(stage not in UNCACHED)
+    task.set_display_name(row.command).set_caching_options(row.cached)
     for value, setter in ((step.cpu_request, task.set_cpu_request), (step.memory_request, task.set_memory_request),
                           (step.cpu_limit, task.set_cpu_limit), (step.memory_limit, task.set_memory_limit)):
         if value:
@@ -173,16 +177,16 @@ def _apply_step_settings(task: dsl.PipelineTask, stage: str, cfg: RediConfig) ->
     if step.retries:
         task.set_retry(num_retries=step.retries, backoff_duration="30s", backoff_factor=2.0,
                        backoff_max_duration="600s")
-    if step.accelerator and pipe.accelerator_type and pipe.accelerator_count:
+    if (step.accelerator or row.accelerator) and pipe.accelerator_type and pipe.accelerator_count:
         task.set_accelerator_type(pipe.accelerator_type).set_accelerator_limit(pipe.accelerator_count)
         for key, value in sorted(pipe.node_selector.items()):
             kubernetes.add_node_selector(task, key, value)
         for toleration in pipe.tolerations:
             kubernetes.add_toleration(task, **toleration)
-    if stage in STORE_STEPS and pipe.store_secret:
+    if row.store and pipe.store_secret:
         kubernetes.use_secret_as_env(task, pipe.store_secret, {k: k for k in S3_SETTINGS})
         kubernetes.use_secret_as_env(task, pipe.store_secret, {k: k for k in S3_OPTIONAL}, optional=True)
-    if stage in WORKDIR_STEPS and pipe.workdir_pvc:
+    if row.workdir and pipe.workdir_pvc:
         kubernetes.mount_pvc(task, pipe.workdir_pvc, pipe.workdir_mount)
     return task
 
@@ -207,30 +211,33 @@ def build_pipeline(cfg: RediConfig) -> Callable[..., Any]:
                       train_config: str = d["train_config"], eval_config: str = d["eval_config"],
                       config_json: str = d["config_json"], workdir: str = d["workdir"],
                       bentoml_home: str = d["bentoml_home"], cluster_mode: bool = True):
-        sections = {"profile": profile, "data_config": data_config, "model_config": model_config,
-                    "train_config": train_config}
-        data = version_data(line=line, data_path=data_path, data_repo=data_repo, data_revision=data_revision,
-                            profile=profile, data_config=data_config)
-        _apply_step_settings(data, "version_data", cfg)
+        given = {"data": data_config, "model": model_config, "train": train_config, "eval": eval_config}
+
+        def sections(stage: str) -> dict[str, str]:  # the profile and the config sections the stage reads
+            return {"profile": profile, **{f"{name}_config": given[name] for name in get_stage(stage).reads}}
+
+        data = validate_data(line=line, data_path=data_path, data_repo=data_repo, data_revision=data_revision,
+                             **sections("validate_data"))
+        _apply_step_settings(data, "validate_data", cfg)
         snap = snapshot_data(line=line, data_path=data_path, data_repo=data_repo,
                              revision=data.outputs["revision"], data_hash=data.outputs["data_hash"])
         _apply_step_settings(snap, "snapshot_data", cfg)
         dataset = snap.outputs["dataset"]
-        maps = _apply_step_settings(precompute_hog(line=line, dataset=dataset, **sections), "precompute_hog", cfg)
-        bank = _apply_step_settings(build_prompt_bank(line=line, dataset=dataset, eval_config=eval_config,
-                                                      **sections), "build_prompt_bank", cfg)
+        maps = _apply_step_settings(precompute_selfmaps(line=line, dataset=dataset, **sections("precompute_selfmaps")),
+                                    "precompute_selfmaps", cfg)
+        bank = _apply_step_settings(build_prompt_bank(line=line, dataset=dataset, **sections("build_prompt_bank")),
+                                    "build_prompt_bank", cfg)
         recover = train_recover(line=line, workdir=workdir, dataset=dataset, prompt_bank=bank.outputs["prompt_bank"],
-                                selfmaps=maps.outputs["selfmaps"], **sections)
+                                selfmaps=maps.outputs["selfmaps"], **sections("train_recover"))
         _apply_step_settings(recover, "train_recover", cfg)
-        disc = train_discriminate(line=line, workdir=workdir, eval_config=eval_config, dataset=dataset,
-                                  prompt_bank=bank.outputs["prompt_bank"], recover=recover.outputs["recover"],
-                                  **sections)
+        disc = train_discriminate(line=line, workdir=workdir, dataset=dataset, prompt_bank=bank.outputs["prompt_bank"],
+                                  recover=recover.outputs["recover"], **sections("train_discriminate"))
         _apply_step_settings(disc, "train_discriminate", cfg)
         detector = disc.outputs["detector"]
-        evaluation = _apply_step_settings(evaluate(line=line, eval_config=eval_config, dataset=dataset,
-                                                   detector=detector, **sections), "evaluate", cfg)
-        reference = _apply_step_settings(drift_reference(line=line, eval_config=eval_config, dataset=dataset,
-                                                         detector=detector, **sections), "drift_reference", cfg)
+        evaluation = _apply_step_settings(evaluate(line=line, dataset=dataset, detector=detector,
+                                                   **sections("evaluate")), "evaluate", cfg)
+        reference = _apply_step_settings(drift_reference(line=line, dataset=dataset, detector=detector,
+                                                         **sections("drift_reference")), "drift_reference", cfg)
         decision = gate(line=line, profile=profile, config_json=config_json, workdir=workdir,
                         cluster_mode=cluster_mode, dataset=dataset, detector=detector,
                         evaluation=evaluation.outputs["evaluation"], manifest=data.outputs["manifest"],
@@ -404,7 +411,7 @@ def summarize(line: str, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "version_prefix": gate_record.get("version_prefix"),
             "production_detector": gate_record.get("production_detector"),
             "production_version": gate_record.get("production_version"),
-            "data_hash": records.get("version_data", {}).get("data_hash"),
+            "data_hash": records.get("validate_data", {}).get("data_hash"),
             "bento": bento.get("bento_tag"), "bento_model": bento.get("model_tag"),
             "bento_uri": bento.get("bento_uri"), "bentoml_home": bento.get("bentoml_home"), "stages": records}
 

@@ -1,705 +1,158 @@
-"""The pipeline stages of redi: one function each, files in, files out.
+"""The one table of pipeline stages: a stage is one row, with one name everywhere.
 
-The CLI (``redi ...``), the Kubeflow components (``components/``), the DVC stages (``dvc.yaml``)
-and the tests all call these functions, so a stage behaves the same wherever it runs. See
-docs/architecture.md for the table of inputs and outputs.
+The name of a row is the stage's function, its KFP component (``components/<name>.py`` defining
+``<name>``) and pipeline step, its entry in the line config's ``pipeline.steps`` (where its default
+resources live: the config is the one source of defaults), its DVC stage in ``dvc.yaml``, and,
+with ``_`` written ``-``, its ``redi`` sub-command. What is derived from the row:
+
+- the pipeline's step settings (:mod:`pipelines.line_pipeline`): caching, the object store's
+  secret, the work-dir volume, the accelerator;
+- the config sections each step is handed (``reads``), which are its KFP cache key and its DVC
+  ``params:``; ``dvc.yaml`` is written from this table (``redi stages dvc``, checked in CI);
+- the CLI's stage sub-commands, with the old names still accepted (``aliases``) and a note that
+  says the new one.
+
+A new stage is a function, its row here, and its component (three files); a new method brings its
+own fit stages in its folder (e.g. :mod:`redi.methods.redi.fit`).
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
-import json
 import sys
-import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-import torch
-
-from redi.backbones import build_backbone
-from redi.config import RediConfig, save_config, to_dict
-from redi.data.dataset import load_images, load_masks
-from redi.data.mvtec import MVTecCategory, Sample, split_train_val
-from redi.errors import DatasetError, WeightsError
-from redi.images import crop_to_content, image_size_of
-from redi.losses import discriminate_loss, recover_loss
-from redi.metrics import compute_all
-from redi.models.detector import Detector, load_detector, load_module_weights, save_detector
-from redi.models.recover import RecoverNet
-from redi.operating_point import achievable, decision_stats, set_threshold, small_sample_note
-from redi.prompt import PromptBank, PromptImages, bank_transforms, prompt_pixels, transform_images
-from redi.selfmaps import build_selfmap, fit_selfmap_scale
-from redi.training import fingerprint, run_training
-from redi.utils import (atomic_torch_save, atomic_write_text, bf16_autocast, load_torch_file, pick_device,
-                        progress, seed_everything, sha256_file, use_bf16)
-
-LOG = sys.stderr
-
-
-def _log(stage: str, message: str) -> None:
-    print(f"[{stage}] {message}", file=LOG, flush=True)
-
-
-def _write_json(path: Path, payload: Any) -> Path:
-    """Write ``payload`` as indented JSON, atomically (a killed stage leaves no half file)."""
-    return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
-
-
-def open_line(data_root: str | Path, cfg: RediConfig) -> MVTecCategory:
-    """Open a product line's dataset with the configured bad-file policy."""
-    return MVTecCategory(data_root, skip_bad_files=cfg.data.skip_bad_files)
-
-
-def training_split(category: MVTecCategory, cfg: RediConfig) -> tuple[list[Sample], list[Sample]]:
-    """(bank/training images, held-out normals for the threshold): deterministic in the seed."""
-    return split_train_val(category.train, cfg.data.val_fraction, cfg.data.min_val_images, cfg.train.seed)
-
-
-# -- stage: validate / version the data ---------------------------------------------------------
-def validate_data(data_root: str | Path, out_dir: str | Path, cfg: RediConfig) -> Path:
-    """Check every image and mask; write ``manifest.json`` (files, hashes, counts) and ``rejected.json``."""
-    out_dir = Path(out_dir)
-    category = open_line(data_root, cfg)
-    report = category.validate(check_pixels=True)
-    files = [{"image_id": s.image_id, "path": str(s.path.relative_to(category.root)), "label": s.label,
-              "defect_type": s.defect_type, "sha256": sha256_file(s.path),
-              "mask": str(s.mask_path.relative_to(category.root)) if s.mask_path else None}
-             for s in category.samples]
-    manifest = {"line": category.name, "root": str(category.root), "counts": category.counts(),
-                "n_files": len(files), "files": files, "report": report.to_dict()}
-    _write_json(out_dir / "rejected.json", [{"path": str(p), "reason": r} for p, r in category.skipped])
-    _log("validate", f"{category.name}: {len(files)} files valid, {len(category.skipped)} rejected")
-    return _write_json(out_dir / "manifest.json", manifest)
-
-
-# -- stage: self-generated maps -----------------------------------------------------------------
-def line_selfmap(images: torch.Tensor, cfg: RediConfig, device: torch.device,
-                 scale: float | None = None) -> torch.nn.Module:
-    """The configured self-map module on ``device``, its line scale fitted on ``images`` (the
-    bank's) or set to ``scale`` when one was fitted before."""
-    selfmap = build_selfmap(cfg.model.selfmap).to(device)
-    if cfg.model.selfmap.scale == "line":
-        if scale is None:
-            fit_selfmap_scale(selfmap, images, cfg.model.selfmap.scale_percentile)
-        else:
-            selfmap.set_scale(scale)
-    return selfmap
-
-
-def selfmap_scale_of(selfmap: torch.nn.Module) -> float | None:
-    """The fitted line scale of a self-map module (None when it scales per image or has none)."""
-    if getattr(selfmap, "mode", None) != "line":
-        return None
-    return float(selfmap.scale)
-
-
-@torch.inference_mode()
-def compute_selfmaps(images: torch.Tensor, selfmap: torch.nn.Module, device: torch.device,
-                     batch_size: int = 16) -> torch.Tensor:
-    """Self-maps (N, 1, S, S) of a stack of images, batched on the device."""
-    chunks = [selfmap(images[i:i + batch_size].to(device)).cpu() for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(chunks) if chunks else torch.zeros(0, 1, *images.shape[-2:])
-
-
-def precompute_selfmaps(data_root: str | Path, out_dir: str | Path, cfg: RediConfig) -> Path:
-    """Fit the line's self-map scale on the bank images and cache their maps in ``selfmaps.pt``
-    (keyed by image id and config)."""
-    device = pick_device(cfg.train.device)
-    category = open_line(data_root, cfg)
-    train, _ = training_split(category, cfg)
-    started = time.perf_counter()
-    images = load_images(train, cfg.data.image_size, cfg.data.aspect)
-    selfmap = line_selfmap(images, cfg, device)
-    maps = compute_selfmaps(images, selfmap, device)
-    path = Path(out_dir) / "selfmaps.pt"
-    atomic_torch_save({"image_ids": [s.image_id for s in train], "maps": maps.half(), "key": _selfmap_key(cfg),
-                       "scale": selfmap_scale_of(selfmap)}, path)
-    scale = selfmap_scale_of(selfmap)
-    _log("selfmaps", f"{len(train)} {cfg.model.selfmap.kind} maps"
-                     f"{f', line scale {scale:.4g}' if scale is not None else ''} in "
-                     f"{time.perf_counter() - started:.1f} s -> {path}")
-    return path
-
-
-def _selfmap_key(cfg: RediConfig) -> str:
-    return fingerprint({"selfmap": to_dict(cfg.model.selfmap), "size": [cfg.data.image_size, cfg.data.aspect]})
-
-
-def _load_or_compute_selfmaps(path: str | Path | None, train: list[Sample], images: torch.Tensor,
-                              cfg: RediConfig, device: torch.device) -> tuple[torch.Tensor, torch.nn.Module]:
-    """(maps of the bank images, the self-map module with the line's scale) from the cache or fresh."""
-    if path and Path(path).is_file():
-        try:
-            cached = load_torch_file(path, "self-map cache", "it is recomputed")
-        except WeightsError as exc:  # a damaged cache is recomputed, never fatal
-            _log("recover", f"{exc}")
-            cached = {}
-        if (isinstance(cached, dict) and cached.get("key") == _selfmap_key(cfg)
-                and cached.get("image_ids") == [s.image_id for s in train]
-                and (cfg.model.selfmap.scale != "line" or cached.get("scale"))):
-            return cached["maps"].float(), line_selfmap(images, cfg, device, cached.get("scale"))
-        _log("recover", f"self-map cache {path} is for other settings or images; recomputing")
-    selfmap = line_selfmap(images, cfg, device)
-    return compute_selfmaps(images, selfmap, device), selfmap
-
-
-# -- stage: prompt bank -------------------------------------------------------------------------
-@torch.inference_mode()
-def embed_images(backbone: torch.nn.Module, images: torch.Tensor, device: torch.device,
-                 batch_size: int = 8) -> torch.Tensor:
-    """Pooled backbone embeddings (N, D) of a stack of images."""
-    backbone = backbone.to(device)
-    out = [backbone(images[i:i + batch_size].to(device)).embedding.float().cpu()
-           for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(out)
-
-
-def build_prompt_bank(data_root: str | Path, out_path: str | Path, cfg: RediConfig) -> Path:
-    """Embed every normal training image (held-out normals excluded) into ``prompt_bank.pt``."""
-    device = pick_device(cfg.train.device)
-    category = open_line(data_root, cfg)
-    train, _ = training_split(category, cfg)
-    backbone = build_backbone(cfg.model.backbone, cfg.model.backbone_weights or None)
-    images = load_images(train, cfg.data.image_size, cfg.data.aspect)
-    # transform-major: row t * N + i is image i under transform t (identity first)
-    embeddings = torch.cat([embed_images(backbone, transform_images(images, name), device, cfg.eval.batch_size)
-                            for name in bank_transforms(cfg.model.prompt_transforms)])
-    bank = PromptBank(embeddings, [s.image_id for s in train], cfg.model.backbone, list(cfg.model.prompt_transforms))
-    _log("prompt-bank", f"{len(bank)} images x {1 + len(bank.transforms)} transforms, {embeddings.shape[1]}-d "
-                        f"{cfg.model.backbone} embeddings -> {out_path}")
-    return bank.save(out_path)
-
-
-def _bank_images(bank: PromptBank, category: MVTecCategory, cfg: RediConfig) -> tuple[list[Sample], torch.Tensor]:
-    by_id = {s.image_id: s for s in category.train}
-    missing = [i for i in bank.image_ids if i not in by_id]
-    if missing:
-        raise DatasetError(f"the prompt bank names images that are not in {category.root}: {missing[:3]}; "
-                           f"rebuild the prompt bank for this dataset revision")
-    samples = [by_id[i] for i in bank.image_ids]
-    return samples, load_images(samples, cfg.data.image_size, cfg.data.aspect)
-
-
-def leave_one_out_prompts(bank: PromptBank) -> torch.Tensor:
-    """Each bank image's prompt at training time: its nearest other bank image (any transform of
-    itself excluded), as an index into the (augmented) bank."""
-    own = torch.arange(len(bank))
-    return bank.nearest(bank.embeddings[:len(bank)], exclude=own)[0]
-
-
-def load_bank(path: str | Path, cfg: RediConfig) -> PromptBank:
-    """The prompt bank at ``path``, refused when it was built for another backbone or transforms."""
-    bank = PromptBank.load(path, backbone=cfg.model.backbone)
-    if bank.transforms != list(cfg.model.prompt_transforms):
-        raise WeightsError(f"prompt bank {path} was built with transforms {bank.transforms}, but "
-                           f"model.prompt_transforms is {cfg.model.prompt_transforms}; rebuild the bank")
-    return bank
-
-
-def bank_prompts(encoded: PromptImages, index: torch.Tensor, bank: PromptBank) -> torch.Tensor:
-    """Float prompt images for (augmented) bank indices, decoded and transformed."""
-    return prompt_pixels(encoded.decode_float, index, len(bank), bank_transforms(bank.transforms))
-
-
-# -- stage: recover net -------------------------------------------------------------------------
-def _bank_fingerprint(bank: PromptBank) -> str:
-    """Changes when any bank image's pixels change (its embedding does), not only its id."""
-    return hashlib.sha256(bank.embeddings.numpy().tobytes()).hexdigest()[:16] + str(bank.image_ids)
-
-
-def _recover_run_id(cfg: RediConfig, bank: PromptBank, fold: int = -1) -> str:
-    """What defines a recover run; nothing the recover net does not depend on (a map setting must
-    not throw away a finished 500-epoch run). ``fold`` >= 0 names an out-of-fold net."""
-    model, train = cfg.model, cfg.train
-    return fingerprint({"backbone": [model.backbone, model.backbone_weights], "selfmap": to_dict(model.selfmap),
-                        "prompt": model.prompt, "recover": to_dict(model.recover),
-                        "train": to_dict(train.recover), "lambda_m": train.lambda_m,
-                        "scales": train.msgms_scales, "flip": train.augment_flip, "rot90": train.augment_rot90,
-                        "select": train.recover_select, "amp": train.amp,
-                        "seed": train.seed, "size": [cfg.data.image_size, cfg.data.aspect], "bank": _bank_fingerprint(bank),
-                        "prompt_codec": [model.prompt_codec, model.prompt_quality], "fold": fold,
-                        "folds": train.recover_folds if fold >= 0 else 0})
-
-
-def recover_folds(num_images: int, folds: int, seed: int) -> list[list[int]]:
-    """Bank positions split into ``folds`` disjoint, near-equal folds (seeded, deterministic)."""
-    if folds > num_images:
-        raise DatasetError(f"train.recover_folds={folds} needs at least {folds} bank images; the bank has "
-                           f"{num_images}. Lower train.recover_folds (or 0 for off)")
-    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed + 7919)).tolist()
-    return [sorted(order[f::folds]) for f in range(folds)]
-
-
-@dataclass
-class _RecoverData:
-    """What the recover net trains on: bank images, their self-maps and prompts (all aligned)."""
-
-    images: torch.Tensor
-    maps: torch.Tensor
-    prompts: torch.Tensor
-
-
-def _augment(x: torch.Tensor, h: torch.Tensor, p: torch.Tensor, flip: bool, rot90: bool):
-    """The same random flip / quarter turn on an image, its map and its prompt."""
-    if flip and torch.rand(()) < 0.5:
-        x, h, p = x.flip(-1), h.flip(-1), p.flip(-1)
-    if rot90 and x.shape[-1] == x.shape[-2]:
-        turns = int(torch.randint(0, 4, ()))
-        if turns:
-            x, h, p = (t.rot90(turns, dims=(-2, -1)) for t in (x, h, p))
-    return x, h, p
-
-
-def _train_one_recover_net(name: str, cfg: RediConfig, data: _RecoverData, subset: torch.Tensor,
-                           val: _RecoverData | None, checkpoint: Path, run_id: str,
-                           device: torch.device) -> tuple[RecoverNet, list[dict[str, float]]]:
-    """Train one HIP net on the bank positions in ``subset``; with ``val`` (held-out normals) its
-    L_Rec is logged per pass and, with ``train.recover_select=best_val``, the best pass is kept."""
-    model_cfg, train = cfg.model, cfg.train
-    net = RecoverNet(1, model_cfg.recover.base_width, model_cfg.recover.depth, model_cfg.recover.input_size,
-                     model_cfg.recover.fused_skips).to(device)
-    bf16 = use_bf16(model_cfg.recover.precision, device)
-
-    def step(indices: torch.Tensor):
-        rows = subset[indices]
-        x, h, p = (t[rows].to(device) for t in (data.images, data.maps, data.prompts))
-        x, h, p = _augment(x, h, p, train.augment_flip, train.augment_rot90)
-        with bf16_autocast(bf16, device):  # the net in bf16 where fast; the loss always in fp32
-            y = net(h, p)
-        return recover_loss(x, y.float(), train.lambda_m, train.msgms_scales), {}
-
-    @torch.no_grad()
-    def held_out_loss() -> float:
-        total = 0.0
-        for begin in range(0, val.images.shape[0], cfg.eval.batch_size):
-            x, h, p = (t[begin:begin + cfg.eval.batch_size].to(device) for t in (val.images, val.maps, val.prompts))
-            with bf16_autocast(bf16, device):
-                y = net(h, p)
-            total += float(recover_loss(x, y.float(), train.lambda_m, train.msgms_scales)) * x.shape[0]
-        return total / val.images.shape[0]
-
-    # amp=False: the net has its own precision switch, and the loss must stay in fp32
-    result = run_training(name, net, train.recover, len(subset), step, checkpoint, run_id, train.seed, device,
-                          amp=False, validate=held_out_loss if val is not None else None,
-                          keep_best=train.recover_select == "best_val")
-    return net.cpu(), result.history
-
-
-def _held_out_recover_data(category: MVTecCategory, bank: PromptBank, encoded: PromptImages | None,
-                           selfmap: torch.nn.Module, cfg: RediConfig, device: torch.device) -> _RecoverData | None:
-    """The held-out normals (not in the bank) with their self-maps and nearest bank prompts, for
-    the held-out L_Rec; None when there are none."""
-    in_bank = set(bank.image_ids)
-    held_out = [s for s in category.train if s.image_id not in in_bank]
-    if not held_out:
-        return None
-    images = load_images(held_out, cfg.data.image_size, cfg.data.aspect)
-    maps = compute_selfmaps(images, selfmap, device)
-    if encoded is None:
-        return _RecoverData(images, maps, torch.zeros_like(images))
-    backbone = build_backbone(cfg.model.backbone, cfg.model.backbone_weights or None)
-    nearest = bank.nearest(embed_images(backbone, images, device, cfg.eval.batch_size))[0]
-    return _RecoverData(images, maps, bank_prompts(encoded, nearest.cpu(), bank))
-
-
-def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | Path, cfg: RediConfig,
-                  selfmaps_path: str | Path | None = None) -> Path:
-    """Train HIP to recover each training image from its self-map and prompt; write ``recover.pt``.
-
-    With ``train.recover_folds`` = k >= 2 it also trains k out-of-fold nets, each without one fold
-    of the bank, so the discriminate stage can learn from recoveries of images their net never saw
-    (as test images are); ``recover.pt`` then carries the folds and the fold nets' weights.
-    """
-    out_dir = Path(out_dir)
-    path = out_dir / "recover.pt"
-    model_cfg, train = cfg.model, cfg.train
-    if not model_cfg.recover.enabled:
-        atomic_torch_save({"enabled": False}, path)
-        _log("recover", "recover net disabled (model.recover.enabled=false): Y = X")
-        return path
-    seed_everything(train.seed)
-    device = pick_device(train.device)
-    category = open_line(data_root, cfg)
-    bank = load_bank(bank_path, cfg)
-    samples, images = _bank_images(bank, category, cfg)
-    maps, selfmap = _load_or_compute_selfmaps(selfmaps_path, samples, images, cfg, device)
-    # The bank is encoded once; the net trains on the decoded prompts, and recover.pt hands the
-    # same bytes to the detector, so it serves exactly the prompts it was trained on.
-    encoded = (PromptImages.encode(images, model_cfg.prompt_codec, model_cfg.prompt_quality)
-               if model_cfg.prompt == "nearest" else None)
-    prompts = (bank_prompts(encoded, leave_one_out_prompts(bank), bank) if encoded is not None
-               else torch.zeros_like(images))
-    data = _RecoverData(images, maps, prompts)
-    val = (_held_out_recover_data(category, bank, encoded, selfmap, cfg, device)
-           if train.recover_select == "best_val" else None)
-    if train.recover_select == "best_val" and val is None:
-        raise DatasetError("train.recover_select=best_val needs held-out normal images; raise data.val_fraction")
-    bf16 = use_bf16(model_cfg.recover.precision, device)
-    folds = recover_folds(len(samples), train.recover_folds, train.seed) if train.recover_folds else []
-    _log("recover", f"{len(samples)} images, {_budget_text(train.recover)}, device {device}, "
-                    f"{'bf16' if bf16 else 'fp32'}, profile {cfg.profile}"
-                    f"{f', {len(folds)} out-of-fold nets + the served net' if folds else ''}")
-    checkpoints = out_dir / "checkpoints"
-    fold_states = []
-    for number, fold in enumerate(folds):
-        excluded = set(fold)
-        keep = torch.tensor([i for i in range(len(samples)) if i not in excluded])
-        net, _ = _train_one_recover_net(f"recover fold {number + 1}/{len(folds)}", cfg, data, keep, val,
-                                        checkpoints / f"recover_fold{number}_last.pt",
-                                        _recover_run_id(cfg, bank, number), device)
-        fold_states.append(net.state_dict())
-    run_id = _recover_run_id(cfg, bank)
-    net, history = _train_one_recover_net("recover", cfg, data, torch.arange(len(samples)), val,
-                                          checkpoints / "recover_last.pt", run_id, device)
-    atomic_torch_save({"enabled": True, "state": net.state_dict(), "history": history,
-                       "run_id": run_id, "config": to_dict(cfg), "prompt_ids": list(bank.image_ids),
-                       "prompts": encoded.to_payload() if encoded is not None else None,
-                       "selfmap_scale": selfmap_scale_of(selfmap),
-                       "folds": folds, "fold_states": fold_states}, path)
-    _write_json(out_dir / "recover_history.json", history)
-    return path
-
-
-def _budget_text(stage) -> str:
-    """'240 steps' or '40 epochs': how a stage's budget reads in logs."""
-    return f"{stage.steps} steps" if stage.steps else f"{stage.epochs} epochs"
-
-
-# -- stage: discriminate net --------------------------------------------------------------------
-@torch.inference_mode()
-def _features_for_training(detector: Detector, images: torch.Tensor, prompt_index: torch.Tensor,
-                           device: torch.device, batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """F_X and R_Y of every training image, computed once: the backbone and recover net are frozen."""
-    reference, recovered = [], []
-    for begin in range(0, images.shape[0], batch_size):
-        x = images[begin:begin + batch_size].to(device)
-        index = prompt_index[begin:begin + batch_size].to(device)
-        reference.append([f.cpu() for f in detector.backbone(x).features])
-        y = detector.recover_image(x, index)
-        recovered.append([f.cpu() for f in detector.backbone(y).features])
-    levels = len(reference[0])
-    return ([torch.cat([r[i] for r in reference]) for i in range(levels)],
-            [torch.cat([r[i] for r in recovered]) for i in range(levels)])
-
-
-def _out_of_fold_features(detector: Detector, recover_path: str | Path, images: torch.Tensor,
-                          prompt_index: torch.Tensor, device: torch.device,
-                          batch_size: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """F_X and R_Y where each image's Y comes from the fold net that never trained on it.
-
-    Without folds in ``recover_path`` (or with the recover net off) every Y comes from the served net.
-    """
-    payload = load_torch_file(recover_path, "recover net file", "rerun the recover stage") if detector.use_recover else {}
-    folds = payload.get("folds") or []
-    if not folds:
-        return _features_for_training(detector, images, prompt_index, device, batch_size)
-    served = {k: v.clone() for k, v in detector.recover.state_dict().items()}
-    reference: list[torch.Tensor] = []
-    recovered: list[torch.Tensor] = []
-    order = torch.tensor([i for fold in folds for i in fold])
-    for fold, state in zip(folds, payload["fold_states"]):
-        detector.recover.load_state_dict(state)
-        rows = torch.tensor(fold)
-        fx, ry = _features_for_training(detector, images[rows], prompt_index[rows], device, batch_size)
-        reference.append(fx)
-        recovered.append(ry)
-    detector.recover.load_state_dict(served)
-    back = torch.argsort(order)  # from fold order back to bank order
-    levels = len(reference[0])
-    return ([torch.cat([r[i] for r in reference])[back] for i in range(levels)],
-            [torch.cat([r[i] for r in recovered])[back] for i in range(levels)])
-
-
-def calibrate_threshold(detector: Detector, images: torch.Tensor, cfg: RediConfig) -> dict[str, Any]:
-    """Decision threshold from held-out normal images only (never from test labels), set by the
-    line's threshold policy for its false-call target (:func:`redi.operating_point.set_threshold`)."""
-    if images.shape[0] == 0:
-        raise DatasetError("no held-out normal images to calibrate the threshold on; "
-                           "raise data.val_fraction or add images to train/good")
-    scores = score_images(detector, images, cfg.eval.batch_size)["scores"]
-    threshold = set_threshold(scores.numpy(), cfg.eval.threshold_policy, cfg.eval.false_call_target,
-                              cfg.eval.threshold_quantile, cfg.eval.threshold_margin)
-    detector.threshold.fill_(threshold)
-    note = small_sample_note(int(images.shape[0]), cfg.eval.threshold_policy, cfg.eval.false_call_target)
-    if note:
-        _log("discriminate", f"WARNING: {note}")
-    return {"threshold": threshold, "policy": cfg.eval.threshold_policy,
-            "false_call_target": cfg.eval.false_call_target, "margin": cfg.eval.threshold_margin,
-            "val_score_mean": float(scores.mean()), "val_score_max": float(scores.max()),
-            "val_false_call_rate": float((scores > threshold).float().mean()), "n_val": int(images.shape[0]),
-            "note": note}
-
-
-def _recover_identity(recover_path: str | Path) -> str:
-    """The recover run that made ``recover.pt`` (its run id and epochs), independent of file paths."""
-    payload = load_torch_file(recover_path, "recover net file", "rerun the recover stage (redi train)")
-    return f"{payload.get('run_id', '')}:{len(payload.get('history', []))}"
-
-
-def served_prompts(recover_path: str | Path, bank: PromptBank, images: torch.Tensor) -> PromptImages:
-    """The encoded prompt images the recover net in ``recover_path`` was trained on.
-
-    A recover.pt from before compressed prompts has none: its net trained on the uint8-rounded
-    images, which lossless PNG reproduces exactly.
-    """
-    payload = load_torch_file(recover_path, "recover net file", "rerun the recover stage (redi train)")
-    if payload.get("prompts") is None:
-        _log("discriminate", f"{recover_path} carries no encoded prompts (older recover stage); storing the "
-                             f"bank losslessly (PNG), as that net was trained on")
-        return PromptImages.encode(images, codec="png")
-    if list(payload.get("prompt_ids", [])) != list(bank.image_ids):
-        raise WeightsError(f"{recover_path} was trained with another prompt bank than the one given here "
-                           f"({len(bank)} images); rerun the recover stage with this prompt bank")
-    return PromptImages.from_payload(payload["prompts"])
-
-
-def _with_resolved_precision(cfg: RediConfig, device: torch.device) -> RediConfig:
-    """The config with ``model.recover.precision=auto`` resolved to what this machine measured.
-
-    The detector is calibrated and saved with that explicit precision, so wherever it runs its
-    scores are made the way its threshold was set (bf16 and fp32 scores differ by about 1e-2).
-    """
-    if cfg.model.recover.precision != "auto":
-        return cfg
-    resolved = copy.deepcopy(cfg)
-    resolved.model.recover.precision = "bf16" if use_bf16("auto", device) else "fp32"
-    _log("discriminate", f"recover net precision: {resolved.model.recover.precision} (measured on this machine)")
-    return resolved
-
-
-def _set_selfmap_scale(detector: Detector, recover_path: str | Path) -> None:
-    """Give the detector's self-map the line scale its recover net was trained with."""
-    if detector.cfg.model.selfmap.scale != "line":
-        return
-    payload = load_torch_file(recover_path, "recover net file", "rerun the recover stage (redi train)")
-    scale = payload.get("selfmap_scale")
-    if scale is None:
-        raise WeightsError(f"{recover_path} carries no self-map scale but model.selfmap.scale=line; rerun the "
-                           f"recover stage with this redi (or set model.selfmap.scale=image for that net)")
-    detector.selfmap.set_scale(scale)
-
-
-def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_path: str | Path,
-                       out_dir: str | Path, cfg: RediConfig, line: str = "") -> Path:
-    """Train the FRB with the recover net frozen, calibrate the threshold, write ``detector.pt``."""
-    out_dir = Path(out_dir)
-    seed_everything(cfg.train.seed)
-    device = pick_device(cfg.train.device)
-    category = open_line(data_root, cfg)
-    bank = load_bank(bank_path, cfg)
-    samples, images = _bank_images(bank, category, cfg)
-    cfg = _with_resolved_precision(cfg, device)
-    detector = Detector(cfg, num_prompts=bank.embeddings.shape[0])
-    encoded = served_prompts(recover_path, bank, images) if detector.needs_prompt_images else None
-    detector.set_prompts(bank.embeddings, images, bank.image_ids, encoded)
-    if detector.use_recover:
-        load_module_weights(detector.recover, recover_path, "recover")
-        _set_selfmap_scale(detector, recover_path)
-    detector = detector.to(device)
-    detector.eval()
-    prompt_index = (leave_one_out_prompts(bank) if detector.use_prompt
-                    else torch.full((len(bank),), -1, dtype=torch.long))
-    started = time.perf_counter()
-    reference, recovered = _out_of_fold_features(detector, recover_path, images, prompt_index, device,
-                                                 cfg.eval.batch_size)
-    _log("discriminate", f"features of {len(samples)} images in {time.perf_counter() - started:.1f} s")
-    history: list[dict[str, float]] = []
-    if cfg.model.use_frb:
-        head = detector.head
-
-        def step(indices: torch.Tensor):
-            fx = [f[indices].to(device) for f in reference]
-            fy = head([f[indices].to(device) for f in recovered])
-            return discriminate_loss(fx, fy, cfg.train.lambda_s, cfg.train.use_self_correlation,
-                                     cfg.train.ls_normalisation)
-
-        run_id = fingerprint({"recover": _recover_identity(recover_path) if detector.use_recover else "off",
-                              "model": to_dict(cfg.model), "train": to_dict(cfg.train.discriminate),
-                              "lambda_s": cfg.train.lambda_s, "ls": cfg.train.use_self_correlation,
-                              "ls_norm": cfg.train.ls_normalisation,
-                              "amp": cfg.train.amp, "seed": cfg.train.seed, "size": [cfg.data.image_size, cfg.data.aspect],
-                              "bank": _bank_fingerprint(bank)})
-        result = run_training("discriminate", head, cfg.train.discriminate, len(samples), step,
-                              out_dir / "checkpoints" / "discriminate_last.pt", run_id, cfg.train.seed, device,
-                              cfg.train.amp)
-        history = result.history
-    detector.eval()
-    # The held-out normals are exactly the training images that are not in the bank.
-    in_bank = set(bank.image_ids)
-    val = [s for s in category.train if s.image_id not in in_bank]
-    calibration = calibrate_threshold(detector, load_images(val, cfg.data.image_size, cfg.data.aspect), cfg)
-    _log("discriminate", f"threshold {calibration['threshold']:.4f} ({cfg.eval.threshold_policy} policy, false-call "
-                         f"target {cfg.eval.false_call_target:.1%}) from {calibration['n_val']} held-out normals")
-    _write_json(out_dir / "discriminate_history.json", history)
-    meta = {"line": line or category.name, "calibration": calibration, "n_train": len(samples),
-            "version": time.strftime("%Y%m%d-%H%M%S")}
-    return save_detector(detector.cpu(), out_dir / "detector.pt", meta)
-
-
-# -- inference helpers and the evaluation stage -------------------------------------------------
-def score_images(detector: Detector, images: torch.Tensor, batch_size: int = 8, keep_maps: bool = False,
-                 keep_recovered: bool = False, show_progress: bool = False) -> dict[str, Any]:
-    """Run the detector over a stack of images in batches; scores always, maps on request."""
-    scores, maps, recovered, prompts = [], [], [], []
-    batches = range(0, images.shape[0], batch_size)
-    if show_progress:
-        batches = progress(batches, len(batches), "[predict] batch")
-    for begin in batches:
-        out = detector.predict(images[begin:begin + batch_size])
-        scores.append(out.score.float().cpu())
-        prompts.append(out.prompt_index.cpu())
-        if keep_maps:
-            maps.append(out.anomaly_map.float().cpu())
-        if keep_recovered:
-            recovered.append(out.recovered.float().cpu())
-    result: dict[str, Any] = {"scores": torch.cat(scores), "prompt_index": torch.cat(prompts)}
-    if keep_maps:
-        result["maps"] = torch.cat(maps)
-    if keep_recovered:
-        result["recovered"] = torch.cat(recovered)
-    return result
-
-
-def _image_pixels(samples: list[Sample], masks, maps, aspect: str):
-    """Masks and maps restricted to the pixels that show the image: a letterbox's padding is not
-    part of the part and would add easy normal pixels to the pixel metrics. Cropped when every
-    test image has the same shape (one box); otherwise the whole canvas is scored, and logged."""
-    if aspect != "letterbox":
-        return masks, maps
-    shapes = {image_size_of(s.path) for s in samples}
-    if len(shapes) != 1:
-        _log("evaluate", f"test images come in {len(shapes)} shapes: pixel metrics include the letterbox padding")
-        return masks, maps
-    image_hw = shapes.pop()
-    crop = [(crop_to_content(m, image_hw, aspect), crop_to_content(a, image_hw, aspect))
-            for m, a in zip(masks, maps)]
-    return np.stack([m for m, _ in crop]), np.stack([a for _, a in crop])
-
-
-def _served_threshold_info(detector: Detector) -> dict[str, Any]:
-    """How the detector's threshold was set: policy and target (``max`` for detectors calibrated
-    before threshold policies, whose rule was a quantile of the held-out normals)."""
-    calibration = dict(detector.metadata.get("calibration") or {})
-    return {"threshold": float(detector.threshold), "threshold_policy": calibration.get("policy", "max"),
-            "false_call_target": calibration.get("false_call_target"),
-            "threshold_margin": calibration.get("margin", detector.cfg.eval.threshold_margin),
-            "threshold_n_held_out": calibration.get("n_val"), "threshold_note": calibration.get("note")}
-
-
-def operating_point_metrics(labels: np.ndarray, scores: np.ndarray, defect_types: list[str], threshold: float,
-                            cfg: RediConfig) -> dict[str, Any]:
-    """The decision at the served threshold: confusion matrix, recall per defect type, and the best
-    recall / false-call pairs any threshold would give on these labelled scores."""
-    point = decision_stats(labels, scores, threshold)
-    kinds = sorted({t for t, y in zip(defect_types, labels) if y == 1})
-    per_type = {}
-    for kind in kinds:
-        chosen = np.array([t == kind and y == 1 for t, y in zip(defect_types, labels)])
-        per_type[kind] = {"n": int(chosen.sum()), "caught": int((scores[chosen] > threshold).sum()),
-                          "recall": float((scores[chosen] > threshold).mean())}
-    both = bool(labels.any() and not labels.all())
-    reach = (achievable(labels, scores, cfg.eval.goal_recall, cfg.eval.goal_false_call_rate) if both else None)
-    return {"operating_point": point, "recall_per_type": per_type, "achievable": reach}
-
-
-def validation_scores(detector: Detector, category: MVTecCategory, cfg: RediConfig) -> dict[str, Any] | None:
-    """Scores of the synthetic validation set (held-out normals + synthetic defects), or None when
-    this data folder cannot make it (e.g. the detector's bank images are not in it)."""
-    from redi.validation import validation_set
-
-    try:
-        normals, synthetic = validation_set(detector, category, cfg)
-    except DatasetError as exc:
-        _log("evaluate", f"no validation curve: {exc}")
-        return None
-    images = torch.cat([normals.float(), synthetic.images])
-    scores = score_images(detector, images, cfg.eval.batch_size)["scores"].numpy()
-    labels = np.r_[np.zeros(normals.shape[0], dtype=np.int64), synthetic.labels.numpy()]
-    return {"labels": labels, "scores": scores, "kinds": ["good"] * normals.shape[0] + list(synthetic.kinds)}
-
-
-def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Path, cfg: RediConfig,
-             write_report: bool = True) -> Path:
-    """Score the test split; write ``metrics.json`` (every decision number names its threshold)
-    and, with ``write_report``, the HTML report folder and the validation operating point."""
-    from redi.report import write_report as render_report  # matplotlib only when reporting
-
-    out_dir = Path(out_dir)
-    device = pick_device(cfg.train.device)
-    detector = load_detector(detector_path, device)
-    category = open_line(data_root, cfg)
-    category.require_test()
-    test = category.test
-    size = detector.image_size
-    aspect = detector.cfg.data.aspect
-    images = load_images(test, size, aspect)
-    masks = load_masks(test, size, aspect)[:, 0].bool()
-    started = time.perf_counter()
-    result = score_images(detector, images, cfg.eval.batch_size, keep_maps=True, keep_recovered=write_report,
-                          show_progress=True)
-    seconds = time.perf_counter() - started
-    labels = torch.tensor([s.label for s in test])
-    has_masks = any(s.mask_path is not None for s in test)
-    pixel_masks, pixel_maps = (_image_pixels(test, masks.numpy(), result["maps"].numpy(), aspect)
-                               if has_masks else (None, None))
-    metrics = compute_all(labels.numpy(), result["scores"].numpy(), pixel_masks, pixel_maps,
-                          max_fpr=cfg.eval.max_fpr)
-    decisions = detector.is_anomalous(result["scores"])
-    served = _served_threshold_info(detector)
-    decided = operating_point_metrics(labels.numpy(), result["scores"].numpy().astype(np.float64),
-                                      [s.defect_type for s in test], served["threshold"], cfg)
-    point = decided["operating_point"]
-    metrics.update({
-        **served,
-        # the flat names older readers know, from the one operating point
-        "accuracy_at_threshold": point["accuracy"], "recall_at_threshold": point["recall"],
-        "false_alarm_rate_at_threshold": point["false_call_rate"],
-        **decided,
-        "profile": detector.metadata.get("profile"), "backbone": detector.metadata.get("backbone"),
-        "model_version": detector.metadata.get("version"), "line": detector.metadata.get("line"),
-        "data_root": str(category.root), "seconds_per_image": seconds / max(len(test), 1), "device": str(device),
-    })
-    validation = validation_scores(detector, category, cfg) if write_report else None
-    if validation is not None:
-        val_point = decision_stats(validation["labels"], validation["scores"], served["threshold"])
-        metrics["validation"] = {"threshold": served["threshold"], "recall_at_threshold": val_point["recall"],
-                                 "false_call_rate_at_threshold": val_point["false_call_rate"],
-                                 "n_normal": val_point["fp"] + val_point["tn"],
-                                 "n_synthetic": val_point["tp"] + val_point["fn"]}
-    out_dir.mkdir(parents=True, exist_ok=True)
-    per_image = [{"image_id": s.image_id, "defect_type": s.defect_type, "label": s.label,
-                  "score": float(score), "anomalous": bool(d), "threshold": served["threshold"]}
-                 for s, score, d in zip(test, result["scores"], decisions)]
-    _write_json(out_dir / "scores.json", per_image)
-    if write_report:
-        render_report(out_dir / "report", detector, test, images, masks, result, metrics, validation=validation)
-    _log("evaluate", " ".join(f"{k} {metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
-                              if metrics.get(k) is not None))
-    _log("evaluate", f"at the served threshold {served['threshold']:.4f}: caught {point['tp']} of "
-                     f"{point['tp'] + point['fn']} defects, flagged {point['fp']} of {point['fp'] + point['tn']} "
-                     f"good parts")
-    return _write_json(out_dir / "metrics.json", metrics)
-
-
-# -- everything at once -------------------------------------------------------------------------
-def train_all(data_root: str | Path, out_dir: str | Path, cfg: RediConfig, line: str = "") -> dict[str, Path]:
-    """Run every training stage in order into one folder (what ``redi train`` does)."""
-    out_dir = Path(out_dir)
-    save_config(cfg, out_dir / "config.yaml")
-    paths: dict[str, Path] = {"manifest": validate_data(data_root, out_dir, cfg)}
-    paths["selfmaps"] = precompute_selfmaps(data_root, out_dir, cfg)
-    paths["prompt_bank"] = build_prompt_bank(data_root, out_dir / "prompt_bank.pt", cfg)
-    paths["recover"] = train_recover(data_root, paths["prompt_bank"], out_dir, cfg, paths["selfmaps"])
-    paths["detector"] = train_discriminate(data_root, paths["prompt_bank"], paths["recover"], out_dir, cfg, line)
-    return paths
-
-
-def require_file(path: str | Path, what: str, hint: str) -> Path:
-    """A clear error for a missing input file of a stage."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{what} {path} does not exist; {hint}")
-    return path
+from typing import Any, Callable
+
+from redi.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage."""
+
+    name: str
+    summary: str
+    function: str  # "module:attribute", imported on use (the training code is heavy)
+    reads: tuple[str, ...] = ()  # config sections its function reads (profile always)
+    cached: bool = True  # KFP may reuse its outputs: they depend only on its inputs
+    store: bool = False  # reads and writes the object store: its step gets the store's secret
+    workdir: bool = False  # keeps resumable checkpoints in the line's work dir (the PVC on a cluster)
+    accelerator: bool = False  # runs on the line's GPU node when the line has one
+    dvc: bool = True  # a DVC stage of dvc.yaml (dvc.yaml says why the others are not)
+    aliases: tuple[str, ...] = ()  # old names (CLI, DVC, pipeline.steps), accepted with a note
+
+    @property
+    def command(self) -> str:
+        """The ``redi`` sub-command."""
+        return self.name.replace("_", "-")
+
+    def resolve(self) -> Callable[..., Any]:
+        """The stage's function (a KFP-only step has none here: it is its component)."""
+        import importlib
+
+        if not self.function:
+            raise ConfigError(f"stage {self.name!r} runs only as a KFP step (components/{self.name}.py)")
+        module, attribute = self.function.split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("validate_data", "check every image and mask of a line; write manifest.json",
+          "redi.workflow.stages:validate_data", reads=("data",), cached=False, aliases=("validate", "version_data")),
+    Stage("snapshot_data", "turn (source, commit, content hash) into the dataset artifact (a KFP step only)",
+          "", dvc=False),
+    Stage("precompute_selfmaps", "cache the training images' self-generated maps",
+          "redi.methods.redi.fit:precompute_selfmaps", reads=("data", "model", "train"),
+          aliases=("selfmaps", "precompute_hog")),
+    Stage("build_prompt_bank", "embed the normal training images into a prompt bank",
+          "redi.methods.redi.fit:build_prompt_bank", reads=("data", "model", "train", "eval"),
+          aliases=("prompt-bank",)),
+    # not eval: a new threshold policy must not retrain the recover net (it reads only eval.batch_size,
+    # a speed setting, which then comes from the profile)
+    Stage("train_recover", "train the recover net (HIP)", "redi.methods.redi.fit:train_recover",
+          reads=("data", "model", "train"), workdir=True, accelerator=True),
+    Stage("train_discriminate", "train the discriminate net, calibrate the threshold, write detector.pt",
+          "redi.methods.redi.fit:train_discriminate", reads=("data", "model", "train", "eval"), workdir=True,
+          accelerator=True),
+    Stage("evaluate", "score the test split at the served threshold: metrics.json and an HTML report",
+          "redi.workflow.stages:evaluate", reads=("data", "model", "train", "eval")),
+    Stage("drift_reference", "the monitoring rows of a line's normal training images",
+          "redi.ops.monitoring:build_reference", reads=("data", "model", "train", "eval"), dvc=False),
+    Stage("gate", "compare the candidate with production at the served thresholds; promote or refuse",
+          "redi.ops.gate:gate_model", reads=("data", "model", "train", "eval", "gate"), cached=False, store=True,
+          dvc=False),
+    Stage("package_bento", "build a Bento of the lines' production models and keep it in the object store",
+          "redi.ops.packaging:build_production_bento", cached=False, store=True, dvc=False),
+)
+
+_BY_NAME = {stage.name: stage for stage in STAGES}
+_OLD_NAMES = {alias: stage.name for stage in STAGES for alias in stage.aliases}
+
+
+def stage_names() -> list[str]:
+    """Every stage, in pipeline order."""
+    return [stage.name for stage in STAGES]
+
+
+def get_stage(name: str, warn: bool = True) -> Stage:
+    """The stage ``name``; an old name works and says the new one; an unknown one is a ConfigError."""
+    key = name.replace("-", "_")
+    if key in _BY_NAME:
+        return _BY_NAME[key]
+    new = _OLD_NAMES.get(name) or _OLD_NAMES.get(key)
+    if new:
+        if warn:
+            print(f"note: stage {name!r} is now called {new!r}; the old name still works for now", file=sys.stderr)
+        return _BY_NAME[new]
+    raise ConfigError(f"unknown stage {name!r}; the stages are {stage_names()}")
+
+
+def dvc_yaml(data_root: str = "${data.root}", runs: str = "runs/dvc") -> dict[str, Any]:
+    """``dvc.yaml``'s ``stages:`` as written from this table: every DVC row, its ``params:`` the
+    config sections it reads. Each runs ``redi <command> ... --config params.yaml``, so DVC and the
+    pipeline call the same function."""
+    manifest = f"{runs}/data/manifest.json"
+    bank, selfmaps, train = f"{runs}/prompt_bank.pt", f"{runs}/selfmaps/selfmaps.pt", f"{runs}/train"
+    recover, detector = f"{train}/recover.pt", f"{train}/detector.pt"
+    wiring: dict[str, dict[str, Any]] = {  # the arguments, inputs and outputs of each DVC stage
+        "validate_data": {"args": f"{data_root} --out {runs}/data", "deps": [data_root],
+                          "outs": [manifest, f"{runs}/data/rejected.json"]},
+        "precompute_selfmaps": {"args": f"{data_root} --out {runs}/selfmaps", "deps": [data_root, manifest],
+                                "outs": [selfmaps]},
+        "build_prompt_bank": {"args": f"{data_root} --out {bank}", "deps": [data_root, manifest], "outs": [bank]},
+        "train_recover": {"args": f"{data_root} --bank {bank} --selfmaps {selfmaps} --out {train}",
+                          "deps": [data_root, bank, selfmaps], "outs": [recover]},
+        "train_discriminate": {"args": f"{data_root} --bank {bank} --recover {recover} --out {train}",
+                               "deps": [data_root, bank, recover], "outs": [detector]},
+        "evaluate": {"args": f"{detector} {data_root} --out {runs}/eval", "deps": [data_root, detector],
+                     "outs": [f"{runs}/eval/report", f"{runs}/eval/scores.json"],
+                     "metrics": [{f"{runs}/eval/metrics.json": {"cache": False}}]},
+    }
+    stages: dict[str, Any] = {}
+    for stage in STAGES:
+        if stage.dvc:
+            wired = wiring[stage.name]
+            stages[stage.name] = {"cmd": f"redi {stage.command} {wired['args']} --config params.yaml",
+                                  "deps": wired["deps"], "params": ["profile", *stage.reads], "outs": wired["outs"],
+                                  **({"metrics": wired["metrics"]} if "metrics" in wired else {})}
+    return {"stages": stages}
+
+
+DVC_HEADER = """\
+# Written from the stage table (redi/stages.py) by `redi stages dvc --out dvc.yaml`; edit the table,
+# not this file (CI checks they agree). The Kubeflow pipeline's data and training stages, each
+# calling the `redi` CLI (the same functions as the pipeline's steps) with params.yaml as its config
+# file; each stage's `params:` are the config sections its function reads (what the pipeline hands
+# that step, so both rerun on the same changes). Not here: snapshot_data (a KFP artifact step),
+# drift_reference, gate and package_bento (they need the object store and the production model).
+# Run from the repository root with the venv active:
+#   dvc repro            (reruns only the stages whose data, params or inputs changed)
+# ${data.root} comes from params.yaml. Checkpoints in runs/dvc/train/checkpoints are not DVC
+# outputs, so an interrupted `dvc repro` resumes training where it stopped.
+"""
+
+
+def dvc_yaml_text() -> str:
+    """The text of ``dvc.yaml``: :data:`DVC_HEADER` and :func:`dvc_yaml`."""
+    import yaml
+
+    return DVC_HEADER + yaml.safe_dump(dvc_yaml(), sort_keys=False, width=200)

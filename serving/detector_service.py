@@ -9,7 +9,7 @@ APIs (internal):
 
 - ``score(items)`` batchable: each item ``{"line", "pixels"}`` where ``pixels`` is the model input
   of one image, either uint8 ``(S, S, 3)`` (an upload already at the model's size: a quarter of
-  the bytes) or float32 ``(3, S, S)`` from :func:`redi.images.preprocess`. BentoML's adaptive
+  the bytes) or float32 ``(3, S, S)`` from :func:`redi.core.images.preprocess`. BentoML's adaptive
   batching groups concurrent calls; one detector batch runs per line (and model object). Each
   answer: ``score``, ``map`` (float32 ``(S, S)``), ``embedding`` (float32 ``(D,)``), ``version``,
   ``tag``, ``model_threshold``, ``batch_size``; or ``{"error": ..., "status": ...}`` (unknown line;
@@ -22,7 +22,7 @@ polled every ``REDI_RELOAD_INTERVAL_S``, or the models pinned in a built Bento).
 overrides are read here with the pointers (one reader of the store); the API service applies the
 threshold to the score it gets back.
 
-``REDI_RUNTIME=onnx`` runs each line's exported ONNX graph (``redi.export``) in onnxruntime instead
+``REDI_RUNTIME=onnx`` runs each line's exported ONNX graph (``detector.export_onnx``, :mod:`redi.methods.onnx`) in onnxruntime instead
 of the torch detector: a ``detector.onnx`` beside the detector file is used when present, else the
 detector is exported once at load time into ``REDI_MODEL_CACHE/onnx/<sha256>/``. The graph gives
 score and map; the drift row's embedding comes from the torch backbone alone (one backbone pass,
@@ -44,11 +44,12 @@ import bentoml
 import numpy as np
 import torch
 
-from redi.errors import RediError
-from redi.models.detector import Detector, load_detector
-from redi.storage import ObjectStore, store_from_env
-from redi.thresholds import effective_threshold, threshold_override
-from redi.utils import pick_device
+from redi.core.errors import RediError
+from redi.methods.base import load_detector
+from redi.methods.base import AnomalyDetector
+from redi.ops.object_store import ObjectStore, store_from_env
+from redi.ops.thresholds import effective_threshold, threshold_override
+from redi.core.utils import pick_device
 from serving.model_source import ModelRef, StoreModels, bento_models, choose_source
 from serving.settings import (ServingSettings, bump_generation, detector_threads, detector_workers, env_int, has_gpu,
                               model_cache, read_generation, reload_generation_file)
@@ -67,7 +68,7 @@ class LoadedLine:
     """One line's loaded model (torch, optionally an onnxruntime session) and its override record."""
 
     ref: ModelRef
-    detector: Detector
+    detector: AnomalyDetector
     session: Any = None  # onnxruntime.InferenceSession with REDI_RUNTIME=onnx
     override: dict[str, Any] | None = None
     chunk: int = 0  # largest batch the model runs at once (0: any); measured at load, see measure_chunk
@@ -106,7 +107,7 @@ class LoadedLine:
             out = self.detector.predict(batch)
             return (out.score.float().cpu().numpy(), out.anomaly_map.float().cpu().numpy(),
                     out.embedding.float().cpu().numpy())
-        from redi.export import run_onnx
+        from redi.methods.onnx import run_onnx
 
         scores, maps = run_onnx(self.session, batch)
         with torch.inference_mode():  # the graph has no embedding output: one torch backbone pass
@@ -114,7 +115,7 @@ class LoadedLine:
         return np.asarray(scores, np.float32), np.asarray(maps, np.float32), embedding.float().cpu().numpy()
 
 
-def _onnx_file(ref: ModelRef, detector: Detector, cache: Path) -> Path:
+def _onnx_file(ref: ModelRef, detector: AnomalyDetector, cache: Path) -> Path:
     """The line's ONNX graph: ``detector.onnx`` beside the detector, else exported once into the cache.
 
     The cache key is the detector file's sha256, so a new model never reuses an old export.
@@ -124,10 +125,9 @@ def _onnx_file(ref: ModelRef, detector: Detector, cache: Path) -> Path:
         return beside
     target = cache / "onnx" / ref.sha256[:32] / "detector.onnx"
     if not target.is_file():
-        from redi.export import export_onnx
 
         started = time.perf_counter()
-        export_onnx(detector, target)  # atomic: a crash mid-export leaves no half file
+        detector.export_onnx(target)  # atomic: a crash mid-export leaves no half file
         LOG.warning("line %s %s: exported to ONNX in %.1f s (%s)", ref.line, ref.version,
                     time.perf_counter() - started, target)
     return target
@@ -173,7 +173,7 @@ def load_line(ref: ModelRef, device: torch.device, runtime: str, cache: Path,
     detector = load_detector(ref.path, device)
     session = None
     if runtime == "onnx":
-        from redi.export import onnx_session
+        from redi.methods.onnx import onnx_session
 
         session = onnx_session(_onnx_file(ref, detector, cache), threads=detector_threads())
     line = LoadedLine(ref=ref, detector=detector, session=session, override=override)
@@ -190,7 +190,7 @@ def load_line(ref: ModelRef, device: torch.device, runtime: str, cache: Path,
 def _as_input(pixels: np.ndarray, size: int) -> torch.Tensor | None:
     """One item's array as a (1, 3, S, S) float tensor, or None when it is not this model's size."""
     if pixels.dtype == np.uint8 and pixels.shape == (size, size, 3):
-        from redi.images import preprocess
+        from redi.core.images import preprocess
 
         return preprocess([np.ascontiguousarray(pixels)], size)  # the same /255 the API would do
     if pixels.dtype == np.float32 and pixels.shape == (3, size, size):

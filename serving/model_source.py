@@ -2,12 +2,12 @@
 
 Two sources, both resolving to the version the gate (or ``redi model promote|rollback``) chose:
 
-- ``store``: the object store's production pointers (``redi.storage``: S3/MinIO via ``REDI_S3_*``,
+- ``store``: the object store's production pointers (``redi.ops.model_registry``: S3/MinIO via ``REDI_S3_*``,
   or a local folder via ``REDI_STORE_DIR``). Each detector is downloaded to a cache folder, its
   sha256 checked against the one recorded at promotion, and loaded. The service polls the
   pointers (and ``/admin/reload`` asks at once), so a promotion or rollback takes effect on the
   running service without a restart. For a service that follows production live.
-- ``bento``: the models pinned in a built Bento (``redi.packaging.build_production_bento`` puts
+- ``bento``: the models pinned in a built Bento (``redi.ops.packaging.build_production_bento`` puts
   each line's production version into the Bento through BentoML's own model references). The
   Bento is self-contained (``bentoml containerize``); what it serves changes only with a new
   Bento built from the moved pointers. For deployment targets that take a Bento.
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from redi.errors import WeightsError
-from redi.storage import (ObjectStore, StorageError, fetch_production_detector, production_lines,
-                          production_record, store_from_env)
-from redi.utils import sha256_file
+from redi.core.errors import WeightsError
+from redi.ops.object_store import ObjectStore, StorageError, store_from_env
+from redi.ops.model_registry import fetch_production_detector, production_lines, production_record
+from redi.core.utils import sha256_file
 
 SOURCES = ("auto", "store", "bento")
 MODEL_LABEL = {"redi": "detector"}
@@ -136,7 +136,7 @@ def bento_models(bento: Any) -> list[ModelRef]:
                              promoted=str(meta.get("promoted", "")), promoted_by=str(meta.get("promoted_by", ""))))
     if not refs:
         raise WeightsError(f"the Bento {bento.tag} pins no redi detector; build it with "
-                           f"`redi bento build` (redi.packaging.build_production_bento)")
+                           f"`redi bento build` (redi.ops.packaging.build_production_bento)")
     return refs
 
 

@@ -34,11 +34,11 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
-from redi.errors import RediError
-from redi.monitoring import check_line_name
-from redi.retention import load_map
-from redi.review import ReviewDB, ReviewError, default_db_url
-from redi.storage import ObjectStore, store_from_env
+from redi.core.errors import RediError
+from redi.ops.monitoring import check_line_name
+from redi.ops.retention import load_map
+from redi.ops.review import ReviewDB, ReviewError, default_db_url
+from redi.ops.object_store import ObjectStore, store_from_env
 from serving.review_auth import COOKIE, cookie_value, csrf_token, make_session, read_session
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
@@ -154,8 +154,8 @@ def item_page(request: Request) -> Response:
 
 def picture(request: Request) -> Response:
     """``image.png`` (the kept upload), ``overlay.png`` (map over image) or ``mask.png`` (map > threshold)."""
-    from redi.images import decode_rgb
-    from redi.visualize import display_range, overlay, resize_map, to_png_bytes
+    from redi.core.images import decode_rgb
+    from redi.core.visualize import display_range, overlay, resize_map, to_png_bytes
 
     ctx = ReviewContext.get()
     try:

@@ -28,14 +28,14 @@ Endpoints (all POST, as BentoML APIs are):
 - ``/review/``: the review station, a web page (``serving/review_app.py``, ``docs/review.md``): the
   flagged parts this service kept, operators' verdicts, per-line summaries.
 
-Kept images (``redi.retention``): every flagged image, and a sample of normal ones, is copied with
+Kept images (``redi.ops.retention``): every flagged image, and a sample of normal ones, is copied with
 its map and record to the object store by a background thread behind a bounded queue (a full
 queue drops the copy and counts it, never the answer) and indexed in the review database
-(``redi.review``). Threshold overrides (``redi.thresholds``, ``redi review threshold``) are read
+(``redi.ops.review``). Threshold overrides (``redi.ops.thresholds``, ``redi review threshold``) are read
 by the detector service at start and on every reload, and decide while the model version they were
 set for is served.
 
-What each line serves is decided in ONE place, its production pointer (``redi.storage``; moved by
+What each line serves is decided in ONE place, its production pointer (``redi.ops.model_registry``; moved by
 the gate, ``redi model promote`` and ``redi model rollback``). ``serving/model_source.py`` resolves it:
 from the object store (live: polled, and ``/admin/reload``), or from the models a built Bento pins.
 
@@ -46,7 +46,7 @@ Configuration (environment variables, read when a worker starts):
                               ``bento`` (the models pinned in the running Bento) or
                               ``auto`` (bento inside a built Bento, else store when one
                               is configured, else an error naming the settings)
-``REDI_S3_*``,                the object store (see ``redi.storage``)                      unset
+``REDI_S3_*``,                the object store (see ``redi.ops.model_registry``)                      unset
 ``REDI_STORE_DIR``
 ``REDI_LINES``                comma-separated lines to serve (default: every line with a  all
                               production pointer / every model in the Bento)
@@ -60,7 +60,7 @@ Configuration (environment variables, read when a worker starts):
                               ``Authorization: Bearer <key>``): deny by default
 ``REDI_MAX_UPLOAD_BYTES``     larger uploads get 413                                      20 MiB
 ``REDI_MAX_PIXELS``           images with more pixels get 413 (checked before decoding)   40 M
-``REDI_LOG_DIR``              production log folder (``redi.monitoring.ProductionLog``)   ``production_logs``
+``REDI_LOG_DIR``              production log folder (``redi.ops.monitoring.ProductionLog``)   ``production_logs``
 ``REDI_DEVICE``               ``auto``, ``cpu`` or ``cuda`` (the detector service asks     auto
                               BentoML for a GPU when there is one and this is not cpu)
 ``REDI_MAX_BATCH_SIZE``       adaptive batching: largest batch                            16
@@ -108,12 +108,12 @@ import numpy as np
 import torch
 from starlette.responses import JSONResponse, RedirectResponse
 
-from redi.errors import ImageReadError, InputError
-from redi.images import crop_to_content, decode_rgb, preprocess
-from redi.monitoring import ProductionLog, image_feature_row
-from redi.retention import FLAGGED, RetainedItem, Retainer, RetentionPolicy
-from redi.review import ReviewDB, default_db_url
-from redi.thresholds import effective_threshold
+from redi.core.errors import ImageReadError, InputError
+from redi.core.images import crop_to_content, decode_rgb, preprocess
+from redi.ops.monitoring import ProductionLog, image_feature_row
+from redi.ops.retention import FLAGGED, RetainedItem, Retainer, RetentionPolicy
+from redi.ops.review import ReviewDB, default_db_url
+from redi.ops.thresholds import effective_threshold
 from serving.detector_service import RediDetector, configured_store
 from serving.review_app import create_review_app
 from serving.review_auth import cookie_value, read_session
@@ -207,7 +207,7 @@ class GuardMiddleware:
 
 # ----------------------------------------------------------------------------- the service
 def _png_b64(rgb: np.ndarray) -> str:
-    from redi.visualize import to_png_bytes
+    from redi.core.visualize import to_png_bytes
 
     return base64.b64encode(to_png_bytes(rgb)).decode("ascii")
 
@@ -215,7 +215,7 @@ def _png_b64(rgb: np.ndarray) -> str:
 def threshold_source(model_version: str, override: dict[str, Any] | None) -> str:
     """``override`` when the line's override decides for ``model_version``, else ``model``.
 
-    Asked of :func:`redi.thresholds.effective_threshold` itself (NaN for the model's threshold comes
+    Asked of :func:`redi.ops.thresholds.effective_threshold` itself (NaN for the model's threshold comes
     back NaN only when no override applies), so the two can never disagree on which one decided.
     """
     return "model" if math.isnan(effective_threshold(math.nan, model_version, override)) else "override"
@@ -224,7 +224,7 @@ def threshold_source(model_version: str, override: dict[str, Any] | None) -> str
 def model_input(rgb: np.ndarray, size: int, aspect: str = "squash") -> np.ndarray:
     """What crosses to the detector service for one image: the uint8 pixels themselves when the upload
     is already at the model's size (no copy; a quarter of the float bytes; squash and letterbox leave
-    an S x S image as it is), else the float32 ``(3, S, S)`` of :func:`redi.images.preprocess` with the
+    an S x S image as it is), else the float32 ``(3, S, S)`` of :func:`redi.core.images.preprocess` with the
     model's ``data.aspect`` (the resize the threshold was calibrated on)."""
     if rgb.shape[:2] == (size, size):
         return rgb
@@ -425,8 +425,8 @@ class RediService:
         """Map / overlay PNGs (model space: letterboxed like the input) and region boxes (image pixels), as asked."""
         if not (return_map or return_overlay or return_regions):
             return
-        from redi.images import resize_rgb
-        from redi.visualize import defect_regions, display_range, heatmap_rgb, overlay
+        from redi.core.images import resize_rgb
+        from redi.core.visualize import defect_regions, display_range, heatmap_rgb, overlay
 
         vmin, vmax = display_range(threshold, amap)
         if return_map:

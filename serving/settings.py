@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from redi.errors import RediError
+from redi.core.errors import RediError
 
 RUNTIMES = ("torch", "onnx")
 

@@ -37,8 +37,8 @@ def trained_line(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     Returns paths: ``data``, ``run``, ``detector``, ``bank``, ``recover``. Shared, read-only.
     """
-    from redi.config import load_config
-    from redi.stages import train_all
+    from redi.core.config import load_config
+    from redi.workflow.stages import train_all
 
     base = tmp_path_factory.mktemp("trained")
     data = base / "data" / "bottle_caps"

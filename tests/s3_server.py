@@ -7,7 +7,7 @@ here and every address is bound to 127.0.0.1. The server is stopped by its PID.
 Use through the ``s3_server`` fixtures of the test files::
 
     with start_s3_server(tmp_path) as server:
-        server.env  # REDI_S3_* variables for redi.storage.store_from_env
+        server.env  # REDI_S3_* variables for redi.ops.object_store.store_from_env
 """
 
 from __future__ import annotations

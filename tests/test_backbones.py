@@ -1,4 +1,4 @@
-"""Tests of redi.backbones: real weights, shapes, strides, freezing, weight-file handling."""
+"""Tests of redi.core.backbones: real weights, shapes, strides, freezing, weight-file handling."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from skimage import data as skdata
 
-from redi.backbones import (
+from redi.core.backbones import (
     Backbone,
     BackboneOutput,
     backbone_names,
@@ -17,8 +17,8 @@ from redi.backbones import (
     build_classifier,
     map_state_dict_in_order,
 )
-from redi.errors import ConfigError, InputError, WeightsError
-from redi.images import preprocess
+from redi.core.errors import ConfigError, InputError, WeightsError
+from redi.core.images import preprocess
 
 LITE_CHANNELS = {"efficientnet_lite0": (24, 40, 112), "efficientnet_lite2": (24, 48, 120)}
 CAT_CLASSES = range(281, 286)  # ImageNet 281-285 are domestic cats; 285 is 'Egyptian cat'
@@ -45,8 +45,8 @@ def _as_batch(rgb, size: int) -> torch.Tensor:
 
 def test_config_validates_backbones_from_the_registry():
     """Every registered backbone is a valid setting, and an unknown one is refused with the names."""
-    from redi.config import from_dict
-    from redi.errors import ConfigError
+    from redi.core.config import from_dict
+    from redi.core.errors import ConfigError
 
     for name in backbone_names():
         assert from_dict({"profile": "tiny", "model": {"backbone": name}}).model.backbone == name

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from kfp import dsl
 
-from redi.pipeline_cli import pipeline_module
+from redi.cli.pipeline import pipeline_module
 
 lp = pipeline_module()  # pipelines.line_pipeline (puts the checkout on sys.path when needed)
 
@@ -86,9 +86,10 @@ def test_gate_in_cluster_mode_with_an_unreachable_store_fails(tmp_path, no_store
 
 
 def test_gate_in_cluster_mode_compares_with_production_in_s3(tmp_path, s3_env, trained_line):
-    from redi.config import load_config
-    from redi.stages import evaluate, train_all, validate_data
-    from redi.storage import production_record, store_from_env
+    from redi.core.config import load_config
+    from redi.workflow.stages import evaluate, train_all, validate_data
+    from redi.ops.object_store import store_from_env
+    from redi.ops.model_registry import production_record
 
     data = trained_line["data"]
     cfg = load_config(profile="tiny", overrides=[f"data.root={data}"])

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from redi.config import PROFILES, load_config, profile_config, save_config, to_dict
-from redi.errors import ConfigError
+from redi.core.config import PROFILES, load_config, profile_config, save_config, to_dict
+from redi.core.errors import ConfigError
 
 
 def test_paper_profile_has_the_papers_schedule():
@@ -56,7 +56,7 @@ def test_missing_and_invalid_files(tmp_path: Path):
 
 
 def test_operations_sections_have_defaults_and_take_overrides():
-    from redi.config import GateConfig, to_dict
+    from redi.core.config import GateConfig, to_dict
 
     cfg = load_config(profile="tiny", overrides=["gate.min_aupro=0.3", "line.data_repo=https://git/x.git",
                                                  "pipeline.node_selector={pool: gpu}",

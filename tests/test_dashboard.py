@@ -19,7 +19,7 @@ from http_wait import wait_for_http  # tests/ is on sys.path (rootdir conftest)
 import requests
 from PIL import Image
 
-from redi.monitoring import ProductionLog, embedding_columns, feature_columns, run_monitor
+from redi.ops.monitoring import ProductionLog, embedding_columns, feature_columns, run_monitor
 
 pytestmark = pytest.mark.slow
 LINE = "bottle_caps"

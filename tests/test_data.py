@@ -13,7 +13,7 @@ from PIL import Image
 from redi.data.dataset import ImageDataset, load_images, load_masks
 from redi.data.importers import import_kolektorsdd2, import_plain_folder
 from redi.data.mvtec import MVTecCategory, Sample, split_train_val
-from redi.errors import DatasetError, ImageReadError
+from redi.core.errors import DatasetError, ImageReadError
 
 HW = (16, 20)
 

@@ -11,8 +11,8 @@ import pytest
 from redi.data.demo import (DEFECT_TYPES, DEMO_LINES, DIFF_THRESHOLD, README_NAME, defect_source,
                             generate_pair, make_demo_line)
 from redi.data.mvtec import MVTecCategory
-from redi.errors import DatasetError
-from redi.images import load_mask, load_rgb
+from redi.core.errors import DatasetError
+from redi.core.images import load_mask, load_rgb
 
 
 def _hashes(root: Path) -> dict[str, str]:

@@ -1,5 +1,5 @@
 """DVC: datasets pushed to and pulled from a real S3 remote, a revision fetched by the pipeline's
-``version_data`` helper, and ``dvc repro`` of dvc.yaml with the ``tiny`` profile."""
+``validate_data`` helper, and ``dvc repro`` of dvc.yaml with the ``tiny`` profile."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from redi.config import load_config
+from redi.core.config import load_config
 from redi.data.demo import make_demo_line
-from redi.pipeline_cli import pipeline_module
+from redi.cli.pipeline import pipeline_module
 from s3_server import start_s3_server, weed_binary  # tests/ is on sys.path (rootdir conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +81,7 @@ def test_push_and_pull_against_s3(dvc_repo):
     assert _tree_hashes(repo / DATA) == before
 
 
-def test_version_data_fetches_a_revision(dvc_repo, tmp_path):
+def test_validate_data_fetches_a_revision(dvc_repo, tmp_path):
     """A dataset update (new images, dvc add, push, commit); the old revision is still fetchable."""
     repo, env = dvc_repo["repo"], dvc_repo["env"]
     pipeline_module()  # puts the checkout on sys.path when its editable install predates components/
@@ -124,8 +124,8 @@ def test_dvc_repro_tiny(dvc_repo):
     assert metrics["profile"] == "tiny" and 0.0 <= metrics["image_auroc"] <= 1.0
     assert (repo / "runs/dvc/eval/report/index.html").is_file()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"validate", "selfmaps", "prompt-bank", "train-recover", "train-discriminate",
-                                   "evaluate"}
+    assert set(lock["stages"]) == {"validate_data", "precompute_selfmaps", "build_prompt_bank", "train_recover",
+                                   "train_discriminate", "evaluate"}
     # nothing changed: a second repro runs no stage
     out = _run([DVC, "repro"], repo, env)
     assert "didn't change, skipping" in out and "Running stage" not in out

@@ -14,13 +14,15 @@ import pytest
 import torch
 from PIL import Image
 
-from redi.cli import main
-from redi.config import load_config
+from redi.cli.main import main
+from redi.core.config import load_config
 from redi.data.dataset import load_images
 from redi.data.mvtec import MVTecCategory
-from redi.models.detector import load_detector
-from redi.stages import evaluate, score_images, train_discriminate
-from redi.utils import load_torch_file
+from redi.methods.base import load_detector
+from redi.methods.common import score_images
+from redi.methods.redi.fit import train_discriminate
+from redi.workflow.stages import evaluate
+from redi.core.utils import load_torch_file
 
 pytestmark = pytest.mark.slow
 
@@ -113,7 +115,7 @@ def test_recover_off_ablation_trains_and_scores(trained_line, tmp_path):
 
 
 def test_bank_images_never_get_themselves_as_prompt_when_scored(trained_line, tmp_path):
-    from redi.monitoring import build_reference
+    from redi.ops.monitoring import build_reference
 
     detector = load_detector(trained_line["detector"])
     by_id = {s.image_id: s for s in MVTecCategory(trained_line["data"]).train}
@@ -134,7 +136,7 @@ def test_bank_images_never_get_themselves_as_prompt_when_scored(trained_line, tm
 
 
 def test_discriminate_resume_does_not_depend_on_data_paths(trained_line, tmp_path):
-    from redi.stages import _recover_identity
+    from redi.methods.redi.fit import _recover_identity
 
     payload = load_torch_file(trained_line["recover"], "recover net", "")
     payload["config"]["data"]["root"] = "/another/run/artifact/path"  # what a new KFP run looks like

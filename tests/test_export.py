@@ -9,12 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from redi.config import profile_config
+from redi.core.config import profile_config
 from redi.data.dataset import load_images
 from redi.data.mvtec import MVTecCategory
-from redi.export import ExportableHOG, ExportError, export_onnx, exportable_selfmap, onnx_session, run_onnx, torch_fp32
-from redi.models.detector import Detector, load_detector
-from redi.selfmaps import CannyMap, TorchHOG
+from redi.methods.onnx import ExportError, onnx_session, run_onnx
+from redi.methods.redi.export import ExportableHOG, export_onnx, exportable_selfmap, torch_fp32
+from redi.methods.base import load_detector
+from redi.methods.redi.detector import Detector
+from redi.core.selfmaps import CannyMap, TorchHOG
 
 TOLERANCE = 1e-4
 
@@ -61,7 +63,7 @@ def test_onnx_file_carries_threshold_size_and_line(exported):
 
 @pytest.mark.slow
 def test_redi_export_command_writes_a_checked_onnx_file(trained_line, tmp_path: Path, capsys):
-    from redi.cli import main
+    from redi.cli.main import main
 
     out = tmp_path / "caps.onnx"
     assert main(["export", str(trained_line["run"]), "--format", "onnx", "--out", str(out)]) == 0

@@ -1,4 +1,4 @@
-"""redi.images: every file mode becomes uint8 RGB, bad files raise errors that name them."""
+"""redi.core.images: every file mode becomes uint8 RGB, bad files raise errors that name them."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from redi.errors import DatasetError, ImageReadError, InputError
-from redi.images import (crop_to_content, decode_rgb, image_size_of, letterbox_geometry, load_mask, load_rgb,
+from redi.core.errors import DatasetError, ImageReadError, InputError
+from redi.core.images import (crop_to_content, decode_rgb, image_size_of, letterbox_geometry, load_mask, load_rgb,
                          preprocess, resize_mask, resize_rgb, to_uint8_rgb)
 
 

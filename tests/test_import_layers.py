@@ -44,25 +44,36 @@ def test_the_repository_keeps_its_import_layers() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_models_and_data_may_not_import_stages_or_training(copy: Path) -> None:
-    _append(copy / "redi" / "data" / "demo.py", "def _leak():\n    from redi.training import fingerprint\n")
-    _append(copy / "redi" / "models" / "recover.py", "def _leak():\n    import redi.stages\n")
+def test_data_and_methods_may_not_import_what_is_above_them(copy: Path) -> None:
+    _append(copy / "redi" / "data" / "demo.py", "def _leak():\n    from redi.methods.training import fingerprint\n")
+    _append(copy / "redi" / "methods" / "redi" / "recover.py", "def _leak():\n    import redi.workflow.stages\n")
     result = _lint(copy)
     assert result.returncode != 0
-    assert "redi.models and redi.data know nothing of stages, training, reports or commands BROKEN" in result.stdout
-    assert "redi.data.demo -> redi.training" in result.stdout and "redi.models.recover -> redi.stages" in result.stdout
+    assert "BROKEN" in result.stdout
+    assert "redi.data.demo -> redi.methods.training" in result.stdout
+    assert "redi.methods.redi.recover -> redi.workflow.stages" in result.stdout
 
 
-def test_only_the_cli_bridges_may_import_the_pipeline(copy: Path) -> None:
-    _append(copy / "redi" / "pipeline_cli.py", "def _wire():\n    import pipelines.line_pipeline\n")
-    _append(copy / "redi" / "stages.py", "def _leak():\n    from serving import service\n")
+def test_the_library_may_not_import_serving_and_the_cli_may_import_the_pipeline(copy: Path) -> None:
+    _append(copy / "redi" / "cli" / "pipeline.py", "def _wire():\n    import pipelines.line_pipeline\n")
+    _append(copy / "redi" / "workflow" / "stages.py", "def _leak():\n    from serving import service\n")
     result = _lint(copy)
     assert result.returncode != 0
-    assert "redi.stages -> serving.service" in result.stdout
-    assert "redi.pipeline_cli -> pipelines" not in result.stdout  # the bridge's import is allowed
+    assert "redi.workflow.stages -> serving.service" in result.stdout
+    assert "redi.cli.pipeline -> pipelines" not in result.stdout  # the top layer may import everything
 
 
-def test_registries_may_not_import_the_config(copy: Path) -> None:
-    _append(copy / "redi" / "backbones.py", "def _leak():\n    from redi.config import RediConfig\n")
+def test_the_core_may_not_import_a_method_nor_a_registry_the_config(copy: Path) -> None:
+    _append(copy / "redi" / "core" / "backbones.py", "def _leak():\n    from redi.core.config import RediConfig\n")
+    _append(copy / "redi" / "core" / "config.py", "def _leak():\n    from redi.methods.base import get_method\n")
     result = _lint(copy)
-    assert result.returncode != 0 and "redi.backbones -> redi.config" in result.stdout
+    assert result.returncode != 0
+    assert "redi.core.backbones -> redi.core.config" in result.stdout
+    assert "redi.core.config -> redi.methods.base" in result.stdout
+
+
+def test_torch_modules_may_not_import_the_config(copy: Path) -> None:
+    _append(copy / "redi" / "methods" / "redi" / "discriminate.py",
+            "def _leak():\n    from redi.core.config import RediConfig\n")
+    result = _lint(copy)
+    assert result.returncode != 0 and "ReDi's torch modules and losses know tensors only BROKEN" in result.stdout

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redi.errors import ConfigError
-from redi.losses import (LS_NORMALISATIONS, cosine_distance_loss, discriminate_loss, self_correlation_distance,
+from redi.core.errors import ConfigError
+from redi.methods.redi.losses import (LS_NORMALISATIONS, cosine_distance_loss, discriminate_loss, self_correlation_distance,
                          self_correlation_loss)
 
 

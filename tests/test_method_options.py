@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from redi.cli import main as redi_main
-from redi.config import load_config, profile_config
-from redi.models.detector import load_detector
-from redi.prompt import PromptBank, prompt_pixels, top_prompts, transform_images
-from redi.stages import (build_prompt_bank, leave_one_out_prompts, precompute_selfmaps, recover_folds,
-                         train_discriminate, train_recover)
-from redi.utils import load_torch_file
+from redi.cli.main import main as redi_main
+from redi.core.config import load_config, profile_config
+from redi.methods.base import load_detector
+from redi.methods.redi.prompt import PromptBank, prompt_pixels, top_prompts, transform_images
+from redi.methods.redi.fit import (build_prompt_bank, leave_one_out_prompts, precompute_selfmaps, recover_folds,
+                                   train_discriminate, train_recover)
+from redi.core.utils import load_torch_file
 from tiny_line import make_line
 
 
@@ -42,7 +42,7 @@ def test_paper_profile_is_the_papers_backbone_and_fails_clearly_without_its_weig
 
 
 def test_out_of_fold_recovery_never_uses_a_net_that_trained_on_the_image(line, tmp_path, monkeypatch):
-    import redi.stages as stages
+    import redi.methods.redi.fit as stages
 
     trained_on: dict[str, list[int]] = {}
     real = stages._train_one_recover_net
@@ -70,8 +70,9 @@ def test_out_of_fold_recovery_never_uses_a_net_that_trained_on_the_image(line, t
 
 def test_out_of_fold_features_come_from_the_fold_nets(line, tmp_path):
     """Y of an image in fold f equals what fold f's net recovers, and differs from the served net's."""
-    from redi.models.detector import Detector
-    from redi.stages import _bank_images, _out_of_fold_features, load_bank, open_line
+    from redi.methods.redi.detector import Detector
+    from redi.methods.common import open_line
+    from redi.methods.redi.fit import _bank_images, _out_of_fold_features, load_bank
 
     cfg = _cfg(line, "train.recover_folds=2")
     bank_path = build_prompt_bank(line, tmp_path / "bank.pt", cfg)

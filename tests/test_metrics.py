@@ -1,4 +1,4 @@
-"""Tests of redi.metrics against sklearn and against brute-force reference computations."""
+"""Tests of redi.core.metrics against sklearn and against brute-force reference computations."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from sklearn.metrics import (average_precision_score, precision_recall_curve, roc_auc_score,
                              roc_curve)
 
-from redi import metrics
-from redi.errors import MetricsError, RediError
+from redi.core import metrics
+from redi.core.errors import MetricsError, RediError
 
 
 # ----------------------------------------------------------------------------- fixtures

@@ -5,14 +5,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from redi.config import profile_config
-from redi.errors import InputError, WeightsError
-from redi.losses import msgms_loss, recover_loss, self_correlation_distance
-from redi.models.detector import Detector, load_detector, save_detector
-from redi.models.discriminate import DiscriminateHead
-from redi.models.recover import RecoverNet
-from redi.prompt import PromptBank, nearest_prompt
-from redi.utils import load_torch_file
+from redi.core.config import profile_config
+from redi.core.errors import InputError, WeightsError
+from redi.methods.redi.losses import msgms_loss, recover_loss, self_correlation_distance
+from redi.methods.base import load_detector, save_detector
+from redi.methods.redi.detector import Detector
+from redi.methods.redi.discriminate import DiscriminateHead
+from redi.methods.redi.recover import RecoverNet
+from redi.methods.redi.prompt import PromptBank, nearest_prompt
+from redi.core.utils import load_torch_file
 
 
 @pytest.mark.parametrize("channels, size", [((24, 48, 120), 128), ((24, 40, 112), 256), ((256, 512, 1024), 64)])
@@ -153,7 +154,7 @@ def test_dataset_path_and_detector_preprocess_give_identical_tensors(tiny_detect
 
     from redi.data.dataset import ImageDataset, load_images, load_sample
     from redi.data.mvtec import Sample
-    from redi.images import load_rgb
+    from redi.core.images import load_rgb
 
     size = tiny_detector.image_size
     rng = np.random.default_rng(0)
@@ -173,8 +174,8 @@ def test_recover_training_prompts_equal_the_served_prompts(tiny_detector):
     same images; lossy WebP stays close to the uint8 images, PNG is exact."""
     import copy
 
-    from redi.models.detector import as_served_prompts
-    from redi.prompt import PromptImages
+    from redi.methods.redi.detector import as_served_prompts
+    from redi.methods.redi.prompt import PromptImages
 
     detector = copy.deepcopy(tiny_detector)  # the fixture is shared: leave its bank alone
     size = detector.image_size
@@ -252,8 +253,8 @@ def test_saved_then_loaded_detector_scores_equal(tmp_path: Path):
 def test_version_1_artifact_with_raw_prompts_still_loads_with_equal_scores(tmp_path: Path):
     """A format-1 file kept every prompt as raw uint8 pixels in its state dict; it loads, its
     prompts are re-encoded losslessly, so it serves the very pixels (and scores) it did."""
-    from redi.models.detector import ARTIFACT_VERSION
-    from redi.prompt import PromptImages
+    from redi.methods.base import ARTIFACT_VERSION
+    from redi.methods.redi.prompt import PromptImages
 
     detector = _bank_detector({})
     raw = detector.prompts.decode()  # the uint8 pixels a version-1 file would have held
@@ -284,7 +285,7 @@ def test_artifact_of_unknown_version_is_refused_with_the_fix(tiny_detector, tmp_
 def test_trained_detector_serves_the_prompt_bytes_its_recover_net_trained_on(trained_line):
     """train_recover encodes the bank once, trains on the decoded prompts and stores the bytes in
     recover.pt; the detector artifact carries those same bytes."""
-    from redi.prompt import PROMPT_CODEC, PromptImages
+    from redi.methods.redi.prompt import PROMPT_CODEC, PromptImages
 
     recover = load_torch_file(trained_line["recover"], "recover", "")
     detector = load_detector(trained_line["detector"])
@@ -298,8 +299,8 @@ def test_trained_detector_serves_the_prompt_bytes_its_recover_net_trained_on(tra
 def test_auto_precision_is_measured_and_frozen_into_the_detector(trained_line):
     """precision=auto is decided by timing bf16 against fp32 here, and the detector keeps the
     decision, so its scores are made wherever it runs as its threshold was calibrated."""
-    from redi.models.detector import load_detector
-    from redi.utils import BF16_MIN_SPEEDUP, bf16_speedup, use_bf16
+    from redi.methods.base import load_detector
+    from redi.core.utils import BF16_MIN_SPEEDUP, bf16_speedup, use_bf16
 
     speedup = bf16_speedup("cpu")
     assert speedup > 0 and bf16_speedup("cpu") == speedup  # measured once per process

@@ -14,13 +14,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from redi.config import profile_config
+from redi.core.config import profile_config
 from redi.data.demo import generate_pair, make_demo_line
-from redi.errors import DatasetError, InputError
-from redi.images import load_rgb
-from redi.models.detector import Detector, load_detector, save_detector
-from redi.monitor_cli import add_monitor_commands
-from redi.monitoring import (IMAGE_FEATURES, SCORE_COLUMN, MonitorSettings, ProductionLog, build_reference,
+from redi.core.errors import DatasetError, InputError
+from redi.core.images import load_rgb
+from redi.methods.base import load_detector, save_detector
+from redi.methods.redi.detector import Detector
+from redi.cli.monitor import add_monitor_commands
+from redi.ops.monitoring import (IMAGE_FEATURES, SCORE_COLUMN, MonitorSettings, ProductionLog, build_reference,
                              embedding_columns, feature_columns, image_feature_row, load_reference, run_monitor)
 
 LINE = "bottle_caps"
@@ -246,7 +247,7 @@ class _FakeKfpClient:
 def test_drift_triggers_the_lines_own_profile_on_the_newest_revision(monitored: dict, tmp_path: Path) -> None:
     import shutil
 
-    from redi.pipeline_cli import drift_trigger
+    from redi.cli.pipeline import drift_trigger
 
     if shutil.which("git") is None:
         pytest.skip("git is not installed")
@@ -287,12 +288,12 @@ def test_monitoring_library_does_not_import_the_pipeline(monitored: dict, tmp_pa
     import subprocess
     import sys
 
-    code = "import sys, redi.monitoring; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
+    code = "import sys, redi.ops.monitoring; print(sorted(m for m in sys.modules if m.split('.')[0] in " \
            "('pipelines', 'components', 'kfp')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
     _log_rows(monitored["rows"]["brighter"], tmp_path / "logs")
-    from redi.errors import ConfigError
+    from redi.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="needs a trigger function"):
         run_monitor(LINE, tmp_path / "logs", monitored["reference"], tmp_path / "out", trigger_pipeline=True)

@@ -1,4 +1,4 @@
-"""Threshold policies and the decision at a threshold (redi.operating_point), on synthetic scores.
+"""Threshold policies and the decision at a threshold (redi.core.operating_point), on synthetic scores.
 
 Image scores are maxima of anomaly maps, so held-out normal scores are drawn from a Gumbel law;
 defects from a normal law above them, as on the strip line of issue 16 (normals near 1.0, the
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from redi.errors import ConfigError, MetricsError
-from redi.operating_point import (achievable, decision_stats, gumbel_predictive_factor, policy_names, set_threshold,
+from redi.core.errors import ConfigError, MetricsError
+from redi.core.operating_point import (achievable, decision_stats, gumbel_predictive_factor, policy_names, set_threshold,
                                   tradeoff_curve)
 
 TARGET = 0.01
@@ -111,7 +111,7 @@ def test_decision_stats_curve_and_what_is_achievable() -> None:
 
 
 def test_small_sample_note_says_when_few_normals_push_the_threshold_up() -> None:
-    from redi.operating_point import small_sample_note
+    from redi.core.operating_point import small_sample_note
 
     note = small_sample_note(4, "gumbel_trimmed", 0.01)
     assert note is not None and "only 4 held-out normal images" in note and "data.min_val_images" in note
@@ -123,7 +123,7 @@ def test_small_sample_note_says_when_few_normals_push_the_threshold_up() -> None
 def test_predictive_factor_for_a_large_line_nears_the_known_law() -> None:
     import math
 
-    from redi.operating_point import gumbel_predictive_factor
+    from redi.core.operating_point import gumbel_predictive_factor
 
     known = -math.log(-math.log1p(-0.01))
     large = gumbel_predictive_factor(3000, 0.01, "trimmed")  # simulated with fewer draws (memory bound)

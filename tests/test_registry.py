@@ -1,4 +1,4 @@
-"""redi.registry: names map to builders; unknown names are clear errors; no import cycle."""
+"""redi.core.name_registry: names map to builders; unknown names are clear errors; no import cycle."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from redi.errors import ConfigError
-from redi.registry import Registry
+from redi.core.errors import ConfigError
+from redi.core.name_registry import Registry
 
 
 def test_register_get_and_names_in_order() -> None:
@@ -43,8 +43,8 @@ def test_duplicate_or_empty_names_are_refused() -> None:
 
 
 def test_registry_modules_do_not_import_the_config() -> None:
-    """redi.config may import redi.backbones / redi.selfmaps (for their names) without a cycle."""
-    code = ("import sys, redi.backbones, redi.selfmaps, redi.registry; "
-            "bad = [m for m in ('redi.config',) if m in sys.modules]; "
-            "assert not bad, bad; import redi.config")
+    """redi.core.config may import redi.core.backbones / redi.core.selfmaps (for their names) without a cycle."""
+    code = ("import sys, redi.core.backbones, redi.core.selfmaps, redi.core.name_registry; "
+            "bad = [m for m in ('redi.core.config',) if m in sys.modules]; "
+            "assert not bad, bad; import redi.core.config")
     subprocess.run([sys.executable, "-c", code], check=True)

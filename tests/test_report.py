@@ -1,4 +1,4 @@
-"""Tests of redi.visualize (pictures) and redi.report (the HTML evaluation report)."""
+"""Tests of redi.core.visualize (pictures) and redi.workflow.report (the HTML evaluation report)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from redi import visualize as vis
-from redi.config import profile_config
+from redi.core import visualize as vis
+from redi.core.config import profile_config
 from redi.data.mvtec import Sample
-from redi.errors import InputError
-from redi.report import select_for_strips, write_report
+from redi.core.errors import InputError
+from redi.workflow.report import select_for_strips, write_report
 
 
 # ----------------------------------------------------------------------------- visualize
@@ -138,7 +138,7 @@ def test_select_for_strips_puts_mistakes_first_and_balances() -> None:
 # ----------------------------------------------------------------------------- write_report
 @pytest.fixture(scope="module")
 def detector():
-    from redi.models.detector import Detector
+    from redi.methods.redi.detector import Detector
 
     cfg = profile_config("tiny")
     cfg.eval.report_max_images = 4
@@ -269,7 +269,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run"
 def test_operating_point_section_in_a_browser(tmp_path: Path, detector) -> None:
     """A plant engineer opens the report: the verdict at the served threshold, the confusion matrix,
     recall per defect type, the trade-off curve (validation and test) and the escapes are on the page."""
-    from redi.stages import operating_point_metrics
+    from redi.workflow.stages import operating_point_metrics
 
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"{CHROMIUM} is missing (make test installs it: apt-get install -y chromium)")

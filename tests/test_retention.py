@@ -1,4 +1,4 @@
-"""Kept images (redi.retention): layout, limits that delete the oldest copies and nothing else, pinned
+"""Kept images (redi.ops.retention): layout, limits that delete the oldest copies and nothing else, pinned
 verdicts, and a full queue that never blocks the caller, on a local store and a real S3 server.
 """
 
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from s3_server import start_s3_server, weed_binary
 
-from redi.errors import ConfigError
-from redi.retention import (RetainedItem, Retainer, RetentionPolicy, enforce_limits, load_map, parse_rates,
+from redi.core.errors import ConfigError
+from redi.ops.retention import (RetainedItem, Retainer, RetentionPolicy, enforce_limits, load_map, parse_rates,
                             retained_folders)
-from redi.review import ImageExpired, ReviewDB
-from redi.storage import LocalStore, store_from_env
+from redi.ops.review import ImageExpired, ReviewDB
+from redi.ops.object_store import LocalStore, store_from_env
 
 LINE = "bottle_caps"
 UTC = _dt.timezone.utc

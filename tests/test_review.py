@@ -3,7 +3,7 @@
 No server here (tests/test_review_station.py runs the service, the page in Chromium and S3): kept
 images go through the real Retainer into a local store, verdicts into SQLite, the export into a
 DVC repository, and the exported revision is fetched with ``dvc get`` and checked by the
-pipeline's own data stage (``redi.stages.validate_data``).
+pipeline's own data stage (``redi.workflow.stages.validate_data``).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from redi.config import profile_config
-from redi.images import load_rgb
-from redi.retention import RetainedItem, Retainer, RetentionPolicy
-from redi.review import ImageExpired, InvalidVerdict, ReviewDB, UnknownRequest
-from redi.review_export import ExportError, export_reviews
-from redi.storage import LocalStore, StorageError, promote, publish_version
-from redi.thresholds import effective_threshold, override_history, set_threshold_override, threshold_override
+from redi.core.config import profile_config
+from redi.core.images import load_rgb
+from redi.ops.retention import RetainedItem, Retainer, RetentionPolicy
+from redi.ops.review import ImageExpired, InvalidVerdict, ReviewDB, UnknownRequest
+from redi.ops.review_export import ExportError, export_reviews
+from redi.ops.object_store import LocalStore, StorageError
+from redi.ops.model_registry import promote, publish_version
+from redi.ops.thresholds import effective_threshold, override_history, set_threshold_override, threshold_override
 
 LINE = "bottle_caps"
 BIN = Path(sys.executable).parent
@@ -126,7 +127,7 @@ def test_threshold_override_audited_and_version_bound(tmp_path: Path, trained_li
 
 @pytest.mark.slow
 def test_export_into_dvc_repo_then_pipeline_data_stage(tmp_path: Path, kept, demo_line_root: Path) -> None:
-    from redi.stages import validate_data
+    from redi.workflow.stages import validate_data
 
     store, db, images = kept
     missing = tmp_path / "no-such-repo"

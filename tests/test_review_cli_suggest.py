@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 from sqlalchemy import text
 
-from redi.cli import main
-from redi.review import ReviewDB
-from redi.review_threshold import weighted_stats
-from redi.storage import LocalStore
-from redi.thresholds import override_history, threshold_override
+from redi.cli.main import main
+from redi.ops.review import ReviewDB
+from redi.ops.review_threshold import weighted_stats
+from redi.ops.object_store import LocalStore
+from redi.ops.thresholds import override_history, threshold_override
 
 LINE = "bottle_caps"
 START = _dt.datetime(2025, 3, 1, 8, 0, tzinfo=_dt.timezone.utc)

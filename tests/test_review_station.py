@@ -23,12 +23,13 @@ from tiny_line import make_line, train_tiny
 from test_production_truth import BIN, Server, _redi
 from test_review import make_data_repo
 
-from redi.config import profile_config
-from redi.images import load_rgb
-from redi.models.detector import load_detector
-from redi.review import ReviewDB
-from redi.storage import promote, publish_version, store_from_env
-from redi.thresholds import set_threshold_override
+from redi.core.config import profile_config
+from redi.core.images import load_rgb
+from redi.methods.base import load_detector
+from redi.ops.review import ReviewDB
+from redi.ops.object_store import store_from_env
+from redi.ops.model_registry import promote, publish_version
+from redi.ops.thresholds import set_threshold_override
 from serving.review_metrics import metric_value
 
 LINE = "bottle_caps"
@@ -156,7 +157,7 @@ def test_flagged_parts_reviewed_in_a_browser_then_exported(station: dict, tmp_pa
     assert done.returncode == 0, done.stderr
     revision = done.stdout.split("revision ", 1)[1].split()[0]
     assert f"--revision {revision}" in done.stdout
-    from redi.stages import validate_data
+    from redi.workflow.stages import validate_data
 
     fetched = tmp_path / "fetched"
     import subprocess
@@ -189,7 +190,7 @@ def test_bad_review_requests_get_clear_errors(station: dict) -> None:
     assert [v["verdict"] for v in item["history"]] == ["false_alarm", "defect"] and item["verdict"]["by"] == "bob"
     # an expired image: deleted from the store by the limits (here: by hand), then judged
     rid2 = db.queue(LINE, status="pending")[0]["request_id"]
-    from redi.retention import delete_folder, retained_folders
+    from redi.ops.retention import delete_folder, retained_folders
 
     folder = next(keys for f, keys in retained_folders(station["store"], LINE).items() if f.endswith(rid2))
     delete_folder(station["store"], folder)

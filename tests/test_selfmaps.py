@@ -1,4 +1,4 @@
-"""Tests of redi.selfmaps: TorchHOG against skimage's rendered HOG, edge maps, dispatch."""
+"""Tests of redi.core.selfmaps: TorchHOG against skimage's rendered HOG, edge maps, dispatch."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from skimage import data, transform
 from skimage.feature import canny
 from skimage.util import img_as_ubyte
 
-from redi.config import SelfMapConfig
-from redi.errors import ConfigError, InputError, WeightsError
-from redi.selfmaps import (
+from redi.core.config import SelfMapConfig
+from redi.core.errors import ConfigError, InputError, WeightsError
+from redi.core.selfmaps import (
     CannyMap,
     RobertsMap,
     SobelMap,
@@ -200,8 +200,8 @@ def test_cuda_matches_cpu() -> None:
 
 def test_config_validates_selfmap_kinds_from_the_registry():
     """Every registered self-map is a valid setting, and an unknown one is refused with the names."""
-    from redi.config import from_dict
-    from redi.errors import ConfigError
+    from redi.core.config import from_dict
+    from redi.core.errors import ConfigError
 
     for kind in selfmap_names():
         assert from_dict({"profile": "tiny", "model": {"selfmap": {"kind": kind}}}).model.selfmap.kind == kind

@@ -28,11 +28,12 @@ from tiny_line import make_line, train_tiny
 import requests
 from PIL import Image
 
-from redi.images import decode_rgb, load_rgb
-from redi.models.detector import load_detector
-from redi.monitoring import ProductionLog, feature_columns
-from redi.review import ReviewDB
-from redi.storage import LocalStore, promote, publish_version
+from redi.core.images import decode_rgb, load_rgb
+from redi.methods.base import load_detector
+from redi.ops.monitoring import ProductionLog, feature_columns
+from redi.ops.review import ReviewDB
+from redi.ops.object_store import LocalStore
+from redi.ops.model_registry import promote, publish_version
 from serving.review_metrics import metric_value
 
 pytestmark = pytest.mark.slow
@@ -348,7 +349,7 @@ def test_onnx_runtime_scores_equal_torch(server: dict) -> None:
     """REDI_RUNTIME=onnx: the detector service exports the line's model into the cache at load time and
     runs it in onnxruntime; scores equal the torch detector's fp32 graph within 1e-4."""
     pytest.importorskip("onnxruntime")
-    from redi.export import torch_fp32
+    from redi.methods.redi.export import torch_fp32
 
     root = server["root"] / "onnx"
     root.mkdir()

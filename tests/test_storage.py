@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from redi.errors import ConfigError
-from redi.gate import GatePolicy, decide
-from redi.storage import (LocalStore, S3Store, StorageError, fetch_production_detector, list_versions,
-                          production_lines, production_record, promote, promotion_history, publish_version,
-                          rollback, store_from_env, verify_version, version_index, version_key, version_summary)
+from redi.core.errors import ConfigError
+from redi.ops.gate import GatePolicy, decide
+from redi.ops.object_store import LocalStore, S3Store, StorageError, store_from_env
+from redi.ops.model_registry import (fetch_production_detector, list_versions, production_lines, production_record,
+    promote, promotion_history, publish_version, rollback, verify_version, version_index, version_key,
+    version_summary)
 from s3_server import start_s3_server, weed_binary  # tests/ is on sys.path (rootdir conftest)
 
 PASSED = {"promote": True, "metrics": {"image_auroc": 0.9}}  # what the gate records for a passed version
@@ -198,7 +199,7 @@ def test_store_from_env(s3_server, tmp_path):
 
 # -- the gate's rules ---------------------------------------------------------------------------
 def _point(tp: int, fn: int, fp: int, tn: int, threshold: float = 1.0) -> dict:
-    """An ``operating_point`` as redi.stages.evaluate writes it."""
+    """An ``operating_point`` as redi.workflow.stages.evaluate writes it."""
     return {"threshold": threshold, "tp": tp, "fn": fn, "fp": fp, "tn": tn, "recall": tp / (tp + fn),
             "escape_rate": fn / (tp + fn), "false_call_rate": fp / (fp + tn)}
 

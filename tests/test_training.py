@@ -11,9 +11,9 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from redi.config import StageTrainConfig
-from redi.errors import ConfigError
-from redi.training import budget_passes, run_training, steps_per_pass
+from redi.core.config import StageTrainConfig
+from redi.core.errors import ConfigError
+from redi.methods.training import budget_passes, run_training, steps_per_pass
 
 CPU = torch.device("cpu")
 

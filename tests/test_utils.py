@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from redi.errors import WeightsError
-from redi.utils import atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_text, load_torch_file
+from redi.core.errors import WeightsError
+from redi.core.utils import atomic_torch_save, atomic_write, atomic_write_bytes, atomic_write_text, load_torch_file
 
 
 def test_atomic_write_text_and_bytes_create_folders_and_replace(tmp_path: Path) -> None:
@@ -53,7 +53,7 @@ def test_bf16_choice_is_measured_once_per_machine_and_shared(tmp_path):
     import sys
 
     env = {**__import__("os").environ, "REDI_CACHE_DIR": str(tmp_path)}
-    code = "from redi.utils import bf16_speedup; print(bf16_speedup('cpu'))"
+    code = "from redi.core.utils import bf16_speedup; print(bf16_speedup('cpu'))"
     first = float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                  check=True).stdout)
     recorded = json.loads((tmp_path / "bf16_speedup.json").read_text())

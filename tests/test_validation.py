@@ -13,8 +13,8 @@ import torch
 from redi.data.demo import generate_pair
 from redi.data.mvtec import MVTecCategory
 from redi.data.synthetic import SYNTHETIC_KINDS, synthesize_defects, to_uint8_images
-from redi.errors import DatasetError, InputError
-from redi.validation import MARGINS, held_out_split, margin_table
+from redi.core.errors import DatasetError, InputError
+from redi.workflow.validation import MARGINS, held_out_split, margin_table
 
 SIZE = 96
 
@@ -125,9 +125,9 @@ def _check_metrics(result: dict) -> None:
 
 
 def test_validate_stage_end_to_end(trained_line, tmp_path):
-    from redi.config import load_config
-    from redi.models.detector import load_detector
-    from redi.validation import validate
+    from redi.core.config import load_config
+    from redi.methods.base import load_detector
+    from redi.workflow.validation import validate
 
     cfg = load_config(profile="tiny", overrides=[f"data.root={trained_line['data']}", "train.device=cpu"])
     path = validate(trained_line["detector"], trained_line["data"], tmp_path, cfg)
@@ -143,7 +143,7 @@ def test_validate_stage_end_to_end(trained_line, tmp_path):
 
 
 def test_validate_command(trained_line, tmp_path, capsys):
-    from redi.cli import main
+    from redi.cli.main import main
 
     out = tmp_path / "val"
     code = main(["validate-detector", str(trained_line["run"]), str(trained_line["data"]), "--out", str(out),

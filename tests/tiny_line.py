@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from redi.config import profile_config
+from redi.core.config import profile_config
 from redi.data.demo import make_demo_line
 
 
@@ -17,7 +17,7 @@ def make_line(root: Path, line: str, n_test_good: int = 2, n_test_defect: int = 
 
 def train_tiny(data: Path, out: Path, line: str, seed: int = 0) -> Path:
     """Train every stage with the ``tiny`` profile and 1 epoch each, on the CPU; return ``detector.pt``."""
-    from redi.stages import train_all
+    from redi.workflow.stages import train_all
 
     cfg = profile_config("tiny")
     cfg.train.recover.epochs = cfg.train.discriminate.epochs = 1

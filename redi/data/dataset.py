@@ -1,8 +1,8 @@
 """Torch views of a list of samples: tensors at one square size, ``[0, 1]`` RGB.
 
 Every function takes ``aspect`` (``data.aspect``: ``"squash"`` or ``"letterbox"``, see
-:func:`redi.images.preprocess`); images and masks of one sample always go through the same
-geometry (:func:`redi.images.letterbox_geometry`), so masks line up with their images.
+:func:`redi.core.images.preprocess`); images and masks of one sample always go through the same
+geometry (:func:`redi.core.images.letterbox_geometry`), so masks line up with their images.
 """
 
 from __future__ import annotations
@@ -13,17 +13,17 @@ import torch
 from torch.utils.data import Dataset
 
 from redi.data.mvtec import Sample
-from redi.images import check_aspect, image_size_of, load_mask, load_rgb, preprocess, resize_mask
+from redi.core.images import check_aspect, image_size_of, load_mask, load_rgb, preprocess, resize_mask
 
 
 def load_image(sample: Sample, image_size: int, aspect: str = "squash") -> torch.Tensor:
     """Read one sample's image as model input ``(3, S, S)``, exactly as ``Detector.preprocess``
-    converts it (:func:`redi.images.preprocess` with the same ``aspect``), so training,
+    converts it (:func:`redi.core.images.preprocess` with the same ``aspect``), so training,
     calibration, evaluation and inference see the same pixels.
 
     Raises:
         ImageReadError: the image cannot be read.
-        InputError: ``aspect`` is not one of :data:`redi.config.ASPECTS`.
+        InputError: ``aspect`` is not one of :data:`redi.core.images.ASPECTS`.
     """
     check_aspect(aspect)
     return preprocess([load_rgb(sample.path)], image_size, aspect)[0]
@@ -46,7 +46,7 @@ def load_sample(sample: Sample, image_size: int, aspect: str = "squash") -> tupl
     Raises:
         ImageReadError: the image or mask cannot be read.
         DatasetError: the mask's size differs from the image's.
-        InputError: ``aspect`` is not one of :data:`redi.config.ASPECTS`.
+        InputError: ``aspect`` is not one of :data:`redi.core.images.ASPECTS`.
     """
     check_aspect(aspect)
     rgb = load_rgb(sample.path)
@@ -60,14 +60,14 @@ class ImageDataset(Dataset):
 
     Args:
         samples: the samples (e.g. ``MVTecCategory(...).train``).
-        image_size: the square side S every image is resized to (:func:`redi.images.preprocess`;
+        image_size: the square side S every image is resized to (:func:`redi.core.images.preprocess`;
             masks nearest).
         cache: keep decoded, resized tensors in memory after the first read (worth it when
             many epochs run over a small set: 3*S*S*4 bytes per image, 0.8 MB at 256 px).
         aspect: ``"squash"`` or ``"letterbox"`` (``data.aspect``), for images and masks alike.
 
     Raises:
-        InputError: ``aspect`` is not one of :data:`redi.config.ASPECTS`.
+        InputError: ``aspect`` is not one of :data:`redi.core.images.ASPECTS`.
     """
 
     def __init__(self, samples: Sequence[Sample], image_size: int, cache: bool = False,
@@ -99,7 +99,7 @@ def load_images(samples: Sequence[Sample], image_size: int, aspect: str = "squas
     each converted by :func:`load_image` (one full-size image in memory at a time).
 
     Raises:
-        InputError: ``aspect`` is not one of :data:`redi.config.ASPECTS`.
+        InputError: ``aspect`` is not one of :data:`redi.core.images.ASPECTS`.
     """
     check_aspect(aspect)
     if not samples:
@@ -112,7 +112,7 @@ def load_masks(samples: Sequence[Sample], image_size: int, aspect: str = "squash
     geometry as :func:`load_images` with the same ``aspect`` (pixel for pixel).
 
     Raises:
-        InputError: ``aspect`` is not one of :data:`redi.config.ASPECTS`.
+        InputError: ``aspect`` is not one of :data:`redi.core.images.ASPECTS`.
     """
     check_aspect(aspect)
     masks = []

@@ -42,7 +42,7 @@ from PIL import Image
 from scipy import ndimage
 from skimage import draw
 
-from redi.errors import DatasetError
+from redi.core.errors import DatasetError
 
 DEFECT_TYPES = ("scratch", "hole", "stain", "misplaced")
 DIFF_THRESHOLD = 10  # grey levels: a smaller change of a defect shape's pixel is not a defect

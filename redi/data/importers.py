@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image
 
 from redi.data.mvtec import GOOD, list_images
-from redi.errors import DatasetError
-from redi.images import load_mask, load_rgb
+from redi.core.errors import DatasetError
+from redi.core.images import load_mask, load_rgb
 
 DEFECT = "defect"
 

@@ -32,8 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from redi.errors import DatasetError, ImageReadError
-from redi.images import IMAGE_SUFFIXES, image_size_of, load_mask, load_rgb
+from redi.core.errors import DatasetError, ImageReadError
+from redi.core.images import IMAGE_SUFFIXES, image_size_of, load_mask, load_rgb
 
 GOOD = "good"
 

@@ -30,7 +30,7 @@ import torch
 
 from redi.data.demo import (_blob, _hole_pixels, _scratch_pixels, _scratch_shape, _stain_pixels, keep_visible,
                             min_defect_area)
-from redi.errors import DatasetError, InputError
+from redi.core.errors import DatasetError, InputError
 
 SYNTHETIC_KINDS = ("scratch", "hole", "stain", "cutpaste")
 MAX_TRIES = 30  # draws per defect before giving up (a nearly uniform image hides most defects)

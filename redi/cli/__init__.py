@@ -1,0 +1,1 @@
+"""The ``redi`` command line: the top layer, which may import every other."""

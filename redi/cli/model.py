@@ -1,0 +1,156 @@
+"""``redi model list|show|history|promote|rollback`` and ``redi bento build``: what each line serves.
+
+The line's production pointer in the object store (``redi.ops.model_registry``) is the one place that decides
+what a line serves: the gate moves it, these commands move it by hand, and the service follows it.
+Promote and rollback run the same checks as the gate's promotion (complete upload, passed gate,
+detector hash) and write an audit record (who, when, why) before the pointer moves.
+
+Self-contained: ``redi/cli/main.py`` registers it with ``COMMANDS.update(add_model_commands(sub))``.
+The store comes from the environment (``REDI_S3_*``) or ``--store-dir`` (see ``redi.ops.model_registry``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from redi.ops.object_store import DEFAULT_LOCAL_DIR, ObjectStore, StorageError, store_from_env
+from redi.ops.model_registry import (list_versions, production_lines, production_record, promote, promotion_history,
+    rollback, version_index, version_summary)
+
+Handler = Callable[[argparse.Namespace], int]
+_METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
+
+
+def _store(args: argparse.Namespace) -> ObjectStore:
+    return store_from_env(local_root=args.store_dir)
+
+
+def _fmt(value: Any) -> str:
+    return f"{float(value):.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    lines = [args.line] if args.line else production_lines(store)
+    rows = []
+    for line in lines:
+        production = production_record(store, line)
+        rows += [{"line": line, **version_summary(store, line, v, production)} for v in list_versions(store, line)]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        print(f"no model versions in {store!r}" + (f" for line {args.line!r}" if args.line else ""))
+        return 0
+    header = f"{'line':16s} {'version':34s} {'gate':8s} " + " ".join(f"{m:>11s}" for m in _METRICS) + \
+        "  sha256        uploaded"
+    print(header)
+    for row in rows:
+        mark = " *production" if row["production"] else ""
+        print(f"{row['line']:16s} {row['version']:34s} {row['gate']:8s} "
+              + " ".join(f"{_fmt(row['metrics'].get(m)):>11s}" for m in _METRICS)
+              + f"  {(row['detector_sha256'] or '')[:12]:12s}  {row['uploaded']}{mark}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    version = args.version
+    if version is None:
+        pointer = production_record(store, args.line)
+        if pointer is None:
+            raise StorageError(f"line {args.line!r} has no production model in {store!r}; name a --version")
+        version = pointer["version"]
+    summary = version_summary(store, args.line, version)
+    index = version_index(store, args.line, version) or {}
+    summary["files"] = [{k: e[k] for k in ("name", "size", "sha256")} for e in index.get("files", [])]
+    summary["promotions"] = [r for r in promotion_history(store, args.line) if r.get("version") == version]
+    print(json.dumps({"line": args.line, **summary}, indent=2, default=str))
+    return 0
+
+
+def _history(args: argparse.Namespace) -> int:
+    records = promotion_history(_store(args), args.line)
+    if args.json:
+        print(json.dumps(records, indent=2, default=str))
+        return 0
+    for r in records:
+        print(f"{r.get('promoted')}  {r.get('action', 'promote'):8s} {r['version']:34s} by {r.get('by', '?')}: "
+              f"{r.get('reason', '')}")
+    return 0
+
+
+def _promote(args: argparse.Namespace) -> int:
+    pointer = promote(_store(args), args.line, args.version, _recorded_metrics(args), by=args.by or "",
+                      reason=args.reason)
+    print(f"line {args.line}: production is now {pointer['version']} (was {pointer['previous_version']}); "
+          f"recorded by {pointer['by']}: {pointer['reason']}")
+    return 0
+
+
+def _recorded_metrics(args: argparse.Namespace) -> dict[str, Any]:
+    index = version_index(_store(args), args.line, args.version) or {}
+    return {"metrics": (index.get("info") or {}).get("metrics", {})}
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    pointer = rollback(_store(args), args.line, args.version, by=args.by or "", reason=args.reason)
+    print(f"line {args.line}: rolled back to {pointer['version']} (was {pointer['previous_version']}); "
+          f"recorded by {pointer['by']}: {pointer['reason']}")
+    return 0
+
+
+def _bento_build(args: argparse.Namespace) -> int:
+    if args.bentoml_home:  # BentoML reads it once, when first imported
+        os.environ["BENTOML_HOME"] = str(Path(args.bentoml_home).resolve())
+    from redi.ops.packaging import build_production_bento
+
+    result = build_production_bento(_store(args), args.line or None, args.bentoml_home)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+_HANDLERS: dict[str, Handler] = {"list": _list, "show": _show, "history": _history, "promote": _promote,
+                                 "rollback": _rollback}
+
+
+def add_model_commands(subparsers: Any) -> dict[str, Handler]:
+    """Register ``redi model ...`` on the CLI's sub-parsers; return ``{"model": handler}``."""
+    model = subparsers.add_parser("model", help="model versions per line: list, show, promote, roll back",
+                                  description="What each line serves (its production pointer) and its history.")
+    sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    store_help = (f"local store folder when REDI_S3_ENDPOINT is unset (default REDI_STORE_DIR or "
+                  f"{DEFAULT_LOCAL_DIR})")
+
+    def add(name: str, help_text: str, line_required: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--line", required=line_required, help="product line")
+        p.add_argument("--store-dir", default=os.environ.get("REDI_STORE_DIR"), help=store_help)
+        return p
+
+    p = add("list", "every version of a line (or of every line) with gate decision, metrics, hash", False)
+    p.add_argument("--json", action="store_true")
+    p = add("show", "one version (default: production) with its files, hashes and promotions")
+    p.add_argument("--version")
+    p = add("history", "every promotion and rollback of a line: who, when, why")
+    p.add_argument("--json", action="store_true")
+    for name, text in (("promote", "make a gate-passed version the line's production model"),
+                       ("rollback", "put back an earlier production model (default: the one before)")):
+        p = add(name, text)
+        p.add_argument("--version", required=name == "promote")
+        p.add_argument("--reason", required=True, help="why (kept in the audit record)")
+        p.add_argument("--by", help="who (default: user@host of this shell)")
+
+    p = subparsers.add_parser("bento", help="build a Bento that pins every line's production model",
+                              description="`redi bento build`: a self-contained Bento (for `bentoml containerize` "
+                                          "and BentoML's deployment targets) with each line's production model.")
+    bento_sub = p.add_subparsers(dest="bento_command", required=True, metavar="ACTION")
+    p = bento_sub.add_parser("build", help="bentoml build with the production models pinned")
+    p.add_argument("--line", action="append", help="only these lines (repeatable; default: every line)")
+    p.add_argument("--store-dir", default=os.environ.get("REDI_STORE_DIR"), help=store_help)
+    p.add_argument("--bentoml-home", help="BentoML's store (default BENTOML_HOME or ~/bentoml)")
+    return {"model": lambda args: _HANDLERS[args.model_command](args), "bento": _bento_build}

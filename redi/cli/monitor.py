@@ -1,0 +1,159 @@
+"""The monitoring and serving sub-commands of ``redi``: ``monitor``, ``drift-reference``, ``serve-check``.
+
+Self-contained: ``redi/cli/main.py`` only calls :func:`add_monitor_commands` with its sub-parsers and
+merges the returned handlers into its command table::
+
+    COMMANDS.update(add_monitor_commands(sub))
+
+Every handler takes the parsed ``argparse.Namespace`` and returns the exit status. ``redi
+monitor`` exits 1 when drift is found (0 when not), so a scheduler or CI job can act on it;
+user errors raise :class:`redi.core.errors.RediError`, which the CLI turns into exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Callable
+
+from redi.core.errors import InputError, RediError
+
+Handler = Callable[[argparse.Namespace], int]
+DRIFT_EXIT = 1
+
+
+def _since(text: str | None) -> _dt.datetime | None:
+    """Parse ``--since`` (ISO date or time; a naive value is taken as UTC)."""
+    if not text:
+        return None
+    try:
+        value = _dt.datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise InputError(f"--since {text!r} is not an ISO date/time; use e.g. 2025-06-01 or 2025-06-01T08:00") from exc
+    return value if value.tzinfo else value.replace(tzinfo=_dt.timezone.utc)
+
+
+def _monitor(args: argparse.Namespace) -> int:
+    """``redi monitor``: Evidently drift report of one line; exit 1 on drift."""
+    from redi.ops.monitoring import MonitorSettings, run_monitor
+
+    settings = MonitorSettings(min_rows=args.min_rows, last=args.last or None, since=_since(args.since))
+    if args.feature_p is not None:
+        settings.feature_p_value = args.feature_p
+    trigger = None
+    if args.trigger_pipeline:  # the bridge to the orchestration; imports the pipeline only when it runs
+        from redi.cli.pipeline import drift_trigger
+
+        trigger = drift_trigger(args.kfp_host, args.pipeline_workdir, args.lines_dir)
+    result = run_monitor(args.line, args.log_dir, args.reference, args.out, workspace=args.workspace,
+                         settings=settings, trigger_pipeline=args.trigger_pipeline, trigger=trigger)
+    print(json.dumps(result.to_dict(), indent=2, default=str))
+    if result.drift_detected:
+        print(f"redi monitor: drift found on line {args.line}: data drift {result.data_drift}, embedding drift "
+              f"{result.embedding_drift}, score shift {result.score_shift}; report {result.html_path}")
+        return 0 if args.no_fail else DRIFT_EXIT
+    print(f"redi monitor: no drift on line {args.line} ({result.n_current} production rows); "
+          f"report {result.html_path}")
+    return 0
+
+
+def _drift_reference(args: argparse.Namespace) -> int:
+    """``redi drift-reference``: the drift_reference stage."""
+    from redi.core.config import load_config
+    from redi.ops.monitoring import build_reference
+
+    overrides = list(args.set or []) + [f"data.root={args.data}"]
+    cfg = load_config(args.config, args.profile, overrides)
+    model = Path(args.model)
+    model = model / "detector.pt" if model.is_dir() else model
+    path = build_reference(model, args.data, args.out, cfg)
+    print(json.dumps({"reference": str(path)}))
+    return 0
+
+
+def _multipart(fields: dict[str, str], file_field: str, file_path: Path) -> tuple[bytes, str]:
+    """Encode a multipart/form-data body (the standard library has no encoder)."""
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, value in fields.items():
+        parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+    parts.append((f'--{boundary}\r\nContent-Disposition: form-data; name="{file_field}"; '
+                  f'filename="{file_path.name}"\r\nContent-Type: application/octet-stream\r\n\r\n').encode())
+    parts.append(file_path.read_bytes() + b"\r\n")
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+
+
+def _serve_check(args: argparse.Namespace) -> int:
+    """``redi serve-check``: is a running service ready, and does it score an image of a line?"""
+    url = args.url.rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=args.timeout) as response:
+            ready = response.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        raise RediError(f"the service at {url} is not reachable or not ready ({exc}); start it with "
+                        f"`bentoml serve serving.service:RediService` and wait for /readyz") from exc
+    image = Path(args.image)
+    if not image.is_file():
+        raise InputError(f"image {image} does not exist")
+    body, content_type = _multipart({"line": args.line, "return_regions": "true"}, "image", image)
+    headers = {"Content-Type": content_type}
+    key = args.api_key or os.environ.get("REDI_API_KEY", "")
+    if key:
+        headers["X-API-Key"] = key
+    request = urllib.request.Request(f"{url}/predict", data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode(errors="replace")[:500]
+        raise RediError(f"{url}/predict answered {exc.code}: {detail}") from exc
+    print(json.dumps({"ready": ready, **answer}, indent=2))
+    return 0
+
+
+def add_monitor_commands(subparsers: argparse._SubParsersAction) -> dict[str, Handler]:
+    """Register ``monitor``, ``drift-reference`` and ``serve-check``; return ``{name: handler}``."""
+    p = subparsers.add_parser("monitor", help="drift report of a line's production images vs its training images "
+                                               "(Evidently); exit 1 on drift")
+    p.add_argument("--line", required=True, help="product line name")
+    p.add_argument("--log-dir", default=os.environ.get("REDI_LOG_DIR", "production_logs"),
+                   help="the service's production log folder (REDI_LOG_DIR)")
+    p.add_argument("--reference", required=True, help="the line's drift reference table (drift-reference stage)")
+    p.add_argument("--out", default="monitoring", help="folder for report.html, snapshot.json, result.json")
+    p.add_argument("--workspace", help="Evidently workspace folder: the run is added to project redi-<line> "
+                                       "(view with `evidently ui --workspace FOLDER`)")
+    p.add_argument("--last", type=int, default=1000, help="compare the latest N production rows (0: all)")
+    p.add_argument("--since", help="only rows logged at/after this ISO date/time (UTC)")
+    p.add_argument("--min-rows", type=int, default=10, help="refuse a verdict on fewer rows")
+    p.add_argument("--feature-p", type=float, help="K-S p-value below which an image feature drifts (0.01)")
+    p.add_argument("--trigger-pipeline", action="store_true",
+                   help="on drift, retrain: run the line's pipeline with the line's own profile on the newest "
+                        "revision of its data repository (on --kfp-host / the line's pipeline.kfp_host, else locally)")
+    p.add_argument("--kfp-host", help="KFP endpoint for the triggered run (default: the line's pipeline.kfp_host; "
+                                      "none: run locally)")
+    p.add_argument("--pipeline-workdir", default="runs/pipeline", help="work dir of a local triggered run")
+    p.add_argument("--lines-dir", help="folder of line config files (default pipelines/lines)")
+    p.add_argument("--no-fail", action="store_true", help="exit 0 even when drift is found")
+
+    p = subparsers.add_parser("drift-reference", help="stage: the monitoring rows of a line's normal training images")
+    p.add_argument("model", help="detector.pt or a run folder holding it")
+    p.add_argument("data", help="line folder in MVTec-AD layout")
+    p.add_argument("--out", required=True, help="reference table path (.csv)")
+    p.add_argument("--config", help="YAML config file")
+    p.add_argument("--profile", help="named budget")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[])
+
+    p = subparsers.add_parser("serve-check", help="check a running service: /readyz, then /predict on one image")
+    p.add_argument("image", help="an image of the line")
+    p.add_argument("--line", required=True)
+    p.add_argument("--url", default="http://127.0.0.1:3000")
+    p.add_argument("--api-key", help="default: REDI_API_KEY")
+    p.add_argument("--timeout", type=float, default=60.0)
+    return {"monitor": _monitor, "drift-reference": _drift_reference, "serve-check": _serve_check}

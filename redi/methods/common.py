@@ -1,0 +1,92 @@
+"""What every method's fitting shares: stage logs, the line's data and split, scoring a stack of
+images through the detector protocol, and calibrating the served threshold on held-out normals."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from redi.core.config import RediConfig
+from redi.core.errors import DatasetError, WeightsError
+from redi.core.operating_point import set_threshold, small_sample_note
+from redi.core.utils import atomic_write_text, progress
+from redi.data.mvtec import MVTecCategory, Sample, split_train_val
+from redi.methods.base import AnomalyDetector
+
+LOG = sys.stderr
+
+
+def log_stage(stage: str, message: str) -> None:
+    """One progress line of a stage on stderr: ``[stage] message``."""
+    print(f"[{stage}] {message}", file=LOG, flush=True)
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """Write ``payload`` as indented JSON, atomically (a killed stage leaves no half file)."""
+    return atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+def open_line(data_root: str | Path, cfg: RediConfig) -> MVTecCategory:
+    """Open a product line's dataset with the configured bad-file policy."""
+    return MVTecCategory(data_root, skip_bad_files=cfg.data.skip_bad_files)
+
+
+def training_split(category: MVTecCategory, cfg: RediConfig) -> tuple[list[Sample], list[Sample]]:
+    """(bank/training images, held-out normals for the threshold): deterministic in the seed."""
+    return split_train_val(category.train, cfg.data.val_fraction, cfg.data.min_val_images, cfg.train.seed)
+
+
+def score_images(detector: AnomalyDetector, images: torch.Tensor, batch_size: int = 8, keep_maps: bool = False,
+                 keep_pictures: bool = False, show_progress: bool = False) -> dict[str, Any]:
+    """Run any detector over a stack of images in batches: ``scores`` always, ``maps`` (N, S, S)
+    and the method's ``pictures`` (name -> (N, 3, S, S), :meth:`AnomalyDetector.pictures`) on request."""
+    scores, maps, pictures = [], [], {}
+    batches = range(0, images.shape[0], batch_size)
+    if show_progress:
+        batches = progress(batches, len(batches), "[predict] batch")
+    for begin in batches:
+        out = detector.predict(images[begin:begin + batch_size])
+        scores.append(out.score.float().cpu())
+        if keep_maps:
+            maps.append(out.anomaly_map.float().cpu())
+        if keep_pictures:
+            for name, picture in detector.pictures(out).items():
+                pictures.setdefault(name, []).append(picture.float().cpu())
+    result: dict[str, Any] = {"scores": torch.cat(scores)}
+    if keep_maps:
+        result["maps"] = torch.cat(maps)
+    if keep_pictures:
+        result["pictures"] = {name: torch.cat(parts) for name, parts in pictures.items()}
+    return result
+
+
+def calibrate_threshold(detector: AnomalyDetector, images: torch.Tensor, cfg: RediConfig) -> dict[str, Any]:
+    """Decision threshold from held-out normal images only (never from test labels), set by the
+    line's threshold policy for its false-call target (:func:`redi.core.operating_point.set_threshold`)."""
+    if images.shape[0] == 0:
+        raise DatasetError("no held-out normal images to calibrate the threshold on; "
+                           "raise data.val_fraction or add images to train/good")
+    scores = score_images(detector, images, cfg.eval.batch_size)["scores"]
+    threshold = set_threshold(scores.numpy(), cfg.eval.threshold_policy, cfg.eval.false_call_target,
+                              cfg.eval.threshold_quantile, cfg.eval.threshold_margin)
+    detector.threshold.fill_(threshold)
+    note = small_sample_note(int(images.shape[0]), cfg.eval.threshold_policy, cfg.eval.false_call_target)
+    if note:
+        log_stage("calibrate", f"WARNING: {note}")
+    return {"threshold": threshold, "policy": cfg.eval.threshold_policy,
+            "false_call_target": cfg.eval.false_call_target, "margin": cfg.eval.threshold_margin,
+            "val_score_mean": float(scores.mean()), "val_score_max": float(scores.max()),
+            "val_false_call_rate": float((scores > threshold).float().mean()), "n_val": int(images.shape[0]),
+            "note": note}
+
+
+def require_file(path: str | Path, what: str, hint: str) -> Path:
+    """A clear error for a missing input file of a stage."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{what} {path} does not exist; {hint}")
+    return path

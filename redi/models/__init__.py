@@ -1,1 +1,0 @@
-"""Plain torch modules of ReDi: they know nothing of training, storage or serving."""

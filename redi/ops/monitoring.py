@@ -1,0 +1,543 @@
+"""Drift monitoring: the one definition of a monitoring row, production logging, Evidently reports.
+
+A product line's images are monitored as a table, one row per image (Evidently works on tables):
+
+- ``brightness``: mean luminance (ITU-R BT.601 weights) in ``[0, 1]``;
+- ``contrast``: standard deviation of that luminance;
+- ``sharpness``: variance of the Laplacian of the luminance (a blur lowers it);
+- ``anomaly_score``: the detector's image score;
+- ``emb_0 .. emb_{k-1}``: a fixed random projection of the L2-normalised backbone embedding.
+  A random Gaussian projection (seed :data:`PROJECTION_SEED`, scaled by ``1/sqrt(k)``) keeps
+  distances between embeddings roughly intact (Johnson-Lindenstrauss), whereas the first ``k``
+  raw channels would watch ``k`` arbitrary filters and miss shifts elsewhere. The matrix depends
+  only on the embedding size and ``k``, so the reference table and the service agree without
+  storing it.
+
+The luminance features are computed on the image resized to ``FEATURE_SIZE`` x ``FEATURE_SIZE``
+so a change of camera resolution does not by itself move them, and the cost per request is fixed.
+
+:func:`build_reference` (the pipeline's ``drift_reference`` stage) writes one row per normal
+training image; the service appends one row per request through :class:`ProductionLog`;
+:func:`run_monitor` compares the two with Evidently (column drift of the image features,
+embedding drift, anomaly-score shift), writes HTML and JSON, and adds the run to an Evidently
+workspace project per line, so ``evidently ui --workspace PATH`` shows each line's history.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import functools
+import json
+import math
+import os
+import re
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from scipy import ndimage
+
+from redi.core.errors import ConfigError, DatasetError, InputError
+from redi.core.utils import atomic_write_text
+
+FEATURE_SIZE = 256
+PROJECTION_SEED = 0
+N_EMBEDDING_COMPONENTS = 8
+IMAGE_FEATURES = ("brightness", "contrast", "sharpness")
+SCORE_COLUMN = "anomaly_score"
+_LINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def embedding_columns(k: int = N_EMBEDDING_COMPONENTS) -> list[str]:
+    """Names of the embedding component columns: ``emb_0 .. emb_{k-1}``."""
+    return [f"emb_{i}" for i in range(k)]
+
+
+def check_line_name(line: str) -> str:
+    """Return ``line`` if it is a safe name (letters, digits, ``_.-``), else raise InputError.
+
+    Line names become folder and project names, so anything that could escape a folder is refused.
+    """
+    if not isinstance(line, str) or not _LINE_NAME.match(line):
+        raise InputError(f"line name {line!r} is not valid; use 1-64 letters, digits, '_', '.' or '-' "
+                         f"(starting with a letter or digit)")
+    return line
+
+
+# ----------------------------------------------------------------------------- one row per image
+@functools.lru_cache(maxsize=8)
+def _projection(dim: int, k: int) -> np.ndarray:
+    """The fixed (dim, k) Gaussian projection matrix (see the module docstring)."""
+    rng = np.random.default_rng(PROJECTION_SEED)
+    return (rng.standard_normal((dim, k)) / math.sqrt(k)).astype(np.float64)
+
+
+def project_embedding(embedding: Any, k: int = N_EMBEDDING_COMPONENTS) -> np.ndarray:
+    """L2-normalise a (D,) embedding and project it to ``k`` components."""
+    vector = np.asarray(embedding.detach().cpu() if hasattr(embedding, "detach") else embedding,
+                        dtype=np.float64).reshape(-1)
+    if vector.size == 0 or not np.all(np.isfinite(vector)):
+        raise InputError(f"an embedding must be a non-empty finite vector, got {vector.size} values")
+    norm = np.linalg.norm(vector)
+    return (vector / norm if norm > 0 else vector) @ _projection(vector.size, k)
+
+
+def luminance_features(rgb_uint8: np.ndarray) -> dict[str, float]:
+    """Brightness, contrast and sharpness of a uint8 RGB image (see the module docstring)."""
+    arr = np.asarray(rgb_uint8)
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
+        raise InputError(f"expected a uint8 RGB image (H, W, 3), got {arr.dtype} {arr.shape}; "
+                         f"read files with redi.core.images.load_rgb")
+    if arr.shape[:2] != (FEATURE_SIZE, FEATURE_SIZE):
+        arr = np.asarray(Image.fromarray(arr).resize((FEATURE_SIZE, FEATURE_SIZE), Image.Resampling.BILINEAR))
+    grey = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0
+    return {"brightness": float(grey.mean()), "contrast": float(grey.std()),
+            "sharpness": float(ndimage.laplace(grey * 255.0, mode="reflect").var())}
+
+
+def image_feature_row(rgb_uint8: np.ndarray, score: float, embedding: Any,
+                      k: int = N_EMBEDDING_COMPONENTS) -> dict[str, float]:
+    """The one definition of a drift-monitoring row for one image.
+
+    Args:
+        rgb_uint8: the image as uint8 RGB (H, W, 3), at whatever resolution it arrived.
+        score: the detector's anomaly score of the image.
+        embedding: the detector's pooled backbone embedding of the image, (D,) tensor or array.
+        k: number of embedding components.
+
+    Returns:
+        ``{brightness, contrast, sharpness, anomaly_score, emb_0 .. emb_{k-1}}`` as floats.
+    """
+    row: dict[str, float] = luminance_features(rgb_uint8)
+    row[SCORE_COLUMN] = float(score)
+    row.update({name: float(v) for name, v in zip(embedding_columns(k), project_embedding(embedding, k))})
+    return row
+
+
+def feature_columns(k: int = N_EMBEDDING_COMPONENTS) -> list[str]:
+    """Every numeric column of a monitoring row, in order."""
+    return [*IMAGE_FEATURES, SCORE_COLUMN, *embedding_columns(k)]
+
+
+# ----------------------------------------------------------------------------- the reference table
+def build_reference(detector_path: str | Path, data_root: str | Path, out_path: str | Path, cfg: Any,
+                    k: int = N_EMBEDDING_COMPONENTS) -> Path:
+    """The ``drift_reference`` stage: one monitoring row per normal training image, as CSV.
+
+    The images go through exactly what the service does (``load_rgb`` -> ``preprocess``
+    -> ``predict`` of the detector protocol), so production rows are comparable. Rows also carry ``image_id``,
+    ``line`` and ``model_version``.
+    """
+    import torch
+
+    from redi.core.images import load_rgb
+    from redi.methods.base import load_detector
+    from redi.methods.common import open_line
+    from redi.core.utils import pick_device
+
+    detector = load_detector(detector_path, pick_device(cfg.train.device))
+    category = open_line(data_root, cfg)
+    samples = [s for s in category.train if s.label == 0]
+    if not samples:
+        raise DatasetError(f"{data_root} has no normal training images to build a drift reference from")
+    line = str(detector.metadata.get("line") or category.name)
+    version = str(detector.metadata.get("version", ""))
+    rows: list[dict[str, Any]] = []
+    batch_size = max(1, int(cfg.eval.batch_size))
+    # Named as training images: a method that keeps them (a prompt or memory bank) then never matches
+    # an image with itself, which would score near zero; production images never are in the bank.
+    for begin in range(0, len(samples), batch_size):
+        chunk = samples[begin:begin + batch_size]
+        images = [load_rgb(s.path) for s in chunk]
+        with torch.inference_mode():
+            out = detector.predict(detector.preprocess(images), image_ids=[s.image_id for s in chunk])
+        for sample, rgb, score, emb in zip(chunk, images, out.score.cpu(), out.embedding.cpu()):
+            row = {"image_id": sample.image_id, "line": line, "model_version": version}
+            row.update(image_feature_row(rgb, float(score), emb, k))
+            rows.append(row)
+    out_path = Path(out_path)
+    atomic_write_text(out_path, pd.DataFrame(rows).to_csv(index=False))  # a half-written reference is never read
+    return out_path
+
+
+def load_reference(path: str | Path, k: int | None = None) -> pd.DataFrame:
+    """Read a reference table and check it has every monitoring column."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"drift reference {path} does not exist; run the drift_reference stage "
+                           f"(`redi.ops.monitoring.build_reference`) for this line first")
+    frame = pd.read_csv(path)
+    k = k if k is not None else len([c for c in frame.columns if c.startswith("emb_")])
+    missing = [c for c in feature_columns(k) if c not in frame.columns]
+    if missing or frame.empty:
+        raise DatasetError(f"drift reference {path} is empty or lacks columns {missing}; rebuild it")
+    return frame
+
+
+# ----------------------------------------------------------------------------- production log
+class ProductionLog:
+    """Durable append-only log of production rows: ``<dir>/<line>/<YYYY-MM-DD>.jsonl`` (UTC days).
+
+    Rows are written in *group commits*: every row handed in while the previous commit is on its
+    way to the disk waits for the next one, and a commit is one ``write`` per day file on an
+    ``O_APPEND`` descriptor under an exclusive ``fcntl.flock``, then one ``fsync`` of that file.
+    :meth:`append` returns (and the future of :meth:`submit` resolves) only after the row's commit
+    was ``fsync``-ed, so a row that was acknowledged survives a crash, while a burst of N requests
+    costs one or two fsyncs instead of N. Rows from many threads and worker processes never
+    interleave or get lost. (flock works on local filesystems; on NFS use one log directory per
+    host.) A line cut short by a crash mid-write is skipped when reading.
+
+    The commits run on one daemon thread per log, started on first use.
+    """
+
+    def __init__(self, directory: str | Path, fsync: bool = True) -> None:
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self._cond = threading.Condition()
+        self._pending: list[tuple[Path, bytes, Future]] = []
+        self._writer: threading.Thread | None = None
+        self.commits = 0  # group commits done (each: one write and one fsync per day file)
+        self.rows_committed = 0
+
+    def path_for(self, line: str, when: _dt.datetime | None = None) -> Path:
+        """The file that holds ``line``'s rows of the UTC day of ``when`` (default: now)."""
+        when = when or _dt.datetime.now(_dt.timezone.utc)
+        return self.directory / check_line_name(line) / f"{when.astimezone(_dt.timezone.utc):%Y-%m-%d}.jsonl"
+
+    def submit(self, row: dict[str, Any]) -> "Future[Path]":
+        """Queue one row (needs a ``line`` key; ``time`` is added when absent) for the next group commit.
+
+        The returned future resolves to the file once the row is on disk (fsync-ed), or raises the
+        ``OSError`` that kept it from getting there. Bad rows (line name) raise here, at once.
+        """
+        row = dict(row)
+        now = _dt.datetime.now(_dt.timezone.utc)
+        row.setdefault("time", now.isoformat(timespec="microseconds"))
+        path = self.path_for(str(row.get("line", "")), now)
+        data = (json.dumps(row, default=_json_default, allow_nan=True) + "\n").encode()
+        done: Future[Path] = Future()
+        with self._cond:
+            self._pending.append((path, data, done))
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._commit_loop, name="redi-log-commit", daemon=True)
+                self._writer.start()
+            self._cond.notify()
+        return done
+
+    def append(self, row: dict[str, Any]) -> Path:
+        """Append one row and return its file once it is on disk (see :meth:`submit`)."""
+        return self.submit(row).result()
+
+    def append_many(self, rows: Iterable[dict[str, Any]]) -> list[Path]:
+        """Append several rows in (usually) one group commit; returns each row's file."""
+        futures = [self.submit(row) for row in rows]
+        return [f.result() for f in futures]
+
+    def _commit_loop(self) -> None:
+        """The writer thread: take everything queued, commit it, resolve its futures; repeat."""
+        while True:
+            with self._cond:
+                while not self._pending:
+                    self._cond.wait()
+                batch, self._pending = self._pending, []
+            by_file: dict[Path, list[tuple[bytes, Future]]] = {}
+            for path, data, done in batch:
+                by_file.setdefault(path, []).append((data, done))
+            for path, items in by_file.items():
+                try:
+                    self._write(path, b"".join(data for data, _ in items))
+                except Exception as exc:  # noqa: BLE001 - every row of this commit fails; the next one tries again
+                    for _, done in items:
+                        done.set_exception(exc)
+                    continue
+                self.commits += 1
+                self.rows_committed += len(items)
+                for _, done in items:
+                    done.set_result(path)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        """One locked O_APPEND write of whole rows, then fsync."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                written = 0
+                while written < len(data):  # os.write may write less than asked
+                    written += os.write(fd, data[written:])
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def files(self, line: str) -> list[Path]:
+        """The line's day files, oldest first."""
+        folder = self.directory / check_line_name(line)
+        return sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+
+    def read(self, line: str, since: _dt.datetime | None = None, last: int | None = None) -> pd.DataFrame:
+        """The line's rows (optionally only those at/after ``since``, and only the ``last`` N) as a table."""
+        rows: list[dict[str, Any]] = []
+        for path in self.files(line):
+            if since is not None and path.stem < f"{since.astimezone(_dt.timezone.utc):%Y-%m-%d}":
+                continue  # whole day before the window
+            rows.extend(_read_jsonl(path))
+        frame = pd.DataFrame(rows)
+        if frame.empty:
+            return frame
+        frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
+        if since is not None:
+            frame = frame[frame["time"] >= pd.Timestamp(since).tz_convert("UTC")]
+        frame = frame.sort_values("time", kind="stable").reset_index(drop=True)
+        return frame.tail(last).reset_index(drop=True) if last else frame
+
+
+def _json_default(value: Any) -> Any:
+    """numpy scalars and other non-JSON values in a row."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of one JSONL file; a line cut short by a crash is skipped (it was never acknowledged)."""
+    rows = []
+    with open(path, "rb") as handle:
+        for raw in handle:
+            try:
+                rows.append(json.loads(raw))
+            except ValueError:
+                continue
+    return rows
+
+
+# ----------------------------------------------------------------------------- drift report
+@dataclass
+class MonitorSettings:
+    """Thresholds of the drift checks (p-values are of two-sample Kolmogorov-Smirnov tests)."""
+
+    feature_p_value: float = 0.01  # a feature column drifts when its K-S p-value is below this
+    score_p_value: float = 0.01  # the anomaly score shifted when its K-S p-value is below this
+    embedding_component_p_value: float = 0.05  # per projected component
+    embedding_drift_share: float = 0.25  # embedding drift when more than this share of components drift
+    min_rows: int = 10  # fewer production rows than this: no verdict, an error
+    last: int | None = 1000  # compare the latest N production rows (None: all)
+    since: _dt.datetime | None = None  # ... logged at or after this time
+    same_model_version: bool = True  # only rows scored by the reference's model version
+
+
+@dataclass
+class MonitorResult:
+    """What one monitoring run found and wrote."""
+
+    line: str
+    n_reference: int
+    n_current: int
+    feature_drift: dict[str, bool]
+    feature_p_values: dict[str, float]
+    embedding_drift: bool
+    embedding_drift_share: float
+    score_shift: bool
+    score_p_value: float
+    score_mean_reference: float
+    score_mean_current: float
+    html_path: str
+    json_path: str
+    snapshot_path: str
+    workspace_project: str | None = None
+    pipeline_triggered: bool = False
+    pipeline_result: Any = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def data_drift(self) -> bool:
+        """Any image-feature column drifted."""
+        return any(self.feature_drift.values())
+
+    @property
+    def drift_detected(self) -> bool:
+        """Any of the three checks flagged drift."""
+        return self.data_drift or self.embedding_drift or self.score_shift
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the file written next to the HTML report)."""
+        data = asdict(self)
+        data["pipeline_result"] = None if self.pipeline_result is None else str(self.pipeline_result)
+        data.update(data_drift=self.data_drift, drift_detected=self.drift_detected)
+        return data
+
+
+def select_production_rows(frame: pd.DataFrame, reference: pd.DataFrame, settings: MonitorSettings,
+                           notes: list[str]) -> pd.DataFrame:
+    """Keep the rows comparable with the reference (same model version when asked)."""
+    if frame.empty:
+        return frame
+    versions = set(reference.get("model_version", pd.Series(dtype=str)).dropna().astype(str)) - {""}
+    if settings.same_model_version and versions and "model_version" in frame.columns:
+        keep = frame["model_version"].astype(str).isin(versions)
+        if (~keep).any():
+            notes.append(f"{int((~keep).sum())} rows from other model versions than {sorted(versions)} left out")
+        frame = frame[keep]
+    return frame.reset_index(drop=True)
+
+
+def _drift_report(reference: pd.DataFrame, current: pd.DataFrame, k: int, settings: MonitorSettings):
+    """Run the Evidently report; returns the snapshot."""
+    from evidently import DataDefinition, Dataset, Report
+    from evidently.metrics import EmbeddingsDrift, ValueDrift
+    from evidently.metrics.embeddings import RatioDriftMethod
+    from evidently.presets import DataDriftPreset
+
+    columns = feature_columns(k)
+    definition = DataDefinition(numerical_columns=columns, embeddings={"embedding": embedding_columns(k)})
+    ref = Dataset.from_pandas(reference[columns].astype(float), data_definition=definition)
+    cur = Dataset.from_pandas(current[columns].astype(float), data_definition=definition)
+    method = RatioDriftMethod(component_stattest="ks", component_stattest_threshold=settings.embedding_component_p_value,
+                              threshold=settings.embedding_drift_share)
+    report = Report([
+        DataDriftPreset(columns=list(IMAGE_FEATURES), method="ks", threshold=settings.feature_p_value,
+                        drift_share=1.0 / (len(IMAGE_FEATURES) + 1)),
+        ValueDrift(column=SCORE_COLUMN, method="ks", threshold=settings.score_p_value),
+        EmbeddingsDrift(embeddings_name="embedding", drift_method=method),
+    ], include_tests=True)
+    return report.run(current_data=cur, reference_data=ref)
+
+
+def _metric_values(snapshot_dict: dict[str, Any]) -> tuple[dict[str, float], float]:
+    """(K-S p-value per ValueDrift column, embedding drift share) from a snapshot's dict."""
+    p_values: dict[str, float] = {}
+    share = float("nan")
+    for metric in snapshot_dict.get("metrics", []):
+        config = metric.get("config", {})
+        kind = str(config.get("type", ""))
+        if kind.endswith(":ValueDrift"):
+            p_values[config["column"]] = float(metric["value"])
+        elif kind.endswith(":EmbeddingsDrift"):
+            share = float(metric["value"])
+    return p_values, share
+
+
+def _workspace_project(workspace: Any, line: str):
+    """The line's project ``redi-<line>`` in the workspace (created with its dashboard if new)."""
+    name = f"redi-{line}"
+    found = [p for p in workspace.search_project(name) if p.name == name]
+    if found:
+        return found[0]
+    project = workspace.create_project(name, description=f"Drift of production images of line {line} "
+                                                           f"against its training images (redi)")
+    _add_dashboard(project, line)
+    return project
+
+
+def _add_dashboard(project: Any, line: str) -> None:
+    """Panels that plot each check over the runs: feature p-values, score shift, embedding drift."""
+    from evidently.sdk.models import PanelMetric
+    from evidently.sdk.panels import counter_panel, line_plot_panel
+
+    drift = [PanelMetric(legend=c, metric="ValueDrift", metric_labels={"column": c})
+             for c in (*IMAGE_FEATURES, SCORE_COLUMN)]
+    project.dashboard.add_panel(counter_panel(
+        f"Line {line}: drifted image features (latest run)",
+        [PanelMetric(legend="drifted features", metric="DriftedColumnsCount", metric_labels={"value_type": "count"})],
+        size="half"), tab="Drift")
+    project.dashboard.add_panel(line_plot_panel(
+        "Embedding drift: share of drifted components", [PanelMetric(legend="share", metric="EmbeddingsDrift")],
+        size="half"), tab="Drift")
+    project.dashboard.add_panel(line_plot_panel(
+        "K-S p-value per column (below the threshold = drift)", drift), tab="Drift")
+    project.save()
+
+
+def open_workspace(path: str | Path):
+    """Open (or create) a local Evidently workspace folder."""
+    from evidently.ui.workspace import Workspace
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return Workspace(str(path))
+
+
+def run_monitor(line: str, log_dir: str | Path, reference_path: str | Path, out_dir: str | Path,
+                workspace: str | Path | None = None, settings: MonitorSettings | None = None,
+                trigger_pipeline: bool = False, trigger: Callable[[str], Any] | None = None) -> MonitorResult:
+    """Compare a line's logged production rows with its reference table.
+
+    Writes ``<out_dir>/<line>/<UTC time>/report.html``, ``snapshot.json`` (Evidently's) and
+    ``result.json`` (the flags), adds the run to the workspace project ``redi-<line>`` when a
+    workspace folder is given, and when drift is found and ``trigger_pipeline`` is set, calls
+    ``trigger(line)`` (the caller's retraining; the command line builds it with
+    ``redi.cli.pipeline.drift_trigger``: this library never imports its own orchestration).
+
+    Raises:
+        DatasetError: the reference table is missing or broken.
+        InputError: fewer than ``settings.min_rows`` comparable production rows.
+        ConfigError: ``trigger_pipeline`` without a ``trigger``.
+    """
+    check_line_name(line)
+    if trigger_pipeline and trigger is None:
+        raise ConfigError("trigger_pipeline needs a trigger function (e.g. redi.cli.pipeline.drift_trigger()); "
+                          "the monitoring library does not import the pipeline itself")
+    settings = settings or MonitorSettings()
+    reference = load_reference(reference_path)
+    k = len([c for c in reference.columns if c.startswith("emb_")])
+    notes: list[str] = []
+    current = ProductionLog(log_dir).read(line, since=settings.since, last=None)
+    current = select_production_rows(current, reference, settings, notes)
+    if settings.last:
+        current = current.tail(settings.last).reset_index(drop=True)
+    if len(current) < settings.min_rows:
+        raise InputError(f"line {line} has {len(current)} comparable production rows in {log_dir} "
+                         f"(need at least {settings.min_rows}); wait for more traffic or lower min_rows")
+    missing = [c for c in feature_columns(k) if c not in current.columns]
+    if missing:
+        raise DatasetError(f"production rows of line {line} in {log_dir} lack columns {missing}; the reference "
+                           f"{reference_path} was built with {k} embedding components - rebuild one of them")
+
+    snapshot = _drift_report(reference, current, k, settings)
+    p_values, share = _metric_values(snapshot.dict())
+    out = Path(out_dir) / line / time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(out / "report.html"))
+    snapshot.save_json(str(out / "snapshot.json"))
+    result = MonitorResult(
+        line=line, n_reference=len(reference), n_current=len(current),
+        feature_drift={c: p_values[c] < settings.feature_p_value for c in IMAGE_FEATURES},
+        feature_p_values={c: p_values[c] for c in IMAGE_FEATURES},
+        embedding_drift=bool(share > settings.embedding_drift_share), embedding_drift_share=share,
+        score_shift=bool(p_values[SCORE_COLUMN] < settings.score_p_value), score_p_value=p_values[SCORE_COLUMN],
+        score_mean_reference=float(reference[SCORE_COLUMN].mean()),
+        score_mean_current=float(current[SCORE_COLUMN].mean()),
+        html_path=str(out / "report.html"), json_path=str(out / "result.json"),
+        snapshot_path=str(out / "snapshot.json"), notes=notes)
+    if workspace is not None:
+        ws = open_workspace(workspace)
+        project = _workspace_project(ws, line)
+        ws.add_run(project.id, snapshot, name=f"{line} {out.name}")
+        result.workspace_project = str(project.id)
+    if result.drift_detected and trigger_pipeline:
+        result.pipeline_result = trigger(line)
+        result.pipeline_triggered = True
+    atomic_write_text(out / "result.json", json.dumps(result.to_dict(), indent=2, default=str))
+    return result
+
+
+def rows_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
+    """A list of monitoring rows as a table (for tests and notebooks)."""
+    return pd.DataFrame(list(rows))
+
+
+__all__: Sequence[str] = (
+    "FEATURE_SIZE", "PROJECTION_SEED", "N_EMBEDDING_COMPONENTS", "IMAGE_FEATURES", "SCORE_COLUMN",
+    "image_feature_row", "luminance_features", "project_embedding", "feature_columns", "embedding_columns",
+    "build_reference", "load_reference", "ProductionLog", "MonitorSettings", "MonitorResult", "run_monitor",
+    "open_workspace", "check_line_name", "rows_frame",
+)

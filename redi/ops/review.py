@@ -1,0 +1,454 @@
+"""The review index: kept images, operators' verdicts and what was exported, in a real database.
+
+SQLite by default (``sqlite:///<REDI_LOG_DIR>/review.db``), any SQLAlchemy URL in production
+(``REDI_REVIEW_DB``, e.g. ``postgresql+psycopg://user@db/redi``). Three tables:
+
+- ``retained``: one row per image the service kept (``redi.ops.retention``): request id, line, kind
+  (``flagged`` or ``sampled``), time, score, threshold, decision, model version, store keys, defect
+  regions, ``sample_rate`` (the share of such answers kept when it was: 1 for flagged parts, the
+  line's normal rate for sampled ones; NULL for rows kept before it was recorded); ``expired_at``
+  once the retention limits deleted it.
+- ``verdicts``: every verdict ever given, never updated: request id, ``defect`` or
+  ``false_alarm``, defect type, note, whether the drawn mask was accepted, who, when. The latest
+  verdict of a request is the one that counts; earlier ones stay as history.
+- ``exports``: what ``redi review export`` wrote into a line's dataset (so nothing is written twice).
+
+The object store holds the images; this database is their index (``sync_from_store`` rebuilds
+it from the stored ``record.json`` files).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, func, inspect,
+                        select, text, update)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from redi.core.errors import RediError
+
+VERDICTS = ("defect", "false_alarm")
+DEFAULT_DEFECT_TYPE = "defect"
+_TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+class ReviewError(RediError):
+    """A review request that cannot be done; ``status`` is the HTTP status the page answers."""
+
+    status = 400
+
+
+class UnknownRequest(ReviewError):
+    """No kept image has this request id."""
+
+    status = 404
+
+
+class ImageExpired(ReviewError):
+    """The image was deleted by the retention limits; it can no longer be judged."""
+
+    status = 410
+
+
+class InvalidVerdict(ReviewError):
+    """The verdict's fields are wrong (kind, defect type, operator)."""
+
+    status = 422
+
+
+def now_iso() -> str:
+    """The current UTC time, ISO 8601 with microseconds (sorts as text)."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Retained(Base):
+    __tablename__ = "retained"
+    request_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    line: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    time: Mapped[str] = mapped_column(String(40), index=True)
+    date: Mapped[str] = mapped_column(String(10), index=True)
+    score: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    anomalous: Mapped[bool] = mapped_column(Boolean)
+    model_version: Mapped[str] = mapped_column(String(128), index=True)
+    model_tag: Mapped[str] = mapped_column(String(512), default="")
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    image_key: Mapped[str] = mapped_column(String(512))
+    map_key: Mapped[str] = mapped_column(String(512))
+    record_key: Mapped[str] = mapped_column(String(512))
+    regions: Mapped[str] = mapped_column(Text, default="[]")
+    indexed_at: Mapped[str] = mapped_column(String(40))
+    expired_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    # the chance this answer had to be kept (1 flagged, the normal rate sampled): a verdict on a sampled
+    # part stands for 1/sample_rate parts when rates are estimated (redi.ops.review_threshold)
+    sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Verdict(Base):
+    __tablename__ = "verdicts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("retained.request_id"), index=True)
+    line: Mapped[str] = mapped_column(String(64), index=True)
+    verdict: Mapped[str] = mapped_column(String(16))
+    defect_type: Mapped[str] = mapped_column(String(64), default="")
+    accept_mask: Mapped[bool] = mapped_column(Boolean, default=False)
+    note: Mapped[str] = mapped_column(Text, default="")
+    by: Mapped[str] = mapped_column(String(128))
+    at: Mapped[str] = mapped_column(String(40))
+
+
+class Export(Base):
+    __tablename__ = "exports"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("retained.request_id"), index=True)
+    verdict_id: Mapped[int] = mapped_column(ForeignKey("verdicts.id"))
+    line: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(16))  # written | needs_mask
+    target: Mapped[str] = mapped_column(String(512))  # the image's path inside the dataset
+    mask: Mapped[str] = mapped_column(String(512), default="")
+    data_repo: Mapped[str] = mapped_column(String(1024))
+    data_path: Mapped[str] = mapped_column(String(512))
+    revision: Mapped[str] = mapped_column(String(64))
+    by: Mapped[str] = mapped_column(String(128))
+    at: Mapped[str] = mapped_column(String(40))
+
+
+def default_db_url(env: Mapping[str, str] | None = None) -> str:
+    """``REDI_REVIEW_DB``, else SQLite in the production log folder (``REDI_LOG_DIR``)."""
+    env = os.environ if env is None else env
+    url = env.get("REDI_REVIEW_DB", "").strip()
+    if url:
+        return url
+    folder = Path(env.get("REDI_LOG_DIR", "").strip() or "production_logs").resolve()
+    return f"sqlite:///{folder / 'review.db'}"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # WAL: the page reads while the service's workers write; busy timeout: workers wait, not fail
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()
+
+
+# columns added after the first release: create_all() makes missing tables, never missing columns
+_LATER_COLUMNS = {"retained": {"sample_rate": "FLOAT"}}
+
+
+def _add_later_columns(engine: Engine) -> None:
+    """Add the columns an older database lacks (nullable, so old rows read as NULL)."""
+    for table, columns in _LATER_COLUMNS.items():
+        for name, sql_type in columns.items():
+            if name in {c["name"] for c in inspect(engine).get_columns(table)}:
+                continue
+            try:
+                with engine.begin() as connection:
+                    connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
+            except Exception:  # another worker added it first; anything else fails the check below
+                if name not in {c["name"] for c in inspect(engine).get_columns(table)}:
+                    raise
+
+
+def _sample_rate(record: Mapping[str, Any]) -> float | None:
+    """The record's sampling rate; a flagged part is always kept (1), an old sampled one is unknown."""
+    if record.get("sample_rate") is not None:
+        return float(record["sample_rate"])
+    return 1.0 if record.get("kind", "flagged") == "flagged" else None
+
+
+def _retained_dict(row: Retained) -> dict[str, Any]:
+    out = {c.name: getattr(row, c.name) for c in Retained.__table__.columns}
+    out["regions"] = json.loads(row.regions or "[]")
+    return out
+
+
+def _verdict_dict(row: Verdict) -> dict[str, Any]:
+    return {c.name: getattr(row, c.name) for c in Verdict.__table__.columns}
+
+
+class ReviewDB:
+    """The review index behind one SQLAlchemy URL (tables are created when missing)."""
+
+    def __init__(self, url: str | None = None) -> None:
+        self.url = url or default_db_url()
+        if self.url.startswith("sqlite:///"):
+            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine: Engine = create_engine(self.url, connect_args={"timeout": 30}
+                                                if self.url.startswith("sqlite") else {})
+        except Exception as exc:
+            raise ReviewError(f"cannot open the review database {self.url!r}: {exc}; set REDI_REVIEW_DB to a "
+                              f"SQLAlchemy URL (sqlite:///path/review.db, postgresql+psycopg://...)") from exc
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        _add_later_columns(self.engine)
+
+    def __repr__(self) -> str:
+        return f"ReviewDB({self.engine.url.render_as_string(hide_password=True)})"
+
+    # -- what retention tells ------------------------------------------------------------------
+    def add_retained(self, record: Mapping[str, Any]) -> None:
+        """Index one kept image (its ``record.json``); an id already indexed is left as it is."""
+        with Session(self.engine) as session, session.begin():
+            if session.get(Retained, record["request_id"]) is not None:
+                return
+            session.add(Retained(
+                request_id=record["request_id"], line=record["line"], kind=record.get("kind", "flagged"),
+                time=record["time"], date=record["time"][:10], score=float(record["score"]),
+                threshold=float(record["threshold"]), anomalous=bool(record["anomalous"]),
+                model_version=str(record.get("model_version", "")), model_tag=str(record.get("model_tag", "")),
+                width=int(record["width"]), height=int(record["height"]), image_key=record["image_key"],
+                map_key=record["map_key"], record_key=record["record_key"],
+                regions=json.dumps(record.get("regions", [])), indexed_at=now_iso(),
+                sample_rate=_sample_rate(record)))
+
+    def pinned_ids(self, line: str) -> set[str]:
+        """Request ids of the line that have a verdict and were not exported (retention keeps them)."""
+        with Session(self.engine) as session:
+            judged = select(Verdict.request_id).where(Verdict.line == line)
+            exported = select(Export.request_id).where(Export.line == line)
+            return set(session.scalars(judged.except_(exported)))
+
+    def mark_expired(self, request_ids: list[str]) -> None:
+        """Record that these images were deleted by the retention limits."""
+        if not request_ids:
+            return
+        with Session(self.engine) as session, session.begin():
+            session.execute(update(Retained).where(Retained.request_id.in_(request_ids),
+                                                   Retained.expired_at.is_(None)).values(expired_at=now_iso()))
+
+    # -- reading -------------------------------------------------------------------------------
+    def lines(self) -> list[str]:
+        """Every line with a kept image."""
+        with Session(self.engine) as session:
+            return list(session.scalars(select(Retained.line).distinct().order_by(Retained.line)))
+
+    def model_versions(self, line: str) -> list[str]:
+        """The model versions that produced the line's kept images."""
+        with Session(self.engine) as session:
+            return list(session.scalars(select(Retained.model_version).where(Retained.line == line)
+                                        .distinct().order_by(Retained.model_version)))
+
+    def get(self, request_id: str) -> dict[str, Any]:
+        """A kept image with its verdict history (oldest first) and ``verdict`` (the latest, or None)."""
+        with Session(self.engine) as session:
+            row = session.get(Retained, request_id)
+            if row is None:
+                raise UnknownRequest(f"no kept image has request id {request_id!r}: it was never flagged or "
+                                     f"sampled, or it is from another service's database (REDI_REVIEW_DB)")
+            history = [_verdict_dict(v) for v in session.scalars(
+                select(Verdict).where(Verdict.request_id == request_id).order_by(Verdict.id))]
+            exports = list(session.scalars(select(Export.target).where(Export.request_id == request_id)))
+        return {**_retained_dict(row), "history": history, "verdict": history[-1] if history else None,
+                "exported": exports}
+
+    def queue(self, line: str, kind: str = "flagged", model_version: str = "", date_from: str = "",
+              date_to: str = "", min_score: float | None = None, max_score: float | None = None,
+              status: str = "all", limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """The line's kept images, newest first, filtered; each with its latest verdict.
+
+        Args:
+            kind: ``flagged``, ``sampled`` or ``all``.
+            status: ``pending`` (no verdict), ``judged`` or ``all``; expired images are left out.
+            date_from, date_to: ``YYYY-MM-DD`` (UTC), inclusive.
+        """
+        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
+                  .group_by(Verdict.request_id).subquery())
+        query = (select(Retained, Verdict).outerjoin(latest, latest.c.request_id == Retained.request_id)
+                 .outerjoin(Verdict, Verdict.id == latest.c.vid)
+                 .where(Retained.line == line, Retained.expired_at.is_(None)))
+        if kind in ("flagged", "sampled"):
+            query = query.where(Retained.kind == kind)
+        if model_version:
+            query = query.where(Retained.model_version == model_version)
+        if date_from:
+            query = query.where(Retained.date >= date_from)
+        if date_to:
+            query = query.where(Retained.date <= date_to)
+        if min_score is not None:
+            query = query.where(Retained.score >= min_score)
+        if max_score is not None:
+            query = query.where(Retained.score <= max_score)
+        if status == "pending":
+            query = query.where(latest.c.vid.is_(None))
+        elif status == "judged":
+            query = query.where(latest.c.vid.is_not(None))
+        query = query.order_by(Retained.time.desc()).limit(limit).offset(offset)
+        with Session(self.engine) as session:
+            return [{**_retained_dict(r), "verdict": _verdict_dict(v) if v is not None else None}
+                    for r, v in session.execute(query)]
+
+    def summary(self, line: str, day: str | None = None) -> dict[str, Any]:
+        """Per model version: flagged (kept) today and in all, judged, confirmed, false alarms and rate,
+        and the thresholds those parts were decided with.
+
+        A rate means nothing without the threshold it was made at, and an override changes the
+        threshold within one model version, so each version names the lowest and highest threshold
+        of its judged parts (``threshold_min``, ``threshold_max``; None when none is judged) and of
+        all its flagged parts (``flagged_threshold_min``, ``flagged_threshold_max``). The totals mix
+        versions whose scores are not on one scale: they carry no threshold.
+        """
+        day = day or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
+                  .group_by(Verdict.request_id).subquery())
+        query = (select(Retained.model_version, Retained.date, Retained.threshold, Verdict.verdict)
+                 .outerjoin(latest, latest.c.request_id == Retained.request_id)
+                 .outerjoin(Verdict, Verdict.id == latest.c.vid)
+                 .where(Retained.line == line, Retained.kind == "flagged"))
+        versions: dict[str, dict[str, Any]] = {}
+        judged_thresholds: dict[str, list[float]] = {}
+        flagged_thresholds: dict[str, list[float]] = {}
+        with Session(self.engine) as session:
+            for version, date, threshold, verdict in session.execute(query):
+                row = versions.setdefault(version, {"model_version": version, "flagged_today": 0, "flagged": 0,
+                                                    "judged": 0, "confirmed": 0, "false_alarms": 0})
+                row["flagged"] += 1
+                row["flagged_today"] += date == day
+                row["judged"] += verdict is not None
+                row["confirmed"] += verdict == "defect"
+                row["false_alarms"] += verdict == "false_alarm"
+                flagged_thresholds.setdefault(version, []).append(threshold)
+                if verdict is not None:
+                    judged_thresholds.setdefault(version, []).append(threshold)
+        for version, row in versions.items():
+            row["false_alarm_rate"] = row["false_alarms"] / row["judged"] if row["judged"] else None
+            judged = judged_thresholds.get(version)
+            row["threshold_min"], row["threshold_max"] = (min(judged), max(judged)) if judged else (None, None)
+            row["flagged_threshold_min"] = min(flagged_thresholds[version])
+            row["flagged_threshold_max"] = max(flagged_thresholds[version])
+        totals = {k: sum(r[k] for r in versions.values())
+                  for k in ("flagged_today", "flagged", "judged", "confirmed", "false_alarms")}
+        totals["false_alarm_rate"] = totals["false_alarms"] / totals["judged"] if totals["judged"] else None
+        return {"line": line, "day": day, "by_model_version": sorted(versions.values(),
+                                                                     key=lambda r: r["model_version"]),
+                "totals": totals}
+
+    def kept_with_verdicts(self, line: str) -> list[dict[str, Any]]:
+        """Every kept part of the line, expired ones included (their verdicts and scores still stand),
+        oldest first: ``request_id, kind, time, score, threshold, model_version, sample_rate`` and
+        ``verdict`` (the latest verdict's kind, or None)."""
+        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
+                  .group_by(Verdict.request_id).subquery())
+        query = (select(Retained.request_id, Retained.kind, Retained.time, Retained.score, Retained.threshold,
+                        Retained.model_version, Retained.sample_rate, Verdict.verdict)
+                 .outerjoin(latest, latest.c.request_id == Retained.request_id)
+                 .outerjoin(Verdict, Verdict.id == latest.c.vid)
+                 .where(Retained.line == line).order_by(Retained.time))
+        with Session(self.engine) as session:
+            return [dict(row._mapping) for row in session.execute(query)]
+
+    # -- verdicts ------------------------------------------------------------------------------
+    def add_verdict(self, request_id: str, verdict: str, by: str, note: str = "", defect_type: str = "",
+                    accept_mask: bool = False, image_exists: bool | None = None) -> dict[str, Any]:
+        """Store one verdict (history is kept; the latest counts); return it.
+
+        Args:
+            verdict: ``defect`` or ``false_alarm``.
+            defect_type: for ``defect``: the ``test/<type>/`` folder it goes to (default ``defect``).
+            accept_mask: for ``defect``: the thresholded map is a good enough mask for training.
+            image_exists: whether the image is still in the store (the caller checked); False
+                marks it expired and refuses the verdict.
+
+        Raises:
+            UnknownRequest, ImageExpired, InvalidVerdict.
+        """
+        if verdict not in VERDICTS:
+            raise InvalidVerdict(f"verdict {verdict!r} is not one of {VERDICTS}")
+        if not by.strip():
+            raise InvalidVerdict("a verdict needs the operator's name (who judged it)")
+        defect_type = defect_type.strip()
+        if verdict == "defect":
+            defect_type = defect_type or DEFAULT_DEFECT_TYPE
+            if not _TYPE_NAME.match(defect_type) or defect_type == "good":
+                raise InvalidVerdict(f"defect type {defect_type!r} is not a folder name (letters, digits, '_', '-';"
+                                     f" not 'good')")
+        else:
+            defect_type, accept_mask = "", False
+        if image_exists is False:
+            self.mark_expired([request_id])
+        with Session(self.engine) as session, session.begin():
+            row = session.get(Retained, request_id)
+            if row is None:
+                raise UnknownRequest(f"no kept image has request id {request_id!r}; nothing was stored")
+            if row.expired_at is not None:
+                raise ImageExpired(f"the image of request {request_id} was deleted by the retention limits on "
+                                   f"{row.expired_at[:19]} (REDI_RETAIN_DAYS / REDI_RETAIN_MAX_PER_LINE); it can "
+                                   f"no longer be judged or exported. Nothing was stored")
+            stored = Verdict(request_id=request_id, line=row.line, verdict=verdict, defect_type=defect_type,
+                             accept_mask=bool(accept_mask), note=note.strip(), by=by.strip(), at=now_iso())
+            session.add(stored)
+            session.flush()
+            return _verdict_dict(stored)
+
+    # -- exports -------------------------------------------------------------------------------
+    def to_export(self, line: str) -> list[dict[str, Any]]:
+        """The line's judged, not yet exported, not expired images, oldest first, with the latest verdict."""
+        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
+                  .group_by(Verdict.request_id).subquery())
+        exported = select(Export.request_id)
+        query = (select(Retained, Verdict).join(latest, latest.c.request_id == Retained.request_id)
+                 .join(Verdict, Verdict.id == latest.c.vid)
+                 .where(Retained.line == line, Retained.expired_at.is_(None),
+                        Retained.request_id.not_in(exported)).order_by(Retained.time))
+        with Session(self.engine) as session:
+            return [{**_retained_dict(r), "verdict": _verdict_dict(v)} for r, v in session.execute(query)]
+
+    def changed_after_export(self, line: str) -> list[dict[str, Any]]:
+        """Exported images whose latest verdict is newer than the one exported (not moved automatically)."""
+        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
+                  .group_by(Verdict.request_id).subquery())
+        query = (select(Export, latest.c.vid).join(latest, latest.c.request_id == Export.request_id)
+                 .where(Export.line == line, latest.c.vid > Export.verdict_id))
+        with Session(self.engine) as session:
+            return [{"request_id": e.request_id, "target": e.target, "exported_verdict_id": e.verdict_id,
+                     "latest_verdict_id": vid} for e, vid in session.execute(query)]
+
+    def record_exports(self, rows: list[Mapping[str, Any]]) -> None:
+        """Record what an export wrote (one transaction)."""
+        with Session(self.engine) as session, session.begin():
+            session.add_all(Export(**dict(row)) for row in rows)
+
+    def exports(self, line: str) -> list[dict[str, Any]]:
+        """Every export record of a line, oldest first."""
+        with Session(self.engine) as session:
+            return [{c.name: getattr(e, c.name) for c in Export.__table__.columns}
+                    for e in session.scalars(select(Export).where(Export.line == line).order_by(Export.id))]
+
+    # -- recovery ------------------------------------------------------------------------------
+    def sync_from_store(self, store: Any, line: str) -> dict[str, int]:
+        """Index every kept image of the line's store folder that the database lacks, and mark the
+        indexed ones whose record is gone as expired. Returns ``{added, expired}``."""
+        from redi.ops.retention import records_in_store, request_id_of
+
+        keys = records_in_store(store, line)
+        present = {request_id_of(key.rsplit("/", 1)[0]) for key in keys}
+        with Session(self.engine) as session:
+            known = set(session.scalars(select(Retained.request_id).where(Retained.line == line)))
+            live = set(session.scalars(select(Retained.request_id).where(Retained.line == line,
+                                                                         Retained.expired_at.is_(None))))
+        added = 0
+        for key in keys:
+            if request_id_of(key.rsplit("/", 1)[0]) not in known and (record := store.get_json(key)) is not None:
+                self.add_retained(record)
+                added += 1
+        gone = sorted(live - present)
+        self.mark_expired(gone)
+        return {"added": added, "expired": len(gone)}
+
+
+__all__ = ["DEFAULT_DEFECT_TYPE", "ImageExpired", "InvalidVerdict", "ReviewDB", "ReviewError", "UnknownRequest",
+           "VERDICTS", "default_db_url", "now_iso"]

@@ -1,0 +1,1 @@
+"""The work a line's model goes through: data checks, fitting, evaluation, reports, prediction."""
