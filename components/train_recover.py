@@ -10,12 +10,12 @@ from components.common import COMPONENT_OPTIONS
 def train_recover(line: str, profile: str, data_config: str, model_config: str, train_config: str, workdir: str,
                   dataset: Input[Dataset], prompt_bank: Input[Artifact], selfmaps: Input[Artifact],
                   recover: Output[Model]):
-    """``redi.stages.train_recover`` in ``<workdir>/<line>/train`` (checkpoints persist across runs on a
+    """``redi.methods.redi.fit.train_recover`` in ``<workdir>/<line>/train`` (checkpoints persist across runs on a
     mounted volume, so a rerun resumes); ``recover.pt`` goes into the ``recover`` artifact. GPU when there is one."""
     from pathlib import Path
 
     from components.common import copy_files, line_dir, make_config, out_dir, stage_guard
-    from redi.stages import train_recover as train
+    from redi.methods.redi.fit import train_recover as train
 
     with stage_guard("train_recover", line) as record:
         cfg = make_config(profile, data_config, model_config, train_config, data_root=dataset.path)

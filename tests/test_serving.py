@@ -390,7 +390,7 @@ def test_bentoml_build_offline(server: dict) -> None:
     tag = done.stdout.strip().split("__tag__:")[-1].strip()
     name, version = tag.split(":")
     bento = Path(server["env"]["BENTOML_HOME"]) / "bentos" / name / version
-    for relative in ("src/serving/service.py", "src/redi/monitoring.py", "src/redi/models/detector.py"):
+    for relative in ("src/serving/service.py", "src/redi/ops/monitoring.py", "src/redi/methods/redi/detector.py"):
         assert (bento / relative).is_file(), relative
     assert not list((bento / "src").rglob("test_*.py"))
     requirements = (bento / "env" / "python" / "requirements.txt").read_text()

@@ -109,10 +109,10 @@ def test_fewer_than_two_held_out_normals_is_a_clear_error(demo_line_root):
     category = MVTecCategory(demo_line_root)
     ids = [s.image_id for s in category.train]
     with pytest.raises(DatasetError, match="at least 2"):
-        held_out_split(SimpleNamespace(prompt_ids=ids[1:]), category)
+        held_out_split(SimpleNamespace(fit_image_ids=ids[1:]), category)
     with pytest.raises(DatasetError, match="trained on"):
-        held_out_split(SimpleNamespace(prompt_ids=["train/good/elsewhere"]), category)
-    held, bank = held_out_split(SimpleNamespace(prompt_ids=ids[2:]), category)
+        held_out_split(SimpleNamespace(fit_image_ids=["train/good/elsewhere"]), category)
+    held, bank = held_out_split(SimpleNamespace(fit_image_ids=ids[2:]), category)
     assert [s.image_id for s in held] == ids[:2] and len(bank) == len(ids) - 2
 
 
