@@ -177,7 +177,7 @@ def _apply_step_settings(task: dsl.PipelineTask, stage: str, cfg: RediConfig) ->
     if step.retries:
         task.set_retry(num_retries=step.retries, backoff_duration="30s", backoff_factor=2.0,
                        backoff_max_duration="600s")
-    if (step.accelerator or row.accelerator) and pipe.accelerator_type and pipe.accelerator_count:
+    if step.accelerator and pipe.accelerator_type and pipe.accelerator_count:
         task.set_accelerator_type(pipe.accelerator_type).set_accelerator_limit(pipe.accelerator_count)
         for key, value in sorted(pipe.node_selector.items()):
             kubernetes.add_node_selector(task, key, value)

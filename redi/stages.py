@@ -6,7 +6,8 @@ resources live: the config is the one source of defaults), its DVC stage in ``dv
 with ``_`` written ``-``, its ``redi`` sub-command. What is derived from the row:
 
 - the pipeline's step settings (:mod:`pipelines.line_pipeline`): caching, the object store's
-  secret, the work-dir volume, the accelerator;
+  secret, the work-dir volume (the accelerator is the line's ``pipeline.steps`` setting, whose
+  default this row states: a line may turn it off);
 - the config sections each step is handed (``reads``), which are its KFP cache key and its DVC
   ``params:``; ``dvc.yaml`` is written from this table (``redi stages dvc``, checked in CI);
 - the CLI's stage sub-commands, with the old names still accepted (``aliases``) and a note that
@@ -36,7 +37,7 @@ class Stage:
     cached: bool = True  # KFP may reuse its outputs: they depend only on its inputs
     store: bool = False  # reads and writes the object store: its step gets the store's secret
     workdir: bool = False  # keeps resumable checkpoints in the line's work dir (the PVC on a cluster)
-    accelerator: bool = False  # runs on the line's GPU node when the line has one
+    accelerator: bool = False  # by default on the line's GPU node (pipeline.steps.<name>.accelerator decides)
     dvc: bool = True  # a DVC stage of dvc.yaml (dvc.yaml says why the others are not)
     aliases: tuple[str, ...] = ()  # old names (CLI, DVC, pipeline.steps), accepted with a note
 

@@ -20,6 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_stage_has_its_component_and_its_step_settings():
     assert [f.name for f in dataclasses.fields(PipelineStepsConfig)] == stage_names()
+    defaults = PipelineStepsConfig()
+    for stage in STAGES:  # the config holds the default resources; the row says the same of the accelerator
+        assert getattr(defaults, stage.name).accelerator == stage.accelerator, stage.name
     for stage in STAGES:
         module = importlib.import_module(f"components.{stage.name}")
         assert hasattr(module, stage.name), f"components/{stage.name}.py defines no component {stage.name}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import datetime as _dt
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, Sequence, runtime_checkable
@@ -78,7 +79,7 @@ class AnomalyDetector(Protocol):
     def to(self, device: Any) -> "AnomalyDetector": ...
 
 
-class Method:
+class Method(ABC):
     """A registered method: how to fit it on a line and how to rebuild its detector from a file.
 
     Subclasses set ``name`` and ``detector_class`` and implement :meth:`fit`;
@@ -88,12 +89,12 @@ class Method:
     name: ClassVar[str] = ""
     detector_class: ClassVar[Any] = None
 
+    @abstractmethod
     def fit(self, data_root: str | Path, out_dir: str | Path, cfg: RediConfig, line: str = "") -> dict[str, Path]:
         """Fit on the line's normal training images; calibrate; write ``out_dir/detector.pt``.
 
         Returns the files written, ``{"detector": path, ...}``.
         """
-        raise NotImplementedError
 
     def upgrade_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """An older artifact's config, filled in the way that older redi behaved (default: unchanged)."""
