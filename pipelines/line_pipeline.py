@@ -3,9 +3,15 @@
 DAG (every name is a component of ``components/``)::
 
     validate_data ─ snapshot_data ─┬─ precompute_selfmaps ────┐
-    (never cached)  (cached)      └─ build_prompt_bank ─ train_recover (GPU) ─ train_discriminate (GPU) ─┬─ evaluate ──────┐
-                                                                                                        └─ drift_reference ┴─ gate
-                                                                                        if the gate promotes: package_bento
+    (never cached)  (cached)      ├─ build_prompt_bank ─ train_recover (GPU) ─ train_discriminate (GPU) ─┐
+                                  └─ train_patchcore ─────────────────────────────────────── select_champion ─┬─ evaluate ──────┐
+                                                                                                              └─ drift_reference ┴─ gate
+                                                                                              if the gate promotes: package_bento
+
+``train_patchcore`` and ``select_champion`` are there when the line has candidates
+(``model.candidates``, :mod:`redi.workflow.champion`; the cpu and paper profiles' default is ReDi,
+PatchCore and their fusion): the champion chosen on validation is what is evaluated, gated and
+served. Without candidates ReDi's detector goes straight to ``evaluate``.
 
 - :func:`build_pipeline` makes the pipeline of one line: its Kubernetes settings (object-store
   secret, resources, retries, accelerator, node selector, tolerations, work-dir volume) come from
@@ -50,7 +56,9 @@ from components.gate import gate
 from components.package_bento import package_bento
 from components.precompute_selfmaps import precompute_selfmaps
 from components.snapshot_data import snapshot_data
+from components.select_champion import select_champion
 from components.train_discriminate import train_discriminate
+from components.train_patchcore import train_patchcore
 from components.train_recover import train_recover
 from components.validate_data import validate_data
 from redi.core.config import RediConfig, StepConfig, from_dict, parse_overrides, read_config_file, to_dict
@@ -191,6 +199,9 @@ def _apply_step_settings(task: dsl.PipelineTask, stage: str, cfg: RediConfig) ->
     return task
 
 
+PIPELINE_METHODS = ("redi", "patchcore", "fused")  # candidates with a step here (fused: inside select_champion)
+
+
 def build_pipeline(cfg: RediConfig) -> Callable[..., Any]:
     """The KFP pipeline of one line; its parameters default to the line's settings in cluster mode.
 
@@ -202,6 +213,10 @@ def build_pipeline(cfg: RediConfig) -> Callable[..., Any]:
     """
     workdir = cfg.pipeline.workdir_mount if cfg.pipeline.workdir_pvc else ""
     d = pipeline_arguments(cfg, workdir, cluster_mode=True, require_data=False)
+    unsupported = [name for name in cfg.model.candidates if name not in PIPELINE_METHODS]
+    if unsupported:
+        raise ConfigError(f"model.candidates {unsupported} have no pipeline step; the pipeline fits {PIPELINE_METHODS} "
+                          f"(train other methods with `redi train`)")
 
     @dsl.pipeline(name=PIPELINE_NAME, description=f"redi line {cfg.line.name}: data version -> train -> "
                                                   f"evaluate -> gate -> package")
@@ -234,6 +249,13 @@ def build_pipeline(cfg: RediConfig) -> Callable[..., Any]:
                                   recover=recover.outputs["recover"], **sections("train_discriminate"))
         _apply_step_settings(disc, "train_discriminate", cfg)
         detector = disc.outputs["detector"]
+        if len(cfg.model.candidates) > 1:  # a memory-bank candidate beside ReDi; the champion serves
+            patchcore = _apply_step_settings(train_patchcore(line=line, dataset=dataset,
+                                                             **sections("train_patchcore")), "train_patchcore", cfg)
+            chosen = _apply_step_settings(select_champion(line=line, dataset=dataset, redi_detector=detector,
+                                                          patchcore_detector=patchcore.outputs["detector"],
+                                                          **sections("select_champion")), "select_champion", cfg)
+            detector = chosen.outputs["champion"]
         evaluation = _apply_step_settings(evaluate(line=line, dataset=dataset, detector=detector,
                                                    **sections("evaluate")), "evaluate", cfg)
         reference = _apply_step_settings(drift_reference(line=line, dataset=dataset, detector=detector,
@@ -413,7 +435,9 @@ def summarize(line: str, records: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "production_version": gate_record.get("production_version"),
             "data_hash": records.get("validate_data", {}).get("data_hash"),
             "bento": bento.get("bento_tag"), "bento_model": bento.get("model_tag"),
-            "bento_uri": bento.get("bento_uri"), "bentoml_home": bento.get("bentoml_home"), "stages": records}
+            "bento_uri": bento.get("bento_uri"), "bentoml_home": bento.get("bentoml_home"),
+            "champion": records.get("select_champion", {}).get("champion"),
+            "candidate_scores": records.get("select_champion", {}).get("scores"), "stages": records}
 
 
 def print_summary(summary: dict[str, Any]) -> None:
@@ -421,6 +445,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     verdict = "PROMOTED" if summary["promoted"] else "NOT PROMOTED"
     print(f"line {summary['line']}: model {summary['version']} {verdict}: {'; '.join(summary['reasons'])}")
     print(f"report: {summary['report']}")
+    if summary.get("champion"):
+        print(f"champion: {summary['champion']} (validation selection scores {json.dumps(summary['candidate_scores'])})")
     print(f"metrics: {json.dumps(summary['scores'])}")
     print(f"decision: {summary['decision']}")
     print(f"stored versions: {summary['version_prefix']}")

@@ -74,6 +74,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("train_discriminate", "train the discriminate net, calibrate the threshold, write detector.pt",
           "redi.methods.redi.fit:train_discriminate", reads=("data", "model", "train", "eval"), workdir=True,
           accelerator=True),
+    Stage("train_patchcore", "fit the memory-bank candidate (PatchCore), calibrate, write detector.pt",
+          "redi.methods.patchcore.method:train_patchcore", reads=("data", "model", "train", "eval")),
+    Stage("select_champion", "build the combined candidates, measure every candidate on validation, keep the best",
+          "redi.workflow.champion:champion_stage", reads=("data", "model", "train", "eval")),
     Stage("evaluate", "score the test split at the served threshold: metrics.json and an HTML report",
           "redi.workflow.stages:evaluate", reads=("data", "model", "train", "eval")),
     Stage("drift_reference", "the monitoring rows of a line's normal training images",
@@ -114,6 +118,7 @@ def dvc_yaml(data_root: str = "${data.root}", runs: str = "runs/dvc") -> dict[st
     manifest = f"{runs}/data/manifest.json"
     bank, selfmaps, train = f"{runs}/prompt_bank.pt", f"{runs}/selfmaps/selfmaps.pt", f"{runs}/train"
     recover, detector = f"{train}/recover.pt", f"{train}/detector.pt"
+    patchcore, champion = f"{runs}/patchcore/detector.pt", f"{runs}/champion"
     wiring: dict[str, dict[str, Any]] = {  # the arguments, inputs and outputs of each DVC stage
         "validate_data": {"args": f"{data_root} --out {runs}/data", "deps": [data_root],
                           "outs": [manifest, f"{runs}/data/rejected.json"]},
@@ -124,7 +129,11 @@ def dvc_yaml(data_root: str = "${data.root}", runs: str = "runs/dvc") -> dict[st
                           "deps": [data_root, bank, selfmaps], "outs": [recover]},
         "train_discriminate": {"args": f"{data_root} --bank {bank} --recover {recover} --out {train}",
                                "deps": [data_root, bank, recover], "outs": [detector]},
-        "evaluate": {"args": f"{detector} {data_root} --out {runs}/eval", "deps": [data_root, detector],
+        "train_patchcore": {"args": f"{data_root} --out {runs}/patchcore", "deps": [data_root, manifest],
+                            "outs": [patchcore]},
+        "select_champion": {"args": f"{data_root} --candidate redi={detector} --candidate patchcore={patchcore} "
+                                    f"--out {champion}", "deps": [data_root, detector, patchcore], "outs": [champion]},
+        "evaluate": {"args": f"{champion}/detector.pt {data_root} --out {runs}/eval", "deps": [data_root, champion],
                      "outs": [f"{runs}/eval/report", f"{runs}/eval/scores.json"],
                      "metrics": [{f"{runs}/eval/metrics.json": {"cache": False}}]},
     }

@@ -17,8 +17,8 @@ lp = pipeline_module()  # pipelines.line_pipeline (puts the checkout on sys.path
 
 from components.common import REDI_IMAGE, make_config  # noqa: E402  (importable once lp is loaded)
 
-TASKS = ["validate-data", "snapshot-data", "precompute-selfmaps", "build-prompt-bank", "train-recover", "train-discriminate", "evaluate",
-         "drift-reference", "gate"]
+TASKS = ["validate-data", "snapshot-data", "precompute-selfmaps", "build-prompt-bank", "train-recover", "train-discriminate",
+         "train-patchcore", "select-champion", "evaluate", "drift-reference", "gate"]
 SMALL_DEMO = {"n_train": 10, "n_test_good": 4, "n_test_defect": 8, "size": 128}
 # a few-epoch model on 10 images is a plumbing test, not a line: no minimums, at any threshold
 NO_MINIMUMS = {"min_image_auroc": 0.0, "min_pixel_auroc": 0.0, "min_recall": 0.0, "max_false_call_rate": 1.0}
@@ -63,9 +63,12 @@ def test_compiled_yaml_has_every_stage_and_the_dag(compiled):
     assert deps["precompute-selfmaps"] == {"snapshot-data"} and deps["build-prompt-bank"] == {"snapshot-data"}
     assert deps["train-recover"] == {"snapshot-data", "build-prompt-bank", "precompute-selfmaps"}
     assert {"train-recover", "build-prompt-bank"} <= deps["train-discriminate"]
-    assert deps["evaluate"] == {"snapshot-data", "train-discriminate"}
-    assert deps["drift-reference"] == {"snapshot-data", "train-discriminate"}
-    assert {"evaluate", "drift-reference", "train-discriminate", "snapshot-data", "validate-data"} <= deps["gate"]
+    # the line (cpu profile) has candidates: PatchCore beside ReDi, and the champion is what is evaluated and gated
+    assert deps["train-patchcore"] == {"snapshot-data"}
+    assert deps["select-champion"] == {"snapshot-data", "train-discriminate", "train-patchcore"}
+    assert deps["evaluate"] == {"snapshot-data", "select-champion"}
+    assert deps["drift-reference"] == {"snapshot-data", "select-champion"}
+    assert {"evaluate", "drift-reference", "select-champion", "snapshot-data", "validate-data"} <= deps["gate"]
     assert deps["condition-1"] >= {"gate"}
     # package_bento runs only inside the gate's condition
     condition = root["condition-1"]["triggerPolicy"]["condition"]
@@ -146,7 +149,7 @@ def test_compiled_yaml_cluster_settings(compiled, platform):
 
 def test_compiled_yaml_gpu_requests_and_image(compiled):
     executors = compiled["deploymentSpec"]["executors"]
-    assert len(executors) == 10
+    assert len(executors) == 12  # the 11 top-level steps and package_bento
     gpus = {}
     for name, spec in executors.items():
         container = spec["container"]
@@ -288,6 +291,32 @@ def test_corrupt_image_stops_the_run_naming_stage_and_file(tmp_path):
     assert status["validate_data"]["status"] == "failed" and "000.png" in status["validate_data"]["cause"]
     assert not (tmp_path / "work" / "store").exists()  # nothing was trained, nothing stored
 
+
+
+@pytest.mark.slow
+def test_local_run_with_candidates_serves_the_champion(tmp_path, s3_env, capfd):
+    """The KFP local runner fits PatchCore beside ReDi, the champion step builds the fused one and
+    chooses on validation, and the gate stores and promotes the champion."""
+    from redi.methods.base import read_artifact
+    from redi.ops.model_registry import production_record
+    from redi.ops.object_store import store_from_env
+
+    result = lp.run_line_pipeline("bottle_caps", "tiny", tmp_path / "work", demo_options=SMALL_DEMO,
+                                  overrides=[*FAST, "model.candidates=[redi,patchcore,fused]"],
+                                  gate_overrides=NO_MINIMUMS)
+    assert {"train_patchcore", "select_champion"} <= set(result["stages"])
+    assert set(result["candidate_scores"]) == {"redi", "patchcore", "fused"}
+    best = max(result["candidate_scores"].values())
+    assert result["candidate_scores"][result["champion"]] >= best - 0.005
+    assert result["promoted"], result["reasons"]
+    store = store_from_env()
+    version = production_record(store, "bottle_caps")["version"]
+    local = tmp_path / "served.pt"
+    local.write_bytes(store.get_bytes(f"lines/bottle_caps/versions/{version}/detector.pt"))
+    assert read_artifact(local)["method"] == result["champion"]
+    metrics = json.loads(store.get_bytes(f"lines/bottle_caps/versions/{version}/metrics.json"))
+    assert [r["name"] for r in metrics["candidates"]["rows"]] == ["redi", "patchcore", "fused"]
+    assert f"champion: {result['champion']}" in capfd.readouterr().out
 
 
 @pytest.mark.slow

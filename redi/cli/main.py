@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from redi import __version__
 from redi.core.config import PROFILES, load_config, save_config, to_dict
-from redi.core.errors import RediError
+from redi.core.errors import ConfigError, RediError
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
 
@@ -117,6 +117,34 @@ def _train_discriminate(args: argparse.Namespace) -> int:
     from redi.methods.redi.fit import train_discriminate
 
     print(train_discriminate(args.data, args.bank, args.recover, args.out, _config(args, args.data), args.line))
+    return 0
+
+
+@command("train-patchcore")
+def _train_patchcore(args: argparse.Namespace) -> int:
+    from redi.methods.patchcore.method import train_patchcore
+
+    print(train_patchcore(args.data, args.out, _config(args, args.data), args.line))
+    return 0
+
+
+def _named_paths(pairs: list[str]) -> dict[str, Path]:
+    """``NAME=PATH`` arguments as a dict; a malformed one is a clear error."""
+    named = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--candidate takes NAME=PATH (e.g. redi=runs/caps/detector.pt), got {pair!r}")
+        named[name] = _detector_file(path)
+    return named
+
+
+@command("select-champion")
+def _select_champion(args: argparse.Namespace) -> int:
+    from redi.workflow.champion import champion_stage
+
+    path = champion_stage(args.data, args.out, _config(args, args.data), _named_paths(args.candidate), args.line)
+    print(Path(path).with_name("selection.json").read_text())
     return 0
 
 
@@ -297,7 +325,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--line", default="", help="product line name recorded in the model")
     _add_config_options(p)
 
-    p = sub.add_parser("train", help="train every stage on a line: data check, self-maps, bank, recover, discriminate")
+    p = _stage_parser(sub, "train_patchcore")
+    p.add_argument("data")
+    p.add_argument("--out", required=True, help="folder for detector.pt")
+    p.add_argument("--line", default="", help="product line name recorded in the model")
+    _add_config_options(p)
+
+    p = _stage_parser(sub, "select_champion")
+    p.add_argument("data")
+    p.add_argument("--candidate", action="append", default=[], metavar="NAME=PATH",
+                   help="a fitted candidate (repeat), e.g. redi=runs/caps/detector.pt patchcore=runs/pc")
+    p.add_argument("--out", required=True, help="folder for the champion's detector.pt, selection.json, candidates/")
+    p.add_argument("--line", default="", help="product line name recorded in a combined candidate")
+    _add_config_options(p)
+
+    p = sub.add_parser("train", help="train a line: data check, then every candidate (model.candidates) and the "
+                                     "champion chosen on validation, or model.method alone")
     p.add_argument("data", help="line folder in MVTec-AD layout")
     p.add_argument("--out", required=True, help="run folder (rerun the same command to resume)")
     p.add_argument("--line", default="", help="product line name recorded in the model")

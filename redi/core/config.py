@@ -45,6 +45,8 @@ PROMPT_TRANSFORMS = ("hflip", "vflip", "rot90", "rot180", "rot270")
 RECOVER_SELECTIONS = ("last", "best_val")
 LS_NORMALISATIONS = ("width", "area")
 TOLERATION_KEYS = ("key", "operator", "value", "effect")
+# the candidates of the cpu and paper profiles (tiny, the tests' profile, fits model.method alone)
+DEFAULT_CANDIDATES = ("redi", "patchcore", "fused")
 
 
 @dataclass
@@ -92,10 +94,36 @@ class RecoverNetConfig:
 
 
 @dataclass
+class PatchCoreConfig:
+    """The memory-bank method ``patchcore`` (Roth et al., 2022): locally aware patch features of
+    two backbone levels, a greedy coreset of them, nearest-neighbour distance with reweighting."""
+
+    levels: list[int] = field(default_factory=lambda: [1, 2])  # backbone levels (0: stride 4, 1: 8, 2: 16)
+    coreset_ratio: float = 0.1  # share of the training patches kept in the memory bank (the paper's 10 %)
+    num_neighbors: int = 9  # b of the image score's reweighting (paper eq. 7; anomalib's default)
+    projection_dim: int = 128  # random projection the coreset's greedy search measures in (0: none)
+    # patches pooled from training before the coreset; above it a random subsample (seeded) is taken,
+    # so a 700-image line fits in minutes on a CPU (the coreset costs bank x pool x projection_dim)
+    max_patches: int = 200_000
+
+
+@dataclass
+class FusedConfig:
+    """The ``fused`` method: its parts' anomaly maps, each standardised on the held-out normals, averaged."""
+
+    parts: list[str] = field(default_factory=lambda: ["redi", "patchcore"])
+
+
+@dataclass
 class ModelConfig:
     """Model architecture and ablation switches."""
 
-    method: str = "redi"  # the registered method (redi.methods.base.method_names()); the rest is ReDi's
+    method: str = "redi"  # the registered method (redi.methods.base.method_names()) fitted when no candidates
+    # the line's candidates: each is fitted, measured on validation (no test label) and the best by
+    # the rule of redi.workflow.champion serves; [] fits model.method alone
+    candidates: list[str] = field(default_factory=list)
+    patchcore: PatchCoreConfig = field(default_factory=PatchCoreConfig)
+    fused: FusedConfig = field(default_factory=FusedConfig)
     backbone: str = "efficientnet_lite2"
     backbone_weights: str = ""  # optional weights file (needed for wide_resnet50_2 offline)
     selfmap: SelfMapConfig = field(default_factory=SelfMapConfig)
@@ -248,6 +276,8 @@ class PipelineStepsConfig:
     build_prompt_bank: StepConfig = _step("2", "4Gi")
     train_recover: StepConfig = _step("4", "16Gi", accelerator=True)
     train_discriminate: StepConfig = _step("4", "16Gi", accelerator=True)
+    train_patchcore: StepConfig = _step("2", "8Gi")
+    select_champion: StepConfig = _step("2", "8Gi")
     evaluate: StepConfig = _step("2", "8Gi")
     drift_reference: StepConfig = _step("2", "4Gi")
     gate: StepConfig = _step("2", "8Gi", retries=2)  # uploads to the object store
@@ -310,6 +340,7 @@ class RediConfig:
             (self.model.selfmap.scale in SELFMAP_SCALES, f"model.selfmap.scale must be one of {SELFMAP_SCALES}"),
             (50.0 <= self.model.selfmap.scale_percentile <= 100.0, "model.selfmap.scale_percentile must be in [50, 100]"),
             (self.model.prompt_k >= 1, "model.prompt_k must be >= 1"),
+            *self._method_checks(),
             (self.model.bottleneck_channels >= 0 and self.model.bottleneck_ratio > 0,
              "model.bottleneck_channels must be >= 0 and model.bottleneck_ratio > 0"),
             (set(self.model.prompt_transforms) <= set(PROMPT_TRANSFORMS),
@@ -340,6 +371,23 @@ class RediConfig:
                 raise ConfigError(message)
         return self
 
+    def _method_checks(self) -> list[tuple[bool, str]]:
+        """Checks of the method, candidate and memory-bank settings."""
+        # method names live in redi.methods' registry, above the core: redi.workflow.champion checks them
+        core = self.model.patchcore
+        return [
+            (len(set(self.model.candidates)) == len(self.model.candidates),
+             f"model.candidates names a method twice: {self.model.candidates}"),
+            (len(self.model.fused.parts) >= 2 and "fused" not in self.model.fused.parts,
+             "model.fused.parts must name at least two methods other than fused, e.g. [redi, patchcore]"),
+            (bool(core.levels) and all(0 <= level <= 2 for level in core.levels) and len(set(core.levels)) == len(core.levels),
+             "model.patchcore.levels must be distinct backbone levels among 0, 1, 2 (strides 4, 8, 16)"),
+            (0.0 < core.coreset_ratio <= 1.0, "model.patchcore.coreset_ratio must be in (0, 1]"),
+            (core.num_neighbors >= 1, "model.patchcore.num_neighbors must be >= 1"),
+            (core.projection_dim >= 0 and core.max_patches >= 1,
+             "model.patchcore.projection_dim must be >= 0 and model.patchcore.max_patches >= 1"),
+        ]
+
     def _operations_checks(self) -> list[tuple[bool, str]]:
         """Checks of the line, gate and pipeline sections."""
         gate, pipe = self.gate, self.pipeline
@@ -367,6 +415,7 @@ def _paper() -> RediConfig:
     cfg.model.backbone = "wide_resnet50_2"  # the paper's; its weights must be on disk (redi.core.backbones)
     cfg.train.recover = StageTrainConfig(epochs=500, lr=5e-4, milestones=[200, 400], batch_size=32)
     cfg.train.discriminate = StageTrainConfig(epochs=300, lr=5e-3, milestones=[100, 200], batch_size=32)
+    cfg.model.candidates = list(DEFAULT_CANDIDATES)
     return cfg
 
 
@@ -390,6 +439,7 @@ def _cpu() -> RediConfig:
     cfg.train.augment_flip = True
     cfg.train.recover = StageTrainConfig(steps=240, lr=1e-3, milestones=[150, 210], batch_size=8)
     cfg.train.discriminate = StageTrainConfig(steps=180, lr=5e-3, milestones=[90, 150], batch_size=8)
+    cfg.model.candidates = list(DEFAULT_CANDIDATES)
     return cfg
 
 

@@ -100,6 +100,15 @@ class Method(ABC):
         """An older artifact's config, filled in the way that older redi behaved (default: unchanged)."""
         return config
 
+    def parts(self, cfg: RediConfig) -> list[str]:
+        """The methods this one is built from (a combination such as ``fused``); [] for a method of its own."""
+        return []
+
+    def combine(self, parts: dict[str, Path], data_root: str | Path, out_dir: str | Path, cfg: RediConfig,
+                line: str = "") -> dict[str, Path]:
+        """Build this method's detector from its parts' fitted detector files (``{method: path}``)."""
+        raise ConfigError(f"method {self.name!r} is not built from other methods")
+
 
 METHOD_REGISTRY: Registry[type[Method]] = Registry("method", "model.method")
 

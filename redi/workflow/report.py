@@ -492,6 +492,41 @@ def _operating_section(report_dir: Path, metrics: dict[str, Any], labels: np.nda
     return out
 
 
+def _candidates_section(summary: dict[str, Any] | None) -> list[str]:
+    """The line's candidates side by side, validation (what chose) and test (what it would have
+    been worth), and how well validation ranked them."""
+    if not summary:
+        return []
+    out = ["<h2>Candidates: chosen on validation, checked on test</h2>",
+           f'<p class="note">Rule, fixed before any test number: {_esc(summary.get("rule"))}. Validation uses the '
+           "held-out normal training images and synthetic defects drawn on them; no test label enters the choice. "
+           "Recall and false calls are at each candidate's own served threshold.</p>",
+           "<table><tr><th>candidate</th><th>selection score</th><th>val image AUROC</th><th>val pixel AP</th>"
+           "<th>val recall @thr</th><th>test image AUROC</th><th>test pixel AP</th><th>test AUPRO</th>"
+           "<th>test recall @thr</th><th>test false calls @thr</th><th>ms / image</th></tr>"]
+    for row in summary["rows"]:
+        val, test = row.get("validation") or {}, row.get("test") or {}
+        name = f"<b>{_esc(row['name'])} (champion)</b>" if row.get("chosen") else _esc(row["name"])
+        ms = test.get("seconds_per_image")
+        cells = [_fmt(row.get("selection_score")), _pct(val.get("image_auroc")), _pct(val.get("pixel_ap")),
+                 _pct(val.get("recall_at_threshold")), _pct(test.get("image_auroc")), _pct(test.get("pixel_ap")),
+                 _pct(test.get("aupro")), _pct(test.get("recall_at_threshold")),
+                 _pct(test.get("false_call_rate_at_threshold")), "n/a" if ms is None else f"{1000 * ms:.0f}"]
+        out.append(f"<tr><td>{name}</td>" + "".join(f'<td class="num">{_esc(c)}</td>' for c in cells) + "</tr>")
+    out.append("</table>")
+    if "test_best" in summary:
+        verdict = ("Validation picked the candidate that is best on test by the same formula."
+                   if summary["validation_picked_test_best"] else
+                   f"Validation picked {summary['champion']}; by the same formula on test, {summary['test_best']} "
+                   f"would have been better.")
+        gaps = ", ".join(f"{key.removeprefix('champion_gap_').replace('_', ' ')} {100 * value:.1f} points"
+                         for key, value in summary.items() if key.startswith("champion_gap_"))
+        out.append(f'<p>{_esc(verdict)} Kendall tau between the validation and test rankings: '
+                   f'{_esc(_fmt(summary.get("kendall_tau"), 2))}. The champion is behind the best candidate on test by: '
+                   f'{_esc(gaps or "n/a")}.</p>')
+    return out
+
+
 def _gallery(title: str, empty: str, indices: list[int], samples: Sequence[Sample], scores: np.ndarray,
              strips: dict[int, str]) -> list[str]:
     """A titled list of picture strips (escapes or false calls), most confident mistakes first."""
@@ -571,6 +606,7 @@ def write_report(report_dir: str | Path, detector, samples: list[Sample], images
                          [i for i in by_margin if labels[i] == 1 and not decisions[i]], samples, scores, strips)
         body += _gallery("False calls: good parts flagged", "No good part was flagged at the served threshold.",
                          [i for i in by_margin if labels[i] == 0 and decisions[i]], samples, scores, strips)
+    body += _candidates_section(metrics.get("candidates"))
     body += ["<h2>Metrics</h2>", "<table>"]
     body += [f'<tr><td>{_esc(k)}</td><td class="num">{_esc(v)}</td></tr>' for k, v in _metrics_rows(metrics, stats)]
     body += ["</table>", '<p class="note">An image is flagged defective when its score (the maximum of its anomaly '

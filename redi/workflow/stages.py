@@ -25,6 +25,7 @@ from redi.data.dataset import load_images, load_masks
 from redi.data.mvtec import MVTecCategory, Sample
 from redi.methods.base import AnomalyDetector, get_method, load_detector
 from redi.methods.common import log_stage, open_line, score_images, write_json
+from redi.workflow.champion import check_candidates, read_selection, train_candidates
 
 
 # -- stage: validate / version the data ---------------------------------------------------------
@@ -103,6 +104,59 @@ def validation_scores(detector: AnomalyDetector, category: MVTecCategory, cfg: R
     return {"labels": labels, "scores": scores, "kinds": ["good"] * normals.shape[0] + list(synthetic.kinds)}
 
 
+def _test_composite(row: dict[str, Any]) -> float:
+    """The selection rule's formula on test numbers (to say how well validation ranked the candidates)."""
+    parts = [row.get("image_auroc"), row.get("pixel_ap"), row.get("recall_at_threshold")]
+    return float(np.mean([0.0 if p is None else float(p) for p in parts]))
+
+
+def candidate_comparison(selection: dict[str, Any], test: list[Sample], images: torch.Tensor, masks: np.ndarray | None,
+                         cfg: RediConfig, device: torch.device) -> dict[str, Any]:
+    """Every candidate of a champion's selection scored on the test split beside its validation
+    numbers, and how well validation ranked them (read after the choice; the choice never sees it)."""
+    from scipy.stats import kendalltau
+
+    labels = np.array([s.label for s in test])
+    rows = []
+    for candidate in selection["candidates"]:
+        row = {k: candidate.get(k) for k in ("name", "method", "chosen", "selection_score", "threshold")}
+        row["validation"] = candidate.get("validation")
+        path = Path(candidate["path"])
+        if not path.is_file():
+            row["test"] = None
+            row["note"] = f"candidate file {path} is gone; not scored on test"
+            rows.append(row)
+            continue
+        detector = load_detector(path, device)
+        started = time.perf_counter()
+        result = score_images(detector, images, cfg.eval.batch_size, keep_maps=masks is not None)
+        seconds = (time.perf_counter() - started) / max(len(test), 1)
+        scores = result["scores"].numpy().astype(np.float64)
+        pixel_masks, pixel_maps = (_image_pixels(test, masks, result["maps"].numpy(), detector.cfg.data.aspect)
+                                   if masks is not None else (None, None))
+        metrics = compute_all(labels, scores, pixel_masks, pixel_maps, max_fpr=cfg.eval.max_fpr)
+        point = decision_stats(labels, scores, float(detector.threshold))
+        row["test"] = {**{k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")},
+                       "recall_at_threshold": point["recall"], "false_call_rate_at_threshold": point["false_call_rate"],
+                       "seconds_per_image": seconds}
+        rows.append(row)
+    scored = [r for r in rows if r["test"] is not None]
+    summary: dict[str, Any] = {"rule": selection.get("rule"), "champion": selection.get("champion"), "rows": rows}
+    if len(scored) >= 2:
+        composite = [_test_composite(r["test"]) for r in scored]
+        best_test = scored[int(np.argmax(composite))]["name"]
+        tau = kendalltau([r["selection_score"] for r in scored], composite).statistic
+        chosen = next((r for r in scored if r["chosen"]), None)
+        summary.update({"test_best": best_test, "validation_picked_test_best": best_test == selection.get("champion"),
+                        "kendall_tau": None if tau != tau else float(tau)})
+        if chosen is not None:
+            for key in ("pixel_ap", "image_auroc"):
+                values = [r["test"][key] for r in scored if r["test"][key] is not None]
+                if values and chosen["test"][key] is not None:
+                    summary[f"champion_gap_{key}"] = float(max(values) - chosen["test"][key])
+    return summary
+
+
 def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Path, cfg: RediConfig,
              write_report: bool = True) -> Path:
     """Score the test split; write ``metrics.json`` (every decision number names its threshold)
@@ -144,6 +198,11 @@ def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Pa
         "model_version": detector.metadata.get("version"), "line": detector.metadata.get("line"),
         "data_root": str(category.root), "seconds_per_image": seconds / max(len(test), 1), "device": str(device),
     })
+    selection = read_selection(detector_path)
+    if selection is not None:
+        metrics["candidates"] = candidate_comparison(selection, test, images, masks.numpy() if has_masks else None,
+                                                     cfg, device)
+        _log_candidates(metrics["candidates"])
     validation = validation_scores(detector, category, cfg) if write_report else None
     if validation is not None:
         val_point = decision_stats(validation["labels"], validation["scores"], served["threshold"])
@@ -166,13 +225,34 @@ def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Pa
     return write_json(out_dir / "metrics.json", metrics)
 
 
+def _log_candidates(summary: dict[str, Any]) -> None:
+    for row in summary["rows"]:
+        test = row["test"] or {}
+        mark = " (champion)" if row["chosen"] else ""
+        log_stage("evaluate", f"candidate {row['name']}{mark}: selection score {row['selection_score']:.4f}; test "
+                              f"image AUROC {_num(test.get('image_auroc'))}, pixel AP {_num(test.get('pixel_ap'))}, "
+                              f"recall at its threshold {_num(test.get('recall_at_threshold'))}")
+    if "test_best" in summary:
+        log_stage("evaluate", f"validation chose {summary['champion']}; on test the best is {summary['test_best']} "
+                              f"(Kendall tau of the rankings {_num(summary.get('kendall_tau'))})")
+
+
+def _num(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 # -- everything at once -------------------------------------------------------------------------
 def train_all(data_root: str | Path, out_dir: str | Path, cfg: RediConfig, line: str = "") -> dict[str, Path]:
-    """Check the data, then fit the configured method (``model.method``) into one folder: what
-    ``redi train`` does. Returns every file written, ``detector`` among them."""
+    """Check the data, then fit the line into one folder: what ``redi train`` does. With
+    ``model.candidates`` every candidate is fitted and the champion chosen on validation
+    (:mod:`redi.workflow.champion`); without, ``model.method`` alone. Returns every file written,
+    ``detector`` (what the line would serve) among them."""
     out_dir = Path(out_dir)
-    method = get_method(cfg.model.method)
+    check_candidates(cfg)  # an unknown method name fails before any training
     save_config(cfg, out_dir / "config.yaml")
     paths: dict[str, Path] = {"manifest": validate_data(data_root, out_dir, cfg)}
-    paths.update(method.fit(data_root, out_dir, cfg, line))
+    if cfg.model.candidates:
+        paths.update(train_candidates(data_root, out_dir, cfg, line))
+    else:
+        paths.update(get_method(cfg.model.method).fit(data_root, out_dir, cfg, line))
     return paths

@@ -171,9 +171,10 @@ def served_policy(detector: AnomalyDetector) -> tuple[str, float]:
             float(calibration.get("false_call_target") or detector.cfg.eval.false_call_target))
 
 
-def _validate(detector: AnomalyDetector, normals: torch.Tensor, synthetic: SyntheticSet, cfg: RediConfig
-              ) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
-    """:func:`validate_detector`'s result plus the scores and maps (normals first, then synthetic)."""
+def _validate(detector: AnomalyDetector, normals: torch.Tensor, synthetic: SyntheticSet, cfg: RediConfig,
+              margins: bool = True) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """:func:`validate_detector`'s result plus the scores and maps (normals first, then synthetic);
+    without ``margins`` no margin table (which needs 3 normals) is made."""
     if normals.shape[0] < 2 or len(synthetic) == 0:
         raise DatasetError(f"validation needs at least 2 held-out normals and 1 synthetic defect, got "
                            f"{normals.shape[0]} and {len(synthetic)}; raise data.val_fraction or "
@@ -200,8 +201,8 @@ def _validate(detector: AnomalyDetector, normals: torch.Tensor, synthetic: Synth
             "mean_defect_area": float(synthetic.masks[chosen].float().mean()),  # share of the image
         }
     policy, target = served_policy(detector)
-    rows, recommended = margin_table(normal_scores, defect_scores, cfg.eval.threshold_quantile, policy=policy,
-                                     target=target)
+    rows, recommended = (margin_table(normal_scores, defect_scores, cfg.eval.threshold_quantile, policy=policy,
+                                      target=target) if margins else ([], None))
     base = set_threshold(normal_scores.numpy(), policy, target, cfg.eval.threshold_quantile)
     result = {
         "metrics": {k: metrics[k] for k in (*METRIC_KEYS, "f1", "f1_threshold")},
@@ -217,13 +218,13 @@ def _validate(detector: AnomalyDetector, normals: torch.Tensor, synthetic: Synth
         "threshold_quantile": cfg.eval.threshold_quantile,
         "margin_table": rows,
         "recommended_margin": recommended,
-        "recommended_threshold": base * recommended,
+        "recommended_threshold": None if recommended is None else base * recommended,
     }
     return result, scores, maps
 
 
 def validate_detector(detector: AnomalyDetector, normals: torch.Tensor, synthetic: SyntheticSet,
-                      cfg: RediConfig) -> dict[str, Any]:
+                      cfg: RediConfig, margins: bool = True) -> dict[str, Any]:
     """Score the validation set and measure the detector on it (no test image involved).
 
     Args:
@@ -239,12 +240,13 @@ def validate_detector(detector: AnomalyDetector, normals: torch.Tensor, syntheti
         ``false_alarm_rate_at_threshold`` (in sample: these normals set the threshold),
         ``per_kind`` (n, recall_at_threshold, image_auroc, mean_defect_area), ``threshold_policy``,
         ``false_call_target``, ``threshold_quantile``,
-        ``margin_table``, ``recommended_margin`` and ``recommended_threshold`` (see :func:`margin_table`).
+        ``margin_table``, ``recommended_margin`` and ``recommended_threshold`` (see :func:`margin_table`;
+        empty and None without ``margins``).
 
     Raises:
         DatasetError: fewer than 2 normals or no synthetic image.
     """
-    return _validate(detector, normals, synthetic, cfg)[0]
+    return _validate(detector, normals, synthetic, cfg, margins)[0]
 
 
 # ----- the stage ----------------------------------------------------------------------------------------------
