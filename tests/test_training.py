@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from pathlib import Path
@@ -184,3 +185,32 @@ def test_impossible_budgets_and_settings_fail_clearly(tmp_path):
         budget_passes(StageTrainConfig(steps=5, batch_size=4), 0)
     with pytest.raises(ValueError, match="keep_best=True needs a validate"):
         Line(5).train(StageTrainConfig(steps=2, batch_size=2), tmp_path / "ckpt.pt", keep_best=True)
+
+
+def test_a_pass_floor_raises_a_step_budget_and_scales_its_milestones():
+    from redi.methods.training import with_pass_floor
+
+    stage = StageTrainConfig(steps=180, milestones=[90, 150], batch_size=8, min_passes=20)
+    assert with_pass_floor(stage, 46) is stage  # 46 images: 180 steps are already 30 passes
+    raised = with_pass_floor(stage, 760)  # 95 steps per pass: 180 steps would be 1.9 passes
+    assert raised.steps == 20 * 95 and budget_passes(raised, 760) == 20
+    assert raised.milestones == [950, 1583]
+
+
+def test_the_time_cap_stops_a_stage_and_a_rerun_finishes_it(tmp_path):
+    import time as _time
+
+    model = torch.nn.Linear(2, 1)
+    data = torch.randn(8, 2)
+
+    def slow_step(indices):
+        _time.sleep(0.05)
+        return model(data[indices]).pow(2).mean(), {}
+
+    stage = StageTrainConfig(steps=40, batch_size=4, max_minutes=0.3 / 60)  # 0.3 s: about 6 of 40 steps
+    checkpoint = tmp_path / "last.pt"
+    first = run_training("t", model, stage, 8, slow_step, checkpoint, "run", 0, torch.device("cpu"))
+    assert first.stopped_early and 0 < first.steps < 40
+    rest = run_training("t", model, dataclasses.replace(stage, max_minutes=0.0), 8, slow_step, checkpoint, "run", 0,
+                        torch.device("cpu"))
+    assert not rest.stopped_early and rest.steps == 40

@@ -150,6 +150,10 @@ class StageTrainConfig:
     # > 0: the budget is this many optimizer steps whatever the line's size (epochs is ignored
     # and milestones count steps); 0: the budget is epochs (milestones count epochs)
     steps: int = 0
+    # with a step budget, at least this many passes over the line's images: a 760-image line gets
+    # as many passes as a 50-image one would (steps and milestones are scaled up together)
+    min_passes: int = 0
+    max_minutes: float = 0.0  # > 0: the stage stops after this long, keeps its model, and says so (rerun resumes)
     lr: float = 5e-4
     milestones: list[int] = field(default_factory=list)
     gamma: float = 0.5
@@ -352,6 +356,8 @@ class RediConfig:
             (self.train.ls_normalisation in LS_NORMALISATIONS,
              f"train.ls_normalisation must be one of {LS_NORMALISATIONS}"),
             (self.train.recover.steps >= 0 and self.train.discriminate.steps >= 0, "steps must be >= 0"),
+            (all(s.min_passes >= 0 and s.max_minutes >= 0 for s in (self.train.recover, self.train.discriminate)),
+             "train.<stage>.min_passes and max_minutes must be >= 0"),
             (self.eval.synthetic_per_image >= 1, "eval.synthetic_per_image must be >= 1"),
             (0.0 < self.data.val_fraction < 0.9,
              "data.val_fraction must be in (0, 0.9): held-out normal images set the decision threshold"),
@@ -437,8 +443,12 @@ def _cpu() -> RediConfig:
     cfg.model.recover.input_size = 128
     cfg.model.bottleneck_ratio = 2.0
     cfg.train.augment_flip = True
-    cfg.train.recover = StageTrainConfig(steps=240, lr=1e-3, milestones=[150, 210], batch_size=8)
-    cfg.train.discriminate = StageTrainConfig(steps=180, lr=5e-3, milestones=[90, 150], batch_size=8)
+    # The floor of 20 passes changes nothing on lines up to ~60 images (they get 30-80 passes from the
+    # steps) and gives a 760-image line 20 passes instead of 2.2; the caps bound a huge line's time.
+    cfg.train.recover = StageTrainConfig(steps=240, lr=1e-3, milestones=[150, 210], batch_size=8, min_passes=20,
+                                         max_minutes=12.0)
+    cfg.train.discriminate = StageTrainConfig(steps=180, lr=5e-3, milestones=[90, 150], batch_size=8, min_passes=20,
+                                              max_minutes=8.0)
     cfg.model.candidates = list(DEFAULT_CANDIDATES)
     return cfg
 

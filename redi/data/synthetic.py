@@ -8,7 +8,15 @@ Four kinds, drawn with the demo lines' helpers (:mod:`redi.data.demo`) but place
   the surface itself is dark (a dark hole in a dark surface would not be visible);
 - ``stain``: an irregular blob (radius 0.04-0.12 S) blended toward an oil / rust / ink colour;
 - ``cutpaste``: a rectangle (side 0.08-0.22 S, aspect 1:2 to 2:1) cut from ANOTHER normal image
-  (a donor), rotated by a multiple of 90 degrees and maybe mirrored, pasted at another place.
+  (a donor), rotated by a multiple of 90 degrees and maybe mirrored, pasted at another place;
+
+and three that look like what grey textured lines fail on (magnetic tiles, strips with cracks):
+
+- ``crack``: a thin (1 px), long (0.25-0.6 S), meandering line, only slightly darker than the
+  surface (to 70-85 % of its brightness): a low-contrast crack;
+- ``blowhole``: a small round pit (radius 0.012-0.03 S), darkened to 35-60 % with a soft edge;
+- ``patch``: an irregular region (radius 0.06-0.15 S) whose brightness is shifted by 8-18 %
+  (up or down) with a smooth falloff: an uneven, low-contrast patch of the texture.
 
 Every defect lies wholly inside the image. As in the demo lines, pixels whose change would be
 invisible (at most ``DIFF_THRESHOLD`` grey levels) keep their clean value (small gaps inside a
@@ -27,12 +35,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from scipy import ndimage
+from skimage import draw
 
 from redi.data.demo import (_blob, _hole_pixels, _scratch_pixels, _scratch_shape, _stain_pixels, keep_visible,
                             min_defect_area)
 from redi.core.errors import DatasetError, InputError
 
-SYNTHETIC_KINDS = ("scratch", "hole", "stain", "cutpaste")
+SYNTHETIC_KINDS = ("scratch", "hole", "stain", "cutpaste", "crack", "blowhole", "patch")
 MAX_TRIES = 30  # draws per defect before giving up (a nearly uniform image hides most defects)
 DARK_SURFACE = 90  # mean brightest-channel level below which a hole shows a bright background, not a dark one
 MIN_VISIBLE_FRACTION = 0.25  # a draw must change at least this share of its shape visibly, else it is redrawn
@@ -125,6 +135,42 @@ def _stain(rng: np.random.Generator, clean: np.ndarray, size: int) -> Draw:
     return (_stain_pixels(rng, clean), shape) if shape.any() else None
 
 
+def _crack(rng: np.random.Generator, clean: np.ndarray, size: int) -> Draw:
+    length = rng.uniform(0.25, 0.6) * size
+    segments = int(rng.integers(4, 8))
+    angle = rng.uniform(0, 2 * np.pi)
+    point = rng.uniform(0.1 * size, 0.9 * size, 2)
+    shape = np.zeros((size, size), dtype=bool)
+    for _ in range(segments):
+        angle += rng.uniform(-0.6, 0.6)  # meanders, as a crack follows the grain
+        end = point + np.array([np.sin(angle), np.cos(angle)]) * length / segments
+        if not ((0 <= end) & (end <= size - 1)).all():
+            return None
+        rr, cc = draw.line(int(round(point[0])), int(round(point[1])), int(round(end[0])), int(round(end[1])))
+        shape[rr, cc] = True
+        point = end
+    return clean * rng.uniform(0.7, 0.85), shape
+
+
+def _blowhole(rng: np.random.Generator, clean: np.ndarray, size: int) -> Draw:
+    radius = max(2.0, rng.uniform(0.012, 0.03) * size)
+    center = rng.uniform(radius + 2, size - radius - 2, 2)
+    rows, cols = np.mgrid[:size, :size]
+    distance = np.hypot(rows - center[0], cols - center[1])
+    shape = distance <= radius + 1
+    depth = np.clip((radius + 1 - distance) / 2.0, 0.0, 1.0)[..., None]  # soft edge
+    return clean * (1 - depth * (1 - rng.uniform(0.35, 0.6))), shape
+
+
+def _patch(rng: np.random.Generator, clean: np.ndarray, size: int) -> Draw:
+    shape = _blob_inside(rng, size, 0.06, 0.15)
+    if not shape.any():
+        return None
+    inside = ndimage.gaussian_filter(shape.astype(np.float64), sigma=max(1.0, 0.01 * size))[..., None]
+    shift = rng.uniform(0.08, 0.18) * (1 if rng.random() < 0.5 else -1)
+    return np.clip(clean * (1 + shift * inside), 0, 255), shape
+
+
 def _cutpaste(rng: np.random.Generator, clean: np.ndarray, donor: np.ndarray, size: int) -> Draw:
     side = rng.uniform(0.08, 0.22) * size
     aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
@@ -156,6 +202,9 @@ def _pick_donor(rng: np.random.Generator, target: np.ndarray, donors: np.ndarray
             return d
     raise InputError("cutpaste needs a donor image that differs from the image it is pasted on; give donors "
                      "(other normal images) or at least 2 different images, or leave 'cutpaste' out of kinds")
+
+
+_DRAW = {"scratch": _scratch, "hole": _hole, "stain": _stain, "crack": _crack, "blowhole": _blowhole, "patch": _patch}
 
 
 # ----- the set ------------------------------------------------------------------------------------------------
@@ -209,7 +258,7 @@ def synthesize_defects(images: np.ndarray | torch.Tensor, donors: np.ndarray | t
                     donor = _pick_donor(rng, target, donor_stack, i if same_set else None)
                     drawn = _cutpaste(rng, target_f, donor_stack[donor].astype(np.float64), size)
                 else:
-                    drawn = {"scratch": _scratch, "hole": _hole, "stain": _stain}[kind](rng, target_f, size)
+                    drawn = _DRAW[kind](rng, target_f, size)
                 if drawn is None:  # left the image, or pasted back onto its own place
                     continue
                 damaged, mask = keep_visible(target, drawn[0], drawn[1])

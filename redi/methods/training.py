@@ -10,6 +10,7 @@ run, rerun with the same arguments, continues from the last finished pass.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import sys
@@ -41,6 +42,7 @@ class TrainResult:
     resumed_from: int = 0
     seconds: float = 0.0
     steps: int = 0
+    stopped_early: bool = False  # the stage's time cap (max_minutes) ended it before its budget
     best: dict[str, float] | None = None
 
 
@@ -57,6 +59,17 @@ def steps_per_pass(batch_size: int, num_samples: int) -> int:
         return 0  # every batch would be a lone image
     full, rest = divmod(num_samples, batch_size)
     return full + (1 if rest >= 2 else 0)
+
+
+def with_pass_floor(stage: StageTrainConfig, num_samples: int) -> StageTrainConfig:
+    """The stage with its step budget raised to ``stage.min_passes`` passes over ``num_samples``
+    images where the steps give fewer; the milestones scale with it, so the schedule keeps its shape."""
+    per_pass = steps_per_pass(stage.batch_size, num_samples)
+    floor = stage.min_passes * per_pass
+    if stage.steps <= 0 or floor <= stage.steps:
+        return stage
+    scale = floor / stage.steps
+    return dataclasses.replace(stage, steps=floor, milestones=[round(m * scale) for m in stage.milestones])
 
 
 def budget_steps(stage: StageTrainConfig, num_samples: int) -> int:
@@ -149,7 +162,10 @@ def run_training(
     passes as needed (the last may stop early), with the LR schedule stepped per optimizer step
     (milestones count steps); ``stage.steps == 0`` means ``stage.epochs`` full passes with the
     schedule stepped per pass (milestones count epochs). Each pass's order depends on
-    (seed, pass) only, so a resumed run sees the same batches as an uninterrupted one.
+    (seed, pass) only, so a resumed run sees the same batches as an uninterrupted one. A step
+    budget is raised to ``stage.min_passes`` passes where it gives fewer (:func:`with_pass_floor`);
+    ``stage.max_minutes`` stops the stage when that much time has passed in this call (logged,
+    ``stopped_early``; the checkpoint lets a rerun finish the budget).
 
     Once the first steps are timed (a warm-up step, then two), one line gives the budget and the
     estimated time; every pass then logs its mean loss parts, steps done and an ETA on steps.
@@ -165,6 +181,11 @@ def run_training(
     def log(message: str) -> None:
         print(f"[{name}] {message}", file=stream, flush=True)
 
+    raised = with_pass_floor(stage, num_samples)
+    if raised is not stage:
+        log(f"{num_samples} images: budget raised from {stage.steps} to {raised.steps} steps for the floor of "
+            f"{stage.min_passes} passes (milestones {raised.milestones})")
+    stage = raised
     by_steps = stage.steps > 0
     total_steps = budget_steps(stage, num_samples)
     total_passes = budget_passes(stage, num_samples)  # raises for a step budget that cannot be done
@@ -189,8 +210,13 @@ def run_training(
     else:
         torch.manual_seed(seed)
 
+    deadline = time.perf_counter() + 60.0 * stage.max_minutes if stage.max_minutes > 0 else float("inf")
+
     def finished() -> bool:
         return steps_done >= total_steps if by_steps else result.epochs >= stage.epochs
+
+    def out_of_time() -> bool:
+        return time.perf_counter() >= deadline
 
     result.epochs, result.steps = start_pass, steps_done
     generator = torch.Generator().manual_seed(seed)
@@ -204,6 +230,11 @@ def run_training(
     timing: list[float] = []  # the clock after each of this call's first optimizer steps, for the estimate
     estimated = False
     while not finished():
+        if out_of_time():
+            result.stopped_early = True
+            log(f"WARNING: time cap of {stage.max_minutes:g} min (train.<stage>.max_minutes) reached at step "
+                f"{steps_done}/{total_steps}; keeping the model so far (rerun to resume the rest)")
+            break
         epoch = result.epochs
         pass_start = time.perf_counter()
         generator.manual_seed(seed * 100003 + epoch)  # order depends on (seed, pass) only: resumable
@@ -211,8 +242,8 @@ def run_training(
         totals: dict[str, float] = {}
         batches = images = 0
         for begin in range(0, num_samples, stage.batch_size):
-            if by_steps and steps_done >= total_steps:
-                break  # the budget ends inside this pass
+            if (by_steps and steps_done >= total_steps) or out_of_time():
+                break  # the budget (or the time cap) ends inside this pass
             indices = order[begin:begin + stage.batch_size]
             if len(indices) < 2 and num_samples >= 2:
                 continue  # BatchNorm needs two samples: a lone leftover sits out this pass (order changes each pass)

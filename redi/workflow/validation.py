@@ -42,7 +42,7 @@ from redi.core.utils import atomic_write_text, pick_device
 STAGE = "validate-detector"
 MARGINS = tuple(float(m) for m in np.round(np.arange(0.8, 1.5 + 1e-9, 0.05), 2))  # 0.80, 0.85, ..., 1.50
 MAX_DONORS = 64  # bank images loaded as cut-and-paste donors (a 600-image bank would take 470 MB at 256 px)
-N_EXAMPLES = 6  # synthetic images drawn in val_examples.png
+N_EXAMPLES = 7  # synthetic images drawn in val_examples.png (one of each kind)
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
 
