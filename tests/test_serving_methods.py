@@ -1,0 +1,73 @@
+"""``bentoml serve`` serves any registered method through the detector protocol: a PatchCore line
+and a fused line from one store answer /predict with the scores of the detector in process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from http_wait import wait_for_http  # tests/ is on sys.path (rootdir conftest)
+from test_serving import BENTOML, KEY, REPO, _free_port
+from tiny_line import make_line
+
+from redi.core.config import profile_config
+from redi.core.images import decode_rgb
+from redi.methods.base import load_detector
+from redi.ops.model_registry import promote, publish_version
+from redi.ops.object_store import LocalStore
+
+pytestmark = pytest.mark.slow
+LINES = {"pc_line": "patchcore", "fused_line": "fused"}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    from redi.workflow.stages import train_all
+
+    root = tmp_path_factory.mktemp("methods")
+    data = make_line(root, "bottle_caps")
+    cfg = profile_config("tiny")
+    cfg.train.recover.epochs = cfg.train.discriminate.epochs = 1
+    cfg.train.device, cfg.model.candidates = "cpu", ["redi", "patchcore", "fused"]
+    paths = train_all(data, root / "run", cfg, line="bottle_caps")
+    store = LocalStore(root / "store")
+    for line, method in LINES.items():
+        publish_version(store, line, "v1", {"detector.pt": paths[f"candidate_{method}"]},
+                        {"promote": True, "metrics": {"image_auroc": 0.5}})
+        promote(store, line, "v1", {"metrics": {"image_auroc": 0.5}}, by="test", reason="fixture")
+    env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(root / "logs"), "REDI_DEVICE": "cpu", "PYTHONPATH": str(REPO),
+           "REDI_STORE_DIR": str(root / "store"), "REDI_MODEL_CACHE": str(root / "cache")}
+    port = _free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen([str(BENTOML), "serve", "serving.service:RediService", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        if not wait_for_http(f"{url}/readyz", proc, 180):
+            pytest.fail(f"bentoml serve did not become ready:\n{(root / 'server.log').read_text()[-3000:]}")
+        yield {"url": url, "data": data, "paths": paths}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+
+
+@pytest.mark.parametrize("line", sorted(LINES))
+def test_each_method_serves_its_in_process_scores(served, line):
+    detector = load_detector(served["paths"][f"candidate_{LINES[line]}"])
+    images = sorted((served["data"] / "test").glob("*/*.png"))[:4]
+    for image in images:
+        content = image.read_bytes()
+        response = requests.post(f"{served['url']}/predict", files={"image": ("part.png", content)},
+                                 data={"line": line}, headers={"X-API-Key": KEY}, timeout=60)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        expected = float(detector.predict(detector.preprocess([decode_rgb(content)])).score[0])
+        assert abs(body["anomaly_score"] - expected) < 1e-4, (line, body["anomaly_score"], expected)
+        assert body["anomalous"] == bool(expected > float(detector.threshold))
