@@ -20,6 +20,10 @@ the shared data folder (``../shared``): this script never writes there.
 
     python bench/make_nonsquare.py ../shared/data/metal_plate --out runs/nonsquare/metal_plate
     python bench/make_nonsquare.py ../shared/data/hazelnut --out runs/nonsquare/hazelnut --orientation tall
+    python bench/make_nonsquare.py ../shared/data/metal_plate --out runs/grey_strips/metal_plate --grey
+
+``--grey`` also turns every image to grey (ITU-R 601 luma, written as ``L`` PNG), the look of the
+grey strip and tile lines the product failed on (issue 17): no colour cue is left.
 """
 
 from __future__ import annotations
@@ -97,7 +101,12 @@ def _save(path: Path, array: np.ndarray, written: set[Path]) -> None:
     written.add(path)
 
 
-def build(src: Path, out: Path, ratio: float = 2.5, orientation: str = "wide") -> dict[str, Any]:
+def to_grey(rgb: np.ndarray) -> np.ndarray:
+    """uint8 RGB -> uint8 grey (ITU-R 601 luma, as Pillow's ``convert("L")``)."""
+    return np.asarray(Image.fromarray(rgb).convert("L"))
+
+
+def build(src: Path, out: Path, ratio: float = 2.5, orientation: str = "wide", grey: bool = False) -> dict[str, Any]:
     """Write the cropped line; return the summary also stored in ``<out>/NONSQUARE.json``."""
     category = MVTecCategory(src)
     written: set[Path] = set()
@@ -114,7 +123,8 @@ def build(src: Path, out: Path, ratio: float = 2.5, orientation: str = "wide") -
         if mask is not None and not mask.any():
             dropped.append(sample.image_id)  # the crop cut the whole defect away
             continue
-        _save(target, _crop(rgb, box), written)
+        picture = _crop(rgb, box)
+        _save(target, to_grey(picture) if grey else picture, written)
         if mask is not None:
             _save(out / "ground_truth" / sample.defect_type / f"{sample.path.stem}_mask.png",
                   mask.astype(np.uint8) * 255, written)
@@ -122,6 +132,7 @@ def build(src: Path, out: Path, ratio: float = 2.5, orientation: str = "wide") -
         size = f"{box[3]}x{box[2]}"
         sizes[size] = sizes.get(size, 0) + 1
     summary = {"source": str(src.resolve()), "out": str(out.resolve()), "orientation": orientation, "ratio": ratio,
+               "grey": grey,
                "sizes_wxh": sizes, "written": counts, "dropped_empty_mask": len(dropped), "dropped": dropped,
                "has_masks": any(s.mask_path is not None for s in category.test)}
     (out / MARKER).write_text(json.dumps(summary, indent=2) + "\n")
@@ -144,11 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--orientation", choices=ORIENTATIONS, default="wide",
                         help="wide: width = 2.5 x height (default); tall: height = 2.5 x width")
     parser.add_argument("--ratio", type=float, default=2.5, help="long side / short side of the crop (default 2.5)")
+    parser.add_argument("--grey", action="store_true", help="also turn every image grey (L PNG)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier output of this script at --out")
     args = parser.parse_args(argv)
     check_output(args.src, args.out, args.overwrite)
     try:
-        summary = build(args.src, args.out, args.ratio, args.orientation)
+        summary = build(args.src, args.out, args.ratio, args.orientation, args.grey)
     except RediError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

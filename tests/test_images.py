@@ -430,6 +430,9 @@ def test_make_nonsquare_crops_images_and_masks_alike(tmp_path, capsys):
         tool.main([str(src), "--out", str(out)])
     assert tool.main([str(src), "--out", str(out), "--overwrite", "--orientation", "tall"]) == 0
     assert load_rgb(out / "train" / "good" / "000.png").shape == (50, 20, 3)
+    assert tool.main([str(src), "--out", str(out), "--overwrite", "--grey"]) == 0  # the grey strips of issue 17
+    with Image.open(out / "train" / "good" / "001.png") as grey:
+        assert grey.mode == "L" and grey.size == (50, 20) and np.asarray(grey).max() == 91
     with pytest.raises(SystemExit, match="inside"):
         tool.main([str(src), "--out", str(src / "cropped")])
     with pytest.raises(SystemExit, match="shared data"):

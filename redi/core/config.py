@@ -36,6 +36,7 @@ import yaml
 
 from redi.core.errors import ConfigError
 from redi.core.images import ASPECTS
+from redi.core.maps import IMAGE_SCORES
 
 PROMPT_MODES = ("nearest", "none")
 PROMPT_CODECS = ("webp", "png")
@@ -135,6 +136,10 @@ class ModelConfig:
     bottleneck_channels: int = 0  # 0: bottleneck_ratio x the deepest backbone level's channel count
     bottleneck_ratio: float = 1.0  # Reverse Distillation's is 2 (WideResNet: 1024 -> 2048)
     gaussian_sigma: float = 4.0  # smoothing of the anomaly map (RD / anomalib use 4)
+    # ReDi's and fused's image score from the map (redi.core.maps.image_scores): max (the paper's) or
+    # top_mean, the mean of the top image_score_share of its pixels; PatchCore keeps its reweighting
+    image_score: str = "max"
+    image_score_share: float = 0.01
     # How the detector stores its prompt images. WebP q85 keeps a 650-image 256 px bank at
     # 1.5-16 MB instead of 128 MB raw (docs/benchmarks.md); the recover net trains on exactly the
     # decoded prompts, so lossy storage costs no train/serve mismatch. "png" is lossless.
@@ -345,6 +350,8 @@ class RediConfig:
             (50.0 <= self.model.selfmap.scale_percentile <= 100.0, "model.selfmap.scale_percentile must be in [50, 100]"),
             (self.model.prompt_k >= 1, "model.prompt_k must be >= 1"),
             *self._method_checks(),
+            (self.model.image_score in IMAGE_SCORES, f"model.image_score must be one of {IMAGE_SCORES}"),
+            (0.0 < self.model.image_score_share <= 1.0, "model.image_score_share must be in (0, 1]"),
             (self.model.bottleneck_channels >= 0 and self.model.bottleneck_ratio > 0,
              "model.bottleneck_channels must be >= 0 and model.bottleneck_ratio > 0"),
             (set(self.model.prompt_transforms) <= set(PROMPT_TRANSFORMS),

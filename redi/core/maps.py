@@ -1,4 +1,5 @@
-"""Anomaly-map post-processing every method shares: Gaussian smoothing of (B, 1, H, W) maps."""
+"""Anomaly-map post-processing every method shares: Gaussian smoothing of (B, 1, H, W) maps and
+the image score read from a map."""
 
 from __future__ import annotations
 
@@ -30,3 +31,18 @@ class GaussianBlur(nn.Module):
             kernel = kernel / kernel.sum()
         maps = F.conv2d(F.pad(maps, (pad, pad, 0, 0), mode="reflect"), kernel)
         return F.conv2d(F.pad(maps, (0, 0, pad, pad), mode="reflect"), kernel.transpose(-1, -2))
+
+
+IMAGE_SCORES = ("max", "top_mean")  # model.image_score
+
+
+def image_scores(maps: torch.Tensor, how: str = "max", share: float = 0.01) -> torch.Tensor:
+    """(B,) image scores of (B, H, W) maps: the maximum, or the mean of the top ``share`` of pixels
+    (``top_mean``: one hot pixel of noise no longer decides alone; a defect of that many pixels does)."""
+    flat = maps.flatten(1)
+    if how == "max":
+        return flat.amax(dim=1)
+    if how == "top_mean":
+        k = max(1, int(share * flat.shape[1]))
+        return flat.topk(k, dim=1).values.mean(dim=1)
+    raise ValueError(f"image score {how!r} is not one of {IMAGE_SCORES}")

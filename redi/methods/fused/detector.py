@@ -24,6 +24,7 @@ from torch import nn
 
 from redi.core.config import RediConfig, from_dict, to_dict
 from redi.core.errors import WeightsError
+from redi.core.maps import image_scores
 from redi.methods.base import AnomalyDetector, DetectorOutput, get_method
 from redi.methods.onnx import ExportError
 
@@ -88,7 +89,8 @@ class FusedDetector(nn.Module):
         device = self.threshold.device
         fused = sum((out.anomaly_map.float().to(device) - self.map_mean[i]) / self.map_std[i]
                     for i, out in enumerate(outputs)) / len(outputs)
-        return FusedOutput(fused.flatten(1).amax(dim=1), fused, outputs[0].embedding, parts=outputs)
+        score = image_scores(fused, self.cfg.model.image_score, self.cfg.model.image_score_share)
+        return FusedOutput(score, fused, outputs[0].embedding, parts=outputs)
 
     def pictures(self, output: DetectorOutput) -> dict[str, torch.Tensor]:
         """The parts' pictures, each named after its part."""

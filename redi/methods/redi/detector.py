@@ -32,7 +32,7 @@ from redi.core.backbones import build_backbone
 from redi.core.config import RediConfig
 from redi.core.errors import InputError, WeightsError
 from redi.core.images import preprocess
-from redi.core.maps import GaussianBlur
+from redi.core.maps import GaussianBlur, image_scores
 from redi.core.selfmaps import build_selfmap, fit_selfmap_scale
 from redi.core.utils import bf16_autocast, load_torch_file, use_bf16
 from redi.methods.base import DetectorOutput
@@ -175,6 +175,10 @@ class Detector(nn.Module):
             total = distance if total is None else total + distance
         return self.blur(total).squeeze(1)
 
+    def image_score(self, maps: torch.Tensor) -> torch.Tensor:
+        """(B,) image scores of the maps (``model.image_score``: the max, or the mean of the top pixels)."""
+        return image_scores(maps, self.cfg.model.image_score, self.cfg.model.image_score_share)
+
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse tensors the detector was not built for, with a message that says what to do."""
         expected = (3, self.image_size, self.image_size)
@@ -195,7 +199,7 @@ class Detector(nn.Module):
         recovered = self.recover_image(x, prompt_index)
         recovered_features = self.head(self.backbone(recovered).features)
         maps = self.anomaly_maps(reference.features, recovered_features)
-        return RediOutput(maps.flatten(1).amax(dim=1), maps, reference.embedding, recovered=recovered,
+        return RediOutput(self.image_score(maps), maps, reference.embedding, recovered=recovered,
                           prompt_index=prompt_index)
 
     def _forward_k_prompts(self, x: torch.Tensor, reference, exclude: torch.Tensor | None) -> RediOutput:
@@ -208,7 +212,7 @@ class Detector(nn.Module):
             rank_maps = self.anomaly_maps(reference.features, self.head(self.backbone(recovered).features))
             maps = rank_maps if maps is None else torch.minimum(maps, rank_maps)
             first = recovered if first is None else first
-        return RediOutput(maps.flatten(1).amax(dim=1), maps, reference.embedding, recovered=first,
+        return RediOutput(self.image_score(maps), maps, reference.embedding, recovered=first,
                           prompt_index=candidates[:, 0])
 
     @torch.inference_mode()

@@ -133,7 +133,7 @@ class ExportableDetector(nn.Module):
         if self.selfmap is not None:
             recovered = detector.recover(self.selfmap(images), self.prompts(reference.embedding, images)).float()
         maps = detector.anomaly_maps(reference.features, detector.head(detector.backbone(recovered).features))
-        return maps.flatten(1).amax(dim=1), maps
+        return detector.image_score(maps), maps
 
 
 @contextlib.contextmanager

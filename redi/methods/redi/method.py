@@ -22,8 +22,11 @@ class ReDi(Method):
         return fit(data_root, out_dir, cfg, line)
 
     def upgrade_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Artifacts from before ``model.selfmap.scale`` scaled each image's self-map by itself."""
+        """Artifacts from before ``model.selfmap.scale`` scaled each image's self-map by itself;
+        those from before ``model.image_score`` scored an image by its map's maximum."""
         selfmap = config.get("model", {}).get("selfmap")
         if isinstance(selfmap, dict) and "scale" not in selfmap:
             config = {**config, "model": {**config["model"], "selfmap": {**selfmap, "scale": "image"}}}
+        if isinstance(config.get("model"), dict) and "image_score" not in config["model"]:
+            config = {**config, "model": {**config["model"], "image_score": "max"}}
         return config
