@@ -125,7 +125,7 @@ def test_dvc_repro_tiny(dvc_repo):
     assert (repo / "runs/dvc/eval/report/index.html").is_file()
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"validate_data", "precompute_selfmaps", "build_prompt_bank", "train_recover",
-                                   "train_discriminate", "evaluate"}
+                                   "train_discriminate", "train_patchcore", "select_champion", "evaluate"}
     # nothing changed: a second repro runs no stage
     out = _run([DVC, "repro"], repo, env)
     assert "didn't change, skipping" in out and "Running stage" not in out
