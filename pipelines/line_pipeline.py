@@ -613,6 +613,10 @@ def schedule(host: str, line: str, cron: str | None = None, profile: str | None 
     commit of a git URL, as ``dvc get`` without ``--rev`` does); caching makes a run on unchanged data
     and settings reuse the finished steps.
 
+    Caching stays per step, as compiled from the stage table: kfp's ``enable_caching=True`` (or False)
+    would overwrite every task's setting, so the uncached ``validate_data`` and gate would replay the
+    first run's data and decision in every scheduled run. It is left None, as :func:`submit` does.
+
     Returns:
         ``{"recurring_run_id", "host", "cron", "package", "arguments"}``.
     """
@@ -631,7 +635,7 @@ def schedule(host: str, line: str, cron: str | None = None, profile: str | None 
         experiment_id=getattr(found, "experiment_id", None), job_name=f"{cfg.line.name}-scheduled",
         description=f"redi line {cfg.line.name}, {cfg.profile} profile, cron {cfg.pipeline.schedule}",
         cron_expression=cfg.pipeline.schedule, max_concurrency=1, no_catchup=True, params=arguments,
-        pipeline_package_path=str(package), enable_caching=True)
+        pipeline_package_path=str(package), enable_caching=None)  # None: each step keeps its own setting (below)
     recurring_id = getattr(recurring, "recurring_run_id", None)
     print(f"scheduled line {cfg.line.name!r} on {host}: recurring run {recurring_id}, cron {cfg.pipeline.schedule!r}")
     return {"recurring_run_id": recurring_id, "host": host, "cron": cfg.pipeline.schedule, "package": str(package),

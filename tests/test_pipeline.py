@@ -268,6 +268,7 @@ def test_schedule_creates_the_lines_recurring_run(tmp_path):
     assert rec["cron"] == "0 30 3 * * 0" and rec["experiment_id"] == "exp-1" and rec["job_name"] == "woven_fabric-scheduled"
     assert rec["params"]["profile"] == "cpu" and rec["params"]["data_path"] == "/mnt/data/fabric"
     assert Path(rec["package"]).is_file() and rec["max_concurrency"] == 1
+    assert rec["enable_caching"] is None  # each step keeps its own caching (tests/test_schedule.py, real kfp.Client)
     lp.schedule("http://kfp.example:8080", "woven_fabric", cron="0 0 * * * *", data_path="/d", client=client)
     assert client.recurring["cron"] == "0 0 * * * *"
 
