@@ -39,6 +39,9 @@ class Stage:
     workdir: bool = False  # keeps resumable checkpoints in the line's work dir (the PVC on a cluster)
     accelerator: bool = False  # by default on the line's GPU node (pipeline.steps.<name>.accelerator decides)
     dvc: bool = True  # a DVC stage of dvc.yaml (dvc.yaml says why the others are not)
+    # parts of `reads` its function never reads: left out of its DVC `params:`, so changing them
+    # does not rerun it (its KFP step is still handed the whole section: KFP caches per section)
+    dvc_skips: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()  # old names (CLI, DVC, pipeline.steps), accepted with a note
 
     @property
@@ -63,23 +66,26 @@ STAGES: tuple[Stage, ...] = (
           "", dvc=False),
     Stage("precompute_selfmaps", "cache the training images' self-generated maps",
           "redi.methods.redi.fit:precompute_selfmaps", reads=("data", "model", "train"),
-          aliases=("selfmaps", "precompute_hog")),
+          dvc_skips=("train.recover", "train.discriminate"), aliases=("selfmaps", "precompute_hog")),
     Stage("build_prompt_bank", "embed the normal training images into a prompt bank",
           "redi.methods.redi.fit:build_prompt_bank", reads=("data", "model", "train", "eval"),
-          aliases=("prompt-bank",)),
+          dvc_skips=("train.recover", "train.discriminate"), aliases=("prompt-bank",)),
     # not eval: a new threshold policy must not retrain the recover net (it reads only eval.batch_size,
     # a speed setting, which then comes from the profile)
     Stage("train_recover", "train the recover net (HIP)", "redi.methods.redi.fit:train_recover",
-          reads=("data", "model", "train"), workdir=True, accelerator=True),
+          reads=("data", "model", "train"), dvc_skips=("train.discriminate",), workdir=True, accelerator=True),
     Stage("train_discriminate", "train the discriminate net, calibrate the threshold, write detector.pt",
-          "redi.methods.redi.fit:train_discriminate", reads=("data", "model", "train", "eval"), workdir=True,
-          accelerator=True),
+          "redi.methods.redi.fit:train_discriminate", reads=("data", "model", "train", "eval"),
+          dvc_skips=("train.recover",), workdir=True, accelerator=True),
     Stage("train_patchcore", "fit the memory-bank candidate (PatchCore), calibrate, write detector.pt",
-          "redi.methods.patchcore.method:train_patchcore", reads=("data", "model", "train", "eval")),
+          "redi.methods.patchcore.method:train_patchcore", reads=("data", "model", "train", "eval"),
+          dvc_skips=("train.recover", "train.discriminate")),
     Stage("select_champion", "build the combined candidates, measure every candidate on validation, keep the best",
-          "redi.workflow.champion:champion_stage", reads=("data", "model", "train", "eval")),
+          "redi.workflow.champion:champion_stage", reads=("data", "model", "train", "eval"),
+          dvc_skips=("train.recover", "train.discriminate")),
     Stage("evaluate", "score the test split at the served threshold: metrics.json and an HTML report",
-          "redi.workflow.stages:evaluate", reads=("data", "model", "train", "eval")),
+          "redi.workflow.stages:evaluate", reads=("data", "model", "train", "eval"),
+          dvc_skips=("train.recover", "train.discriminate")),
     Stage("drift_reference", "the monitoring rows of a line's normal training images",
           "redi.ops.monitoring:build_reference", reads=("data", "model", "train", "eval"), dvc=False),
     Stage("gate", "compare the candidate with production at the served thresholds; promote or refuse",
@@ -111,10 +117,63 @@ def get_stage(name: str, warn: bool = True) -> Stage:
     raise ConfigError(f"unknown stage {name!r}; the stages are {stage_names()}")
 
 
+def dvc_params(stage: Stage) -> list[str]:
+    """A DVC stage's ``params:``: ``profile`` and the sections its function reads; a section with a
+    skipped part (:attr:`Stage.dvc_skips`) is listed key by key, every key of the schema but those."""
+    import dataclasses
+
+    from redi.core.config import RediConfig
+
+    params = ["profile"]
+    for section in stage.reads:
+        skipped = {skip.split(".", 1)[1] for skip in stage.dvc_skips if skip.startswith(section + ".")}
+        if not skipped:
+            params.append(section)
+            continue
+        keys = [f.name for f in dataclasses.fields(getattr(RediConfig(), section))]
+        unknown = skipped - set(keys)
+        if unknown:
+            raise ConfigError(f"stage {stage.name!r} skips {sorted(unknown)}, which {section!r} does not have")
+        params += [f"{section}.{key}" for key in keys if key not in skipped]
+    return params
+
+
+# The demo line's data, made by a DVC stage before the table's stages (in the Kubeflow pipeline
+# validate_data makes it when the line's `line.demo.enabled` is on, so it is no row of the table).
+DEMO_DATA_KEYS = ("n_train", "n_test_good", "n_test_defect", "size", "seed")
+DEMO_LINE = "bottle_caps"
+
+
+def _demo_data_stage(data_root: str) -> dict[str, Any]:
+    sizes = " ".join(f"--{key.replace('_', '-')} ${{line.demo.{key}}}" for key in DEMO_DATA_KEYS)
+    return {"cmd": f"redi demo-data {data_root} --line {DEMO_LINE} {sizes}",
+            "params": [f"line.demo.{key}" for key in DEMO_DATA_KEYS], "outs": [data_root]}
+
+
+def dvc_plots(runs: str = "runs/dvc") -> list[dict[str, Any]]:
+    """``dvc.yaml``'s top-level ``plots:``: the curves ``evaluate`` writes to ``eval/plots/``
+    (:func:`redi.workflow.report.write_curve_data`), for ``dvc plots show`` and ``dvc plots diff``."""
+    data = f"{runs}/eval/plots"
+    return [
+        {"image ROC (test)": {"x": "fpr", "y": {f"{data}/roc.csv": "tpr"}, "x_label": "false-alarm rate",
+                              "y_label": "recall", "template": "simple"}},
+        {"image precision-recall (test)": {"x": "recall", "y": {f"{data}/pr.csv": "precision"},
+                                           "x_label": "recall", "y_label": "precision", "template": "simple"}},
+        {"pixel PRO up to eval.max_fpr (test)": {"x": "fpr", "y": {f"{data}/pro.csv": "pro"},
+                                                 "x_label": "pixel false-positive rate",
+                                                 "y_label": "per-region overlap", "template": "simple"}},
+        {"operating point: false calls vs escapes (validation and test)": {
+            "x": "false_call_rate", "y": {f"{data}/tradeoff_validation.csv": "escape_rate",
+                                          f"{data}/tradeoff_test.csv": "escape_rate"},
+            "x_label": "false-call rate (good parts flagged)", "y_label": "escape rate (defects passed)",
+            "template": "simple"}},
+    ]
+
+
 def dvc_yaml(data_root: str = "${data.root}", runs: str = "runs/dvc") -> dict[str, Any]:
-    """``dvc.yaml``'s ``stages:`` as written from this table: every DVC row, its ``params:`` the
-    config sections it reads. Each runs ``redi <command> ... --config params.yaml``, so DVC and the
-    pipeline call the same function."""
+    """``dvc.yaml`` as written from this table: the demo data stage, then every DVC row, its
+    ``params:`` from :func:`dvc_params`, then the plots. Each row runs ``redi <command> ...
+    --config params.yaml``, so DVC and the pipeline call the same function."""
     manifest = f"{runs}/data/manifest.json"
     bank, selfmaps, train = f"{runs}/prompt_bank.pt", f"{runs}/selfmaps/selfmaps.pt", f"{runs}/train"
     recover, detector = f"{train}/recover.pt", f"{train}/detector.pt"
@@ -134,30 +193,41 @@ def dvc_yaml(data_root: str = "${data.root}", runs: str = "runs/dvc") -> dict[st
         "select_champion": {"args": f"{data_root} --candidate redi={detector} --candidate patchcore={patchcore} "
                                     f"--out {champion}", "deps": [data_root, detector, patchcore], "outs": [champion]},
         "evaluate": {"args": f"{champion}/detector.pt {data_root} --out {runs}/eval", "deps": [data_root, champion],
-                     "outs": [f"{runs}/eval/report", f"{runs}/eval/scores.json"],
-                     "metrics": [{f"{runs}/eval/metrics.json": {"cache": False}}]},
+                     "outs": [f"{runs}/eval/report", f"{runs}/eval/scores.json", f"{runs}/eval/plots"],
+                     "metrics": [f"{runs}/eval/metrics.json"]},
     }
-    stages: dict[str, Any] = {}
+    stages: dict[str, Any] = {"demo_data": _demo_data_stage(data_root)}
     for stage in STAGES:
         if stage.dvc:
             wired = wiring[stage.name]
             stages[stage.name] = {"cmd": f"redi {stage.command} {wired['args']} --config params.yaml",
-                                  "deps": wired["deps"], "params": ["profile", *stage.reads], "outs": wired["outs"],
+                                  "deps": wired["deps"], "params": dvc_params(stage), "outs": wired["outs"],
                                   **({"metrics": wired["metrics"]} if "metrics" in wired else {})}
-    return {"stages": stages}
+    return {"stages": stages, "plots": dvc_plots(runs)}
 
 
 DVC_HEADER = """\
 # Written from the stage table (redi/stages.py) by `redi stages dvc --out dvc.yaml`; edit the table,
-# not this file (CI checks they agree). The Kubeflow pipeline's data and training stages, each
-# calling the `redi` CLI (the same functions as the pipeline's steps) with params.yaml as its config
-# file; each stage's `params:` are the config sections its function reads (what the pipeline hands
-# that step, so both rerun on the same changes). Not here: snapshot_data (a KFP artifact step),
-# drift_reference, gate and package_bento (they need the object store and the production model).
-# Run from the repository root with the venv active:
-#   dvc repro            (reruns only the stages whose data, params or inputs changed)
-# ${data.root} comes from params.yaml. Checkpoints in runs/dvc/train/checkpoints are not DVC
-# outputs, so an interrupted `dvc repro` resumes training where it stopped.
+# not this file (CI checks they agree). Run from the repository root with the venv active:
+#   dvc repro                      run what changed (a fresh clone: everything, about 2 min on 2 cores)
+#   dvc metrics show / dvc metrics diff       runs/dvc/eval/metrics.json, now against the last commit
+#   dvc plots show / dvc plots diff           ROC, PR, PRO and the operating-point curve (HTML)
+#   dvc exp run -S train.discriminate.epochs=30   one experiment; `dvc exp show` compares them
+# demo_data makes the SYNTHETIC demo line (deterministic: its hash in dvc.lock is the same on every
+# machine); for a real line, `dvc remove demo_data`, `dvc add` the line's folder and set data.root.
+# Then the Kubeflow pipeline's data and training stages, each calling the `redi` CLI (the same
+# functions as the pipeline's steps) with params.yaml as its config file. Each stage's `params:` are
+# the config sections its function reads, less the parts it never reads (a discriminate setting does
+# not rerun the recover net; KFP's cache key is the whole section). The redi code is not a dependency:
+# after changing it, `dvc repro --force` (or `-f STAGE`). Not here: snapshot_data (a KFP artifact of
+# the data's commit; in DVC that is the git commit itself), drift_reference, gate and package_bento:
+# they read and move the line's production model in the object store (a plant's shared state, not a
+# file of this workspace), so they run only in the pipeline (`redi pipeline run`).
+# dvc.lock is committed for the tiny profile. The demo data, its manifest, self-maps and prompt bank
+# hash the same everywhere; the trained nets do not (CPU kernels differ between machines), so after
+# `dvc repro` on a fresh clone dvc.lock may show new hashes for train_* and later stages: expected.
+# Checkpoints in runs/dvc/train/checkpoints are not DVC outputs, so an interrupted `dvc repro`
+# resumes training where it stopped.
 """
 
 

@@ -43,7 +43,8 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 def _demo_data(args: argparse.Namespace) -> int:
     from redi.data.demo import make_demo_line
 
-    summary = make_demo_line(args.out, args.line, seed=args.seed, size=args.size)
+    summary = make_demo_line(args.out, args.line, n_train=args.n_train, n_test_good=args.n_test_good,
+                             n_test_defect=args.n_test_defect, size=args.size, seed=args.seed)
     print(json.dumps(summary, indent=2, default=str))
     return 0
 
@@ -283,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--line", default="bottle_caps", help="which synthetic line to make")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--n-train", type=int, default=30, help="normal training images")
+    p.add_argument("--n-test-good", type=int, default=10, help="normal test images")
+    p.add_argument("--n-test-defect", type=int, default=20, help="defective test images (the types in turn)")
 
     p = _stage_parser(sub, "validate_data")
     p.add_argument("data", help="line folder in MVTec-AD layout")

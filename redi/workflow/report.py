@@ -541,6 +541,63 @@ def _gallery(title: str, empty: str, indices: list[int], samples: Sequence[Sampl
     return out
 
 
+# ----------------------------------------------------------------------------- curve data (DVC plots)
+PLOT_POINTS = 1000  # at most this many rows per PRO curve file (one point per pixel score is ~10^5)
+
+
+def _write_csv(path: Path, columns: dict[str, np.ndarray]) -> Path:
+    names = list(columns)
+    rows = zip(*(np.asarray(columns[name], dtype=np.float64) for name in names))
+    lines = [",".join(names)] + [",".join(f"{value:.6g}" for value in row) for row in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _thin(fpr: np.ndarray, *others: np.ndarray, points: int = PLOT_POINTS) -> list[np.ndarray]:
+    """Keep the points nearest to ``points`` evenly spaced FPR values (and the last point): the
+    curve as drawn, in a file a browser plots at once."""
+    if fpr.size <= points:
+        return [fpr, *others]
+    keep = np.unique(np.r_[np.searchsorted(fpr, np.linspace(0.0, fpr[-1], points)).clip(0, fpr.size - 1),
+                           fpr.size - 1])
+    return [fpr[keep]] + [other[keep] for other in others]
+
+
+def write_curve_data(out_dir: str | Path, labels: np.ndarray, scores: np.ndarray, masks: np.ndarray | None,
+                     maps: np.ndarray | None, max_fpr: float, validation: dict[str, Any] | None = None) -> Path:
+    """Write the report's curves as CSV files in ``out_dir`` for ``dvc plots show/diff``.
+
+    Files: ``roc.csv`` (fpr, tpr) and ``pr.csv`` (recall, precision) at image level; ``pro.csv``
+    (fpr, pro) up to ``max_fpr`` at pixel level; ``tradeoff_test.csv`` and
+    ``tradeoff_validation.csv`` (threshold, false_call_rate, escape_rate): the operating-point
+    curve on the labelled test set and on the synthetic validation set. A curve the data cannot
+    give (one class only, no defect pixels, no validation set) is logged and left out.
+    """
+    from redi.methods.common import log_stage
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.csv"):  # a curve this run cannot draw must not survive from an earlier run
+        old.unlink()
+    scores = np.asarray(scores, dtype=np.float64)
+    try:
+        fpr, tpr = roc_curve_points(labels, scores)
+        _write_csv(out / "roc.csv", {"fpr": fpr, "tpr": tpr})
+        recall, precision = pr_curve_points(labels, scores)
+        _write_csv(out / "pr.csv", {"recall": recall, "precision": precision})
+        _write_csv(out / "tradeoff_test.csv", tradeoff_curve(labels, scores))
+    except MetricsError as exc:
+        log_stage("evaluate", f"no ROC, PR or test operating-point curve data: {exc}")
+    if masks is not None and maps is not None and masks.shape == maps.shape and masks.any() and (~masks).any():
+        fpr, pro = _thin(*pro_curve(masks, maps, max_fpr=max_fpr))
+        _write_csv(out / "pro.csv", {"fpr": fpr, "pro": pro})
+    else:
+        log_stage("evaluate", "no PRO curve data: the test masks hold no defect pixels")
+    if validation is not None:
+        _write_csv(out / "tradeoff_validation.csv", tradeoff_curve(validation["labels"], validation["scores"]))
+    return out
+
+
 # ----------------------------------------------------------------------------- entry point
 def write_report(report_dir: str | Path, detector, samples: list[Sample], images: torch.Tensor,
                  masks: torch.Tensor, result: dict[str, Any], metrics: dict[str, Any],

@@ -159,9 +159,10 @@ def candidate_comparison(selection: dict[str, Any], test: list[Sample], images: 
 
 def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Path, cfg: RediConfig,
              write_report: bool = True) -> Path:
-    """Score the test split; write ``metrics.json`` (every decision number names its threshold)
-    and, with ``write_report``, the HTML report folder and the validation operating point."""
-    from redi.workflow.report import write_report as render_report  # matplotlib only when reporting
+    """Score the test split; write ``metrics.json`` (every decision number names its threshold),
+    ``scores.json``, the curves as CSV files in ``plots/`` and, with ``write_report``, the HTML
+    report folder and the validation operating point."""
+    from redi.workflow.report import write_curve_data, write_report as render_report  # matplotlib only here
 
     out_dir = Path(out_dir)
     device = pick_device(cfg.train.device)
@@ -215,6 +216,8 @@ def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Pa
                   "score": float(score), "anomalous": bool(d), "threshold": served["threshold"]}
                  for s, score, d in zip(test, result["scores"], decisions)]
     write_json(out_dir / "scores.json", per_image)
+    write_curve_data(out_dir / "plots", labels.numpy(), result["scores"].numpy(), pixel_masks, pixel_maps,
+                     cfg.eval.max_fpr, validation)  # the curves as data, for `dvc plots show/diff`
     if write_report:
         render_report(out_dir / "report", detector, test, images, masks, result, metrics, validation=validation)
     log_stage("evaluate", " ".join(f"{k} {metrics[k]:.4f}" for k in ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
