@@ -26,9 +26,11 @@ workspace project per line, so ``evidently ui --workspace PATH`` shows each line
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import fcntl
 import functools
 import json
+import logging
 import math
 import os
 import re
@@ -53,6 +55,7 @@ N_EMBEDDING_COMPONENTS = 8
 IMAGE_FEATURES = ("brightness", "contrast", "sharpness")
 SCORE_COLUMN = "anomaly_score"
 _LINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+LOG = logging.getLogger(__name__)
 
 
 def embedding_columns(k: int = N_EMBEDDING_COMPONENTS) -> list[str]:
@@ -192,7 +195,18 @@ class ProductionLog:
     was ``fsync``-ed, so a row that was acknowledged survives a crash, while a burst of N requests
     costs one or two fsyncs instead of N. Rows from many threads and worker processes never
     interleave or get lost. (flock works on local filesystems; on NFS use one log directory per
-    host.) A line cut short by a crash mid-write is skipped when reading.
+    host.)
+
+    A commit is all or nothing. A write that fails (``ENOSPC`` on a full disk, ``EIO``) or whose
+    fsync fails is cut back off the file (``ftruncate`` to the size before it) and raises, so no
+    row of a failed commit is acknowledged or left behind (a client told "not logged" may retry
+    without making a duplicate). Before each append, a fragment a crash left at the end of the file
+    (bytes after the last newline) is truncated away: it cannot hold an acknowledged row (a row is
+    acknowledged only once its whole commit, newline included, is fsync-ed), and truncating needs
+    no free space, whereas terminating it would need a write that can fail again on a full disk.
+    So the next row never lands glued onto a fragment. A new day file's directory entry is fsync-ed
+    too, so the file itself survives a power loss. The reader keeps every complete row, also from
+    files older versions wrote with a fragment glued in front of a row.
 
     The commits run on one daemon thread per log, started on first use.
     """
@@ -263,21 +277,66 @@ class ProductionLog:
                     done.set_result(path)
 
     def _write(self, path: Path, data: bytes) -> None:
-        """One locked O_APPEND write of whole rows, then fsync."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        """One locked O_APPEND write of whole rows, then fsync; on failure the file is cut back and it raises."""
+        self._make_dirs(path.parent)
+        created = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)  # read: the fragment check
         try:
+            if created and self.fsync:
+                _fsync_dir(path.parent)  # the new day file's name must survive a power loss with its rows
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                written = 0
-                while written < len(data):  # os.write may write less than asked
-                    written += os.write(fd, data[written:])
-                if self.fsync:
-                    os.fsync(fd)
+                start = self._drop_fragment(fd, path)
+                try:
+                    _write_all(fd, data)
+                    if self.fsync:
+                        os.fsync(fd)
+                except OSError:
+                    self._cut_back(fd, path, start)
+                    raise
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def _make_dirs(self, folder: Path) -> None:
+        """Create the missing folders down to ``folder``, fsync-ing each new entry's parent."""
+        missing = []
+        while not folder.is_dir():
+            missing.append(folder)
+            if folder.parent == folder:
+                break
+            folder = folder.parent
+        for new in reversed(missing):
+            new.mkdir(exist_ok=True)
+            if self.fsync:
+                _fsync_dir(new.parent)
+
+    def _drop_fragment(self, fd: int, path: Path) -> int:
+        """Truncate what follows the file's last newline (a crashed write's remainder); return the size.
+
+        Called under the lock. Everything after the last newline is unacknowledged by construction
+        (see the class docstring), so truncating loses no acknowledged row and needs no free space.
+        """
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return size
+        keep = _last_newline_end(fd, size)
+        os.ftruncate(fd, keep)
+        if self.fsync:
+            os.fsync(fd)
+        LOG.warning("production log %s ended in a %d-byte fragment (a write cut short by a crash or a full disk); "
+                    "truncated it so the next row starts on its own line", path, size - keep)
+        return keep
+
+    def _cut_back(self, fd: int, path: Path, size: int) -> None:
+        """Undo a failed commit: truncate to the size before it (best effort; the next append repairs the rest)."""
+        try:
+            os.ftruncate(fd, size)
+            if self.fsync:
+                os.fsync(fd)
+        except OSError as exc:
+            LOG.error("production log %s: could not cut back a failed write (%s); the next append truncates it", path, exc)
 
     def files(self, line: str) -> list[Path]:
         """The line's day files, oldest first."""
@@ -308,16 +367,67 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    """``os.write`` until all of ``data`` is written (a write may be short, e.g. on a nearly full disk)."""
+    written = 0
+    while written < len(data):
+        n = os.write(fd, data[written:])
+        if n <= 0:
+            raise OSError(errno.ENOSPC, "the production log write made no progress")
+        written += n
+
+
+def _fsync_dir(folder: Path) -> None:
+    """fsync a directory, so a file or folder just created in it survives a power loss."""
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _last_newline_end(fd: int, size: int, chunk: int = 65536) -> int:
+    """The offset just after the last newline before ``size`` (0 when there is none)."""
+    end = size
+    while end > 0:
+        start = max(0, end - chunk)
+        at = os.pread(fd, end - start, start).rfind(b"\n")
+        if at >= 0:
+            return start + at + 1
+        end = start
+    return 0
+
+
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Rows of one JSONL file; a line cut short by a crash is skipped (it was never acknowledged)."""
+    """Every complete row of one JSONL file.
+
+    A line that does not parse is a crashed write's fragment, possibly with a complete row glued
+    after it (files written before the writer repaired fragments): the row is kept, the fragment
+    (never acknowledged) is skipped.
+    """
     rows = []
     with open(path, "rb") as handle:
         for raw in handle:
-            try:
-                rows.append(json.loads(raw))
-            except ValueError:
-                continue
+            row = _parse_row(raw.strip())
+            if row is not None:
+                rows.append(row)
     return rows
+
+
+def _parse_row(raw: bytes) -> dict[str, Any] | None:
+    """The row a line holds: the whole line, else the complete JSON object that ends it; None if neither."""
+    if not raw:
+        return None
+    start = 0
+    while start >= 0:
+        try:
+            row = json.loads(raw[start:])
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            return row
+        start = raw.find(b'{"', start + 1)
+    return None
 
 
 # ----------------------------------------------------------------------------- drift report
