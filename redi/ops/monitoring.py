@@ -336,7 +336,8 @@ class ProductionLog:
             if self.fsync:
                 os.fsync(fd)
         except OSError as exc:
-            LOG.error("production log %s: could not cut back a failed write (%s); the next append truncates it", path, exc)
+            LOG.error("production log %s: could not cut back a failed write (%s); the next append truncates it",
+                      path, exc)
 
     def files(self, line: str) -> list[Path]:
         """The line's day files, oldest first."""
