@@ -133,6 +133,105 @@ def copy_files(src_dir: Path, dest_dir: Path, names: list[str]) -> None:
             shutil.copy2(src_dir / name, dest_dir / name)
 
 
+# -- data source credentials ---------------------------------------------------------------------
+# The keys of the line's data secret (pipeline.data_secret), handed as environment variables to the
+# steps that fetch data and to no other: git over HTTPS reads the token through GIT_ASKPASS (never in
+# a URL, a command line or a file), DVC's S3 remote reads the AWS_* variables itself.
+GIT_USERNAME_ENV = "REDI_GIT_USERNAME"  # optional; hosts that take a token accept any user name
+GIT_TOKEN_ENV = "REDI_GIT_TOKEN"
+DATA_SECRET_KEYS = (GIT_USERNAME_ENV, GIT_TOKEN_ENV, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_SECRET_VALUES = (GIT_TOKEN_ENV, "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+CREDENTIALS_HINT = (f"credentials of a private repository or DVC remote go into the line's data secret "
+                    f"(pipeline.data_secret, keys {GIT_TOKEN_ENV} and optionally {GIT_USERNAME_ENV} for git over "
+                    f"HTTPS, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY for an S3 remote; a local run reads them "
+                    f"from its environment)")
+# a git askpass program: it prints the user name or the token from the environment it is run in
+_ASKPASS = f"""#!/bin/sh
+case "$1" in
+  Username*|username*) printf '%s\\n' "${{{GIT_USERNAME_ENV}:-git}}" ;;
+  *) printf '%s\\n' "${GIT_TOKEN_ENV}" ;;
+esac
+"""
+
+
+def _userinfo(url: str) -> tuple[str, str] | None:
+    """``(user, password)`` written into a repository URL, None when it names none."""
+    from urllib.parse import urlsplit
+
+    if "://" in url:
+        parts = urlsplit(url)
+        return (parts.username or "", parts.password or "") if "@" in parts.netloc else None
+    head = url.split("/", 1)[0]  # scp-like [user[:password]@]host:path; a local path has no "@" here
+    if "@" in head:
+        name, _, password = head.rsplit("@", 1)[0].partition(":")
+        return name, password
+    return None
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any user name and password in it replaced by ``***``."""
+    import re
+
+    return re.sub(r"(://)[^/\s]+@", r"\1***@", url) if "://" in url else re.sub(r"^[^/\s]+@", "***@", url)
+
+
+def check_repo_url(url: str) -> str:
+    """Refuse a data repository URL with credentials in it; return it unchanged otherwise.
+
+    Such a URL would be written into the run's parameters, the data manifest and the logs. Allowed:
+    an SSH user without a password (``git@host:org/repo``, ``ssh://git@host/repo``). Refused: any
+    user or password in an http(s) URL (a token is often given as the user name) and any password.
+
+    Raises:
+        ConfigError: naming the fix (the line's data secret).
+    """
+    from redi.core.errors import ConfigError
+
+    found = _userinfo(url or "")
+    if found is None:
+        return url
+    user, password = found
+    ssh = "://" not in url or url.split("://", 1)[0].lower() in ("ssh", "git+ssh", "ssh+git")
+    if password or not ssh:
+        raise ConfigError(f"data_repo {redact_url(url)!r} has credentials written into it; they would end up in the "
+                          f"run's parameters, its data manifest and its logs. Give the URL without them (e.g. "
+                          f"{redact_url(url).replace('***@', '')!r}); {CREDENTIALS_HINT}")
+    return url
+
+
+def redact(text: str) -> str:
+    """``text`` with the data secret's values and any URL credentials replaced by ``***`` (for messages)."""
+    import re
+
+    for key in _SECRET_VALUES:
+        value = os.environ.get(key, "")
+        if len(value) >= 4:
+            text = text.replace(value, "***")
+    return re.sub(r"(://)[^/\s]+@", r"\1***@", text)
+
+
+@contextlib.contextmanager
+def git_credentials() -> Iterator[dict[str, str]]:
+    """The environment for git / ``dvc get``: the token from ``REDI_GIT_TOKEN`` through GIT_ASKPASS.
+
+    Git (and DVC's git client) run the askpass program only when the server asks for credentials;
+    it reads the token from the environment, so the token is in no file, URL or command line.
+    Without a token git must not wait for a terminal prompt (a pod has none): it fails at once.
+    """
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "DVC_NO_ANALYTICS": "1"}
+    if not os.environ.get(GIT_TOKEN_ENV):
+        yield env
+        return
+    folder = Path(tempfile.mkdtemp(prefix="redi-askpass-"))
+    try:
+        program = folder / "askpass.sh"
+        program.write_text(_ASKPASS)
+        program.chmod(0o700)
+        yield {**env, "GIT_ASKPASS": str(program)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 # -- data versioning ----------------------------------------------------------------------------
 def fetch_dataset(data_path: str, data_repo: str, data_revision: str, dest: Path) -> dict[str, str]:
     """Copy a line's dataset into ``dest``: a plain folder, a DVC repo's working copy, or a DVC revision.
@@ -142,11 +241,15 @@ def fetch_dataset(data_path: str, data_repo: str, data_revision: str, dest: Path
     - otherwise ``dvc get <data_repo> <data_path> --rev <data_revision>``: the files of that git
       revision, from the repo's DVC cache or remote (a git URL works on a cluster).
 
+    Credentials of a private repository or DVC remote come from the environment (the line's data
+    secret, :data:`DATA_SECRET_KEYS`); a ``data_repo`` with credentials in it is refused.
+
     Returns:
-        ``{"source": ..., "revision": ...}`` describing what was fetched.
+        ``{"source": ..., "revision": ...}`` describing what was fetched (no credentials in it).
     """
     from redi.core.errors import DatasetError
 
+    check_repo_url(data_repo)
     if dest.exists():
         shutil.rmtree(dest)
     if not data_repo:
@@ -161,11 +264,12 @@ def fetch_dataset(data_path: str, data_repo: str, data_revision: str, dest: Path
     command = [_dvc(), "get", data_repo, data_path, "-o", str(dest)]
     if data_revision:
         command += ["--rev", data_revision]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "DVC_NO_ANALYTICS": "1"})
+    with git_credentials() as env:
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise DatasetError(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()[-1500:]}; "
-                           f"check the repository, the path and that revision {data_revision or 'HEAD'} "
-                           f"was pushed to the DVC remote (`dvc push`)")
+        raise DatasetError(redact(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()[-1500:]}; "
+                                  f"check the repository, the path and that revision {data_revision or 'HEAD'} "
+                                  f"was pushed to the DVC remote (`dvc push`); {CREDENTIALS_HINT}"))
     return {"source": f"{data_repo}:{data_path}", "revision": data_revision or "HEAD"}
 
 
@@ -190,16 +294,19 @@ def resolve_revision(data_repo: str, revision: str = "HEAD") -> str:
     """
     from redi.core.errors import DatasetError
 
+    check_repo_url(data_repo)
     revision = revision or "HEAD"
     local = "://" not in data_repo and Path(data_repo).is_dir()
     if local:
         command = ["git", "-C", data_repo, "rev-parse", "--verify", f"{revision}^{{commit}}"]
     else:
         command = ["git", "ls-remote", data_repo, revision]
-    done = subprocess.run(command, capture_output=True, text=True)
+    with git_credentials() as env:
+        done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
-        raise DatasetError(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()[-800:]}; "
-                           f"check that {data_repo} is a git repository and {revision} exists there")
+        raise DatasetError(redact(f"`{' '.join(command)}` failed: {(done.stderr or done.stdout).strip()[-800:]}; "
+                                  f"check that {data_repo} is a git repository and {revision} exists there; "
+                                  f"{CREDENTIALS_HINT}"))
     found = done.stdout.split()
     if local:
         return found[0]

@@ -299,6 +299,10 @@ class PipelineConfig:
 
     store_secret: str = "redi-s3"  # Kubernetes secret whose keys REDI_S3_ENDPOINT/ACCESS_KEY/SECRET_KEY/BUCKET
     # become the steps' environment ("" = none: then a cluster run fails loudly at the gate)
+    data_secret: str = ""  # Kubernetes secret with the data source's credentials, handed only to the steps that
+    # fetch data (validate_data, snapshot_data); every key optional: REDI_GIT_TOKEN, REDI_GIT_USERNAME (git over
+    # HTTPS), AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN (the DVC remote); "" = none (public data)
+    image_digest: str = ""  # "sha256:<64 hex>" of the step image (REDI_IMAGE): the compiled YAML names image@digest
     schedule: str = "0 0 3 * * 0"  # the recurring run's cron (KFP: seconds minutes hours day month weekday)
     kfp_host: str = ""  # KFP endpoint for submit / schedule / drift-triggered runs ("" = run locally)
     experiment: str = "redi"
