@@ -19,18 +19,39 @@ and a file already there with the same bytes counts as written. The data reposit
 be a git + DVC repository and have no uncommitted changes (neither in git nor in the DVC-tracked
 data): otherwise nothing is written. A failure after files were written removes them and restores
 the ``.dvc`` file, and the database records nothing.
+
+Resumable after a crash, and one at a time:
+
+- An export holds an exclusive lock on the repository (``flock`` on ``<git dir>/redi-export.lock``,
+  released by the kernel when the process dies); a second export into the same repository is
+  refused at once with :class:`ExportLocked`, naming the running one.
+- Before it writes anything, an export starts a journal (``<git dir>/redi-export/journal.jsonl``,
+  each entry fsync-ed): its id, then each file before it is created, then the rows it will record,
+  before ``dvc add`` and the commit. The commit message carries the trailer
+  ``Redi-Export-Id: <id>``. The journal is removed once the rows are recorded.
+- The next export into the repository first settles a journal left by a killed one: if HEAD's
+  history holds the commit with that id, its rows are recorded with that revision (no second
+  commit, and the images are no longer pinned by retention); otherwise the files it created are
+  removed and the ``.dvc`` file restored, and the export starts afresh.
+- Without a journal (a repository wedged by an older version), images already committed at HEAD
+  leave nothing to commit: they are recorded with HEAD instead of failing with "nothing to commit".
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -40,10 +61,20 @@ from redi.ops.object_store import ObjectStore
 from redi.core.utils import atomic_write_bytes
 
 NEEDS_MASK = "needs_mask"
+EXPORT_TRAILER = "Redi-Export-Id"  # in each export commit's message: how a resumed export finds its commit
+LOCK_NAME = "redi-export.lock"  # inside the repository's git dir (never part of the working tree)
+JOURNAL_DIR = "redi-export"
+LOG = logging.getLogger(__name__)
 
 
 class ExportError(ReviewError):
     """The export cannot run (missing or dirty data repository, failed dvc/git); nothing was kept half-done."""
+
+
+class ExportLocked(ExportError):
+    """Another export holds the data repository's lock."""
+
+    status = 409
 
 
 @dataclass
@@ -59,6 +90,8 @@ class ExportResult:
     expired: list[str] = field(default_factory=list)
     changed_after_export: list[dict[str, Any]] = field(default_factory=list)
     committed: bool = False
+    # earlier exports this one settled: {export_id, line, action: recorded | rolled_back | recorded_at_head, ...}
+    recovered: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -82,18 +115,22 @@ def _run(repo: Path, *command: str, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-def check_data_repo(repo: Path, data_path: str) -> Path:
-    """The dataset folder, after checking the repository exists, is git + DVC, and is clean.
-
-    Raises:
-        ExportError: what is wrong and what to do; nothing has been written.
-    """
+def _check_is_git_repo(repo: Path) -> None:
     if not repo.is_dir():
         raise ExportError(f"the data repository {repo} does not exist; clone it (git clone ...; dvc pull) or pass "
                           f"the right --data-repo. Nothing was written")
     if not (repo / ".git").exists():
         raise ExportError(f"{repo} is not a git repository (no .git); the export commits a new data revision there. "
                           f"Nothing was written")
+
+
+def check_data_repo(repo: Path, data_path: str) -> Path:
+    """The dataset folder, after checking the repository exists, is git + DVC, and is clean.
+
+    Raises:
+        ExportError: what is wrong and what to do; nothing has been written.
+    """
+    _check_is_git_repo(repo)
     if not (repo / ".dvc").is_dir():
         raise ExportError(f"{repo} is not a DVC repository (no .dvc folder): run `dvc init` there first. Nothing was "
                           f"written")
@@ -151,42 +188,216 @@ def _plan(item: dict[str, Any], has_ground_truth: bool, store: ObjectStore) -> d
             "mask_png": mask_png}
 
 
-def _write(path: Path, data: bytes, created: list[Path]) -> None:
+def _write(path: Path, data: bytes, created: list[Path], journal: "_Journal") -> None:
     if path.exists():
         if path.read_bytes() == data:
             return  # an earlier export wrote it and the database did not record it: same file, keep it
         raise ExportError(f"{path} exists with other content; the export never overwrites data. Move it away and "
                           f"export again")
+    journal.note_created(path)  # before the file exists: a kill right after leaves it listed, never unlisted
     atomic_write_bytes(path, data)
     created.append(path)
 
 
-def _rollback(repo: Path, data_path: str, created: list[Path]) -> None:
+def _in_head(repo: Path, path: str) -> bool:
+    return subprocess.run(["git", "cat-file", "-e", f"HEAD:{path}"], cwd=repo, capture_output=True).returncode == 0
+
+
+def _undo_files(repo: Path, data_path: str, created: list[Path]) -> None:
+    """Remove the files an unfinished export created; give its ``.dvc`` file and .gitignore their committed state."""
     for path in created:
         path.unlink(missing_ok=True)
-    subprocess.run(["git", "reset", "-q"], cwd=repo, capture_output=True)
-    if (repo / f"{data_path}.dvc").is_file():
-        subprocess.run(["git", "checkout", "--", f"{data_path}.dvc"], cwd=repo, capture_output=True)
+        for leftover in path.parent.glob(f".{path.name}.*.tmp"):  # atomic_write's temporary, when killed mid-write
+            leftover.unlink(missing_ok=True)
+    for staged in (f"{data_path}.dvc", (Path(data_path).parent / ".gitignore").as_posix()):
+        if _in_head(repo, staged):
+            subprocess.run(["git", "reset", "-q", "--", staged], cwd=repo, capture_output=True)
+            subprocess.run(["git", "checkout", "HEAD", "--", staged], cwd=repo, capture_output=True)
 
 
+# ----------------------------------------------------------------------------- lock and journal
+@contextlib.contextmanager
+def _repo_lock(repo: Path, git_dir: Path, line: str) -> Iterator[None]:
+    """Hold the data repository's export lock (flock: the kernel releases it when the process dies).
+
+    Raises:
+        ExportLocked: another export holds it; its pid, host, line and start are in the message.
+    """
+    fd = os.open(git_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "it is just starting"
+            raise ExportLocked(f"another `redi review export` is running in {repo} ({holder}); wait until it has "
+                               f"finished, then run this export again. Nothing was written") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, line {line}, since {now_iso()}".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Journal:
+    """The export in progress, on disk before each of its steps (see the module docstring).
+
+    JSON lines, each fsync-ed before the step it announces: ``{"begin": {...}}``, then
+    ``{"created": <path in the repository>}`` per new file, then ``{"commit": [<export rows>]}``
+    before ``dvc add`` and the commit. A last line cut short by a kill announced a step that never began.
+    """
+
+    def __init__(self, repo: Path, git_dir: Path) -> None:
+        self.repo = repo
+        self.folder = git_dir / JOURNAL_DIR
+        self.path = self.folder / "journal.jsonl"
+
+    def begin(self, header: dict[str, Any]) -> None:
+        """Start a fresh journal (an export id, line, data path, HEAD, who, when)."""
+        self.folder.mkdir(exist_ok=True)
+        self._append({"begin": header}, mode=os.O_TRUNC)
+        _fsync_dir(self.folder)
+
+    def note_created(self, path: Path) -> None:
+        """Record a file before it is created (so an unfinished export's files can be removed)."""
+        self._append({"created": path.relative_to(self.repo).as_posix()})
+
+    def note_commit(self, rows: list[dict[str, Any]]) -> None:
+        """Record the rows to record once committed, before ``dvc add`` and the commit."""
+        self._append({"commit": rows})
+
+    def _append(self, entry: dict[str, Any], mode: int = os.O_APPEND) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
+        try:
+            os.write(fd, (json.dumps(entry) + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def load(self) -> dict[str, Any] | None:
+        """The unfinished export: the header plus ``created`` (paths) and ``rows`` (None before the commit step)."""
+        if not self.path.is_file():
+            return None
+        state: dict[str, Any] | None = None
+        for raw in self.path.read_bytes().splitlines():
+            try:
+                entry = json.loads(raw)
+            except ValueError:
+                continue  # cut short by a kill: the step it announced never began
+            if "begin" in entry:
+                state = {**entry["begin"], "created": [], "rows": None}
+            elif state is not None and "created" in entry:
+                state["created"].append(entry["created"])
+            elif state is not None and "commit" in entry:
+                state["rows"] = entry["commit"]
+        return state
+
+    def remove(self) -> None:
+        """The export is settled: drop the journal."""
+        self.path.unlink(missing_ok=True)
+        if self.folder.is_dir():
+            _fsync_dir(self.folder)
+
+
+def _find_export_commit(repo: Path, export_id: str) -> str:
+    """The commit in HEAD's history whose message names ``export_id`` ("" when none)."""
+    try:
+        found = _run(repo, "git", "log", "--format=%H", "--fixed-strings", f"--grep={EXPORT_TRAILER}: {export_id}",
+                     "HEAD")
+    except ExportError:
+        return ""
+    return found.split()[0] if found.split() else ""
+
+
+def _record(db: ReviewDB, rows: list[dict[str, Any]], revision: str) -> int:
+    """Record the rows not yet recorded with ``revision``; return how many were new."""
+    recorded: set[str] = set()
+    for line in {row["line"] for row in rows}:
+        recorded |= {e["request_id"] for e in db.exports(line)}
+    fresh = [{**row, "revision": revision} for row in rows if row["request_id"] not in recorded]
+    if fresh:
+        db.record_exports(fresh)
+    return len(fresh)
+
+
+def _settle(db: ReviewDB, repo: Path, journal: _Journal) -> dict[str, Any] | None:
+    """Finish or undo the export a journal describes (see the module docstring); None when there is none."""
+    state = journal.load()
+    if state is None:
+        return None
+    revision = _find_export_commit(repo, state["export_id"]) if state["rows"] is not None else ""
+    if revision:
+        recorded = _record(db, state["rows"], revision)
+        outcome = {"export_id": state["export_id"], "line": state["line"], "action": "recorded",
+                   "revision": revision, "recorded": recorded}
+        LOG.warning("export %s of line %s was committed as %s but not recorded (the process was stopped); "
+                    "recorded %d image(s) now", state["export_id"], state["line"], revision, recorded)
+    else:
+        _undo_files(repo, state["data_path"], [repo / path for path in state["created"]])
+        outcome = {"export_id": state["export_id"], "line": state["line"], "action": "rolled_back",
+                   "removed": len(state["created"])}
+        LOG.warning("export %s of line %s stopped before its commit; removed the %d file(s) it had written",
+                    state["export_id"], state["line"], len(state["created"]))
+    journal.remove()
+    return outcome
+
+
+# ----------------------------------------------------------------------------- the export
 def export_reviews(db: ReviewDB, store: ObjectStore, line: str, data_repo: str | Path, data_path: str = "",
                    by: str = "", push: bool = False) -> ExportResult:
     """Write the line's judged images into its dataset, ``dvc add``, commit; record it (see the module docstring).
 
+    An unfinished export left in the repository (a killed process) is settled first and reported
+    in ``recovered``.
+
     Args:
         data_path: the line's folder inside the repository (default ``data/lines/<line>``).
         by: who exports (the commit's author when git has none configured).
-        push: ``dvc push`` the new data to the repository's default remote.
+        push: ``dvc push`` the line's data to the repository's default remote.
 
     Raises:
+        ExportLocked: another export is running in the repository (nothing was written).
         ExportError: the repository is missing or dirty, or dvc/git failed (then nothing is left written).
     """
     repo = Path(data_repo).resolve()
     data_path = (data_path or f"data/lines/{line}").strip("/")
+    _check_is_git_repo(repo)
+    git_dir = Path(_run(repo, "git", "rev-parse", "--absolute-git-dir").strip())
+    with _repo_lock(repo, git_dir, line):
+        journal = _Journal(repo, git_dir)
+        recovered = _settle(db, repo, journal)
+        result = _export_locked(db, store, line, repo, data_path, by, journal)
+        if recovered is not None:
+            result.recovered.insert(0, recovered)
+        if push:  # also when nothing is new: a revision a settled export recorded must reach the remote too
+            _run(repo, _tool("dvc"), "push", f"{data_path}.dvc")
+    return result
+
+
+def _export_locked(db: ReviewDB, store: ObjectStore, line: str, repo: Path, data_path: str, by: str,
+                   journal: _Journal) -> ExportResult:
+    """The export itself, under the repository's lock with no unfinished export left."""
     folder = check_data_repo(repo, data_path)
     result = ExportResult(line=line, data_repo=str(repo), data_path=data_path)
     result.changed_after_export = db.changed_after_export(line)
     items = db.to_export(line)
+    head = _run(repo, "git", "rev-parse", "HEAD").strip()
+    if not items:
+        result.revision = head
+        return result
+    export_id = uuid.uuid4().hex
+    journal.begin({"export_id": export_id, "line": line, "data_path": data_path, "head": head, "by": by,
+                   "started": now_iso()})
     has_ground_truth = (folder / "ground_truth").is_dir()
     created: list[Path] = []
     rows: list[dict[str, Any]] = []
@@ -198,9 +409,9 @@ def export_reviews(db: ReviewDB, store: ObjectStore, line: str, data_repo: str |
                 result.expired.append(item["request_id"])
                 continue
             plan = _plan(item, has_ground_truth, store)
-            _write(folder / plan["target"], image, created)
+            _write(folder / plan["target"], image, created, journal)
             if plan["mask_png"] is not None:
-                _write(folder / plan["mask"], plan["mask_png"], created)
+                _write(folder / plan["mask"], plan["mask_png"], created, journal)
             entry = {"request_id": item["request_id"], "verdict": item["verdict"]["verdict"], "target": plan["target"],
                      "mask": plan["mask"], "status": plan["status"]}
             (result.needs_mask if plan["status"] == NEEDS_MASK else result.written).append(entry)
@@ -208,33 +419,56 @@ def export_reviews(db: ReviewDB, store: ObjectStore, line: str, data_repo: str |
                          "status": plan["status"], "target": plan["target"], "mask": plan["mask"],
                          "data_repo": str(repo), "data_path": data_path, "by": by or "redi", "at": now_iso()})
         if rows:
-            result.revision = _commit(repo, data_path, line, result, by)
-            result.committed = True
+            journal.note_commit(rows)
+            revision = _commit(repo, data_path, line, result, by, export_id)
+            result.committed = revision is not None
+            result.revision = revision or head
+            if revision is None:
+                result.recovered.append({"export_id": export_id, "line": line, "action": "recorded_at_head",
+                                         "revision": head, "recorded": len(rows)})
         else:
-            result.revision = _run(repo, "git", "rev-parse", "HEAD").strip()
-    except Exception:
-        _rollback(repo, data_path, created)
+            result.revision = head
+    except BaseException:
+        _settle_after_failure(db, repo, journal)
         raise
-    for row in rows:
-        row["revision"] = result.revision
-    db.record_exports(rows)  # after the commit: a failure before it leaves nothing recorded
-    if push and result.committed:
-        _run(repo, _tool("dvc"), "push", f"{data_path}.dvc")
+    try:
+        _record(db, rows, result.revision)  # after the commit: a failure before it leaves nothing recorded
+    except Exception as exc:
+        raise ExportError(f"the data revision {result.revision} was committed, but recording it in the review "
+                          f"database failed ({exc}); run the export again: it finds the commit "
+                          f"({EXPORT_TRAILER}: {export_id}) and records it, without a second commit") from exc
+    journal.remove()
     return result
 
 
-def _commit(repo: Path, data_path: str, line: str, result: ExportResult, by: str) -> str:
-    """``dvc add`` the dataset, commit its ``.dvc`` file (and .gitignore); return the new revision."""
+def _settle_after_failure(db: ReviewDB, repo: Path, journal: _Journal) -> None:
+    """After a failed step: undo the files (no commit made) or record (commit made); else leave it to the next run."""
+    try:
+        _settle(db, repo, journal)
+    except Exception as exc:  # noqa: BLE001 - the original error is what the caller must see
+        LOG.error("could not settle the failed export in %s (%s); the next export settles it", repo, exc)
+
+
+def _commit(repo: Path, data_path: str, line: str, result: ExportResult, by: str, export_id: str) -> str | None:
+    """``dvc add`` the dataset, commit its ``.dvc`` file (and .gitignore); return the new revision.
+
+    None when nothing changed: HEAD already holds exactly these files (committed by an export that
+    was stopped before recording, in a version without the journal).
+    """
     _run(repo, _tool("dvc"), "add", data_path)
     paths = [f"{data_path}.dvc"]
     gitignore = Path(data_path).parent / ".gitignore"
     if (repo / gitignore).is_file():
         paths.append(gitignore.as_posix())
     _run(repo, "git", "add", "--", *paths)
+    if subprocess.run(["git", "diff", "--cached", "--quiet", "--", *paths], cwd=repo).returncode == 0:
+        LOG.warning("line %s: the data at HEAD already holds the exported images (an earlier export committed them "
+                    "and was stopped before recording); recording them with HEAD", line)
+        return None
     good = sum(1 for w in result.written if w["verdict"] == "false_alarm")
     defects = len(result.written) - good
     message = (f"{line}: review export, {good} false alarm(s) to train/good, {defects} confirmed defect(s) to test/, "
-               f"{len(result.needs_mask)} defect(s) needing a mask in {NEEDS_MASK}/")
+               f"{len(result.needs_mask)} defect(s) needing a mask in {NEEDS_MASK}/\n\n{EXPORT_TRAILER}: {export_id}")
     env = {}
     if not subprocess.run(["git", "config", "user.name"], cwd=repo, capture_output=True, text=True).stdout.strip():
         who = by or "redi review"
@@ -244,4 +478,5 @@ def _commit(repo: Path, data_path: str, line: str, result: ExportResult, by: str
     return _run(repo, "git", "rev-parse", "HEAD").strip()
 
 
-__all__ = ["ExportError", "ExportResult", "NEEDS_MASK", "check_data_repo", "export_reviews"]
+__all__ = ["EXPORT_TRAILER", "ExportError", "ExportLocked", "ExportResult", "NEEDS_MASK", "check_data_repo",
+           "export_reviews"]
