@@ -21,6 +21,33 @@ from typing import Any, Iterator
 REDI_IMAGE = os.environ.get("REDI_IMAGE", "ghcr.io/redi-project/redi:0.1.0")
 
 COMPONENT_OPTIONS = {"base_image": REDI_IMAGE, "install_kfp_package": False}  # no network at run time
+_DIGEST = r"sha256:[0-9a-f]{64}"
+
+
+def pinned_image(image: str, digest: str = "") -> str:
+    """The image reference the steps run: ``image@digest`` when the digest is known.
+
+    A tag can be moved to other content; a digest cannot, so a pinned pipeline runs the image it was
+    compiled for. ``image`` may carry its digest already (``REDI_IMAGE=registry/redi:0.1.0@sha256:...``);
+    ``digest`` is the line's ``pipeline.image_digest`` (``sha256:<64 hex>``, "" = none). The tag is kept
+    beside the digest for people; the container runtime pulls by the digest.
+
+    Raises:
+        ConfigError: a malformed digest, or two different digests.
+    """
+    import re
+
+    from redi.core.errors import ConfigError
+
+    name, _, given = image.partition("@")
+    for value, where in ((given, f"REDI_IMAGE {image!r}"), (digest, "pipeline.image_digest")):
+        if value and not re.fullmatch(_DIGEST, value):
+            raise ConfigError(f"{where}: {value!r} is not an image digest; give sha256:<64 hex digits>, the "
+                              f"digest the registry holds (`podman push --digestfile FILE IMAGE` writes it)")
+    if given and digest and given != digest:
+        raise ConfigError(f"REDI_IMAGE {image!r} names digest {given} but pipeline.image_digest is {digest}; "
+                          f"give one of them (or the same digest in both)")
+    return f"{name}@{given or digest}" if given or digest else image
 
 
 class StageFailed(RuntimeError):

@@ -14,8 +14,9 @@ PatchCore and their fusion): the champion chosen on validation is what is evalua
 served. Without candidates ReDi's detector goes straight to ``evaluate``.
 
 - :func:`build_pipeline` makes the pipeline of one line: its Kubernetes settings (object-store
-  secret, resources, retries, accelerator, node selector, tolerations, work-dir volume) come from
-  the line's config (``pipeline`` section) and are fixed at compile time;
+  secret, data-source secret, resources, retries, accelerator, node selector, tolerations, work-dir
+  volume, the image's digest) come from the line's config (``pipeline`` section) and are fixed at
+  compile time;
 - :func:`compile_pipeline` writes its YAML (``redi pipeline compile --line L``);
 - :func:`run_line_pipeline` runs one line on this machine with KFP's local SubprocessRunner
   (the very same component definitions, with ``cluster_mode=False``) and says where things are;
@@ -25,11 +26,18 @@ served. Without candidates ReDi's detector goes straight to ``evaluate``.
 A product line is a redi config file ``pipelines/lines/<line>.yaml`` (the one schema of
 ``redi/core/config.py``: its ``line``, ``gate`` and ``pipeline`` sections, and any model settings).
 
+Credentials: the object store's secret goes to the steps that use the store, the line's data secret
+(``pipeline.data_secret``: git token, DVC remote keys) to the steps that fetch data, and to no other;
+a ``data_repo`` with credentials written into it is refused (it would be recorded in the run's
+parameters and the data manifest).
+
 Caching: KFP keys a step on its component, its input parameter values and its input artifacts'
 identities. No step takes a per-run value; each training step takes only the config sections its
 stage reads. ``validate_data`` (never cached: a working copy or branch can change) measures the data's
 content hash, and the cached ``snapshot_data`` turns (source, commit, hash) into the ``dataset``
 artifact, so a rerun on the same data and settings reuses every finished step on a cluster.
+Submitted and scheduled runs keep each step's compiled setting (kfp's ``enable_caching`` is left
+None: a True there would make every scheduled run replay its first run's data and gate decision).
 """
 
 # no `from __future__ import annotations`: KFP reads the pipeline function's annotations as types
@@ -49,7 +57,8 @@ from typing import Any, Callable, Iterator
 from kfp import dsl, kubernetes
 
 from components.build_prompt_bank import build_prompt_bank
-from components.common import RUN_TAG_ENV, S3_OPTIONAL, S3_SETTINGS, STATUS_ENV
+from components.common import (DATA_SECRET_KEYS, REDI_IMAGE, RUN_TAG_ENV, S3_OPTIONAL, S3_SETTINGS, STATUS_ENV,
+                               check_repo_url, pinned_image)
 from components.drift_reference import drift_reference
 from components.evaluate import evaluate
 from components.gate import gate
@@ -75,6 +84,8 @@ MODEL_SECTIONS = ("data", "model", "train", "eval")  # the sections a step may b
 UNCACHED = tuple(s.name for s in STAGES if not s.cached)
 STORE_STEPS = tuple(s.name for s in STAGES if s.store)
 WORKDIR_STEPS = tuple(s.name for s in STAGES if s.workdir)
+# the steps that fetch the line's data (components.common.fetch_dataset): the only ones given the data secret
+DATA_STEPS = ("validate_data", "snapshot_data")
 
 
 class PipelineError(RediError):
@@ -151,7 +162,7 @@ def pipeline_arguments(cfg: RediConfig, workdir: str | Path, data_revision: str 
     """
     source = cfg.line
     path = data_path if data_path is not None else source.data_path
-    repo = data_repo if data_repo is not None else source.data_repo
+    repo = check_repo_url(data_repo if data_repo is not None else source.data_repo)  # run parameters are recorded
     if not cluster_mode:
         workdir = str(Path(workdir).resolve()) if workdir else ""
         if repo and "://" not in repo and Path(repo).is_dir():
@@ -194,9 +205,19 @@ def _apply_step_settings(task: dsl.PipelineTask, stage: str, cfg: RediConfig) ->
     if row.store and pipe.store_secret:
         kubernetes.use_secret_as_env(task, pipe.store_secret, {k: k for k in S3_SETTINGS})
         kubernetes.use_secret_as_env(task, pipe.store_secret, {k: k for k in S3_OPTIONAL}, optional=True)
+    if stage in DATA_STEPS and pipe.data_secret:  # every key optional: a line may need only a git token
+        kubernetes.use_secret_as_env(task, pipe.data_secret, {k: k for k in DATA_SECRET_KEYS}, optional=True)
+    image = step_image(cfg)
+    if image != REDI_IMAGE:
+        task.set_container_image(image)
     if row.workdir and pipe.workdir_pvc:
         kubernetes.mount_pvc(task, pipe.workdir_pvc, pipe.workdir_mount)
     return task
+
+
+def step_image(cfg: RediConfig) -> str:
+    """The image every step runs: ``REDI_IMAGE``, pinned by the line's ``pipeline.image_digest`` when set."""
+    return pinned_image(REDI_IMAGE, cfg.pipeline.image_digest)
 
 
 PIPELINE_METHODS = ("redi", "patchcore", "fused")  # candidates with a step here (fused: inside select_champion)

@@ -197,3 +197,68 @@ def test_dvc_get_of_a_private_repository_and_remote(private_source, clean_env, m
     with pytest.raises(RediError) as no_token:
         common.fetch_dataset(DATA, source["url"], source["commit"], tmp_path / "no-token")
     assert "pipeline.data_secret" in str(no_token.value) and s3.secret_key not in str(no_token.value)
+
+
+def _secrets_by_executor(path: Path) -> dict[str, dict[str, list[tuple[str, bool]]]]:
+    """executor -> secret name -> [(env var, optional)], from the compiled YAML's Kubernetes document."""
+    docs = list(yaml.safe_load_all(path.read_text()))
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
+    found: dict[str, dict[str, list[tuple[str, bool]]]] = {}
+    for name, spec in executors.items():
+        for entry in spec.get("secretAsEnv", []):
+            found.setdefault(name, {}).setdefault(entry["secretName"], []).extend(
+                (e["envVar"], bool(entry.get("optional"))) for e in entry["keyToEnv"])
+    return found
+
+
+def test_compiled_yaml_gives_the_data_secret_to_the_data_steps_only(tmp_path):
+    path = lp.compile_pipeline(tmp_path / "caps.yaml", "bottle_caps", overrides=["pipeline.data_secret=caps-data"])
+    found = _secrets_by_executor(path)
+    with_data = {name for name, named in found.items() if "caps-data" in named}
+    assert with_data == {"exec-validate-data", "exec-snapshot-data"}  # not training, not the gate, not packaging
+    for name in with_data:
+        assert found[name] == {"caps-data": [(key, True) for key in common.DATA_SECRET_KEYS]}
+    assert {name for name, named in found.items() if "redi-s3" in named} == {"exec-gate", "exec-package-bento"}
+    # the line files name one; none named: no data step gets a secret (a public repository or a mounted volume)
+    assert lp.load_line("bottle_caps").pipeline.data_secret == "redi-data"
+    bare = _secrets_by_executor(lp.compile_pipeline(tmp_path / "none.yaml", "bottle_caps",
+                                                    overrides=["pipeline.data_secret="]))
+    assert set(bare) == {"exec-gate", "exec-package-bento"}
+
+
+CREDENTIALED = ["https://reader:s3cr3t-tok@git.example/caps.git", "https://ghp_s3cr3t-tok@github.com/f/caps.git",
+                "ssh://git:s3cr3t-tok@git.example/caps.git", "reader:s3cr3t-tok@git.example:f/caps.git"]
+
+
+@pytest.mark.parametrize("url", CREDENTIALED)
+def test_a_repository_url_with_credentials_is_refused_everywhere(url, tmp_path, clean_env):
+    """Before it could be recorded: compiled defaults, run parameters, cluster runs, drift triggers, the steps."""
+    import redi.cli.pipeline as cli
+
+    attempts = {
+        "compile": lambda: lp.compile_pipeline(tmp_path / "p.yaml", "bottle_caps",
+                                               overrides=[f"line.data_repo={url}", "line.data_path=data/caps"]),
+        "local run arguments": lambda: lp.pipeline_arguments(lp.load_line("bottle_caps"), tmp_path, data_repo=url),
+        "submit": lambda: lp.submit("http://127.0.0.1:9", "bottle_caps", data_repo=url, data_path="data/caps"),
+        "schedule": lambda: lp.schedule("http://127.0.0.1:9", "bottle_caps", data_repo=url, data_path="data/caps"),
+        "drift trigger": lambda: cli.latest_revision(url),
+        "validate_data/snapshot_data": lambda: common.fetch_dataset("data/caps", url, "", tmp_path / "d"),
+        "validate_data's revision": lambda: common.resolve_revision(url, "HEAD"),
+    }
+    for where, attempt in attempts.items():
+        with pytest.raises(RediError) as refused:
+            attempt()
+        message = str(refused.value)
+        assert "has credentials written into it" in message and "pipeline.data_secret" in message, where
+        assert "s3cr3t" not in message, where  # the refusal itself does not repeat the secret
+    assert not (tmp_path / "p.yaml").exists() and not (tmp_path / "d").exists()
+
+
+def test_urls_without_credentials_pass_and_messages_are_redacted(monkeypatch):
+    for url in ("https://git.example/caps.git", "git@git.example:f/caps.git", "ssh://git@git.example/caps.git",
+                "/srv/data/caps", ""):
+        assert common.check_repo_url(url) == url
+    monkeypatch.setenv(common.GIT_TOKEN_ENV, "tok-abcdef123")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret-987")
+    text = "fatal: tok-abcdef123 rejected; remote https://u:pw@h/x said aws-secret-987"
+    assert common.redact(text) == "fatal: *** rejected; remote https://***@h/x said ***"

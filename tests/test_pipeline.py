@@ -129,8 +129,9 @@ def test_compiled_yaml_cluster_settings(compiled, platform):
     assert retries["train-recover"] == 1 and retries["precompute-selfmaps"] is None
     package = compiled["components"]["comp-condition-1"]["dag"]["tasks"]["package-bento"]
     assert package["retryPolicy"]["maxRetryCount"] == 2
-    # the object store's secret reaches exactly the steps that use the store
-    with_secret = {name for name, spec in platform.items() if "secretAsEnv" in spec}
+    # the object store's secret reaches exactly the steps that use the store (the data secret: test_data_credentials)
+    with_secret = {name for name, spec in platform.items()
+                   if any(s["secretName"] == "redi-s3" for s in spec.get("secretAsEnv", []))}
     assert with_secret == {"exec-gate", "exec-package-bento"}
     envs = {e["envVar"] for s in platform["exec-gate"]["secretAsEnv"] for e in s["keyToEnv"]}
     assert envs == {"REDI_S3_ENDPOINT", "REDI_S3_ACCESS_KEY", "REDI_S3_SECRET_KEY", "REDI_S3_BUCKET", "REDI_S3_SECURE"}
@@ -160,6 +161,38 @@ def test_compiled_yaml_gpu_requests_and_image(compiled):
     assert gpus.pop("exec-train-recover") == gpus.pop("exec-train-discriminate") == {
         "count": "1", "resourceCount": "1", "resourceType": "nvidia.com/gpu", "type": "nvidia.com/gpu"}
     assert all(v is None for v in gpus.values())  # only training asks for a GPU
+
+
+DIGEST = "sha256:" + "0123456789abcdef" * 4
+
+
+def _images(path: Path) -> set[str]:
+    return {spec["container"]["image"] for spec in yaml.safe_load_all(path.read_text()).__next__()["deploymentSpec"][
+        "executors"].values()}
+
+
+def test_compiled_yaml_pins_the_image_by_digest(tmp_path):
+    """A digest from the line's setting or from REDI_IMAGE: every step (package_bento too) names image@digest."""
+    import subprocess
+    import sys
+
+    path = lp.compile_pipeline(tmp_path / "pinned.yaml", "bottle_caps", overrides=[f"pipeline.image_digest={DIGEST}"])
+    assert _images(path) == {f"{REDI_IMAGE}@{DIGEST}"}
+    assert _images(lp.compile_pipeline(tmp_path / "tag.yaml", "bottle_caps")) == {REDI_IMAGE}  # no digest known
+    with pytest.raises(RediError, match="not an image digest"):
+        lp.compile_pipeline(tmp_path / "bad.yaml", "bottle_caps", overrides=["pipeline.image_digest=sha256:abc"])
+    # REDI_IMAGE is read when the components are defined: a fresh process, as `redi pipeline compile` runs
+    tagged = f"registry.example.com/factory/redi:0.2.0@{DIGEST}"
+    env = {**__import__("os").environ, "REDI_IMAGE": tagged}
+    command = [sys.executable, "-m", "redi.cli", "pipeline", "compile", "--line", "woven_fabric", "--out",
+               str(tmp_path / "env.yaml")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=lp.PROJECT_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert _images(tmp_path / "env.yaml") == {tagged} and f"step image: {tagged}\n" in done.stdout
+    other = "sha256:" + "f" * 64  # two different digests: which image is meant is unknown
+    done = subprocess.run([*command, "--set", f"pipeline.image_digest={other}"], env=env, capture_output=True,
+                          text=True, cwd=lp.PROJECT_ROOT)
+    assert done.returncode != 0 and "give one of them" in done.stderr
 
 
 def test_line_files_are_redi_config_files():

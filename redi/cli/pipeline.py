@@ -101,8 +101,13 @@ def _gate_overrides(args: argparse.Namespace) -> dict[str, float]:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    path = pipeline_module().compile_pipeline(args.out, args.line, args.lines_dir, args.profile, args.set, args.config)
-    print(f"compiled line {args.line}: {path}")
+    module = pipeline_module()
+    cfg = module.load_line(args.line, args.lines_dir, args.profile, args.set, args.config)
+    path = module.compile_pipeline(args.out, cfg=cfg)
+    image = module.step_image(cfg)
+    pinned = "" if "@sha256:" in image else (" (NOT pinned by digest: a moved tag changes what runs; give "
+                                             "--set pipeline.image_digest=sha256:... or REDI_IMAGE=IMAGE@sha256:...)")
+    print(f"compiled line {args.line}: {path}\nstep image: {image}{pinned}")
     return 0
 
 
