@@ -32,6 +32,7 @@ see docs/serving.md).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 import os
 import threading
@@ -45,16 +46,18 @@ import numpy as np
 import torch
 
 from redi.core.errors import RediError
+from redi.ops.object_store import StorageError
 from redi.methods.base import load_detector
 from redi.methods.base import AnomalyDetector
-from redi.ops.object_store import ObjectStore, store_from_env
+from redi.ops.object_store import ObjectStore
 from redi.ops.thresholds import effective_threshold, threshold_override
 from redi.core.utils import pick_device
 from serving.model_source import ModelRef, StoreModels, bento_models, choose_source
 from serving.settings import (ServingSettings, bump_generation, detector_threads, detector_workers, env_int, has_gpu,
-                              model_cache, read_generation, reload_generation_file)
+                              model_cache, read_generation, reload_generation_file, serving_store)
 
 LOG = logging.getLogger("redi.serving.detector")
+OUTAGE_RETRY_S = 10.0  # while the store is unreachable, it is tried this often (whatever the reload interval)
 
 
 def _resources() -> dict[str, Any]:
@@ -218,25 +221,79 @@ class RediDetector:
         self.generation_file = reload_generation_file(self.settings)
         self.generation = read_generation(self.generation_file)
         self.store_models: StoreModels | None = None
+        # pointers, threshold overrides (a Bento may run without a store); never a long wait (serving_store)
+        self.store: ObjectStore | None = serving_store(self.settings)
+        # why this service is not serving what production says, by cause ("store", "<line>"); empty: healthy
+        self.degraded: dict[str, str] = {}
+        self.degraded_since: str | None = None
+        self._listing_failed: StorageError | None = None
+        self._loading = False  # check_pointers is loading a model (not waiting for the store)
+        self.reload_status: dict[str, Any] = {"checked": None, "errors": {}}
+        self._reload_lock = threading.Lock()
         if self.source == "store":
-            self.store_models = StoreModels.from_env(self.cache, self.settings.lines)
-            refs = [self.store_models.resolve(line) for line in self.store_models.lines()]
+            self.store_models = StoreModels.from_env(self.cache, self.settings.lines, store=self.store)
+            refs = self._start_refs()
         else:
             refs = [r for r in bento_models(RediDetector.bento)
                     if not self.settings.lines or r.line in self.settings.lines]
-        # pointers, threshold overrides (a Bento may run without a store)
-        self.store: ObjectStore | None = self.store_models.store if self.store_models else configured_store()
         # replaced as a whole on reload (never mutated), so a batch holds one consistent model
         self.lines: dict[str, LoadedLine] = {ref.line: self._load(ref) for ref in refs}
-        self.reload_status: dict[str, Any] = {"checked": None, "errors": {}}
-        self._reload_lock = threading.Lock()
         LOG.warning("detector service: %s on %s, %d torch threads, runtime %s", sorted(self.lines), self.device,
                     torch.get_num_threads(), self.settings.runtime)
-        if self.store is not None and self.settings.reload_interval_s > 0:
+        if self.store is not None and (self.settings.reload_interval_s > 0 or self.degraded):
             threading.Thread(target=self._poll, name="redi-reload", daemon=True).start()
 
+    def _start_refs(self) -> list[ModelRef]:
+        """The production models to start with: from the store, or, when it cannot be reached, the last
+        ones fetched (the model cache); the service then reports itself degraded and keeps trying."""
+        assert self.store_models is not None
+        try:
+            return [self.store_models.resolve(line) for line in self.store_models.lines()]
+        except StorageError as exc:
+            refs = self.store_models.cached()
+            self._set_degraded("store", f"the object store cannot be reached ({exc}); serving the last production "
+                                        f"models fetched: {({r.line: r.version for r in refs}) or 'none'}; "
+                                        f"retrying every {self._poll_interval():.0f} s")
+            return refs
+
+    def _set_degraded(self, cause: str, message: str | None) -> None:
+        """Record (message) or clear (None) one reason the service is degraded; log changes loudly."""
+        if message is None:
+            if self.degraded.pop(cause, None) is not None:
+                LOG.warning("%s: back to normal", cause)
+        else:
+            if cause not in self.degraded:
+                LOG.error("DEGRADED (%s): %s", cause, message)
+            self.degraded[cause] = message
+        if self.degraded and self.degraded_since is None:
+            self.degraded_since = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        elif not self.degraded:
+            self.degraded_since = None
+
+    def health(self) -> dict[str, Any]:
+        """Degraded or not, why, and since when (``models()``: the API service shows it in /readyz, /metrics)."""
+        return {"degraded": bool(self.degraded), "reasons": dict(self.degraded), "since": self.degraded_since}
+
     def _override(self, line: str) -> dict[str, Any] | None:
-        return threshold_override(self.store, line) if self.store is not None else None
+        """The line's threshold override; while the store cannot be read, the last one read (cached)."""
+        if self.store is None:
+            return None
+        remembered = self.cache / line / "override.json"
+        try:
+            override = threshold_override(self.store, line)
+        except StorageError as exc:
+            self._set_degraded(f"threshold override {line}", f"cannot read the threshold override of {line} ({exc}); "
+                                                             f"deciding with the last one read")
+            try:
+                return json.loads(remembered.read_text())["override"]
+            except (OSError, ValueError, KeyError):
+                return None
+        self._set_degraded(f"threshold override {line}", None)
+        remembered.parent.mkdir(parents=True, exist_ok=True)
+        tmp = remembered.with_name(f".override.{os.getpid()}.json")
+        tmp.write_text(json.dumps({"override": override}, default=str))
+        os.replace(tmp, remembered)
+        return override
 
     def _load(self, ref: ModelRef) -> LoadedLine:
         fixed = os.environ.get("REDI_DETECTOR_CHUNK", "auto").strip().lower()
@@ -282,6 +339,7 @@ class RediDetector:
         """The catalogue: source, each line's model and override, the last reload check."""
         self._follow_reloads()
         return {"source": self.source, "lines": {name: s.info() for name, s in sorted(self.lines.items())},
+                "health": self.health(),
                 "reload": {"interval_s": self.settings.reload_interval_s if self.store_models else None,
                            **self.reload_status},
                 "runtime": self.settings.runtime, "device": str(self.device), "threads": torch.get_num_threads()}
@@ -294,11 +352,32 @@ class RediDetector:
         return self.check_pointers()
 
     def _follow_reloads(self) -> None:
-        """Check the pointers here too when another worker was asked to reload since this one last did."""
+        """Check the pointers here too when another worker was asked to reload since this one last did.
+
+        The check runs in a thread; this request waits for it while it loads a new model (local work,
+        so that once ``/admin/reload`` has answered, later requests get the moved pointer), but not
+        longer than ``REDI_STORE_TIMEOUT_S`` for the store: a hung store never holds a request; it is
+        then scored by the model served now.
+        """
         generation = read_generation(self.generation_file)
-        if generation != self.generation:
-            self.generation = generation
+        if generation == self.generation:
+            return
+        self.generation = generation
+        checker = threading.Thread(target=self._check_quietly, name="redi-follow-reload", daemon=True)
+        checker.start()
+        deadline = time.monotonic() + self.settings.store_timeout_s
+        while checker.is_alive():
+            checker.join(0.05)
+            if time.monotonic() > deadline and not self._loading:
+                LOG.warning("catching up with a reload: the store has not answered within %.1f s; answering with "
+                            "the model served now, the check goes on in the background", self.settings.store_timeout_s)
+                return
+
+    def _check_quietly(self) -> None:
+        try:
             self.check_pointers()
+        except Exception:  # a background check must not die silently, nor take the service with it
+            LOG.exception("checking the production pointers failed")
 
     def check_pointers(self) -> dict[str, Any]:
         """Swap in every line whose production pointer moved and re-read the overrides; return what changed.
@@ -310,22 +389,42 @@ class RediDetector:
         changed: dict[str, Any] = {}
         errors: dict[str, str] = {}
         with self._reload_lock:  # the poll thread and /admin/reload never load the same model twice
+            store_failed = None
             for line in self._lines_to_check(errors):
+                if self._listing_failed is not None:
+                    errors.setdefault(line, "not checked: the object store did not answer")
+                    continue
                 try:
                     current = self.lines.get(line)
                     if current is not None and self.store_models.production_version(line) == current.ref.version:
+                        if current.ref.source == "cache":  # served from the cache through an outage: confirmed
+                            self.lines = {**self.lines, line: replace(current, ref=replace(current.ref, source="store"))}
                         continue
-                    served = self._load(self.store_models.resolve(line))
+                    ref = self.store_models.resolve(line)
+                    self._loading = True  # local work from here: a request catching up may wait for it
+                    try:
+                        served = self._load(ref)
+                    finally:
+                        self._loading = False
                     self.lines = {**self.lines, line: served}
                     changed[line] = {"from": current.ref.version if current else None, "to": served.ref.version}
                     LOG.warning("line %s now serves %s (was %s)", line, served.ref.version,
                                 current.ref.version if current else "nothing")
                 except Exception as exc:  # keep serving the current model; say why
                     errors[line] = f"{type(exc).__name__}: {exc}"
+                    if isinstance(exc, StorageError):
+                        store_failed = exc
+                        self._listing_failed = self._listing_failed or exc  # the rest would wait as long
                     LOG.error("line %s: cannot load its production model, still serving %s: %s", line,
                               self.lines[line].ref.version if line in self.lines else "nothing", exc)
             for line, change in self._apply_overrides(errors).items():
                 changed.setdefault(line, {}).update(change)
+            store_failed = store_failed or self._listing_failed
+            if self.store_models is not None:
+                self._set_degraded("store", None if store_failed is None else
+                                   f"the object store cannot be reached ({store_failed}); serving "
+                                   f"{({n: s.ref.version for n, s in self.lines.items()}) or 'nothing'} until it "
+                                   f"answers (retrying every {self._poll_interval():.0f} s)")
             self.reload_status = {"checked": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                                   "errors": errors}
         result: dict[str, Any] = {"source": self.source, "changed": changed, "errors": errors,
@@ -336,17 +435,23 @@ class RediDetector:
         return result
 
     def _lines_to_check(self, errors: dict[str, str]) -> list[str]:
+        self._listing_failed = None
         if self.store_models is None:
             return []
         try:
             return self.store_models.lines()
         except RediError as exc:
             errors["*"] = str(exc)
+            if isinstance(exc, StorageError):
+                self._listing_failed = exc
+                return []  # the store does not answer: no point asking it once per line
             return list(self.lines)
 
     def _apply_overrides(self, errors: dict[str, str]) -> dict[str, Any]:
         """Re-read every line's threshold override; swap in lines whose threshold changed."""
-        changed = {}
+        changed: dict[str, Any] = {}
+        if self._listing_failed is not None:
+            return changed  # the store did not answer a moment ago: keep the thresholds read last
         for line, served in list(self.lines.items()):
             try:
                 updated = replace(served, override=self._override(line))
@@ -360,9 +465,18 @@ class RediDetector:
                             served.threshold, (updated.override or {}).get("reason", "override cleared"))
         return changed
 
+    def _poll_interval(self) -> float:
+        """Seconds to the next pointer check: the reload interval, and at most OUTAGE_RETRY_S while degraded."""
+        interval = self.settings.reload_interval_s
+        if self.degraded:
+            return min(interval, OUTAGE_RETRY_S) if interval > 0 else OUTAGE_RETRY_S
+        return interval if interval > 0 else OUTAGE_RETRY_S
+
     def _poll(self) -> None:
         while True:
-            time.sleep(self.settings.reload_interval_s)
+            time.sleep(self._poll_interval())
+            if self.settings.reload_interval_s <= 0 and not self.degraded:
+                continue  # polling is off; this thread only retries a store that was unreachable
             try:
                 self.check_pointers()  # not self.reload(): an API method called on self goes through HTTP
             except Exception:  # the poll thread must outlive any one failure
@@ -370,10 +484,9 @@ class RediDetector:
 
 
 def configured_store() -> ObjectStore | None:
-    """The object store when one is configured (``REDI_S3_ENDPOINT`` or ``REDI_STORE_DIR``), else None."""
-    if os.environ.get("REDI_S3_ENDPOINT", "").strip() or os.environ.get("REDI_STORE_DIR", "").strip():
-        return store_from_env()
-    return None
+    """The object store when one is configured (``REDI_S3_ENDPOINT`` or ``REDI_STORE_DIR``), else None;
+    with the services' short timeouts (:func:`serving.settings.serving_store`)."""
+    return serving_store(ServingSettings.from_env())
 
 
 __all__ = ["LoadedLine", "RediDetector", "configured_store", "load_line"]

@@ -12,6 +12,10 @@ Two sources, both resolving to the version the gate (or ``redi model promote|rol
   Bento is self-contained (``bentoml containerize``); what it serves changes only with a new
   Bento built from the moved pointers. For deployment targets that take a Bento.
 
+When the store cannot be reached at start, ``store`` serves the last production model fetched for
+each line (``StoreModels.cached``: the model cache remembers it with its pointer record, and the
+file's sha256 is checked again) and the detector service reports itself degraded until it answers.
+
 ``auto`` picks ``bento`` when the service runs from a built Bento, else ``store`` when a store is
 configured, and otherwise stops with a message naming the settings.
 """
@@ -19,6 +23,7 @@ configured, and otherwise stops with a message naming the settings.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +36,7 @@ from redi.ops.model_registry import fetch_production_detector, production_lines,
 from redi.core.utils import sha256_file
 
 SOURCES = ("auto", "store", "bento")
+LOG = logging.getLogger("redi.serving.models")
 MODEL_LABEL = {"redi": "detector"}
 
 
@@ -42,7 +48,7 @@ class ModelRef:
     version: str
     path: Path
     sha256: str
-    source: str  # "store" or "bento"
+    source: str  # "store", "bento" or "cache" (the last fetched from the store, served while it is unreachable)
     tag: str  # BentoML model tag (bento) or the store's version key (store)
     metrics: dict[str, Any]
     promoted: str = ""
@@ -67,15 +73,21 @@ def choose_source(requested: str, running_bento: Any, env: dict[str, str] | None
 
 
 class StoreModels:
-    """Production models from an object store, cached on disk by line and version."""
+    """Production models from an object store, cached on disk by line and version.
+
+    The cache also remembers, per line, the last production model fetched (``<line>/current.json``:
+    the pointer record it came with), so that a service started while the store is unreachable
+    serves those (:meth:`cached`) instead of nothing.
+    """
 
     def __init__(self, store: ObjectStore, cache_dir: Path, lines: list[str] | None = None) -> None:
         self.store, self.cache_dir, self.fixed_lines = store, Path(cache_dir), list(lines or [])
 
     @classmethod
-    def from_env(cls, cache_dir: Path, lines: list[str] | None = None) -> "StoreModels":
-        """The store of ``REDI_S3_*`` / ``REDI_STORE_DIR`` (S3 when an endpoint is set)."""
-        return cls(store_from_env(), cache_dir, lines)
+    def from_env(cls, cache_dir: Path, lines: list[str] | None = None,
+                 store: ObjectStore | None = None) -> "StoreModels":
+        """The store of ``REDI_S3_*`` / ``REDI_STORE_DIR`` (S3 when an endpoint is set), or ``store``."""
+        return cls(store or store_from_env(), cache_dir, lines)
 
     def lines(self) -> list[str]:
         """The lines to serve: ``REDI_LINES`` when given, else every line with a production pointer."""
@@ -108,9 +120,46 @@ class StoreModels:
                 path, pointer = fetched
                 os.replace(path, cached)  # the cache only ever holds verified files
             version = str(pointer["version"])
-        return ModelRef(line=line, version=version, path=cached, sha256=sha256_file(cached), source="store",
-                        tag=str(pointer.get("detector")), metrics=dict(pointer.get("metrics") or {}),
-                        promoted=str(pointer.get("promoted", "")), promoted_by=str(pointer.get("by", "")))
+        ref = _ref_from_pointer(line, pointer, cached, "store")
+        self._remember(ref, pointer)
+        return ref
+
+    def _remember(self, ref: ModelRef, pointer: dict[str, Any]) -> None:
+        """Record ``ref`` as the line's last fetched production model (atomically)."""
+        record = {"pointer": {**pointer, "sha256": ref.sha256}, "path": str(ref.path.relative_to(self.cache_dir))}
+        target = self.cache_dir / ref.line / "current.json"
+        tmp = target.with_name(f".current.{os.getpid()}.json")
+        tmp.write_text(json.dumps(record, indent=2, default=str))
+        os.replace(tmp, target)
+
+    def cached(self) -> list[ModelRef]:
+        """The last production model fetched for each line (``REDI_LINES`` when given), hash checked.
+
+        What a service started during a store outage serves; a line whose cached file is gone or
+        altered is left out (with a log line), never served unchecked.
+        """
+        refs = []
+        for record_file in sorted(self.cache_dir.glob("*/current.json")):
+            line = record_file.parent.name
+            if self.fixed_lines and line not in self.fixed_lines:
+                continue
+            try:
+                record = json.loads(record_file.read_text())
+                path = self.cache_dir / record["path"]
+                pointer = record["pointer"]
+                if not path.is_file() or sha256_file(path) != pointer["sha256"]:
+                    raise WeightsError(f"{path} is missing or does not match its recorded sha256")
+            except (OSError, ValueError, KeyError, WeightsError) as exc:
+                LOG.error("line %s: the cached production model cannot be used: %s", line, exc)
+                continue
+            refs.append(_ref_from_pointer(line, pointer, path, "cache"))
+        return refs
+
+
+def _ref_from_pointer(line: str, pointer: dict[str, Any], path: Path, source: str) -> ModelRef:
+    return ModelRef(line=line, version=str(pointer["version"]), path=path, sha256=sha256_file(path), source=source,
+                    tag=str(pointer.get("detector")), metrics=dict(pointer.get("metrics") or {}),
+                    promoted=str(pointer.get("promoted", "")), promoted_by=str(pointer.get("by", "")))
 
 
 def bento_models(bento: Any) -> list[ModelRef]:

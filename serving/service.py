@@ -22,9 +22,10 @@ Endpoints (all POST, as BentoML APIs are):
 - ``/admin/reload``: have the detector service check the production pointers and threshold
   overrides now and swap in any line whose version moved (store source; requests in flight finish
   on the model they started with). Needs the API key.
-- BentoML's own ``/livez`` and ``/readyz`` (ready once the detector service has loaded every
-  detector) and ``/metrics`` (Prometheus: BentoML's metrics and the plant's per line,
-  ``serving/review_metrics.py``).
+- BentoML's own ``/livez`` and ``/readyz`` (ready once the detector service serves at least one
+  line; JSON: ``ready``, ``degraded`` with reasons and since when, ``open_mode``) and ``/metrics``
+  (Prometheus: BentoML's metrics, the plant's per line, ``serving/review_metrics.py``, and
+  ``redi_degraded``, ``redi_open_mode``, ``redi_request_body_refused_total``).
 - ``/review/``: the review station, a web page (``serving/review_app.py``, ``docs/review.md``): the
   flagged parts this service kept, operators' verdicts, per-line summaries.
 
@@ -55,11 +56,19 @@ Configuration (environment variables, read when a worker starts):
 ``REDI_MODEL_CACHE``          folder of downloaded, hash-checked models (store source)    tmp dir
                               and of ONNX exports (``REDI_RUNTIME=onnx``)
 ``REDI_RUNTIME``              ``torch`` or ``onnx`` (the exported graph in onnxruntime)   torch
-``REDI_API_KEY``              when set, every route except the public ones (health,        unset
-                              metrics, API docs) needs ``X-API-Key: <key>`` (or
-                              ``Authorization: Bearer <key>``): deny by default
-``REDI_MAX_UPLOAD_BYTES``     larger uploads get 413                                      20 MiB
-``REDI_MAX_PIXELS``           images with more pixels get 413 (checked before decoding)   40 M
+``REDI_API_KEY``              every route except the public ones (health, metrics, API     required
+                              docs) needs ``X-API-Key: <key>`` (or ``Authorization:
+                              Bearer <key>``): deny by default. 16+ characters, not an
+                              example key, or the service refuses to start
+``REDI_OPEN_MODE``            ``1``: run without a key on purpose (said in the log,        0
+                              ``/readyz``, ``/metadata``, ``redi_open_mode``)
+``REDI_MAX_UPLOAD_BYTES``     larger uploads get 413; every request body is bounded        20 MiB
+                              before parsing: this + 64 KiB on ``/predict``, 64 KiB
+                              elsewhere (``BodyLimitMiddleware``)
+``REDI_MAX_PIXELS``           images with more pixels get 413 (checked from the header    26.2 M
+                              before decoding; also Pillow's decompression-bomb limit)
+``REDI_STORE_TIMEOUT_S``      connect/read timeout of every S3 call (one retry): a hung   5
+                              store never holds a request or the start
 ``REDI_LOG_DIR``              production log folder (``redi.ops.monitoring.ProductionLog``)   ``production_logs``
 ``REDI_DEVICE``               ``auto``, ``cpu`` or ``cuda`` (the detector service asks     auto
                               BentoML for a GPU when there is one and this is not cpu)
@@ -78,14 +87,20 @@ Configuration (environment variables, read when a worker starts):
 ``REDI_RETAIN_DAYS``          kept images older than this are deleted (0: never)          30
 ``REDI_RETAIN_MAX_PER_LINE``  at most this many kept images per line, oldest deleted      5000
 ``REDI_RETAIN_QUEUE``         copies waiting for upload; when full, copies are dropped    64
+``REDI_RETAIN_QUEUE_BYTES``   bytes of decoded images those copies may hold; beyond it    256 MiB
+                              copies are dropped (counted)
 ``REDI_RETAIN_SWEEP_S``       seconds between two enforcements of the limits per line     300
 ``REDI_REVIEW_DB``            SQLAlchemy URL of the review database                       SQLite in
                                                                                           REDI_LOG_DIR
 ============================  =========================================================  =========
 
 Every bad request gets a 4xx JSON ``{"error": message, "status": code}`` and the service goes on:
-401/403 missing/wrong key, 404 unknown line, 400 unreadable or non-image upload, 413 upload or
-image too large, 422 invalid option.
+401/403 missing/wrong key, 404 unknown line, 400 unreadable or non-image upload, 413 body, upload or
+image too large, 422 invalid option; 503 while no model is loaded.
+
+Faults (docs/serving.md, "Faults"): a store that is down or hangs at start does not stop the
+service: it serves the last production models fetched (the model cache) or a Bento's pins and
+says it is degraded (``/readyz``, ``/metadata``, ``redi_degraded``) until the store answers.
 """
 
 from __future__ import annotations
@@ -108,7 +123,7 @@ import numpy as np
 import torch
 from starlette.responses import JSONResponse, RedirectResponse
 
-from redi.core.errors import ImageReadError, InputError
+from redi.core.errors import ImageReadError, InputError, RediError
 from redi.core.images import crop_to_content, decode_rgb, preprocess
 from redi.ops.monitoring import ProductionLog, image_feature_row
 from redi.ops.retention import FLAGGED, RetainedItem, Retainer, RetentionPolicy
@@ -116,9 +131,10 @@ from redi.ops.review import ReviewDB, default_db_url
 from redi.ops.thresholds import effective_threshold
 from serving.detector_service import RediDetector, configured_store
 from serving.review_app import create_review_app
-from serving.review_auth import cookie_value, read_session
+from serving.review_auth import ReviewSecurity
 from serving.review_metrics import PlantMetrics
-from serving.settings import ServingSettings, env_int, read_generation, reload_generation_file, usable_cpus
+from serving.settings import (FORM_BODY_BYTES, MULTIPART_SLACK, OPEN_MODE_WARNING, ServingSettings, api_key_problem, env_int,
+                              read_generation, reload_generation_file, usable_cpus)
 
 # Deny by default: with REDI_API_KEY set, every route needs the key except these, declared public.
 PUBLIC_PATHS = frozenset({
@@ -129,7 +145,6 @@ PUBLIC_PATHS = frozenset({
 })
 REVIEW_PREFIX = "/review/"  # the review pages also accept the signed session cookie (serving/review_auth.py)
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")
-MULTIPART_SLACK = 64 * 1024  # form boundaries and fields around the file
 LOG = logging.getLogger("redi.serving")
 _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
@@ -150,7 +165,7 @@ def is_public(path: str) -> bool:
 
 
 class GuardMiddleware:
-    """ASGI middleware: API key on the public APIs, and refusal of oversized bodies by Content-Length.
+    """ASGI middleware: API key on the public APIs (body sizes: :class:`BodyLimitMiddleware`).
 
     Responses are written here (not by raising inside BentoML), so the client gets the message
     that says what to do instead of BentoML's generic 'Authorization error'.
@@ -186,8 +201,8 @@ class GuardMiddleware:
         ``review``: a ``/review/`` route, where a valid signed session cookie stands in for the key.
         """
         key = self.settings.api_key
-        if key and review and read_session(key, cookie_value(headers.get("cookie", ""))):
-            key = ""  # logged in on the review page
+        if review:
+            key = ""  # the review app admits operator sessions or this key itself (serving/review_auth.py)
         if key:
             given = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ").strip()
             if not given:
@@ -196,13 +211,155 @@ class GuardMiddleware:
             if not hmac.compare_digest(given.encode(), key.encode()):
                 return RequestError(403, "the API key is wrong; send the key the server was started with "
                                          "(REDI_API_KEY)")
-        length = headers.get("content-length", "")
-        limit = self.settings.max_upload_bytes + MULTIPART_SLACK
-        if length.isdigit() and int(length) > limit:
-            return RequestError(413, f"the request body is {int(length)} bytes, more than the upload limit of "
-                                     f"{self.settings.max_upload_bytes} bytes (REDI_MAX_UPLOAD_BYTES); send a "
-                                     f"smaller image")
-        return None
+        return None  # body sizes: BodyLimitMiddleware, on every route
+
+
+# ----------------------------------------------------------------------------- body limit, health
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return value.decode("latin-1").strip()
+    return None
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: every request body is bounded BEFORE anything parses it, on every route.
+
+    Public routes too (``POST /review/login`` parses multipart, and Starlette spools file parts to
+    disk). A declared ``Content-Length`` over the route's limit is answered 413 unread. A body
+    without one (``Transfer-Encoding: chunked``) is counted as it arrives: at the limit the client
+    gets 413 and the app is told the client left, so it stops parsing and what it spooled is
+    dropped. The limits (``ServingSettings.body_limit``): ``REDI_MAX_UPLOAD_BYTES`` plus the form
+    around the file on ``/predict``, 64 KiB on every other route.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.settings = ServingSettings.from_env()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        limit = self.settings.body_limit(path)
+        length = _header(scope, b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await self._refuse(scope, send, path, limit, int(length) if length.isdigit() else None)
+            return
+        received, over, started = 0, False, False
+
+        async def counted_receive() -> dict:
+            nonlocal received, over
+            if over:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message.get("type") == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    over = True
+                    if not started:
+                        await self._refuse(scope, send, path, limit, None)
+                    return {"type": "http.disconnect"}  # the app stops reading and parsing here
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal started
+            if over:
+                return  # answered 413 already; the app's reaction to the 'disconnect' goes nowhere
+            started = started or message.get("type") == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:  # noqa: BLE001 - the app failed on the body we cut off: expected, answered
+            if not over:
+                raise
+
+    async def _refuse(self, scope: dict, send: Any, path: str, limit: int, declared: int | None) -> None:
+        if declared is None and _header(scope, b"content-length") not in (None, ""):
+            status, message = 400, "the Content-Length header is not a number of bytes"
+        else:
+            status = 413
+            size = f"{declared} bytes" if declared is not None else f"more than {limit} bytes (counted as it arrived)"
+            what = (f"the upload limit of {self.settings.max_upload_bytes} bytes (REDI_MAX_UPLOAD_BYTES) plus "
+                    f"{MULTIPART_SLACK} bytes of form; send a smaller image" if limit == self.settings.max_body_bytes
+                    else f"the {limit} bytes this route accepts (it takes a small form or JSON, no files)")
+            message = f"the request body is {size}, more than {what}"
+        HealthMetrics.get().body_refused(path)
+
+        async def no_body() -> dict:
+            return {"type": "http.disconnect"}
+
+        await JSONResponse({"error": message, "status": status}, status_code=status,
+                           headers={"Connection": "close"})(scope, no_body, send)
+
+
+# This API worker's last view of the detector service's health (``RediService._catalogue`` updates it).
+SERVICE_HEALTH: dict[str, Any] = {"degraded": False, "reasons": {}, "since": None}
+
+
+class HealthMetrics:
+    """``redi_degraded``, ``redi_open_mode`` and ``redi_request_body_refused_total``, one per process
+    (created on first use, after BentoML set up Prometheus' multiprocess mode)."""
+
+    _instance: "HealthMetrics | None" = None
+
+    def __init__(self) -> None:
+        import prometheus_client as prom
+
+        self.degraded = prom.Gauge("redi_degraded", "1 while the service serves but not what production says "
+                                   "(e.g. cached models during a store outage)", multiprocess_mode="livemax")
+        self.open_mode = prom.Gauge("redi_open_mode", "1 when the service runs without an API key (REDI_OPEN_MODE)",
+                                    multiprocess_mode="livemax")
+        self.refused = prom.Counter("redi_request_body_refused_total", "Requests refused for their body size",
+                                    ["route"])
+
+    @classmethod
+    def get(cls) -> "HealthMetrics":
+        if cls._instance is None:
+            cls._instance = HealthMetrics()
+        return cls._instance
+
+    def body_refused(self, path: str) -> None:
+        """Count one refused body (the route label is bounded: ``/predict`` or ``other``)."""
+        self.refused.labels("/predict" if path.rstrip("/") == "/predict" else "other").inc()
+
+
+class ReadinessMiddleware:
+    """``GET /readyz`` answers JSON: ``ready`` (BentoML's status code: 200 once the detector service
+    serves at least one line, else 503), ``degraded`` with its ``reasons`` and ``since`` (serving the
+    last fetched models while the store cannot be reached, ...) and ``open_mode`` (no API key)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.open_mode = ServingSettings.from_env().open_mode
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("path") != "/readyz":
+            await self.app(scope, receive, send)
+            return
+        status = 503
+
+        async def capture(message: dict) -> None:
+            nonlocal status
+            if message.get("type") == "http.response.start":
+                status = int(message["status"])
+
+        await self.app(scope, receive, capture)
+        body = {"ready": status == 200, **SERVICE_HEALTH, "open_mode": self.open_mode}
+        await JSONResponse(body, status_code=status)(scope, receive, send)
+
+
+def check_access(settings: ServingSettings) -> None:
+    """Refuse an open service nobody asked for, and a guessable key (``serving.settings.api_key_problem``);
+    say loudly when open mode was asked for."""
+    problem = api_key_problem(settings.api_key, settings.open_mode)
+    if problem:
+        raise RediError(problem)
+    ReviewSecurity.from_env().check()  # the review page's own cookie signing secret (serving/review_auth.py)
+    if settings.open_mode:
+        LOG.error("%s", OPEN_MODE_WARNING)
 
 
 # ----------------------------------------------------------------------------- the service
@@ -237,8 +394,25 @@ class RediService:
 
     detector = bentoml.depends(RediDetector)
 
+    @bentoml.on_deployment
+    def refuse_unsafe_start() -> None:
+        """Run once by ``bentoml serve`` before any worker starts: no key without ``REDI_OPEN_MODE=1``,
+        and no example or short key (``serving.settings.api_key_problem``); the server exits with the reason."""
+        try:
+            check_access(ServingSettings.from_env())
+        except RediError as exc:
+            raise SystemExit(f"redi service refuses to start: {exc}") from None
+
     def __init__(self) -> None:
         self.settings = ServingSettings.from_env()
+        check_access(self.settings)  # also where no deployment hook ran
+        from PIL import Image
+
+        # the decompression-bomb limit of every image this process opens (uploads, the review pages'
+        # pictures): Pillow refuses more than twice this before decoding; uploads are held to it exactly
+        Image.MAX_IMAGE_PIXELS = self.settings.max_pixels
+        self.health_metrics = HealthMetrics.get()
+        self.health_metrics.open_mode.set(1 if self.settings.open_mode else 0)
         # this process's torch only resizes one image per pool thread: no nested OpenMP teams
         torch.set_num_threads(1)
         self.pool = cf.ThreadPoolExecutor(max(4, 2 * usable_cpus()), thread_name_prefix="redi-io")
@@ -269,23 +443,33 @@ class RediService:
     async def _catalogue(self, fresh: bool = False) -> dict[str, Any]:
         """The detector service's catalogue; refreshed when asked, after a reload (any worker's) and when
         older than the reload interval."""
-        interval = self.settings.reload_interval_s or 30.0
+        interval = 5.0 if SERVICE_HEALTH["degraded"] else (self.settings.reload_interval_s or 30.0)
         generation = read_generation(self.generation_file)
         if generation != self.generation:
             fresh, self.generation = True, generation
         if fresh or self.catalogue is None or time.monotonic() - self._catalogue_at > interval:
             catalogue = await self.detector.to_async.models()
             self.catalogue, self._catalogue_at = catalogue, time.monotonic()
+            self._note_health(catalogue)
             for name, info in catalogue["lines"].items():
                 self.metrics.serving(name, info["model_version"], info["threshold"],
                                      threshold_source(info["model_version"], info.get("override")))
         return self.catalogue
 
+    def _note_health(self, catalogue: dict[str, Any]) -> None:
+        """Publish the detector service's health (``/readyz``, ``redi_degraded``); no line served is degraded."""
+        health = dict(catalogue.get("health") or {"degraded": False, "reasons": {}, "since": None})
+        if not catalogue["lines"]:
+            health = {**health, "degraded": True,
+                      "reasons": {**health.get("reasons", {}), "models": "no line has a model loaded"}}
+        SERVICE_HEALTH.clear()
+        SERVICE_HEALTH.update(health)
+        self.health_metrics.degraded.set(1 if health["degraded"] else 0)
+
     async def __is_ready__(self) -> bool:
-        """Ready once the detector service answers with its catalogue (every model loaded)."""
+        """Ready once the detector service serves at least one line (degraded or not: ``/readyz`` says which)."""
         try:
-            await self._catalogue(fresh=self.catalogue is None)
-            return True
+            return bool((await self._catalogue(fresh=self.catalogue is None))["lines"])
         except Exception as exc:  # not up yet: /readyz says 503 until it is
             LOG.info("detector service not ready: %s", exc)
             return False
@@ -310,6 +494,9 @@ class RediService:
     async def _predict(self, image: Path, line: str, return_map: bool, return_overlay: bool, return_regions: bool,
                        min_region_area: int, started: float) -> dict:
         info = (await self._catalogue())["lines"].get(line)
+        if info is None and not self.catalogue["lines"]:
+            raise RequestError(503, f"no model is loaded yet ({SERVICE_HEALTH.get('reasons')}); retry later "
+                                    f"(/readyz says when the service is ready)")
         if info is None:
             raise RequestError(404, f"unknown line {line!r}; this service serves {sorted(self.catalogue['lines'])} "
                                     f"(see /metadata)")
@@ -460,8 +647,10 @@ class RediService:
         return {
             "source": catalogue["source"], "lines": lines, "reload": catalogue["reload"],
             "detector": {k: catalogue[k] for k in ("runtime", "device", "threads")},
-            "limits": {"max_upload_bytes": self.settings.max_upload_bytes, "max_pixels": self.settings.max_pixels},
-            "api_key_required": bool(self.settings.api_key),
+            "limits": {"max_upload_bytes": self.settings.max_upload_bytes, "max_pixels": self.settings.max_pixels,
+                       "max_body_bytes": self.settings.max_body_bytes, "max_form_body_bytes": FORM_BODY_BYTES},
+            "api_key_required": bool(self.settings.api_key), "open_mode": self.settings.open_mode,
+            "health": dict(SERVICE_HEALTH),
             "production_log": str(self.settings.log_dir),
             "retention": self._retention_status(),
         }
@@ -471,10 +660,11 @@ class RediService:
         policy = self.retention
         status: dict[str, Any] = {
             "enabled": self.retainer is not None, "normal_rate": policy.normal_rate, "line_rates": policy.line_rates,
-            "max_days": policy.max_days, "max_per_line": policy.max_per_line, "queue_size": policy.queue_size}
+            "max_days": policy.max_days, "max_per_line": policy.max_per_line, "queue_size": policy.queue_size,
+            "queue_bytes": policy.queue_bytes}
         if self.retainer is not None:
             r = self.retainer
-            status.update(queued=r.queue.qsize(), stored=r.stored, dropped=r.dropped, failed=r.failed,
+            status.update(queued=r.queue.qsize(), queued_bytes=r.queued_bytes, stored=r.stored, dropped=r.dropped, failed=r.failed,
                           deleted=r.deleted, review_db=repr(r.index) if r.index else None)
         return status
 
@@ -487,4 +677,6 @@ class RediService:
 
 
 RediService.mount_asgi_app(create_review_app(), path="/review")
+RediService.add_asgi_middleware(BodyLimitMiddleware)  # outermost of ours: nothing reads a body before it
+RediService.add_asgi_middleware(ReadinessMiddleware)
 RediService.add_asgi_middleware(GuardMiddleware)

@@ -40,7 +40,8 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = "bottle_caps"
-KEY = "test-key-123"
+KEY = "test-key-0123456789abcdef"  # 16+ characters: shorter keys are refused at start
+SESSION_SECRET = "test-session-secret-0123456789abcdef"  # the review page's cookie key, not the API key
 MAX_UPLOAD = 1_000_000
 MAX_PIXELS = 600 * 600
 BENTOML = Path(sys.executable).parent / "bentoml"
@@ -68,7 +69,8 @@ def server(tmp_path_factory: pytest.TempPathFactory):
                     {"promote": True, "metrics": {"image_auroc": 0.5}})
     tag = promote(store, LINE, "v1", {"metrics": {"image_auroc": 0.5}}, by="test", reason="fixture")["detector"]
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-           "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(root / "logs"), "REDI_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+           "REDI_API_KEY": KEY, "REDI_SESSION_SECRET": SESSION_SECRET, "REDI_LOG_DIR": str(root / "logs"),
+           "REDI_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
            "REDI_MAX_PIXELS": str(MAX_PIXELS), "REDI_DEVICE": "cpu", "PYTHONPATH": str(REPO),
            "REDI_STORE_DIR": str(root / "store"), "REDI_MODEL_CACHE": str(root / "cache")}
     proc, url, log_file = _start_server(env, root / "server.log")
@@ -151,7 +153,8 @@ def test_health_and_metadata(server: dict) -> None:
     assert requests.get(f"{server['url']}/docs.json", timeout=10).status_code == 200
     reloaded = requests.post(f"{server['url']}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
     assert reloaded.status_code == 200 and reloaded.json()["changed"] == {}  # the pointer did not move
-    assert meta["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS}
+    assert meta["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS,
+                              "max_body_bytes": MAX_UPLOAD + 64 * 1024, "max_form_body_bytes": 64 * 1024}
 
 
 @pytest.mark.parametrize("name", ["test/good/000.png", "test/scratch/000.png"])

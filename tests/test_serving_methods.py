@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import requests
 from http_wait import wait_for_http  # tests/ is on sys.path (rootdir conftest)
-from test_serving import BENTOML, KEY, REPO, _free_port
+from test_serving import BENTOML, KEY, REPO, SESSION_SECRET, _free_port
 from tiny_line import make_line
 
 from redi.core.config import profile_config
@@ -40,7 +40,8 @@ def served(tmp_path_factory):
                         {"promote": True, "metrics": {"image_auroc": 0.5}})
         promote(store, line, "v1", {"metrics": {"image_auroc": 0.5}}, by="test", reason="fixture")
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-           "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(root / "logs"), "REDI_DEVICE": "cpu", "PYTHONPATH": str(REPO),
+           "REDI_API_KEY": KEY, "REDI_SESSION_SECRET": SESSION_SECRET, "REDI_LOG_DIR": str(root / "logs"),
+           "REDI_DEVICE": "cpu", "PYTHONPATH": str(REPO),
            "REDI_STORE_DIR": str(root / "store"), "REDI_MODEL_CACHE": str(root / "cache")}
     port = _free_port()
     log = open(root / "server.log", "w")
