@@ -5,9 +5,10 @@ forms. Every page works with plain HTML forms and links, needs no build step or 
 the service's own process behind the same guard as the API. The images (kept upload, overlay,
 thresholded mask) are rendered from the object store on request.
 
-Routes (under ``/review``; ``login`` is public, the rest needs the session cookie or the API key,
-see ``serving/review_auth.py``):
+Routes (under ``/review``; ``login`` is public, the rest needs an operator's session or the API
+key, see ``serving/review_auth.py``):
 
+- ``GET|POST /login`` the login form (operator accounts: ``redi review user add``); ``POST /logout``
 - ``GET /`` every line with its summary (flagged today, confirmed, false-alarm rate by model version)
 - ``GET /line/<line>`` the queue, newest first; filters ``model_version``, ``date_from``, ``date_to``,
   ``min_score``, ``max_score``, ``status`` (pending/judged/all), ``kind`` (flagged/sampled/all)
@@ -20,15 +21,16 @@ see ``serving/review_auth.py``):
 
 from __future__ import annotations
 
-import hmac
-import os
 import threading
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator
 from urllib.parse import urlencode
 
 import numpy as np
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -38,23 +40,26 @@ from redi.core.errors import RediError
 from redi.ops.monitoring import check_line_name
 from redi.ops.retention import load_map
 from redi.ops.review import ReviewDB, ReviewError, default_db_url
+from redi.ops.review_accounts import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S, OperatorAccounts
 from redi.ops.object_store import ObjectStore, store_from_env
-from serving.review_auth import COOKIE, cookie_value, csrf_token, make_session, read_session
+from serving.review_auth import (SESSION_ID, Principal, ReviewGuard, ReviewSecurity, ReviewSessions, csrf_ok,
+                                 csrf_token, principal_of, safe_next, same_origin)
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 PAGE_SIZE = 50
 
 
 class ReviewContext:
-    """The store, the database and the key, opened once per worker on first use."""
+    """The store, the database, the accounts and the secrets, opened once per worker on first use."""
 
     _instance: "ReviewContext | None" = None
     _lock = threading.Lock()
 
     def __init__(self) -> None:
-        self.api_key = os.environ.get("REDI_API_KEY", "")
+        self.security = ReviewSecurity.from_env()
         self.store: ObjectStore = store_from_env()
         self.db = ReviewDB(default_db_url())
+        self.accounts = OperatorAccounts(self.db)
 
     @classmethod
     def get(cls) -> "ReviewContext":
@@ -64,14 +69,12 @@ class ReviewContext:
             return cls._instance
 
 
-def _session(request: Request, ctx: ReviewContext) -> tuple[str | None, str]:
-    token = cookie_value(request.headers.get("cookie", ""))
-    return read_session(ctx.api_key, token), token
-
-
-def _header_key_ok(request: Request, ctx: ReviewContext) -> bool:
-    given = request.headers.get("x-api-key") or request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-    return bool(given) and hmac.compare_digest(given.encode(), ctx.api_key.encode())
+def _who(request: Request, ctx: ReviewContext) -> tuple[str | None, str]:
+    """The logged-in operator (None for the API key or open mode) and their forms' CSRF token."""
+    principal = principal_of(request.scope)
+    if principal is None or principal.kind != "session":
+        return None, ""
+    return principal.username, csrf_token(ctx.security.session_secret, principal.token)
 
 
 def _error(request: Request, status: int, message: str) -> Response:
@@ -115,9 +118,10 @@ def _filters(request: Request) -> dict[str, Any]:
 def index(request: Request) -> Response:
     """Every line and its summary."""
     ctx = ReviewContext.get()
-    user, _ = _session(request, ctx)
+    user, csrf = _who(request, ctx)
     summaries = [ctx.db.summary(line) for line in ctx.db.lines()]
-    return TEMPLATES.TemplateResponse(request, "review_index.html", {"summaries": summaries, "user": user})
+    return TEMPLATES.TemplateResponse(request, "review_index.html", {"summaries": summaries, "user": user,
+                                                                         "csrf": csrf})
 
 
 def line_page(request: Request) -> Response:
@@ -129,13 +133,13 @@ def line_page(request: Request) -> Response:
         filters = _filters(request)
     except RediError as exc:
         return _error(request, 422, str(exc))
-    user, token = _session(request, ctx)
+    user, csrf = _who(request, ctx)
     items = ctx.db.queue(line, limit=PAGE_SIZE, **filters)
     kept = {k: v for k, v in filters.items() if v not in ("", None) and k != "offset"}
     older = (f"?{urlencode({**kept, 'offset': filters['offset'] + PAGE_SIZE})}" if len(items) == PAGE_SIZE else "")
     return TEMPLATES.TemplateResponse(request, "review_line.html", {
         "line": line, "items": items, "filters": filters, "summary": ctx.db.summary(line), "user": user,
-        "versions": ctx.db.model_versions(line), "csrf": csrf_token(ctx.api_key, token) if user else "",
+        "versions": ctx.db.model_versions(line), "csrf": csrf,
         "older": older, "here": _here(request)})
 
 
@@ -146,9 +150,9 @@ def item_page(request: Request) -> Response:
         item = ctx.db.get(request.path_params["request_id"])
     except ReviewError as exc:
         return _error(request, exc.status, str(exc))
-    user, token = _session(request, ctx)
+    user, csrf = _who(request, ctx)
     return TEMPLATES.TemplateResponse(request, "review_item.html", {
-        "item": item, "user": user, "csrf": csrf_token(ctx.api_key, token) if user else "",
+        "item": item, "user": user, "csrf": csrf,
         "here": _here(request)})
 
 
@@ -185,18 +189,20 @@ def picture(request: Request) -> Response:
 
 
 async def verdict(request: Request) -> Response:
-    """Store a verdict (form post from the page, or JSON with the API key)."""
-    from starlette.concurrency import run_in_threadpool
+    """Store a verdict (form post from the page, or JSON with the API key).
 
+    A logged-in operator's verdict names their account (``by`` and ``operator``); with the API key
+    (scripts) or in open mode, ``by`` is whoever the request names (``by`` / ``X-Operator``)."""
     ctx = ReviewContext.get()
+    principal: Principal = principal_of(request.scope)  # the guard let nobody else in
     is_json = request.headers.get("content-type", "").startswith("application/json")
-    data: dict[str, Any] = dict(await request.json()) if is_json else dict(await request.form())
-    user, token = _session(request, ctx)
-    if user and not _header_key_ok(request, ctx):
-        if not hmac.compare_digest(str(data.get("csrf", "")), csrf_token(ctx.api_key, token)):
-            return _error(request, 403, "the form is stale or came from another site (CSRF check failed); "
-                                        "reload the page and judge again")
-    by = user or str(data.get("by") or request.headers.get("x-operator", "")).strip()
+    data: dict[str, Any] = dict(await request.json()) if is_json else dict(await request.form(max_files=0))
+    if not csrf_ok(ctx.security.session_secret, principal,
+                   str(data.get("csrf") or request.headers.get("x-csrf-token", ""))):
+        return _error(request, 403, "the form is stale or came from another site (CSRF check failed); "
+                                    "reload the page and judge again")
+    by = principal.username if principal.kind == "session" else str(data.get("by") or
+                                                                    request.headers.get("x-operator", "")).strip()
     request_id = request.path_params["request_id"]
 
     def store() -> dict[str, Any]:
@@ -204,7 +210,7 @@ async def verdict(request: Request) -> Response:
         return ctx.db.add_verdict(request_id, str(data.get("verdict", "")), by=by, note=str(data.get("note", "")),
                                   defect_type=str(data.get("defect_type", "")),
                                   accept_mask=str(data.get("accept_mask", "")).lower() in ("1", "true", "on", "yes"),
-                                  image_exists=ctx.store.exists(item["image_key"]))
+                                  image_exists=ctx.store.exists(item["image_key"]), operator=principal.operator)
 
     try:
         stored = await run_in_threadpool(store)
@@ -212,9 +218,7 @@ async def verdict(request: Request) -> Response:
         return _error(request, exc.status, str(exc))
     if is_json or "application/json" in request.headers.get("accept", ""):
         return JSONResponse(stored)
-    target = str(data.get("next") or "/review/")
-    if not target.startswith("/review/"):  # only back into the review pages
-        target = "/review/"
+    target = safe_next(str(data.get("next") or ""))  # only back into the review pages
     return RedirectResponse(target + ("&" if "?" in target else "?") + f"judged={request_id}#item-{request_id}",
                             status_code=303)
 
@@ -234,46 +238,89 @@ def api_queue(request: Request) -> Response:
 
 
 # ----------------------------------------------------------------------------- login
+def _client(request: Request) -> str:
+    """The address the rate limit counts (the peer; behind a proxy every operator shares the proxy's)."""
+    return request.client.host if request.client else "unknown"
+
+
+def _login_page(request: Request, ctx: ReviewContext, target: str, error: str = "", status: int = 200,
+                username: str = "", headers: dict[str, str] | None = None) -> Response:
+    return TEMPLATES.TemplateResponse(request, "review_login.html", {
+        "next": target, "error": error, "username": username, "logins": ctx.security.logins,
+        "open_mode": ctx.security.open_mode, "max_failures": LOGIN_MAX_FAILURES}, status_code=status,
+        headers=headers)
+
+
 def login_form(request: Request) -> Response:
     """The login form (public)."""
     ctx = ReviewContext.get()
-    return TEMPLATES.TemplateResponse(request, "review_login.html", {
-        "next": request.query_params.get("next", "/review/"), "needs_key": bool(ctx.api_key), "error": ""})
+    return _login_page(request, ctx, safe_next(request.query_params.get("next")))
 
 
 async def login(request: Request) -> Response:
-    """Check name and key; set the session cookie; go where the operator was going."""
+    """Check the operator's name and password (rate limited); start a session; go where they were going."""
     ctx = ReviewContext.get()
-    form = await request.form()
-    name, key = str(form.get("name", "")).strip(), str(form.get("key", ""))
-    target = str(form.get("next") or "/review/")
-    target = target if target.startswith("/review/") else "/review/"
-    error = ""
-    if not name:
-        error = "type your name: it is recorded with every verdict"
-    elif ctx.api_key and not hmac.compare_digest(key.encode(), ctx.api_key.encode()):
-        error = "wrong key: use the service's API key (REDI_API_KEY)"
-    if error:
-        return TEMPLATES.TemplateResponse(request, "review_login.html", {
-            "next": target, "needs_key": bool(ctx.api_key), "error": error}, status_code=401)
-    response = RedirectResponse(target, status_code=303)
-    response.set_cookie(COOKIE, make_session(ctx.api_key, name), max_age=12 * 3600, httponly=True, samesite="strict",
-                        secure=request.url.scheme == "https", path="/review")
-    return response
+    if (request.headers.get("origin") or request.headers.get("referer")) and not same_origin(request.headers):
+        return _error(request, 403, "this login form came from another site (Origin/Referer is not this host)")
+    # a public route: no file parts, few small fields (nothing is spooled to disk)
+    form = await request.form(max_files=0, max_fields=8, max_part_size=4096)
+    username, password = str(form.get("username", "")).strip(), str(form.get("password", ""))
+    target = safe_next(str(form.get("next") or ""))
+    if not ctx.security.logins:
+        return _login_page(request, ctx, target, "logins are off: this service runs in open mode without "
+                                                 "REDI_SESSION_SECRET; the pages are open to everyone", 503)
+    if not username or not password:
+        return _login_page(request, ctx, target, "type your username and password", 401, username)
+    result = await run_in_threadpool(ctx.accounts.login, username, password, _client(request))
+    if result.retry_after:
+        return _login_page(request, ctx, target, f"too many failed logins ({LOGIN_MAX_FAILURES} within "
+                                                 f"{LOGIN_WINDOW_S / 60:g} minutes for this name or from this "
+                                                 f"address); try again in {result.retry_after} s", 429, username,
+                           headers={"Retry-After": str(result.retry_after)})
+    if not result.ok:
+        return _login_page(request, ctx, target, "wrong username or password (operator accounts are created with "
+                                                 "`redi review user add`; the service's API key is not a password)",
+                           401, username)
+    request.session.clear()
+    request.session[SESSION_ID] = result.token  # the cookie carries only this (signed); the DB holds its hash
+    return RedirectResponse(target, status_code=303)
 
 
-def logout(request: Request) -> Response:
-    """Forget the session cookie."""
-    response = RedirectResponse("/review/login", status_code=303)
-    response.delete_cookie(COOKIE, path="/review")
-    return response
+async def logout(request: Request) -> Response:
+    """End the session: revoked in the database (a copy of the cookie stops working too) and forgotten."""
+    ctx = ReviewContext.get()
+    principal: Principal = principal_of(request.scope)
+    if principal.kind == "session":
+        form = await request.form(max_files=0, max_fields=8, max_part_size=4096)
+        if not csrf_ok(ctx.security.session_secret, principal, str(form.get("csrf", ""))):
+            return _error(request, 403, "the logout form is stale (CSRF check failed); reload the page")
+        await run_in_threadpool(ctx.accounts.logout, principal.token)
+    if "session" in request.scope:
+        request.session.clear()
+    return RedirectResponse("/review/login", status_code=303)
+
+
+@asynccontextmanager
+async def _lifespan(_app: Starlette) -> AsyncIterator[None]:
+    """Refuse to start without the session signing secret (unless open mode): BentoML runs this at start."""
+    ReviewSecurity.from_env().check()
+    yield
 
 
 def create_review_app() -> Starlette:
     """The ASGI app the service mounts at ``/review``."""
-    return Starlette(routes=[
+    def security() -> ReviewSecurity:
+        return ReviewContext.get().security
+
+    def accounts() -> OperatorAccounts:
+        return ReviewContext.get().accounts
+
+    return Starlette(lifespan=_lifespan, middleware=[
+        Middleware(ReviewSessions, security=security),  # outermost: the signed cookie -> request.session
+        Middleware(ReviewGuard, security=security, accounts=accounts),
+    ], routes=[
         Route("/", index), Route("/login", login_form, methods=["GET"]), Route("/login", login, methods=["POST"]),
-        Route("/logout", logout, methods=["POST", "GET"]),
+        Route("/logout", logout, methods=["POST"]),
         Route("/line/{line}", line_page), Route("/item/{request_id}", item_page),
         Route("/item/{request_id}/{what:str}.png", picture),
         Route("/item/{request_id}/verdict", verdict, methods=["POST"]),

@@ -1,4 +1,5 @@
-"""``redi review export|threshold|summary|sync``: operators' verdicts into data, thresholds without retrain.
+"""``redi review export|threshold|summary|sync|user``: operators' verdicts into data, thresholds without
+retrain, and the review page's operator accounts.
 
 Self-contained: ``redi/cli/main.py`` registers it with ``COMMANDS.update(add_review_commands(sub))``.
 The store comes from ``REDI_S3_*`` or ``--store-dir`` (``redi.ops.model_registry``), the review database from
@@ -147,8 +148,98 @@ def _sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_password(args: argparse.Namespace) -> str:
+    """The new password: one line of stdin (``--password-stdin``, for scripts) or typed twice at a prompt.
+
+    Never an argument: the command line shows in ``ps`` and the shell history."""
+    import getpass
+    import sys
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+        if not password:
+            raise InputError("--password-stdin: stdin gave no password (one line expected)")
+        return password
+    if not sys.stdin.isatty():
+        raise InputError("no terminal to type the password at: pipe it in with --password-stdin")
+    password = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("the same password again: ") != password:
+        raise InputError("the two passwords differ; nothing was changed")
+    return password
+
+
+def _user(args: argparse.Namespace) -> int:
+    """``redi review user add|list|disable|enable|passwd``: the review page's operator accounts."""
+    from redi.ops.review_accounts import AccountError, OperatorAccounts
+
+    accounts = OperatorAccounts(_db(args))
+    try:
+        if args.user_command == "list":
+            rows = accounts.list()
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for row in [] if args.json else rows:
+                state = "active" if row["active"] else f"disabled {row['disabled_at'][:19]}"
+                print(f"{row['username']:24s} {state:28s} sessions {row['live_sessions']:3d}  "
+                      f"created {row['created_at'][:19]} by {row['created_by'] or '-'}")
+            if not rows and not args.json:
+                print("no operator accounts; add one with `redi review user add --name NAME`")
+        elif args.user_command == "add":
+            created = accounts.add(args.name, _read_password(args), by=args.by or _whoami())
+            print(f"operator {created['username']} added; they log in at /review/login")
+        elif args.user_command == "passwd":
+            revoked = accounts.set_password(args.name, _read_password(args))
+            print(f"new password set for {args.name.strip().lower()}; {revoked} session(s) logged out")
+        elif args.user_command == "disable":
+            revoked = accounts.disable(args.name)
+            print(f"operator {args.name.strip().lower()} disabled; {revoked} session(s) logged out at once")
+        else:
+            accounts.enable(args.name)
+            print(f"operator {args.name.strip().lower()} may log in again")
+    except AccountError as exc:
+        raise InputError(str(exc)) from exc
+    return 0
+
+
+def _whoami() -> str:
+    import getpass
+    import socket
+
+    try:
+        return f"{getpass.getuser()}@{socket.gethostname()}"
+    except Exception:  # no user name in a bare container: the record just says nobody
+        return ""
+
+
 def _handle(args: argparse.Namespace) -> int:
-    return {"export": _export, "threshold": _threshold, "summary": _summary, "sync": _sync}[args.review_command](args)
+    return {"export": _export, "threshold": _threshold, "summary": _summary, "sync": _sync,
+            "user": _user}[args.review_command](args)
+
+
+def _add_user_commands(sub: Any) -> None:
+    """``redi review user ACTION``: operator accounts of the review page, in the review database."""
+    user = sub.add_parser("user", help="the review page's operator accounts: add, list, disable, enable, passwd",
+                          description="Operator accounts of the review page (/review/login), stored in the review "
+                                      "database with scrypt password hashes. Passwords are read from a prompt or "
+                                      "--password-stdin, never from the command line.")
+    actions = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    for name, help_text in (("add", "create an account (asks for its password)"),
+                            ("list", "every account, its state and live sessions"),
+                            ("disable", "refuse the account's logins and end its sessions now"),
+                            ("enable", "let a disabled account log in again"),
+                            ("passwd", "set a new password (ends the account's sessions)")):
+        p = actions.add_parser(name, help=help_text)
+        p.add_argument("--db", help="review database URL (default REDI_REVIEW_DB, else SQLite in REDI_LOG_DIR, "
+                                    "where the service keeps it)")
+        if name == "list":
+            p.add_argument("--json", action="store_true")
+            continue
+        p.add_argument("--name", required=True, help="the operator's username (recorded with their verdicts)")
+        if name in ("add", "passwd"):
+            p.add_argument("--password-stdin", action="store_true",
+                           help="read the password from the first line of stdin (scripts) instead of a prompt")
+        if name == "add":
+            p.add_argument("--by", help="who creates it (default: user@host)")
 
 
 def add_review_commands(subparsers: Any) -> dict[str, Handler]:
@@ -193,4 +284,5 @@ def add_review_commands(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--day", help="UTC day YYYY-MM-DD for 'today' (default: today)")
     p.add_argument("--json", action="store_true")
     add("sync", "index kept images the database lacks (after it was unreachable or replaced)")
+    _add_user_commands(sub)
     return {"review": _handle}

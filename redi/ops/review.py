@@ -1,7 +1,7 @@
 """The review index: kept images, operators' verdicts and what was exported, in a real database.
 
 SQLite by default (``sqlite:///<REDI_LOG_DIR>/review.db``), any SQLAlchemy URL in production
-(``REDI_REVIEW_DB``, e.g. ``postgresql+psycopg://user@db/redi``). Three tables:
+(``REDI_REVIEW_DB``, e.g. ``postgresql+psycopg://user@db/redi``). Tables:
 
 - ``retained``: one row per image the service kept (``redi.ops.retention``): request id, line, kind
   (``flagged`` or ``sampled``), time, score, threshold, decision, model version, store keys, defect
@@ -12,6 +12,9 @@ SQLite by default (``sqlite:///<REDI_LOG_DIR>/review.db``), any SQLAlchemy URL i
   ``false_alarm``, defect type, note, whether the drawn mask was accepted, who, when. The latest
   verdict of a request is the one that counts; earlier ones stay as history.
 - ``exports``: what ``redi review export`` wrote into a line's dataset (so nothing is written twice).
+- ``operators``, ``operator_sessions``, ``login_failures``: the review page's accounts (password
+  hashes), its server-side sessions (revocable) and the failed logins its rate limit counts
+  (``redi.ops.review_accounts``).
 
 The object store holds the images; this database is their index (``sync_from_store`` rebuilds
 it from the stored ``record.json`` files).
@@ -107,6 +110,8 @@ class Verdict(Base):
     note: Mapped[str] = mapped_column(Text, default="")
     by: Mapped[str] = mapped_column(String(128))
     at: Mapped[str] = mapped_column(String(40))
+    # the operator account whose login session sent it (NULL: sent with the API key, ``by`` is the caller's claim)
+    operator: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Export(Base):
@@ -123,6 +128,41 @@ class Export(Base):
     revision: Mapped[str] = mapped_column(String(64))
     by: Mapped[str] = mapped_column(String(128))
     at: Mapped[str] = mapped_column(String(40))
+
+
+class Operator(Base):
+    """A review-page account: the password is stored only as a salted KDF hash (``review_accounts``)."""
+
+    __tablename__ = "operators"
+    username: Mapped[str] = mapped_column(String(64), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    created_at: Mapped[str] = mapped_column(String(40))
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    password_set_at: Mapped[str] = mapped_column(String(40))
+    disabled_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+class OperatorSession(Base):
+    """A login: the cookie carries the token, the database only its sha256 (a copied table logs nobody in)."""
+
+    __tablename__ = "operator_sessions"
+    token_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    username: Mapped[str] = mapped_column(ForeignKey("operators.username"), index=True)
+    created_at: Mapped[str] = mapped_column(String(40))
+    expires_at: Mapped[float] = mapped_column(Float)  # unix time
+    client: Mapped[str] = mapped_column(String(64), default="")
+    revoked_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    revoked_why: Mapped[str] = mapped_column(String(64), default="")
+
+
+class LoginFailure(Base):
+    """One failed login (the rate limit counts them per username and per client address)."""
+
+    __tablename__ = "login_failures"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    client: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[float] = mapped_column(Float, index=True)  # unix time
 
 
 def default_db_url(env: Mapping[str, str] | None = None) -> str:
@@ -145,7 +185,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 # columns added after the first release: create_all() makes missing tables, never missing columns
-_LATER_COLUMNS = {"retained": {"sample_rate": "FLOAT"}}
+_LATER_COLUMNS = {"retained": {"sample_rate": "FLOAT"}, "verdicts": {"operator": "VARCHAR(64)"}}
 
 
 def _add_later_columns(engine: Engine) -> None:
@@ -353,7 +393,8 @@ class ReviewDB:
 
     # -- verdicts ------------------------------------------------------------------------------
     def add_verdict(self, request_id: str, verdict: str, by: str, note: str = "", defect_type: str = "",
-                    accept_mask: bool = False, image_exists: bool | None = None) -> dict[str, Any]:
+                    accept_mask: bool = False, image_exists: bool | None = None,
+                    operator: str | None = None) -> dict[str, Any]:
         """Store one verdict (history is kept; the latest counts); return it.
 
         Args:
@@ -362,6 +403,7 @@ class ReviewDB:
             accept_mask: for ``defect``: the thresholded map is a good enough mask for training.
             image_exists: whether the image is still in the store (the caller checked); False
                 marks it expired and refuses the verdict.
+            operator: the logged-in account that judged (None when the caller used the API key).
 
         Raises:
             UnknownRequest, ImageExpired, InvalidVerdict.
@@ -389,7 +431,8 @@ class ReviewDB:
                                    f"{row.expired_at[:19]} (REDI_RETAIN_DAYS / REDI_RETAIN_MAX_PER_LINE); it can "
                                    f"no longer be judged or exported. Nothing was stored")
             stored = Verdict(request_id=request_id, line=row.line, verdict=verdict, defect_type=defect_type,
-                             accept_mask=bool(accept_mask), note=note.strip(), by=by.strip(), at=now_iso())
+                             accept_mask=bool(accept_mask), note=note.strip(), by=by.strip(), at=now_iso(),
+                             operator=operator)
             session.add(stored)
             session.flush()
             return _verdict_dict(stored)
@@ -450,5 +493,5 @@ class ReviewDB:
         return {"added": added, "expired": len(gone)}
 
 
-__all__ = ["DEFAULT_DEFECT_TYPE", "ImageExpired", "InvalidVerdict", "ReviewDB", "ReviewError", "UnknownRequest",
-           "VERDICTS", "default_db_url", "now_iso"]
+__all__ = ["DEFAULT_DEFECT_TYPE", "ImageExpired", "InvalidVerdict", "LoginFailure", "Operator", "OperatorSession",
+           "ReviewDB", "ReviewError", "UnknownRequest", "VERDICTS", "default_db_url", "now_iso"]
