@@ -35,8 +35,10 @@ from typing import Any, Mapping
 
 from redi.core.config import RediConfig
 from redi.core.errors import ConfigError
+from redi.core.utils import sha256_file
 from redi.ops.object_store import ObjectStore
-from redi.ops.model_registry import fetch_production_detector, promote, publish_version, version_key
+from redi.ops.model_registry import (check_promotable, fetch_pointer_detector, move_production, production_record,
+    publish_version, same_pointer, version_index, version_key)
 
 GATED_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 # the decision at the served threshold: name -> True when higher is better
@@ -212,21 +214,26 @@ def evaluate_production(store: ObjectStore, line: str, data_root: str | Path, cf
     The decision numbers are those at the threshold production serves: its own, or the line's
     audited override when one is set for its version (``redi.ops.thresholds``).
     """
+    pointer = production_record(store, line)
+    return None if pointer is None else (pointer, evaluate_pointer(store, line, pointer, data_root, cfg, workdir))
+
+
+def evaluate_pointer(store: ObjectStore, line: str, pointer: Mapping[str, Any], data_root: str | Path,
+                     cfg: RediConfig, workdir: str | Path | None = None) -> dict[str, Any]:
+    """The metrics on ``data_root``'s test set of the model a production pointer (as read) names, at
+    the threshold it serves (see :func:`evaluate_production`)."""
     from redi.workflow.stages import evaluate
     from redi.ops.thresholds import effective_threshold, threshold_override
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        fetched = fetch_production_detector(store, line, Path(tmp) / "production.pt")
-        if fetched is None:
-            return None
-        path, pointer = fetched
+        path = fetch_pointer_detector(store, line, pointer, Path(tmp) / "production.pt")
         metrics_path = evaluate(path, data_root, Path(tmp) / "eval", cfg, write_report=False)
         metrics = {**json.loads(Path(metrics_path).read_text()), "threshold_source": "model"}
         served = effective_threshold(metrics["threshold"], str(pointer.get("version")),
                                      threshold_override(store, line))
         if served != metrics["threshold"]:
             metrics = _at_override(metrics, Path(metrics_path).parent / "scores.json", served)
-        return pointer, metrics
+        return metrics
 
 
 def decision_summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -261,6 +268,29 @@ def gate_model(line: str, detector_path: str | Path, metrics_path: str | Path, d
     version = model_version(detector_path)
     production = evaluate_production(store, line, data_root, cfg, Path(out_path).parent)
     pointer, production_metrics = production if production else (None, None)
+    decision = _decision(line, version, candidate, policy, pointer, production_metrics, store, info)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(decision, indent=2, default=str))
+    files = {"detector.pt": detector_path, "metrics.json": metrics_path, "decision.json": out_path,
+             **dict(artifacts or {})}
+    index = publish_version(store, line, version, files, _index_info(decision, info))
+    decision["version_prefix"] = store.uri(version_key(line, version))
+    decision["n_files_uploaded"] = len(index["files"])
+    if decision["promote"]:
+        decision = _move_if_still_better(store, line, version, candidate, policy, decision, pointer, data_root,
+                                         cfg, out_path, info)
+    out_path.write_text(json.dumps(decision, indent=2, default=str))
+    verdict = "PROMOTED" if decision["promote"] else "REFUSED"
+    print(f"[gate] {line} {version}: {verdict}: " + "; ".join(decision["reasons"]) + f" (store: {store.describe()})",
+          file=sys.stderr, flush=True)
+    return decision
+
+
+def _decision(line: str, version: str, candidate: Mapping[str, Any], policy: GatePolicy,
+              pointer: Mapping[str, Any] | None, production_metrics: Mapping[str, Any] | None,
+              store: ObjectStore, info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """:func:`decide` against a production pointer as read, with the fields ``decision.json`` records."""
     if pointer is not None and pointer.get("version") == version:
         production_metrics = None  # the candidate IS the production model (a rerun): nothing to compare
     decision = decide(candidate, policy, production_metrics)
@@ -269,21 +299,71 @@ def gate_model(line: str, detector_path: str | Path, metrics_path: str | Path, d
                      "production_version": pointer.get("version") if pointer else None,
                      "production_metrics": decision_summary(production_metrics) if production_metrics else None,
                      "store": repr(store), "info": dict(info or {})})
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(decision, indent=2, default=str))
-    files = {"detector.pt": detector_path, "metrics.json": metrics_path, "decision.json": out_path,
-             **dict(artifacts or {})}
-    index = publish_version(store, line, version, files,
-                            {"promote": decision["promote"], "reasons": decision["reasons"],
-                             "metrics": decision["candidate_metrics"], "info": dict(info or {})})
-    decision["version_prefix"] = store.uri(version_key(line, version))
-    decision["n_files_uploaded"] = len(index["files"])
-    if decision["promote"]:
-        decision["pointer"] = promote(store, line, version, {"metrics": decision["candidate_metrics"],
-                                                             "reasons": decision["reasons"]},
-                                      by="gate", reason="; ".join(decision["reasons"]))
-    out_path.write_text(json.dumps(decision, indent=2, default=str))
-    verdict = "PROMOTED" if decision["promote"] else "REFUSED"
-    print(f"[gate] {line} {version}: {verdict}: " + "; ".join(decision["reasons"]), file=sys.stderr, flush=True)
     return decision
+
+
+def _index_info(decision: Mapping[str, Any], info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a version's index records of the gate's decision (``promote`` is what promotion checks)."""
+    return {"promote": decision["promote"], "reasons": decision["reasons"],
+            "metrics": decision["candidate_metrics"], "info": dict(info or {})}
+
+
+def _move_if_still_better(store: ObjectStore, line: str, version: str, candidate: Mapping[str, Any],
+                          policy: GatePolicy, decision: dict[str, Any], evaluated: Mapping[str, Any] | None,
+                          data_root: str | Path, cfg: RediConfig, out_path: Path,
+                          info: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Move the pointer to the candidate by compare-and-swap; when production changed since it was
+    evaluated (a rollback, another promotion), compare the candidate again with the model now in
+    production and move only if it still passes. Returns the final decision."""
+    state = {"decision": decision, "seen": evaluated}
+    check_promotable(store, line, version)  # the uploaded detector is the one judged (complete, same sha256)
+
+    def propose(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        if current is not None and current.get("version") == version:
+            return None  # a rerun of the gate on the production model: nothing moves
+        if not same_pointer(current, state["seen"]):  # production moved while the gate worked
+            metrics = None
+            if current is not None:
+                metrics = evaluate_pointer(store, line, current, data_root, cfg, out_path.parent)
+            again = _decision(line, version, candidate, policy, current, metrics, store, info)
+            again["redecided"] = [*state["decision"].get("redecided", []),
+                                  {"was_production": (state["seen"] or {}).get("version"),
+                                   "now_production": (current or {}).get("version"),
+                                   "now_by": (current or {}).get("by"), "now_action": (current or {}).get("action"),
+                                   "previous_decision": state["decision"]["promote"]}]
+            again.update({k: state["decision"][k] for k in ("version_prefix", "n_files_uploaded")})
+            state["decision"], state["seen"] = again, current
+            if not again["promote"]:
+                return None
+        d = state["decision"]
+        index = version_index(store, line, version) or {}
+        names = {entry["name"]: entry["key"] for entry in index.get("files", [])}
+        return {"metrics": d["candidate_metrics"], "reasons": d["reasons"], "line": line, "version": version,
+                "index": version_key(line, version, "index.json"), "detector": names.get("detector.pt"),
+                "sha256": next((e["sha256"] for e in index.get("files", []) if e["name"] == "detector.pt"), None),
+                "files": names, "reason": "; ".join(d["reasons"])}
+
+    moved = move_production(store, line, propose, action="promote", by="gate", version_hint=version,
+                            based_on=evaluated)
+    final = state["decision"]
+    if moved is not None:
+        final["pointer"] = moved
+    elif final["promote"]:
+        final["pointer"] = production_record(store, line)  # already there (a rerun, or another writer)
+    if final.get("redecided"):
+        _republish_decision(store, line, version, final, out_path, info)
+    return final
+
+
+def _republish_decision(store: ObjectStore, line: str, version: str, decision: Mapping[str, Any], out_path: Path,
+                        info: Mapping[str, Any] | None) -> None:
+    """After a re-decision, the version's ``decision.json`` and index say the final decision (a
+    candidate refused against the model now in production cannot be promoted by hand either)."""
+    out_path.write_text(json.dumps(decision, indent=2, default=str))
+    key = version_key(line, version, "decision.json")
+    store.put_file(key, out_path)
+    index = dict(version_index(store, line, version) or {})
+    index["files"] = [{**e, "size": out_path.stat().st_size, "sha256": sha256_file(out_path)} if e["key"] == key
+                      else e for e in index.get("files", [])]
+    index["info"] = {**_index_info(decision, info), "redecided": decision.get("redecided", [])}
+    store.put_json(version_key(line, version, "index.json"), index)

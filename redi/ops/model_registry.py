@@ -5,7 +5,7 @@ the same in both stores)::
 
     lines/<line>/versions/<version>/<file>      every artifact of a candidate model
     lines/<line>/versions/<version>/index.json  written LAST: the list of files, sizes and sha256
-    lines/<line>/promotions/<time>-<version>.json  one record per promotion (history)
+    lines/<line>/promotions/<time>-<version>.json  one record per move or conflict (the audit trail)
     lines/<line>/production.json                the production pointer, moved LAST of all
 
 Why this order is safe: a version counts as complete only once its ``index.json`` exists, and
@@ -13,14 +13,20 @@ Why this order is safe: a version counts as complete only once its ``index.json`
 object write is atomic (S3 PUT; ``os.replace`` on disk), so an upload interrupted at any point
 leaves ``production.json`` naming the previous, complete version; rerunning the upload finishes
 the new version (files are written again, nothing is deleted).
+
+The pointer moves only by compare-and-swap (:func:`move_production`): a move writes the pointer
+only if it is still the one the mover read (S3 ``If-Match`` / ``If-None-Match``; ``os.replace``
+under an ``fcntl`` lock on disk). A mover that loses re-reads the pointer and decides again, and
+both the lost attempt and the re-decision are audit records (``outcome: conflict``).
 """
 from __future__ import annotations
 
 import datetime as _dt
 import os
 import tempfile
+import uuid
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from redi.core.utils import sha256_file
 from redi.ops.object_store import ObjectStore, StorageError
@@ -104,7 +110,7 @@ def verify_version(store: ObjectStore, line: str, version: str) -> dict[str, Any
 
 def production_record(store: ObjectStore, line: str) -> dict[str, Any] | None:
     """The line's production pointer (``version``, ``detector`` key, ``metrics``, ...), or None."""
-    return store.get_json(f"{line_prefix(line)}/{POINTER_NAME}")
+    return store.get_json(pointer_key(line))
 
 
 def actor() -> str:
@@ -152,9 +158,132 @@ def check_promotable(store: ObjectStore, line: str, version: str, verify_hash: b
     return index
 
 
+# -- moving the production pointer: a compare-and-swap ------------------------------------------
+MAX_MOVE_ATTEMPTS = 5
+_ANY = object()  # "the caller's decision did not depend on which pointer it saw"
+
+
+class PointerConflict(StorageError):
+    """The production pointer kept moving under this move (or moved so that it no longer applies)."""
+
+
+def pointer_key(line: str) -> str:
+    """``lines/<line>/production.json``."""
+    return f"{line_prefix(line)}/{POINTER_NAME}"
+
+
+def production_record_versioned(store: ObjectStore, line: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The line's production pointer and its version tag (for a compare-and-swap), or ``(None, None)``."""
+    return store.get_json_versioned(pointer_key(line))
+
+
+def same_pointer(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool:
+    """Whether two reads saw the same pointer move (not merely the same version: A, B, A differs)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return all(a.get(k) == b.get(k) for k in ("version", "move_id", "promoted", "action", "by"))
+
+
+def _record_key(line: str, version: str, when: _dt.datetime) -> str:
+    return f"{line_prefix(line)}/promotions/{when.strftime('%Y%m%dT%H%M%S%f')}-{version or 'none'}.json"
+
+
+def _moved_by(pointer: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a conflict record says of the pointer another writer left."""
+    if pointer is None:
+        return {"version": None}
+    return {k: pointer.get(k) for k in ("version", "action", "by", "promoted", "move_id")}
+
+
+def record_conflict(store: ObjectStore, line: str, *, action: str, version: str | None, by: str,
+                    expected: Mapping[str, Any] | None, found: Mapping[str, Any] | None, stage: str,
+                    outcome: str) -> dict[str, Any]:
+    """Write an audit record of a pointer conflict: who meant to move it where, what it found, what followed.
+
+    ``stage``: ``read`` (the pointer changed while the mover decided, e.g. during the gate's
+    evaluation) or ``write`` (the compare-and-swap lost to another writer).
+    """
+    now = _dt.datetime.now(_dt.timezone.utc)
+    record = {"line": line, "version": version, "action": action, "by": by or actor(),
+              "promoted": now.isoformat(timespec="seconds"), "outcome": "conflict",
+              "conflict": {"stage": stage, "expected": _moved_by(expected), "found": _moved_by(found),
+                           "then": outcome}}
+    store.put_json(_record_key(line, f"conflict-{version or 'none'}", now), record)
+    return record
+
+
+def move_production(store: ObjectStore, line: str, propose: Callable[[dict[str, Any] | None], dict[str, Any] | None],
+                    *, action: str, by: str = "", version_hint: str | None = None, based_on: Any = _ANY,
+                    attempts: int = MAX_MOVE_ATTEMPTS) -> dict[str, Any] | None:
+    """Move the line's production pointer with a compare-and-swap; re-read and re-decide on every conflict.
+
+    Each attempt reads the pointer (and its tag), asks ``propose(current)`` for the new pointer (its
+    fields; None: no move is needed any more), writes the audit record, then writes the pointer only
+    if it is still the one read (:meth:`ObjectStore.put_bytes_if`). A lost race is recorded
+    (``outcome: conflict``) and the next attempt decides again on what it now reads, so a move is
+    never applied twice, never records a stale ``previous_version``, and never silently overwrites
+    another writer's move.
+
+    Args:
+        propose: the decision; may raise (e.g. :class:`PointerConflict` when the move no longer applies).
+        based_on: the pointer the caller's decision was made on (the gate's evaluated production);
+            when the pointer read first differs, that is recorded as a conflict before ``propose``
+            decides again.
+        version_hint: the intended version, for conflict records.
+
+    Returns:
+        the pointer written, or None when ``propose`` decided no move was needed.
+
+    Raises:
+        PointerConflict: ``attempts`` compare-and-swaps in a row lost to other writers.
+    """
+    key = pointer_key(line)
+    for _ in range(attempts):
+        current, tag = store.get_json_versioned(key)
+        if based_on is not _ANY and not same_pointer(current, based_on):
+            record_conflict(store, line, action=action, version=version_hint, by=by, expected=based_on,
+                            found=current, stage="read", outcome="decided again on the pointer found")
+            based_on = _ANY
+        proposal = propose(current)
+        if proposal is None:
+            return None
+        now = _dt.datetime.now(_dt.timezone.utc)
+        pointer = {**proposal, "promoted": now.isoformat(timespec="seconds"), "action": action,
+                   "by": by or actor(), "move_id": uuid.uuid4().hex,
+                   "previous_version": current.get("version") if current else None,
+                   "previous_move_id": current.get("move_id") if current else None}
+        record_key = _record_key(line, pointer["version"], now)
+        # the audit record is written before the switch: no production change without its record
+        store.put_json(record_key, {**pointer, "outcome": "intended"})
+        if store.put_json_if(key, pointer, tag):  # the single atomic switch, only over what was read
+            store.put_json(record_key, {**pointer, "outcome": "applied"})
+            return pointer
+        found = production_record(store, line)
+        store.put_json(record_key, {**pointer, "outcome": "conflict",
+                                    "conflict": {"stage": "write", "expected": _moved_by(current),
+                                                 "found": _moved_by(found), "then": "read again and decided again"}})
+    raise PointerConflict(f"the production pointer of line {line!r} in {store.describe()} moved under {attempts} "
+                          f"attempts in a row to {action} it; nothing was changed by this command. See `redi model "
+                          f"history --line {line}` and retry")
+
+
+def _pointer_fields(store: ObjectStore, line: str, version: str, index: Mapping[str, Any],
+                    record: Mapping[str, Any] | None, reason: str) -> dict[str, Any]:
+    names = {entry["name"]: entry["key"] for entry in index["files"]}
+    return {**dict(record or {}),  # extra fields first: they never override the pointer's own
+            "line": line, "version": version, "index": version_key(line, version, INDEX_NAME),
+            "detector": names.get("detector.pt"), "sha256": detector_sha256(index), "files": names,
+            "reason": reason}
+
+
 def promote(store: ObjectStore, line: str, version: str, record: Mapping[str, Any] | None = None, *,
             action: str = "promote", by: str = "", reason: str = "", verify_hash: bool = True) -> dict[str, Any]:
     """Point the line's production at ``version``: check it, write the audit record, move the pointer last.
+
+    The move is a compare-and-swap (:func:`move_production`): when another writer moves the pointer
+    at the same time, this one re-reads it and moves from what it finds (its ``previous_version`` is
+    then the other writer's version). When ``version`` is already in production (a rerun, or
+    another writer's identical move), nothing is written and the pointer in force is returned.
 
     Args:
         record: extra fields kept in the pointer (metrics, gate reasons, ...).
@@ -164,50 +293,78 @@ def promote(store: ObjectStore, line: str, version: str, record: Mapping[str, An
             :func:`check_promotable`).
 
     Returns:
-        the new pointer (``version``, ``detector`` key, ``sha256``, ``promoted``, ``by``, ``reason``, ...).
+        the pointer in force (``version``, ``detector`` key, ``sha256``, ``promoted``, ``by``,
+        ``reason``, ``previous_version``, ``move_id``, ...).
     """
     index = check_promotable(store, line, version, verify_hash)
-    previous = production_record(store, line)
-    now = _dt.datetime.now(_dt.timezone.utc)
-    names = {entry["name"]: entry["key"] for entry in index["files"]}
-    pointer = {**dict(record or {}),  # extra fields first: they never override the pointer's own
-               "line": line, "version": version, "index": version_key(line, version, INDEX_NAME),
-               "detector": names.get("detector.pt"), "sha256": detector_sha256(index), "files": names,
-               "promoted": now.isoformat(timespec="seconds"), "action": action, "by": by or actor(),
-               "reason": reason, "previous_version": previous.get("version") if previous else None}
-    # the audit record is written before the switch: no production change without its record
-    store.put_json(f"{line_prefix(line)}/promotions/{now.strftime('%Y%m%dT%H%M%S%f')}-{version}.json", pointer)
-    store.put_json(f"{line_prefix(line)}/{POINTER_NAME}", pointer)  # the single atomic switch
-    return pointer
+    fields = _pointer_fields(store, line, version, index, record, reason)
+
+    def propose(current: dict[str, Any] | None) -> dict[str, Any] | None:
+        # already there (a rerun, or another writer's identical move won the race): nothing to record
+        return None if current is not None and current.get("version") == version else fields
+
+    moved = move_production(store, line, propose, action=action, by=by, version_hint=version)
+    return moved if moved is not None else dict(production_record(store, line) or {})
 
 
-def promotion_history(store: ObjectStore, line: str) -> list[dict[str, Any]]:
-    """Every promotion and rollback of a line (the audit records), oldest first."""
+def promotion_history(store: ObjectStore, line: str, include_conflicts: bool = True) -> list[dict[str, Any]]:
+    """Every promotion and rollback of a line (the audit records), oldest first.
+
+    Records of moves that lost a race or were decided again (``outcome: conflict``) are part of the
+    audit trail; ``include_conflicts=False`` leaves them out (the moves that may have happened).
+    """
     prefix = f"{line_prefix(line)}/promotions/"
-    return [record for key in store.list(prefix) if key.endswith(".json")
-            if (record := store.get_json(key)) is not None]
+    records = [record for key in store.list(prefix) if key.endswith(".json")
+               if (record := store.get_json(key)) is not None]
+    return records if include_conflicts else [r for r in records if r.get("outcome") != "conflict"]
 
 
 def rollback(store: ObjectStore, line: str, version: str | None = None, *, by: str = "",
              reason: str = "") -> dict[str, Any]:
     """Put back an earlier production model: ``version``, or the one served before the current one.
 
-    The target goes through the same checks as a promotion (:func:`check_promotable`).
+    The target goes through the same checks as a promotion (:func:`check_promotable`). The move is
+    a compare-and-swap: without ``version`` the rollback undoes the production model it read first;
+    when another writer replaced that model meanwhile, the rollback no longer applies and raises
+    :class:`PointerConflict` (recorded) rather than rolling back a model nobody meant to.
     """
     current = production_record(store, line)
     if current is None:
-        raise StorageError(f"line {line!r} has no production model in {store!r}: nothing to roll back")
+        raise StorageError(f"line {line!r} has no production model in {store.describe()}: nothing to roll back")
+    undoing = current
     if version is None:
-        earlier = [r["version"] for r in promotion_history(store, line) if r.get("version") != current["version"]]
+        earlier = [r["version"] for r in promotion_history(store, line, include_conflicts=False)
+                   if r.get("version") != current["version"]]
         if not earlier:
             raise StorageError(f"line {line!r} has had no production model other than {current['version']}: "
                                f"nothing to roll back to; name a version with --version")
-        version = earlier[-1]
-    if version == current["version"]:
-        raise StorageError(f"version {version} is already line {line!r}'s production model")
-    target = version_index(store, line, version) or {}
-    metrics = ((target.get("info") or {}).get("metrics")) or {}
-    return promote(store, line, version, {"metrics": metrics}, action="rollback", by=by, reason=reason)
+        target, explicit = earlier[-1], False
+    else:
+        target, explicit = version, True
+    if target == current["version"]:
+        raise StorageError(f"version {target} is already line {line!r}'s production model")
+    index = check_promotable(store, line, target)
+    metrics = ((index.get("info") or {}).get("metrics")) or {}
+    fields = _pointer_fields(store, line, target, index, {"metrics": metrics}, reason)
+
+    def propose(now: dict[str, Any] | None) -> dict[str, Any] | None:
+        if same_pointer(now, undoing):
+            return fields
+        found = (now or {}).get("version")
+        if explicit and found != target:
+            return fields  # "put <version> back" still means the same whatever was there
+        outcome = ("nothing rolled back: " + (f"{target} is already production" if found == target else
+                   f"production moved from {undoing['version']} to {found} meanwhile"))
+        record_conflict(store, line, action="rollback", version=target, by=by, expected=undoing, found=now,
+                        stage="read", outcome=outcome)
+        if found == target:
+            return None
+        raise PointerConflict(f"line {line!r}: {outcome} (by {(now or {}).get('by')}); the rollback of "
+                              f"{undoing['version']} no longer applies. Check `redi model history --line {line}` "
+                              f"and name the version to put back with --version")
+
+    moved = move_production(store, line, propose, action="rollback", by=by, version_hint=target)
+    return moved if moved is not None else dict(production_record(store, line) or {})
 
 
 def production_lines(store: ObjectStore) -> list[str]:
@@ -229,8 +386,11 @@ def fetch_production_detector(store: ObjectStore, line: str, dest: str | Path) -
             one recorded at promotion (the file is then removed).
     """
     pointer = production_record(store, line)
-    if pointer is None:
-        return None
+    return None if pointer is None else (fetch_pointer_detector(store, line, pointer, dest), pointer)
+
+
+def fetch_pointer_detector(store: ObjectStore, line: str, pointer: Mapping[str, Any], dest: str | Path) -> Path:
+    """Download the detector a production pointer (as read earlier) names, checking its sha256."""
     if not pointer.get("detector"):
         raise StorageError(f"the production pointer of line {line!r} names no detector.pt; promote a version again")
     path = fetch_file(store, pointer["detector"], dest)
@@ -240,7 +400,7 @@ def fetch_production_detector(store: ObjectStore, line: str, dest: str | Path) -
         raise StorageError(f"{store.uri(pointer['detector'])} (production of line {line!r}, version "
                            f"{pointer['version']}) does not have the sha256 recorded at promotion; it was "
                            f"changed after promotion. Promote or roll back to a verified version")
-    return path, pointer
+    return path
 
 
 def list_versions(store: ObjectStore, line: str) -> list[str]:
