@@ -16,7 +16,8 @@ from components.common import COMPONENT_OPTIONS
 def snapshot_data(line: str, data_path: str, data_repo: str, revision: str, data_hash: str,
                   dataset: Output[Dataset]):
     """Copy the dataset (a folder, a DVC working copy or ``dvc get`` of ``revision``) into ``dataset``
-    and check that its content hash is ``data_hash``."""
+    and check that its content hash is ``data_hash``. Credentials as for ``validate_data`` (the line's
+    data secret in the environment; never in ``data_repo``)."""
     from pathlib import Path
 
     from components.common import fetch_dataset, stage_guard, tree_hash

@@ -25,6 +25,9 @@ def validate_data(line: str, data_path: str, data_repo: str, data_revision: str,
     source and its content hash), ``rejected`` (``rejected.json``), and the values ``data_hash`` (sha256
     over every file) and ``revision`` (the commit of ``data_revision``; "" for a working copy). A
     corrupt file stops the run naming the file, unless the line sets ``data.skip_bad_files``.
+
+    A private repository or DVC remote: credentials from the line's data secret in the environment
+    (``components.common.DATA_SECRET_KEYS``); a ``data_repo`` with credentials in it is refused.
     """
     import json
     import shutil

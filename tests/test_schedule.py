@@ -122,6 +122,11 @@ def test_scheduled_run_keeps_each_steps_caching_setting(kfp_api, tmp_path):
     # the point of the fix: the steps that see new data and decide promotion run every time
     assert caching["validate-data"] is False and caching["gate"] is False and caching["package-bento"] is False
     assert caching["snapshot-data"] is True and caching["train-recover"] is True
+    # the Kubernetes document travels too: the data secret on the data steps only
+    executors = body["pipeline_spec"]["platform_spec"]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    with_data_secret = {name for name, spec in executors.items()
+                        if any(s["secretName"] == "redi-data" for s in spec.get("secretAsEnv", []))}
+    assert with_data_secret == {"exec-validate-data", "exec-snapshot-data"}
     params = body["runtime_config"]["parameters"]
     assert params["data_repo"] == "https://git.example/caps.git" and params["data_revision"] == ""
 
