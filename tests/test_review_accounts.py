@@ -122,6 +122,22 @@ def test_cli_reads_the_password_from_stdin_never_from_argv(tmp_path: Path) -> No
     assert PASSWORD not in (tmp_path / "review.db").read_bytes().decode("latin-1")
 
 
+def test_a_review_db_from_before_accounts_gets_the_operator_column(tmp_path: Path) -> None:
+    from sqlalchemy import inspect, text
+
+    url = f"sqlite:///{tmp_path / 'review.db'}"
+    with ReviewDB(url).engine.begin() as connection:  # the verdicts table as it was before accounts
+        connection.execute(text("ALTER TABLE verdicts DROP COLUMN operator"))
+    db = ReviewDB(url)
+    assert "operator" in {c["name"] for c in inspect(db.engine).get_columns("verdicts")}
+    db.add_retained({"request_id": "r1", "line": LINE, "time": "2026-01-01T00:00:00+00:00", "score": 2.0,
+                     "threshold": 1.0, "anomalous": True, "width": 8, "height": 8, "image_key": "i", "map_key": "m",
+                     "record_key": "r"})
+    stored = db.add_verdict("r1", "false_alarm", by="ann", operator="ann")
+    assert (stored["by"], stored["operator"]) == ("ann", "ann")
+    assert db.add_verdict("r1", "defect", by="script")["operator"] is None  # sent with the API key
+
+
 # ----------------------------------------------------------------------------- a real server
 def _cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     extra = ["--password-stdin"] if stdin is not None else []

@@ -2,7 +2,9 @@
 
 Normal and defective parts are sent to the running service; the flagged ones are kept in S3 and
 appear on the review page as a browser renders it; clicking *false alarm* stores the verdict; the
-export puts that image into ``train/good`` of a DVC data repository as a new revision that the
+operator logs in with their own account (``redi review user add``; the API key is no password),
+the verdict names them, logging out ends the session, and the export puts that image into
+``train/good`` of a DVC data repository as a new revision that the
 pipeline's data stage counts. ``/metrics`` reports what the requests produced, a threshold
 override takes effect without a retrain, bad review requests get clear errors, and a stopped
 store with a one-slot queue neither delays nor fails ``/predict``.
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import pytest
 import requests
 from s3_server import start_s3_server, weed_binary
 from tiny_line import make_line, train_tiny
-from test_production_truth import BIN, Server, _redi
+from test_production_truth import BIN, KEY, Server, _redi
 from test_review import make_data_repo
 
 from redi.core.config import profile_config
@@ -33,7 +36,8 @@ from redi.ops.thresholds import set_threshold_override
 from serving.review_metrics import metric_value
 
 LINE = "bottle_caps"
-KEY = "truth-key"  # the key test_production_truth.Server sends
+SESSION_SECRET = "review-station-cookie-secret-0123456789abcdef"
+OPERATOR, PASSWORD = "ann", "capping head 7"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
@@ -54,7 +58,8 @@ def station(tmp_path_factory: pytest.TempPathFactory):
     threshold = (ranked[3] + ranked[4]) / 2  # 4 probes below, 3 above: some normal, some flagged
     with start_s3_server(root / "s3") as s3:
         env = {**os.environ, **s3.env, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-               "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(root / "logs"), "REDI_DEVICE": "cpu",
+               "REDI_API_KEY": KEY, "REDI_SESSION_SECRET": SESSION_SECRET, "REDI_LOG_DIR": str(root / "logs"),
+               "REDI_DEVICE": "cpu",
                "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "REDI_MODEL_CACHE": str(root / "cache"),
                "REDI_RELOAD_INTERVAL_S": "0", "REDI_RETAIN_NORMAL_RATE": "0", "REDI_RETAIN_QUEUE": "1",
                "REDI_RETAIN_SWEEP_S": "0"}
@@ -63,6 +68,9 @@ def station(tmp_path_factory: pytest.TempPathFactory):
         publish_version(store, LINE, "v1", {"detector.pt": detector_path}, {"promote": True})
         promote(store, LINE, "v1", by="qa", reason="first model")
         set_threshold_override(store, LINE, threshold, "split the probes", by="qa")
+        account = subprocess.run([str(BIN / "redi"), "review", "user", "add", "--name", OPERATOR, "--password-stdin"],
+                                 env=env, input=PASSWORD + "\n", capture_output=True, text=True, timeout=120)
+        assert account.returncode == 0, account.stderr
         server = Server("serving.service:RediService", env, root / "server.log")
         try:
             yield {"root": root, "data": data, "env": env, "store": store, "server": server, "scores": scores,
@@ -120,13 +128,14 @@ def test_flagged_parts_reviewed_in_a_browser_then_exported(station: dict, tmp_pa
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(f"{server.url}/review/line/{LINE}")
-            assert "/review/login" in page.url  # no key, no page
-            page.fill("#name", "ann")
-            page.fill("#key", "wrong")
+            assert "/review/login" in page.url  # no session, no page
+            page.screenshot(path=str(tmp_path / "login.png"))
+            page.fill("#username", OPERATOR)
+            page.fill("#password", KEY)  # the machine API key is not an operator's password
             page.click("#login")
-            assert "wrong key" in page.inner_text("#login-error")
-            page.fill("#name", "ann")
-            page.fill("#key", KEY)
+            assert "wrong username or password" in page.inner_text("#login-error")
+            page.fill("#username", OPERATOR)
+            page.fill("#password", PASSWORD)
             page.click("#login")
             page.wait_for_url(f"{server.url}/review/line/{LINE}")
             cards = page.locator(".card")
@@ -135,7 +144,7 @@ def test_flagged_parts_reviewed_in_a_browser_then_exported(station: dict, tmp_pa
             page.wait_for_function("() => [...document.images].length === 9 && "
                                    "[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=60000)
             assert page.locator(".box").count() >= 1  # defect boxes drawn over the images
-            assert "ann" in page.inner_text("header")
+            assert page.inner_text("#operator") == OPERATOR
             page.screenshot(path=str(tmp_path / "review.png"))
             card = page.locator(f"#item-{target}")
             card.locator("input[name=note]").fill("rare pose, part is fine")
@@ -145,10 +154,15 @@ def test_flagged_parts_reviewed_in_a_browser_then_exported(station: dict, tmp_pa
             assert "ann" in page.inner_text(f"#item-{target} .verdict")
             page.goto(f"{server.url}/review/")
             assert "100 %" in page.inner_text(f"#line-{LINE}")  # 1 judged, 1 false alarm
+            page.click("#logout")  # ends the session in the database, not just in this browser
+            page.wait_for_url(f"{server.url}/review/login")
+            page.goto(f"{server.url}/review/")
+            assert "/review/login" in page.url
         finally:
             browser.close()
     verdict = db.get(target)["verdict"]
-    assert (verdict["verdict"], verdict["by"], verdict["note"]) == ("false_alarm", "ann", "rare pose, part is fine")
+    assert (verdict["verdict"], verdict["by"], verdict["operator"], verdict["note"]) == (
+        "false_alarm", OPERATOR, OPERATOR, "rare pose, part is fine")
 
     # the export: that image into train/good of the DVC repository, a new revision the pipeline reads
     repo = make_data_repo(tmp_path, station["data"])
@@ -160,8 +174,6 @@ def test_flagged_parts_reviewed_in_a_browser_then_exported(station: dict, tmp_pa
     from redi.workflow.stages import validate_data
 
     fetched = tmp_path / "fetched"
-    import subprocess
-
     subprocess.run([str(BIN / "dvc"), "get", str(repo), f"data/lines/{LINE}", "--rev", revision, "-o", str(fetched)],
                    check=True, capture_output=True)
     manifest = json.loads(validate_data(fetched, tmp_path / "validated", profile_config("tiny")).read_text())
