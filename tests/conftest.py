@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,9 @@ import pytest
 from redi.data.demo import make_demo_line
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# `bentoml serve` refuses to start without the review page's cookie signing secret (serving/review_auth.py):
+# servers the tests start inherit this one unless a test sets (or removes) its own
+os.environ.setdefault("REDI_SESSION_SECRET", secrets.token_urlsafe(32))
 
 
 @pytest.fixture(scope="session")

@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.slow,
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = "bottle_caps"
-KEY = "truth-key"
+KEY = "truth-key-0123456789"  # 16+ characters: the service refuses shorter keys at start
 BIN = Path(sys.executable).parent
 PROBE = "test/scratch/000.png"
 
