@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from redi.ops.object_store import DEFAULT_LOCAL_DIR, ObjectStore, StorageError, store_from_env
+from redi.ops.object_store import DEFAULT_LOCAL_DIR, ObjectStore, StorageError, store_for_command
 from redi.ops.model_registry import (list_versions, production_lines, production_record, promote, promotion_history,
     rollback, version_index, version_summary)
 
@@ -26,7 +27,15 @@ _METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
 
 def _store(args: argparse.Namespace) -> ObjectStore:
-    return store_from_env(local_root=args.store_dir)
+    """The command's store (S3 from ``REDI_S3_*``, else the local folder; S3 required in a cluster),
+    opened once per command and named on stderr, so the operator always knows which production
+    the command read or moved (stdout stays the command's answer, e.g. its JSON)."""
+    store = getattr(args, "_opened_store", None)
+    if store is None:
+        store = store_for_command(local_root=args.store_dir)
+        args._opened_store = store
+        print(f"[redi] model store: {store.describe()}", file=sys.stderr, flush=True)
+    return store
 
 
 def _fmt(value: Any) -> str:
@@ -44,7 +53,7 @@ def _list(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     if not rows:
-        print(f"no model versions in {store!r}" + (f" for line {args.line!r}" if args.line else ""))
+        print(f"no model versions in {store.describe()}" + (f" for line {args.line!r}" if args.line else ""))
         return 0
     header = f"{'line':16s} {'version':34s} {'gate':8s} " + " ".join(f"{m:>11s}" for m in _METRICS) + \
         "  sha256        uploaded"
@@ -63,7 +72,7 @@ def _show(args: argparse.Namespace) -> int:
     if version is None:
         pointer = production_record(store, args.line)
         if pointer is None:
-            raise StorageError(f"line {args.line!r} has no production model in {store!r}; name a --version")
+            raise StorageError(f"line {args.line!r} has no production model in {store.describe()}; name a --version")
         version = pointer["version"]
     summary = version_summary(store, args.line, version)
     index = version_index(store, args.line, version) or {}
@@ -79,16 +88,22 @@ def _history(args: argparse.Namespace) -> int:
         print(json.dumps(records, indent=2, default=str))
         return 0
     for r in records:
+        if r.get("outcome") == "conflict":  # a move that lost a race or was decided again
+            c = r.get("conflict") or {}
+            print(f"{r.get('promoted')}  CONFLICT {r.get('action', '?')} of {r.get('version')} by {r.get('by', '?')}: "
+                  f"expected {(c.get('expected') or {}).get('version')}, found {(c.get('found') or {}).get('version')} "
+                  f"(by {(c.get('found') or {}).get('by')}); {c.get('then', '')}")
+            continue
         print(f"{r.get('promoted')}  {r.get('action', 'promote'):8s} {r['version']:34s} by {r.get('by', '?')}: "
               f"{r.get('reason', '')}")
     return 0
 
 
 def _promote(args: argparse.Namespace) -> int:
-    pointer = promote(_store(args), args.line, args.version, _recorded_metrics(args), by=args.by or "",
-                      reason=args.reason)
+    store = _store(args)
+    pointer = promote(store, args.line, args.version, _recorded_metrics(args), by=args.by or "", reason=args.reason)
     print(f"line {args.line}: production is now {pointer['version']} (was {pointer['previous_version']}); "
-          f"recorded by {pointer['by']}: {pointer['reason']}")
+          f"recorded by {pointer['by']}: {pointer['reason']} [store: {store.describe()}]")
     return 0
 
 
@@ -98,9 +113,23 @@ def _recorded_metrics(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    pointer = rollback(_store(args), args.line, args.version, by=args.by or "", reason=args.reason)
+    store = _store(args)
+    pointer = rollback(store, args.line, args.version, by=args.by or "", reason=args.reason)
     print(f"line {args.line}: rolled back to {pointer['version']} (was {pointer['previous_version']}); "
-          f"recorded by {pointer['by']}: {pointer['reason']}")
+          f"recorded by {pointer['by']}: {pointer['reason']} [store: {store.describe()}]")
+    return 0
+
+
+def _convert_artifact(args: argparse.Namespace) -> int:
+    from redi.methods.base import convert_artifact, read_artifact
+
+    if not args.trust:
+        raise StorageError(f"converting {args.path} loads it the old way, which runs any code the file holds: "
+                           f"add --trust only if you know where the file comes from (e.g. you trained it)")
+    out = convert_artifact(args.path, args.out)
+    read_artifact(out)  # the result loads weights-only
+    print(f"converted {args.path} -> {out}: tensors and plain data only (loads weights-only). Its sha256 changed: "
+          f"gate it again (a new version) rather than replacing a file in the store")
     return 0
 
 
@@ -115,7 +144,7 @@ def _bento_build(args: argparse.Namespace) -> int:
 
 
 _HANDLERS: dict[str, Handler] = {"list": _list, "show": _show, "history": _history, "promote": _promote,
-                                 "rollback": _rollback}
+                                 "rollback": _rollback, "convert-artifact": _convert_artifact}
 
 
 def add_model_commands(subparsers: Any) -> dict[str, Handler]:
@@ -144,6 +173,12 @@ def add_model_commands(subparsers: Any) -> dict[str, Handler]:
         p.add_argument("--version", required=name == "promote")
         p.add_argument("--reason", required=True, help="why (kept in the audit record)")
         p.add_argument("--by", help="who (default: user@host of this shell)")
+    p = sub.add_parser("convert-artifact", help="rewrite a trusted detector file from an older redi so that it "
+                                                "loads weights-only (no pickled code)")
+    p.add_argument("path", help="the detector.pt to convert")
+    p.add_argument("--out", help="where to write the converted file (default: in place)")
+    p.add_argument("--trust", action="store_true",
+                   help="confirm you trust the file: converting loads it the old way, which runs code it holds")
 
     p = subparsers.add_parser("bento", help="build a Bento that pins every line's production model",
                               description="`redi bento build`: a self-contained Bento (for `bentoml containerize` "

@@ -16,6 +16,7 @@ import argparse
 import datetime as _dt
 import json
 import os
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -50,6 +51,7 @@ def _monitor(args: argparse.Namespace) -> int:
     if args.trigger_pipeline:  # the bridge to the orchestration; imports the pipeline only when it runs
         from redi.cli.pipeline import drift_trigger
 
+        _check_trigger_target(args)  # before any work: a misconfigured trigger fails at every run, not on drift
         trigger = drift_trigger(args.kfp_host, args.pipeline_workdir, args.lines_dir)
     result = run_monitor(args.line, args.log_dir, args.reference, args.out, workspace=args.workspace,
                          settings=settings, trigger_pipeline=args.trigger_pipeline, trigger=trigger)
@@ -61,6 +63,27 @@ def _monitor(args: argparse.Namespace) -> int:
     print(f"redi monitor: no drift on line {args.line} ({result.n_current} production rows); "
           f"report {result.html_path}")
     return 0
+
+
+def _check_trigger_target(args: argparse.Namespace) -> None:
+    """Say where a drift-triggered retraining would go, and refuse a local store in cluster mode.
+
+    With a KFP host the run's steps take the store from the line's secret. Without one the pipeline
+    runs here and its gate promotes into this process's store, which in a pod (or with
+    ``REDI_CLUSTER_MODE=true``) must be the S3 store: a folder inside the pod is not production.
+    """
+    from redi.cli.pipeline import pipeline_module
+    from redi.ops.object_store import store_for_command
+
+    host = args.kfp_host or pipeline_module().load_line(args.line, args.lines_dir).pipeline.kfp_host
+    if host:
+        print(f"[redi] drift trigger: retraining runs on KFP at {host}; its gate uses the store of the line's "
+              f"store secret", file=sys.stderr, flush=True)
+        return
+    local_root = os.environ.get("REDI_STORE_DIR") or str(Path(args.pipeline_workdir) / "store")  # as the local run's
+    store = store_for_command(local_root=local_root)
+    print(f"[redi] drift trigger: retraining runs locally in {args.pipeline_workdir}; its gate promotes into "
+          f"{store.describe()}", file=sys.stderr, flush=True)
 
 
 def _drift_reference(args: argparse.Namespace) -> int:
