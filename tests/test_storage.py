@@ -9,7 +9,8 @@ import pytest
 
 from redi.core.errors import ConfigError
 from redi.ops.gate import GatePolicy, decide
-from redi.ops.object_store import LocalStore, S3Store, StorageError, store_from_env
+from redi.ops.object_store import (LocalStore, S3Store, StorageError, cluster_mode, store_for_command,
+                                   store_from_env)
 from redi.ops.model_registry import (fetch_production_detector, list_versions, production_lines, production_record,
     promote, promotion_history, publish_version, rollback, verify_version, version_index, version_key,
     version_summary)
@@ -77,6 +78,20 @@ def test_publish_promote_and_pointer(store, tmp_path):
     assert back.read_bytes() == files["detector.pt"].read_bytes()
     assert list_versions(store, "caps") == ["v1"]
     assert any("/promotions/" in key for key in store.list("lines/caps/"))
+
+
+def test_compare_and_swap_writes_only_over_what_was_read(store):
+    key = "lines/a/production.json"
+    assert store.get_bytes_versioned(key) == (None, None)
+    assert store.put_bytes_if(key, b"first", None)  # create only if absent
+    assert not store.put_bytes_if(key, b"second", None)  # someone created it first
+    data, tag = store.get_bytes_versioned(key)
+    assert data == b"first" and tag
+    assert store.put_bytes_if(key, b"second", tag)
+    assert not store.put_bytes_if(key, b"third", tag)  # stale tag: another writer moved it meanwhile
+    assert store.get_bytes(key) == b"second" and store.get_json_versioned("lines/a/none") == (None, None)
+    assert store.list("lines/a/") == [key]  # lock files (local store) are not objects
+    assert store.describe().startswith("local folder " if isinstance(store, LocalStore) else "s3://")
 
 
 def test_delete_is_idempotent_and_leaves_other_objects(store):
@@ -195,6 +210,18 @@ def test_store_from_env(s3_server, tmp_path):
     wrong = {**s3_server.env, "REDI_S3_SECRET_KEY": "not-the-secret"}
     with pytest.raises(StorageError, match="REDI_S3_ENDPOINT"):
         store_from_env(wrong)
+
+
+def test_cluster_mode_from_the_environment(tmp_path):
+    pod = {"KUBERNETES_SERVICE_HOST": "10.96.0.1"}
+    assert cluster_mode({}) is None and "Kubernetes pod" in cluster_mode(pod)
+    assert cluster_mode({**pod, "REDI_CLUSTER_MODE": "false"}) is None and cluster_mode({"REDI_CLUSTER_MODE": "1"})
+    with pytest.raises(StorageError, match="neither true nor false"):
+        cluster_mode({"REDI_CLUSTER_MODE": "maybe"})
+    with pytest.raises(StorageError, match="REDI_CLUSTER_MODE=false to use a local folder on purpose"):
+        store_for_command(tmp_path / "st", pod)
+    assert not (tmp_path / "st").exists()
+    assert isinstance(store_for_command(tmp_path / "st", {}), LocalStore)
 
 
 # -- the gate's rules ---------------------------------------------------------------------------
