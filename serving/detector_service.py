@@ -483,10 +483,11 @@ class RediDetector:
                 LOG.exception("checking the production pointers failed")
 
 
-def configured_store() -> ObjectStore | None:
+def configured_store(patient: bool = False) -> ObjectStore | None:
     """The object store when one is configured (``REDI_S3_ENDPOINT`` or ``REDI_STORE_DIR``), else None;
-    with the services' short timeouts (:func:`serving.settings.serving_store`)."""
-    return serving_store(ServingSettings.from_env())
+    built without a round trip, with the services' short timeouts unless ``patient``
+    (:func:`serving.settings.serving_store`)."""
+    return serving_store(ServingSettings.from_env(), patient=patient)
 
 
 __all__ = ["LoadedLine", "RediDetector", "configured_store", "load_line"]

@@ -67,8 +67,8 @@ Configuration (environment variables, read when a worker starts):
                               elsewhere (``BodyLimitMiddleware``)
 ``REDI_MAX_PIXELS``           images with more pixels get 413 (checked from the header    26.2 M
                               before decoding; also Pillow's decompression-bomb limit)
-``REDI_STORE_TIMEOUT_S``      connect/read timeout of every S3 call (one retry): a hung   5
-                              store never holds a request or the start
+``REDI_STORE_TIMEOUT_S``      connect/read timeout of the S3 calls a start or a request   5
+                              may wait for (one retry): a hung store never holds either
 ``REDI_LOG_DIR``              production log folder (``redi.ops.monitoring.ProductionLog``)   ``production_logs``
 ``REDI_DEVICE``               ``auto``, ``cpu`` or ``cuda`` (the detector service asks     auto
                               BentoML for a GPU when there is one and this is not cpu)
@@ -416,7 +416,9 @@ class RediService:
         # this process's torch only resizes one image per pool thread: no nested OpenMP teams
         torch.set_num_threads(1)
         self.pool = cf.ThreadPoolExecutor(max(4, 2 * usable_cpus()), thread_name_prefix="redi-io")
-        self.store = configured_store()  # kept images (the detector service reads pointers/overrides)
+        # kept images, uploaded in the background: patient (an outage delays a copy, never an answer);
+        # the detector service reads pointers and overrides with short timeouts
+        self.store = configured_store(patient=True)
         self.log = ProductionLog(self.settings.log_dir)
         self.metrics = PlantMetrics.get()
         self.retention = RetentionPolicy.from_env()

@@ -232,13 +232,15 @@ class ServingSettings:
         )
 
 
-def serving_store(settings: ServingSettings, env: Mapping[str, str] | None = None) -> Any:
+def serving_store(settings: ServingSettings, env: Mapping[str, str] | None = None, patient: bool = False) -> Any:
     """The configured object store for the services, or None when none is configured.
 
-    Unlike the command line's store, it never waits long: every S3 call gets ``REDI_STORE_TIMEOUT_S``
-    to connect and to read, and one retry (minio's own default waits up to 300 s per attempt, 5
-    retries), and it is built without a round trip, so a hung store can neither stop the service
-    from starting nor hold a request for minutes.
+    Built without a round trip, so a hung store cannot stop the service from starting. Unlike the
+    command line's store, it never waits long: every S3 call gets ``REDI_STORE_TIMEOUT_S`` to connect
+    and to read, and one retry (minio's own default waits up to 300 s per attempt, 5 retries), so a
+    hung store cannot hold a request for minutes. ``patient``: minio's own timeouts, for background
+    work that no request waits for (the upload of kept images: a short outage delays a copy
+    instead of losing it).
     """
     from redi.ops.object_store import store_from_env
 
@@ -247,6 +249,8 @@ def serving_store(settings: ServingSettings, env: Mapping[str, str] | None = Non
         return None
     if not env.get("REDI_S3_ENDPOINT", "").strip():
         return store_from_env(env)
+    if patient:
+        return store_from_env(env, check_bucket=False)
     import certifi
     import urllib3
 
