@@ -656,7 +656,7 @@ def schedule(host: str, line: str, cron: str | None = None, profile: str | None 
         experiment_id=getattr(found, "experiment_id", None), job_name=f"{cfg.line.name}-scheduled",
         description=f"redi line {cfg.line.name}, {cfg.profile} profile, cron {cfg.pipeline.schedule}",
         cron_expression=cfg.pipeline.schedule, max_concurrency=1, no_catchup=True, params=arguments,
-        pipeline_package_path=str(package), enable_caching=None)  # None: each step keeps its own setting (below)
+        pipeline_package_path=str(package), enable_caching=None)  # None: each step keeps its own setting (docstring)
     recurring_id = getattr(recurring, "recurring_run_id", None)
     print(f"scheduled line {cfg.line.name!r} on {host}: recurring run {recurring_id}, cron {cfg.pipeline.schedule!r}")
     return {"recurring_run_id": recurring_id, "host": host, "cron": cfg.pipeline.schedule, "package": str(package),
