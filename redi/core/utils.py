@@ -58,21 +58,89 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
+_PLAIN_SCALARS = (type(None), bool, int, float, complex, str, bytes, bytearray, torch.dtype, torch.device,
+                  torch.Size)
+
+
+def plain_data(obj, where: str = "payload"):
+    """``obj`` as tensors and plain Python data only, which ``torch.load(weights_only=True)`` reads back.
+
+    numpy scalars become Python numbers, numpy arrays tensors, dataclasses dicts, paths strings;
+    dicts (``OrderedDict`` and ``Counter`` kept), lists, tuples and sets are converted item by item.
+
+    Raises:
+        TypeError: an object of another kind (naming where it sits), which a weights-only load
+            would refuse: better to fail when saving than to write a file nobody can load safely.
+    """
+    import dataclasses
+    import enum
+    from collections import Counter, OrderedDict
+
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, enum.Enum):
+        return plain_data(obj.value, where)
+    if isinstance(obj, np.generic):  # first: np.float64 is also a float, but pickles as numpy
+        return obj.item()
+    if isinstance(obj, _PLAIN_SCALARS):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj, copy=True))
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return plain_data(dataclasses.asdict(obj), where)
+    if isinstance(obj, dict):
+        items = {plain_data(k, f"{where} key"): plain_data(v, f"{where}[{k!r}]") for k, v in obj.items()}
+        if type(obj) is Counter:
+            return Counter(items)
+        if isinstance(obj, OrderedDict):  # a state dict: keep its _metadata (module versions), as torch does
+            ordered = OrderedDict(items)
+            if getattr(obj, "_metadata", None) is not None:
+                ordered._metadata = plain_data(obj._metadata, f"{where}._metadata")  # type: ignore[attr-defined]
+            return ordered
+        return items
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = [plain_data(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items) if isinstance(obj, tuple) else set(items)
+    raise TypeError(f"{where} is a {type(obj).__module__}.{type(obj).__qualname__}, which a weights-only load "
+                    f"refuses: store tensors and plain Python data (dict, list, str, numbers) instead")
+
+
 def atomic_torch_save(payload, path) -> Path:
-    """torch.save through a temporary file and a rename: a kill never leaves a half-written file."""
-    return atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    """torch.save of :func:`plain_data` ``(payload)`` through a temporary file and a rename: a kill never
+    leaves a half-written file, and the file loads weights-only (no pickled code)."""
+    plain = plain_data(payload, Path(path).name)
+    return atomic_write(path, lambda tmp: _torch_save_to(plain, tmp))
 
 
-def load_torch_file(path, what: str, fix: str, weights_only: bool = False):
-    """torch.load a file onto the CPU; a missing or unreadable file is a WeightsError naming ``fix``.
+def _torch_save_to(plain, tmp: Path) -> None:
+    # through a handle: torch.save to a path names the zip's records after that (random) temporary
+    # file, so equal tensors would give files with different bytes (DVC would see a changed output)
+    with open(tmp, "wb") as handle:
+        torch.save(plain, handle)
+
+
+UNSAFE_FILE_FIX = ("If the file is your own, written by an earlier redi, convert it once with `redi model "
+                   "convert-artifact PATH --trust` (this loads it the old, unsafe way, so only for files you trust); "
+                   "otherwise retrain it")
+
+
+def load_torch_file(path, what: str, fix: str, weights_only: bool = True):
+    """torch.load a file onto the CPU, weights-only; a missing or unreadable file is a WeightsError naming ``fix``.
+
+    Only tensors and plain Python data load: a file holding any other pickled object (which could
+    run code while loading) is refused with a :class:`~redi.core.errors.WeightsError` that says how
+    to convert a trusted old file (:data:`UNSAFE_FILE_FIX`).
 
     Args:
         path: the file.
         what: how to name it in the message (e.g. "recover checkpoint").
         fix: what the user should do (e.g. "rerun the recover stage").
-        weights_only: True for files from outside redi (user-supplied weights): torch then
-            refuses pickled code, and only tensors and plain containers load.
+        weights_only: False only for an explicit, trusted conversion (``redi model convert-artifact``).
     """
+    import pickle
+
     from redi.core.errors import WeightsError
 
     path = Path(path)
@@ -80,6 +148,16 @@ def load_torch_file(path, what: str, fix: str, weights_only: bool = False):
         raise WeightsError(f"{what} {path} does not exist; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except pickle.UnpicklingError as exc:
+        refused = "unsupported global" in str(exc).lower() or "can still be loaded" in str(exc).lower()
+        if weights_only and refused:  # an object to unpickle, not a damaged file
+            first = next((line.strip() for line in str(exc).splitlines() if "global" in line.lower()), "")
+            first = first.split(". Please use")[0].removeprefix("WeightsUnpickler error: ")  # not torch's advice
+            raise WeightsError(f"{what} {path} holds pickled Python objects besides tensors and plain data "
+                               f"({first or 'not allowed by a weights-only load'}); redi refused to load it, because "
+                               f"loading such a file can run any code. "
+                               f"{UNSAFE_FILE_FIX.replace('PATH', str(path))}") from None
+        raise WeightsError(f"{what} {path} cannot be read ({exc}): it is corrupt or not that kind of file; {fix}") from exc
     except Exception as exc:  # torch raises many types for a corrupt or foreign file
         raise WeightsError(f"{what} {path} cannot be read ({exc}): it is corrupt or not that kind of file; {fix}") from exc
 

@@ -18,6 +18,7 @@ A method is one folder ``redi/methods/<name>/`` that registers a :class:`Method`
 (``@register_method("name")``, as timm's ``@register_model``); ``model.method`` in the config
 picks it. :func:`save_detector` / :func:`load_detector` write and read the one artifact file
 (format ``redi-detector``), which names its method, so any registered method loads by itself.
+The file holds tensors and plain Python data only and is read weights-only (no pickled code).
 """
 
 from __future__ import annotations
@@ -159,8 +160,16 @@ def save_detector(detector: AnomalyDetector, path: str | Path, metadata: dict[st
 
 
 def read_artifact(path: str | Path) -> dict[str, Any]:
-    """Load and check an artifact file's envelope (not the weights)."""
+    """Load and check an artifact file's envelope (not the weights).
+
+    The file is read weights-only (tensors and plain data): a detector file is data, never code, so
+    a file that a writer to the store or the run folder crafted to run code is refused unread.
+    """
     payload = load_torch_file(path, "detector file", "train a model first (`redi train`)")
+    return _check_envelope(payload, path)
+
+
+def _check_envelope(payload: Any, path: str | Path) -> dict[str, Any]:
     if not isinstance(payload, dict) or payload.get("format") != ARTIFACT_FORMAT:
         raise WeightsError(f"{path} is not a redi detector artifact")
     version = payload.get("format_version", 0)
@@ -169,6 +178,21 @@ def read_artifact(path: str | Path) -> dict[str, Any]:
     if version < 1:
         raise WeightsError(f"{path} has an unknown artifact format version {version!r}; retrain the model (`redi train`)")
     return payload
+
+
+def convert_artifact(path: str | Path, out: str | Path | None = None) -> Path:
+    """Rewrite a TRUSTED detector file from an earlier redi as tensors and plain data only.
+
+    This is the one place redi unpickles a detector file fully (which can run code in the file):
+    only for files the operator vouches for (``redi model convert-artifact PATH --trust``). The
+    result (``out``, default: in place) loads weights-only. Its sha256 changes, so a converted
+    model goes to production through the gate again (a new version), never by editing the store.
+    """
+    payload = _check_envelope(load_torch_file(path, "detector file", "check the path", weights_only=False), path)
+    try:
+        return atomic_torch_save(payload, Path(out or path))
+    except TypeError as exc:
+        raise WeightsError(f"{path} cannot be converted to plain data: {exc}; retrain the model") from exc
 
 
 def artifact_method(payload: dict[str, Any]) -> str:
