@@ -20,7 +20,10 @@ ranking metrics and that decision. A candidate is promoted when both hold:
    fair when the test set changed between revisions.
 
 The decision and every check's reason are written as JSON (``decision.json``) and uploaded with
-the version; :func:`gate_model` also moves the production pointer (last) when promoting.
+the version; :func:`gate_model` also moves the production pointer (last) when promoting. That move
+is a compare-and-swap (:func:`redi.ops.model_registry.move_production`): when production changed
+after the gate evaluated it (an operator's rollback, another run's promotion), the gate scores the
+model now in production and decides again, so it never undoes a move it did not judge against.
 """
 
 from __future__ import annotations
