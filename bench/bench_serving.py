@@ -49,7 +49,8 @@ from redi.core.images import decode_rgb, preprocess  # noqa: E402
 from serving.settings import detector_threads, detector_workers, usable_cpus  # noqa: E402
 
 LINE = "bottle_caps"
-KEY = "bench-key"
+KEY = "bench-key-0123456789abcdef"  # the service refuses keys under 16 characters
+SESSION_SECRET = "bench-session-secret-0123456789abcdef0123456789"  # the review station signs its cookie with it
 
 
 @dataclass
@@ -126,7 +127,7 @@ class Server:
     def __init__(self, work: Path, store_dir: Path, runtime: str, extra_env: dict[str, str]) -> None:
         self.url = f"http://127.0.0.1:{_free_port()}"
         env = {**os.environ, "BENTOML_HOME": str(work / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-               "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(work / "logs" / runtime), "REDI_DEVICE": "cpu",
+               "REDI_API_KEY": KEY, "REDI_SESSION_SECRET": SESSION_SECRET, "REDI_LOG_DIR": str(work / "logs" / runtime), "REDI_DEVICE": "cpu",
                "PYTHONPATH": str(REPO), "REDI_STORE_DIR": str(store_dir), "REDI_MODEL_CACHE": str(work / "cache"),
                "REDI_RUNTIME": runtime, "REDI_RETAIN": "off", "REDI_RELOAD_INTERVAL_S": "0", **extra_env}
         self.log = open(work / f"server-{runtime}.log", "w")
