@@ -5,7 +5,7 @@ the same in both stores)::
 
     lines/<line>/versions/<version>/<file>      every artifact of a candidate model
     lines/<line>/versions/<version>/index.json  written LAST: the list of files, sizes and sha256
-    lines/<line>/promotions/<time>-<version>.json  one record per move or conflict (the audit trail)
+    lines/<line>/promotions/<time>-<version>-<id>.json  one record per move or conflict (audit trail)
     lines/<line>/production.json                the production pointer, moved LAST of all
 
 Why this order is safe: a version counts as complete only once its ``index.json`` exists, and
@@ -185,7 +185,9 @@ def same_pointer(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bo
 
 
 def _record_key(line: str, version: str, when: _dt.datetime) -> str:
-    return f"{line_prefix(line)}/promotions/{when.strftime('%Y%m%dT%H%M%S%f')}-{version or 'none'}.json"
+    """An audit record's key: sorted by time; unique even for two writers in the same microsecond."""
+    return (f"{line_prefix(line)}/promotions/{when.strftime('%Y%m%dT%H%M%S%f')}-{version or 'none'}-"
+            f"{uuid.uuid4().hex[:8]}.json")
 
 
 def _moved_by(pointer: Mapping[str, Any] | None) -> dict[str, Any]:
