@@ -302,7 +302,9 @@ async def logout(request: Request) -> Response:
 
 @asynccontextmanager
 async def _lifespan(_app: Starlette) -> AsyncIterator[None]:
-    """Refuse to start without the session signing secret (unless open mode): BentoML runs this at start."""
+    """Refuse to serve without the session signing secret (unless open mode). ``bentoml serve`` already exits
+    with the reason before any worker starts (``serving.service.check_access``); this holds wherever the app
+    is mounted without that hook (BentoML runs a mounted Starlette app's lifespan in each worker)."""
     ReviewSecurity.from_env().check()
     yield
 

@@ -212,7 +212,13 @@ class ReviewGuard:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
-        found = await run_in_threadpool(self.identify, scope, headers)
+        try:
+            found = await run_in_threadpool(self.identify, scope, headers)
+        except Exception as exc:  # the sessions live in the review database: say so, not a bare 500
+            await JSONResponse({"error": f"the review database cannot be read to check the login ({exc}); check "
+                                         f"REDI_REVIEW_DB and retry", "status": 503}, status_code=503)(
+                scope, receive, send)
+            return
         route = _route_path(scope)
         if isinstance(found, str):
             await JSONResponse({"error": found, "status": 403}, status_code=403)(scope, receive, send)

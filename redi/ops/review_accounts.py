@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from redi.ops.review import LoginFailure, Operator, OperatorSession, ReviewDB, ReviewError, now_iso
@@ -253,8 +253,8 @@ class OperatorAccounts:
                                      .where(OperatorSession.token_sha256 == _token_hash(token),
                                             OperatorSession.revoked_at.is_(None))
                                      .values(revoked_at=now_iso(), revoked_why="logged out"))
-            session.execute(delete(OperatorSession).where(
-                or_(OperatorSession.expires_at < time.time() - 30 * 86400)))  # keep a month of history
+            session.execute(delete(OperatorSession).where(  # a month of history is enough
+                OperatorSession.expires_at < time.time() - 30 * 86400))
             return bool(result.rowcount)
 
 
