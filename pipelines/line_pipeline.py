@@ -488,7 +488,10 @@ def _serve_hint(production_detector: str) -> str:
     """The command that serves the store this run promoted into."""
     store = ("REDI_S3_* as for this run" if str(production_detector).startswith("s3://")
              else f"REDI_STORE_DIR={Path(production_detector).parents[4]}")  # <root>/lines/L/versions/V/detector.pt
-    return f"{store} bentoml serve serving.service:RediService --port 3000"
+    # the service refuses to start without a real API key and a review-session secret (docs/serving.md)
+    secrets = ('REDI_API_KEY=$(python -c "import secrets; print(secrets.token_urlsafe(32))") '
+               'REDI_SESSION_SECRET=$(python -c "import secrets; print(secrets.token_urlsafe(48))")')
+    return f"{store} {secrets} bentoml serve serving.service:RediService --port 3000"
 
 
 def _gate_settings(gate_overrides: dict[str, float] | None) -> list[str]:

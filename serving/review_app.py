@@ -42,6 +42,7 @@ from redi.ops.retention import load_map
 from redi.ops.review import ReviewDB, ReviewError, default_db_url
 from redi.ops.review_accounts import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S, OperatorAccounts
 from redi.ops.object_store import ObjectStore, store_from_env
+from serving.settings import ServingSettings, serving_store
 from serving.review_auth import (SESSION_ID, Principal, ReviewGuard, ReviewSecurity, ReviewSessions, csrf_ok,
                                  csrf_token, principal_of, safe_next, same_origin)
 
@@ -57,7 +58,8 @@ class ReviewContext:
 
     def __init__(self) -> None:
         self.security = ReviewSecurity.from_env()
-        self.store: ObjectStore = store_from_env()
+        # the serving store's short timeouts: a hung store fails a review page quickly instead of holding it
+        self.store: ObjectStore = serving_store(ServingSettings.from_env()) or store_from_env()
         self.db = ReviewDB(default_db_url())
         self.accounts = OperatorAccounts(self.db)
 
