@@ -209,12 +209,12 @@ def dvc_yaml(data_root: str = "${data.root}", runs: str = "runs/dvc") -> dict[st
 DVC_HEADER = """\
 # Written from the stage table (redi/stages.py) by `redi stages dvc --out dvc.yaml`; edit the table,
 # not this file (CI checks they agree). Run from the repository root with the venv active:
-#   dvc repro                      run what changed (a fresh clone: everything, about 2 min on 2 cores)
+#   dvc repro                      run what changed (a fresh clone: every stage, ~3 min of CPU on 2 cores)
 #   dvc metrics show / dvc metrics diff       runs/dvc/eval/metrics.json, now against the last commit
 #   dvc plots show / dvc plots diff           ROC, PR, PRO and the operating-point curve (HTML)
 #   dvc exp run -S train.discriminate.epochs=30   one experiment; `dvc exp show` compares them
-# demo_data makes the SYNTHETIC demo line (deterministic: its hash in dvc.lock is the same on every
-# machine); for a real line, `dvc remove demo_data`, `dvc add` the line's folder and set data.root.
+# demo_data makes the SYNTHETIC demo line (`line.demo` sizes); for a real line, `dvc remove
+# demo_data`, `dvc add` the line's folder and set data.root.
 # Then the Kubeflow pipeline's data and training stages, each calling the `redi` CLI (the same
 # functions as the pipeline's steps) with params.yaml as its config file. Each stage's `params:` are
 # the config sections its function reads, less the parts it never reads (a discriminate setting does
@@ -223,9 +223,12 @@ DVC_HEADER = """\
 # the data's commit; in DVC that is the git commit itself), drift_reference, gate and package_bento:
 # they read and move the line's production model in the object store (a plant's shared state, not a
 # file of this workspace), so they run only in the pipeline (`redi pipeline run`).
-# dvc.lock is committed for the tiny profile. The demo data, its manifest, self-maps and prompt bank
-# hash the same everywhere; the trained nets do not (CPU kernels differ between machines), so after
-# `dvc repro` on a fresh clone dvc.lock may show new hashes for train_* and later stages: expected.
+# dvc.lock is committed for the demo line (tiny profile). Measured on one machine: two fresh clones
+# gave the same demo data and manifest hashes (tests/test_dvc.py checks them against this lock) and
+# byte-equal self-maps and prompt bank; the trained files hold their training times and the recover
+# net's precision is picked by timing the CPU (model.recover.precision: auto), so the hashes from
+# train_recover on change with every run. So `dvc repro` on a fresh clone runs every stage (the
+# outputs are not in git) and leaves new model hashes in dvc.lock: commit them with your results.
 # Checkpoints in runs/dvc/train/checkpoints are not DVC outputs, so an interrupted `dvc repro`
 # resumes training where it stopped.
 """

@@ -1,11 +1,15 @@
 """DVC: datasets pushed to and pulled from a real S3 remote, a revision fetched by the pipeline's
-``validate_data`` helper, and ``dvc repro`` of dvc.yaml with the ``tiny`` profile."""
+``validate_data`` helper, and this repository as a DVC repository: a fresh ``git clone`` runs
+``dvc repro`` (the demo line, the ``tiny`` profile with CI-sized epochs), reruns nothing the second
+time and exactly the stages that read a changed setting, shows metrics and plots, runs an
+experiment, and shares its run with a second clone through an S3 remote."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +21,7 @@ import yaml
 from redi.core.config import load_config
 from redi.data.demo import make_demo_line
 from redi.cli.pipeline import pipeline_module
+from redi.stages import STAGES
 from s3_server import start_s3_server, weed_binary  # tests/ is on sys.path (rootdir conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,23 +114,142 @@ def test_validate_data_fetches_a_revision(dvc_repo, tmp_path):
     assert len(list((tmp_path / "wc" / "train" / "good").glob("*.png"))) == 14
 
 
-@pytest.mark.slow
-def test_dvc_repro_tiny(dvc_repo):
-    repo, env = dvc_repo["repo"], dvc_repo["env"]
-    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+# -- this repository as a DVC repository ---------------------------------------------------------
+# the files that make it one: the test overlays the working tree's versions on the clone, so it
+# checks uncommitted edits too
+DVC_FILES = (".dvc/config", ".dvc/.gitignore", ".dvcignore", ".gitignore", "dvc.yaml", "dvc.lock", "params.yaml",
+             "data/demo/.gitignore")
+ALL_STAGES = {"demo_data"} | {stage.name for stage in STAGES if stage.dvc}
+CI_EPOCHS = 2  # the tiny profile's 12/15 passes, cut for CI
+
+
+def _git_env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@x", "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@x", "PYTHONPATH": str(ROOT)}
+
+
+def _stages_run(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _set_params(repo: Path, values: dict[str, object]) -> None:
+    """Set dotted keys of the clone's params.yaml (what a user edits)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in values.items():
+        *parents, key = dotted.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _outs(lock: dict, stage: str) -> dict[str, str]:
+    return {out["path"]: out["md5"] for out in lock["stages"][stage]["outs"]}
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory):
+    """A fresh ``git clone`` of this repository after its first ``dvc repro`` (CI-sized epochs,
+    committed with its dvc.lock)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("needs this project as a git checkout (the test clones it)")
+    env = _git_env()
+    repo = tmp_path_factory.mktemp("dvc_clone") / "redi"
+    _run(["git", "clone", "-q", str(ROOT), str(repo)], ROOT, env)
+    for name in DVC_FILES:
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["profile"] == "tiny" and params["data"]["root"] == DATA
-    params["train"]["recover"]["epochs"] = params["train"]["discriminate"]["epochs"] = 2  # CI-sized
-    (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    cfg = load_config(repo / "params.yaml")  # params.yaml is a redi config file
-    assert cfg.profile == "tiny" and cfg.train.recover.epochs == 2
-    _run([DVC, "repro"], repo, env)
+    _set_params(repo, {"train.recover.epochs": CI_EPOCHS, "train.discriminate.epochs": CI_EPOCHS})
+    assert load_config(repo / "params.yaml").train.recover.epochs == CI_EPOCHS  # params.yaml is a redi config
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-q", "-m", "CI-sized epochs"], repo, env)
+    first = _run([DVC, "repro"], repo, env)
+    _run(["git", "add", "dvc.lock", "data/demo/.gitignore"], repo, env)
+    _run(["git", "commit", "-q", "-m", "first run"], repo, env)
+    return {"repo": repo, "env": env, "first": first}
+
+
+@pytest.mark.slow
+def test_a_fresh_clone_runs_every_stage_then_nothing(clone):
+    repo, env = clone["repo"], clone["env"]
+    assert _stages_run(clone["first"]) == ALL_STAGES
+    # the demo data is deterministic: the same hash as in the committed dvc.lock (made elsewhere)
+    committed = yaml.safe_load((ROOT / "dvc.lock").read_text())
+    ours = yaml.safe_load((repo / "dvc.lock").read_text())
+    for stage in ("demo_data", "validate_data"):
+        assert _outs(ours, stage) == _outs(committed, stage), stage
     metrics = json.loads((repo / "runs/dvc/eval/metrics.json").read_text())
     assert metrics["profile"] == "tiny" and 0.0 <= metrics["image_auroc"] <= 1.0
     assert (repo / "runs/dvc/eval/report/index.html").is_file()
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"validate_data", "precompute_selfmaps", "build_prompt_bank", "train_recover",
-                                   "train_discriminate", "train_patchcore", "select_champion", "evaluate"}
-    # nothing changed: a second repro runs no stage
+    for name in ("roc", "pr", "pro", "tradeoff_test", "tradeoff_validation"):
+        rows = (repo / f"runs/dvc/eval/plots/{name}.csv").read_text().splitlines()
+        assert len(rows) > 2, name
+    # nothing changed: a second repro runs no stage, and git sees no file DVC or redi wrote
+    second = _run([DVC, "repro"], repo, env)
+    assert not _stages_run(second) and "up to date" in second
+    assert _run(["git", "status", "--porcelain"], repo, env) == ""
+    assert "image_auroc" in _run([DVC, "metrics", "show"], repo, env)
+    shown = json.loads(_run([DVC, "plots", "show", "--json"], repo, env))
+    assert not shown.get("errors")
+    for title in ("image ROC (test)", "image precision-recall (test)", "pixel PRO up to eval.max_fpr (test)",
+                  "operating point: false calls vs escapes (validation and test)"):
+        assert shown["data"][title][0]["content"]["data"]["values"], title
+
+
+@pytest.mark.slow
+def test_a_discriminate_setting_reruns_exactly_the_stages_that_read_it(clone):
+    repo, env = clone["repo"], clone["env"]
+    _set_params(repo, {"train.discriminate.epochs": CI_EPOCHS + 1})
     out = _run([DVC, "repro"], repo, env)
-    assert "didn't change, skipping" in out and "Running stage" not in out
+    # not the self-maps, prompt bank, recover net or PatchCore: they never read train.discriminate
+    assert _stages_run(out) == {"train_discriminate", "select_champion", "evaluate"}
+    assert "runs/dvc/eval/metrics.json" in _run([DVC, "metrics", "diff", "HEAD"], repo, env)
+    diff = json.loads(_run([DVC, "plots", "diff", "HEAD", "--json"], repo, env))
+    roc = diff["data"]["image ROC (test)"][0]
+    assert set(roc["revisions"]) == {"HEAD", "workspace"}
+    assert {row["rev"] for row in roc["content"]["data"]["values"]} == {"HEAD", "workspace"}
+    _run(["git", "commit", "-q", "-am", "three discriminate passes"], repo, env)
+
+
+@pytest.mark.slow
+def test_a_second_clone_pulls_the_run_from_an_s3_remote(clone, tmp_path):
+    """The README's remote set-up: credentials from the environment, none in .dvc/config."""
+    repo, env = clone["repo"], clone["env"]
+    with start_s3_server(tmp_path / "s3") as server:
+        from minio import Minio
+
+        Minio(server.endpoint, access_key=server.access_key, secret_key=server.secret_key,
+              secure=False).make_bucket("redi-dvc")
+        env = {**env, "AWS_ACCESS_KEY_ID": server.access_key, "AWS_SECRET_ACCESS_KEY": server.secret_key}
+        _run([DVC, "remote", "add", "-d", "minio", "s3://redi-dvc/store"], repo, env)
+        _run([DVC, "remote", "modify", "minio", "endpointurl", server.url], repo, env)
+        assert server.secret_key not in (repo / ".dvc/config").read_text()
+        _run(["git", "commit", "-q", "-m", "the team's remote", ".dvc/config"], repo, env)
+        _run([DVC, "push"], repo, env)
+        other = tmp_path / "other"
+        _run(["git", "clone", "-q", str(repo), str(other)], tmp_path, env)
+        _run([DVC, "pull"], other, env)
+        out = _run([DVC, "repro"], other, env)
+        assert not _stages_run(out), out  # the teammate's clone has the run without training
+        assert ((other / "runs/dvc/eval/metrics.json").read_bytes()
+                == (repo / "runs/dvc/eval/metrics.json").read_bytes())
+
+
+@pytest.mark.slow
+def test_an_experiment_sets_one_parameter(clone):
+    repo, env = clone["repo"], clone["env"]
+    out = _run([DVC, "exp", "run", "-S", f"train.discriminate.epochs={CI_EPOCHS - 1}"], repo, env)
+    assert _stages_run(out) == {"train_discriminate", "select_champion", "evaluate"}
+    assert load_config(repo / "params.yaml").train.discriminate.epochs == CI_EPOCHS - 1
+    shown = json.loads(_run([DVC, "exp", "show", "--json"], repo, env))
+    runs = {run["name"]: run["data"] for commit in shown for group in commit.get("experiments") or []
+            for run in group["revs"]}  # the experiments of each commit, by name
+    (name, data), = runs.items()
+    assert data["params"]["params.yaml"]["data"]["train"]["discriminate"]["epochs"] == CI_EPOCHS - 1
+    assert "image_auroc" in data["metrics"]["runs/dvc/eval/metrics.json"]["data"]
+    assert _run([DVC, "exp", "list", "--name-only"], repo, env).split() == [name]
