@@ -114,6 +114,33 @@ def test_validate_data_fetches_a_revision(dvc_repo, tmp_path):
     assert len(list((tmp_path / "wc" / "train" / "good").glob("*.png"))) == 14
 
 
+def test_curve_data_for_dvc_plots(tmp_path):
+    """evaluate's curves as CSV: the report's points, the PRO curve thinned, a curve the data
+    cannot give left out (and an earlier run's file of it removed)."""
+    import numpy as np
+
+    from redi.core.metrics import pro_curve, roc_curve_points
+    from redi.workflow.report import PLOT_POINTS, write_curve_data
+
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(20), np.ones(20)].astype(int)
+    scores = np.r_[rng.normal(0, 1, 20), rng.normal(2, 1, 20)]
+    masks = np.zeros((40, 64, 64), dtype=bool)
+    masks[20:, 20:30, 20:30] = True
+    maps = rng.random((40, 64, 64)).astype(np.float32) + masks
+    out = write_curve_data(tmp_path / "plots", labels, scores, masks, maps, 0.3)
+    assert sorted(p.name for p in out.iterdir()) == ["pr.csv", "pro.csv", "roc.csv", "tradeoff_test.csv"]
+    roc = np.loadtxt(out / "roc.csv", delimiter=",", skiprows=1)
+    assert np.allclose(roc, np.c_[roc_curve_points(labels, scores)], atol=1e-5)
+    pro = np.loadtxt(out / "pro.csv", delimiter=",", skiprows=1)
+    full_fpr, full_pro = pro_curve(masks, maps, max_fpr=0.3)
+    assert full_fpr.size > PLOT_POINTS + 1 >= len(pro) > PLOT_POINTS // 2
+    assert pro[-1, 0] == pytest.approx(full_fpr[-1], rel=1e-5) and np.all(np.diff(pro[:, 0]) >= 0)
+    assert (out / "tradeoff_test.csv").read_text().splitlines()[0] == "threshold,false_call_rate,escape_rate"
+    write_curve_data(out, labels, scores, None, None, 0.3)  # image labels only: no PRO curve
+    assert not (out / "pro.csv").exists()
+
+
 # -- this repository as a DVC repository ---------------------------------------------------------
 # the files that make it one: the test overlays the working tree's versions on the clone, so it
 # checks uncommitted edits too
