@@ -219,8 +219,10 @@ def test_a_fresh_clone_runs_every_stage_then_nothing(clone):
     # nothing changed: a second repro runs no stage, and git sees no file DVC or redi wrote
     second = _run([DVC, "repro"], repo, env)
     assert not _stages_run(second) and "up to date" in second
-    assert _run(["git", "status", "--porcelain"], repo, env) == ""
     assert "image_auroc" in _run([DVC, "metrics", "show"], repo, env)
+    _run([DVC, "plots", "show"], repo, env)  # the HTML page
+    assert (repo / "dvc_plots/index.html").is_file()
+    assert _run(["git", "status", "--porcelain"], repo, env) == ""  # what DVC and redi wrote is ignored
     shown = json.loads(_run([DVC, "plots", "show", "--json"], repo, env))
     assert not shown.get("errors")
     for title in ("image ROC (test)", "image precision-recall (test)", "pixel PRO up to eval.max_fpr (test)",
