@@ -124,6 +124,9 @@ def dvc_params(stage: Stage) -> list[str]:
 
     from redi.core.config import RediConfig
 
+    stray = [skip for skip in stage.dvc_skips if skip.split(".", 1)[0] not in stage.reads]
+    if stray:
+        raise ConfigError(f"stage {stage.name!r} skips {stray}, outside the sections it reads {list(stage.reads)}")
     params = ["profile"]
     for section in stage.reads:
         skipped = {skip.split(".", 1)[1] for skip in stage.dvc_skips if skip.startswith(section + ".")}

@@ -34,6 +34,20 @@ def test_dvc_yaml_is_written_from_the_table():
     assert (ROOT / "dvc.yaml").read_text() == dvc_yaml_text(), "run `redi stages dvc --out dvc.yaml`"
 
 
+def test_dvc_params_leave_out_only_the_parts_a_stage_never_reads():
+    from redi.core.config import TrainConfig
+    from redi.stages import Stage, dvc_params
+
+    train_keys = {f"train.{f.name}" for f in dataclasses.fields(TrainConfig)}
+    recover = dvc_params(get_stage("train_recover"))
+    assert recover[:3] == ["profile", "data", "model"]
+    assert set(recover[3:]) == train_keys - {"train.discriminate"}
+    assert dvc_params(get_stage("validate_data")) == ["profile", "data"]
+    for skips in (("train.no_such_part",), ("eval.batch_size",)):  # unknown, or outside what it reads
+        with pytest.raises(ConfigError, match="skips"):
+            dvc_params(Stage("x", "", "", reads=("data", "train"), dvc_skips=skips))
+
+
 def test_every_dvc_stage_is_a_cli_command():
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices  # noqa: SLF001 (argparse keeps them here)
