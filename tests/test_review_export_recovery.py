@@ -230,3 +230,13 @@ def test_repository_wedged_by_an_export_without_journal_is_recorded_at_head(stat
     assert {e["request_id"]: e["revision"] for e in db.exports(LINE)} == dict.fromkeys(IDS, wedged)
     assert db.pinned_ids(LINE) == set()
     assert_clean(repo)
+
+
+def test_the_cli_says_how_an_interrupted_export_was_settled():
+    """`redi review export` names what it settled before its own export, not just "nothing new"."""
+    from redi.cli.review import _recovered_line
+
+    recorded = _recovered_line({"action": "recorded", "export_id": "e1", "revision": "abc", "recorded": 3})
+    assert "abc" in recorded and "3 image(s)" in recorded and "no second commit" in recorded
+    assert "removed the 2 file(s)" in _recovered_line({"action": "rolled_back", "export_id": "e2", "removed": 2})
+    assert "revision def" in _recovered_line({"action": "recorded_at_head", "revision": "def", "recorded": 1})

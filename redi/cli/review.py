@@ -37,6 +37,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
         return 0
+    for entry in result.recovered:  # what an earlier, interrupted export left and this one settled
+        print(_recovered_line(entry))
     for entry in result.written:
         print(f"wrote {entry['target']}" + (f" and {entry['mask']}" if entry["mask"] else "") + f" ({entry['verdict']})")
     for entry in result.needs_mask:
@@ -53,6 +55,18 @@ def _export(args: argparse.Namespace) -> int:
     print(f"train on it: redi pipeline run --line {args.line} --data-repo {result.data_repo} "
           f"--data-path {result.data_path} --revision {result.revision}")
     return 0
+
+
+def _recovered_line(entry: dict) -> str:
+    """One line saying how an interrupted export was settled."""
+    if entry["action"] == "recorded":
+        return (f"an interrupted export ({entry['export_id']}) had committed revision {entry['revision']}: "
+                f"recorded its {entry['recorded']} image(s) now, no second commit")
+    if entry["action"] == "rolled_back":
+        return (f"an interrupted export ({entry['export_id']}) stopped before its commit: removed the "
+                f"{entry['removed']} file(s) it had written; they are exported again below")
+    return (f"the judged images were already in the data repository: recorded {entry['recorded']} of them "
+            f"at revision {entry['revision']}")
 
 
 def _threshold(args: argparse.Namespace) -> int:
