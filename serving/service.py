@@ -62,6 +62,9 @@ Configuration (environment variables, read when a worker starts):
                               example key, or the service refuses to start
 ``REDI_OPEN_MODE``            ``1``: run without a key on purpose (said in the log,        0
                               ``/readyz``, ``/metadata``, ``redi_open_mode``)
+``REDI_SESSION_SECRET``       signs the review station's session cookie; 32+ characters,   required
+                              not the API key (``serving.review_auth``; operators log in
+                              with accounts made by ``redi review user add``)
 ``REDI_MAX_UPLOAD_BYTES``     larger uploads get 413; every request body is bounded        20 MiB
                               before parsing: this + 64 KiB on ``/predict``, 64 KiB
                               elsewhere (``BodyLimitMiddleware``)
