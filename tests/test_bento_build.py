@@ -67,6 +67,10 @@ def test_bento_carries_every_file_the_service_reads(built: dict) -> None:
     assert templates and sorted(p.name for p in (src / "serving" / "templates").glob("*.html")) == templates
     for module in (REPO / "serving").glob("*.py"):
         assert (src / "serving" / module.name).is_file(), module.name
+    # every module of the library (the venv's editable install would hide a missing one from a local serve)
+    missing = [str(p.relative_to(REPO)) for p in (REPO / "redi").rglob("*.py") if "__pycache__" not in p.parts
+               and not (src / p.relative_to(REPO)).is_file()]
+    assert not missing, missing
     assert not list(src.rglob("test_*.py")) and not (src / ".venv").exists()
 
 
