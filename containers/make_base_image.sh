@@ -42,9 +42,12 @@ rm -f "$rootfs"/usr/lib/python3*/EXTERNALLY-MANAGED
 ln -sf /usr/bin/python3 "$rootfs"/usr/local/bin/python
 ln -sf /usr/bin/pip3 "$rootfs"/usr/local/bin/pip
 : >"$rootfs"/etc/resolv.conf   # the runtime provides it
-cp /etc/apt/sources.list.d/debian.sources "$rootfs"/etc/apt/sources.list.d/ 2>/dev/null || true
+# the host's deb822 sources (with bookworm-updates and the security suite) replace debootstrap's one line
+if cp /etc/apt/sources.list.d/debian.sources "$rootfs"/etc/apt/sources.list.d/ 2>/dev/null; then
+  rm -f "$rootfs"/etc/apt/sources.list
+fi
 
-tar -C "$rootfs" -c . | podman import \
+tar -C "$rootfs" -c . | podman import --quiet \
   --change 'ENV LANG=C.UTF-8' \
   --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
   --change 'CMD ["python3"]' \

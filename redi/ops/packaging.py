@@ -107,12 +107,16 @@ def save_to_bentoml(detector_path: str | Path, line: str, metrics: Mapping[str, 
 
 
 def build_production_bento(store: Any, lines: list[str] | None = None, bentoml_home: str | Path | None = None,
-                           version: str | None = None, timeout_s: float = 900.0) -> dict[str, Any]:
+                           version: str | None = None, timeout_s: float = 900.0,
+                           base_image: str | None = None) -> dict[str, Any]:
     """Build a Bento that pins every line's production model (from the store's production pointers).
 
     Args:
         store: a ``redi.ops.object_store.ObjectStore``.
         lines: the lines to include (default: every line with a production pointer).
+        base_image: the image ``bentoml containerize`` builds on (the bentofile's ``docker.base_image``;
+            default BentoML's python:3.11-slim). Any Debian-like image with python3.11 and pip, e.g. the
+            local base made by ``containers/make_base_image.sh`` where no registry is reachable.
 
     Returns:
         ``{"bento_tag": ..., "models": {line: model tag}, "versions": {line: version}}``.
@@ -143,6 +147,8 @@ def build_production_bento(store: Any, lines: list[str] | None = None, bentoml_h
         spec = yaml.safe_load(DEFAULT_BENTOFILE.read_text())
         spec["models"] = [models[line] for line in sorted(models)]
         spec.setdefault("labels", {}).update({f"line.{line}": versions[line][:63] for line in versions})
+        if base_image:
+            spec.setdefault("docker", {})["base_image"] = base_image
         bentofile = Path(tmp) / "bentofile.yaml"
         bentofile.write_text(yaml.safe_dump(spec, sort_keys=False))
         bento_tag = build_bento(bentofile, PROJECT_ROOT, version, bentoml_home, timeout_s)
@@ -183,3 +189,56 @@ def build_bento(bentofile: str | Path | None = None, build_ctx: str | Path | Non
         tail = (done.stderr or done.stdout)[-2000:]
         raise PackagingError(f"`{' '.join(command)}` failed (exit {done.returncode}):\n{tail}")
     return match.group(1)
+
+
+CONTAINER_BACKENDS = ("podman", "docker", "buildah")
+
+
+def containerize_bento(bento_tag: str, image_tag: str | None = None, backend: str = "podman",
+                       bentoml_home: str | Path | None = None, volumes: list[str] | None = None,
+                       network: str | None = None, timeout_s: float = 3600.0) -> str:
+    """``bentoml containerize`` a Bento into an image; return the image's tag.
+
+    Runs BentoML's container build API in a subprocess (BentoML reads ``BENTOML_HOME`` at import) rather
+    than the CLI, whose ``--opt volume=...`` joins repeated volumes into one argument.
+
+    Args:
+        image_tag: default the Bento's tag.
+        backend: the builder BentoML drives (``podman``, ``docker`` or ``buildah``).
+        volumes: ``HOST:CONTAINER[:ro]`` mounts for the build's RUN steps (e.g. a pip/uv configuration
+            and the wheel folders it names: ``containers/pip_build_config.py``).
+        network: the RUN steps' network (``host`` where the package registries are reached through the host).
+
+    Raises:
+        PackagingError: unknown backend, or the build failed (BentoML only logs a failed build: the image
+            is looked up afterwards).
+    """
+    import json
+
+    if backend not in CONTAINER_BACKENDS:
+        raise PackagingError(f"container backend {backend!r} is not one of {CONTAINER_BACKENDS}")
+    if shutil.which(backend) is None:
+        raise PackagingError(f"`{backend}` is not installed; install it (here: containers/setup_podman.sh) or pick "
+                             f"another backend")
+    image_tag = image_tag or bento_tag
+    options: dict[str, Any] = {"image_tag": [image_tag]}
+    if volumes:
+        options["volume"] = list(volumes)  # a list: one --volume each (a tuple would be joined with ':')
+    if network:
+        options["network"] = network
+    script = ("import json, sys, bentoml; a = json.loads(sys.argv[1]); o = a['options']; "
+              "o['image_tag'] = tuple(o['image_tag']); "  # BentoML asserts a tuple (JSON gives a list)
+              "bentoml.container.build(a['tag'], backend=a['backend'], **o)")
+    payload = json.dumps({"tag": bento_tag, "backend": backend, "options": options})
+    try:
+        done = subprocess.run([sys.executable, "-c", script, payload], env=bentoml_env(bentoml_home),
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise PackagingError(f"`bentoml containerize {bento_tag}` took over {timeout_s:.0f} s and was stopped") from exc
+    inspect = ["buildah", "inspect", "--type", "image"] if backend == "buildah" else [backend, "image", "inspect"]
+    found = subprocess.run([*inspect, image_tag], capture_output=True, text=True)
+    if done.returncode != 0 or found.returncode != 0:
+        tail = (done.stderr + done.stdout)[-3000:]
+        raise PackagingError(f"`bentoml containerize {bento_tag} --backend {backend}` built no image {image_tag} "
+                             f"(exit {done.returncode}):\n{tail}")
+    return image_tag
