@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +238,9 @@ class LineConfig:
     data_path: str = ""  # the line's folder in MVTec-AD layout ("" = demo data in the work dir)
     data_repo: str = ""  # a DVC repository (path or git URL) that versions data_path; "" = a plain folder
     data_revision: str = ""  # its git revision; "" = the working copy (or the newest, for triggered runs)
+    # the defect types an operator picks from on the review page (each a test/<type>/ folder of the data);
+    # a supervisor adds a new type here (serving/review_app.py reads the line file from REDI_LINES_DIR)
+    defect_types: list[str] = field(default_factory=lambda: ["defect"])
     demo: DemoConfig = field(default_factory=DemoConfig)
 
 
@@ -411,6 +415,10 @@ class RediConfig:
         steps = [(name, getattr(pipe.steps, name)) for name in get_type_hints(PipelineStepsConfig)]
         bad_tolerations = [t for t in pipe.tolerations if set(t) - set(TOLERATION_KEYS)]
         return [
+            (bool(self.line.defect_types) and all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", t) and t != "good"
+                                                  for t in self.line.defect_types),
+             f"line.defect_types {self.line.defect_types} must list at least one folder name (letters, digits, "
+             f"'_', '-'; not 'good'), e.g. [scratch, dent]"),
             (all(0.0 <= v <= 1.0 for v in (gate.min_image_auroc, gate.min_pixel_auroc, gate.min_aupro)),
              "gate minimums (gate.min_image_auroc, min_pixel_auroc, min_aupro) must lie in [0, 1]"),
             (0.0 <= gate.tolerance < 1.0, "gate.tolerance must lie in [0, 1)"),
