@@ -95,7 +95,7 @@ def test_verdicts_history_latest_wins_and_errors(kept) -> None:
     assert db.queue(LINE, min_score=5.0) == [] and len(db.queue(LINE, model_version="v1")) == 3
     summary = db.summary(LINE)
     assert summary["totals"] == {"flagged_today": 3, "flagged": 3, "judged": 1, "confirmed": 0, "false_alarms": 1,
-                                 "false_alarm_rate": 1.0}
+                                 "bad_images": 0, "false_alarm_rate": 1.0}
     (version,) = summary["by_model_version"]  # the rate names the threshold its judged part was decided at
     assert (version["threshold_min"], version["threshold_max"]) == (1.0, 1.0)
     assert db.get("fa1")["sample_rate"] == 1.0  # flagged: always kept
@@ -105,6 +105,43 @@ def test_verdicts_history_latest_wins_and_errors(kept) -> None:
     with pytest.raises(ImageExpired):
         db.add_verdict("dm1", "defect", by="ann", image_exists=store.exists(image_key))
     assert db.get("dm1")["history"] == [] and db.get("dm1")["expired_at"]
+
+
+def test_bad_image_verdict_and_undo(kept) -> None:
+    """A third verdict for what is no part: counted apart, never a false alarm, never pinned or exported;
+    the operator's undo withdraws the verdict that counts (history keeps it)."""
+    _, db, _ = kept
+    db.add_verdict("fa1", "false_alarm", by="ann")
+    db.add_verdict("dm1", "bad_image", by="ann", defect_type="scratch", accept_mask=True, note="lens covered")
+    stored = db.get("dm1")["verdict"]
+    assert (stored["verdict"], stored["defect_type"], stored["accept_mask"]) == ("bad_image", "", False)
+    totals = db.summary(LINE)["totals"]
+    assert (totals["judged"], totals["false_alarms"], totals["bad_images"], totals["false_alarm_rate"]) == (2, 1, 1, 1.0)
+    assert [i["request_id"] for i in db.to_export(LINE)] == ["fa1"]  # never training data
+    assert db.pinned_ids(LINE) == {"fa1"}  # retention may delete a bad image like any unjudged one
+    assert "dm1" not in {r["request_id"] for r in db.kept_with_verdicts(LINE)}  # no evidence for a threshold
+    # undo: back to pending, then to the earlier verdict when there was one
+    assert db.withdraw_verdict("dm1", by="ann") is None
+    assert db.get("dm1")["verdict"] is None and db.get("dm1")["history"][0]["withdrawn_by"] == "ann"
+    assert "dm1" in {i["request_id"] for i in db.queue(LINE, status="pending")}
+    with pytest.raises(InvalidVerdict, match="no verdict to undo"):
+        db.withdraw_verdict("dm1", by="ann")
+    db.add_verdict("fa1", "defect", by="bob", defect_type="scratch")
+    assert db.withdraw_verdict("fa1", by="bob")["verdict"] == "false_alarm"
+    assert db.get("fa1")["verdict"]["by"] == "ann" and len(db.get("fa1")["history"]) == 2
+
+
+def test_camera_named_by_the_request_is_indexed(tmp_path: Path, demo_line_root: Path) -> None:
+    store, db = LocalStore(tmp_path / "store"), ReviewDB(f"sqlite:///{tmp_path / 'review.db'}")
+    retainer = Retainer(store, RetentionPolicy(max_days=0, max_per_line=0), index=db)
+    now = _dt.datetime.now(_dt.timezone.utc)
+    for request_id, camera in (("c1", "cam-2"), ("c2", None)):
+        info = {"score": 3.0, "threshold": 1.0, "anomalous": True, "decision": "anomalous", "model_version": "v1",
+                "model_tag": "t", "latency_ms": 1.0, **({"camera": camera} if camera else {})}
+        retainer.offer(RetainedItem(request_id, LINE, now, "flagged", load_rgb(demo_line_root / "test/good/000.png"),
+                                    np.zeros((8, 8), np.float32), info))
+    assert retainer.join(60)
+    assert (db.get("c1")["camera"], db.get("c2")["camera"]) == ("cam-2", None)
 
 
 def test_threshold_override_audited_and_version_bound(tmp_path: Path, trained_line: dict) -> None:
@@ -178,3 +215,20 @@ def test_export_into_dvc_repo_then_pipeline_data_stage(tmp_path: Path, kept, dem
     assert f"train/good/review_{day}_fa1" in ids and f"test/scratch/review_{day}_dm1" in ids
     assert manifest["counts"]["train"]["good"] == len(list((demo_line_root / "train" / "good").glob("*.png"))) + 1
     assert not any("needs_mask" in i for i in ids)  # outside the folders the pipeline reads
+
+
+@pytest.mark.slow
+def test_bad_image_never_exported(tmp_path: Path, kept, demo_line_root: Path) -> None:
+    store, db, _ = kept
+    repo = make_data_repo(tmp_path, demo_line_root)
+    db.add_verdict("fa1", "false_alarm", by="ann")
+    db.add_verdict("dm1", "bad_image", by="ann", note="two caps in view")
+    db.add_verdict("dn1", "false_alarm", by="ann")
+    db.add_verdict("dn1", "bad_image", by="bob")  # the latest counts: no longer a training image
+    result = export_reviews(db, store, LINE, repo, by="ann")
+    assert [w["request_id"] for w in result.written] == ["fa1"] and result.needs_mask == []
+    line_dir = repo / "data/lines" / LINE
+    written = {p.name for p in line_dir.rglob("review_*")}
+    assert written == {f"review_{db.get('fa1')['date']}_fa1.png"}
+    assert {e["request_id"] for e in db.exports(LINE)} == {"fa1"}
+    assert not export_reviews(db, store, LINE, repo).committed  # nothing left to export

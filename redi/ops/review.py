@@ -6,11 +6,14 @@ SQLite by default (``sqlite:///<REDI_LOG_DIR>/review.db``), any SQLAlchemy URL i
 - ``retained``: one row per image the service kept (``redi.ops.retention``): request id, line, kind
   (``flagged`` or ``sampled``), time, score, threshold, decision, model version, store keys, defect
   regions, ``sample_rate`` (the share of such answers kept when it was: 1 for flagged parts, the
-  line's normal rate for sampled ones; NULL for rows kept before it was recorded); ``expired_at``
-  once the retention limits deleted it.
-- ``verdicts``: every verdict ever given, never updated: request id, ``defect`` or
-  ``false_alarm``, defect type, note, whether the drawn mask was accepted, who, when. The latest
-  verdict of a request is the one that counts; earlier ones stay as history.
+  line's normal rate for sampled ones; NULL for rows kept before it was recorded); ``camera`` (the
+  camera or station the request named, "" when none); ``expired_at`` once the retention limits
+  deleted it.
+- ``verdicts``: every verdict ever given: request id, ``defect``, ``false_alarm`` or
+  ``bad_image`` (not a part: a camera glitch, an empty belt; never training data), defect type,
+  note, whether the drawn mask was accepted, who, when. The latest verdict of a request that was
+  not withdrawn (``withdrawn_at``: the operator's undo) is the one that counts; the others stay as
+  history.
 - ``exports``: what ``redi review export`` wrote into a line's dataset (so nothing is written twice).
 - ``operators``, ``operator_sessions``, ``login_failures``: the review page's accounts (password
   hashes), its server-side sessions (revocable) and the failed logins its rate limit counts
@@ -36,7 +39,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from redi.core.errors import RediError
 
-VERDICTS = ("defect", "false_alarm")
+VERDICTS = ("defect", "false_alarm", "bad_image")
+# verdicts whose image may become training data (``bad_image`` never does: redi.ops.review_export)
+TRAINING_VERDICTS = ("defect", "false_alarm")
 DEFAULT_DEFECT_TYPE = "defect"
 _TYPE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 
@@ -97,6 +102,7 @@ class Retained(Base):
     # the chance this answer had to be kept (1 flagged, the normal rate sampled): a verdict on a sampled
     # part stands for 1/sample_rate parts when rates are estimated (redi.ops.review_threshold)
     sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    camera: Mapped[str | None] = mapped_column(String(128), nullable=True)  # as the request named it
 
 
 class Verdict(Base):
@@ -112,6 +118,9 @@ class Verdict(Base):
     at: Mapped[str] = mapped_column(String(40))
     # the operator account whose login session sent it (NULL: sent with the API key, ``by`` is the caller's claim)
     operator: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # the operator's undo: a withdrawn verdict no longer counts (the previous one, or none, does again)
+    withdrawn_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    withdrawn_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
 
 
 class Export(Base):
@@ -185,7 +194,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 # columns added after the first release: create_all() makes missing tables, never missing columns
-_LATER_COLUMNS = {"retained": {"sample_rate": "FLOAT"}, "verdicts": {"operator": "VARCHAR(64)"}}
+_LATER_COLUMNS = {"retained": {"sample_rate": "FLOAT", "camera": "VARCHAR(128)"},
+                  "verdicts": {"operator": "VARCHAR(64)", "withdrawn_at": "VARCHAR(40)",
+                               "withdrawn_by": "VARCHAR(128)"}}
+
+
+def _latest() -> Any:
+    """Per request id, the id of the verdict that counts: the newest one not withdrawn."""
+    return (select(Verdict.request_id, func.max(Verdict.id).label("vid")).where(Verdict.withdrawn_at.is_(None))
+            .group_by(Verdict.request_id).subquery())
 
 
 def _add_later_columns(engine: Engine) -> None:
@@ -207,6 +224,12 @@ def _sample_rate(record: Mapping[str, Any]) -> float | None:
     if record.get("sample_rate") is not None:
         return float(record["sample_rate"])
     return 1.0 if record.get("kind", "flagged") == "flagged" else None
+
+
+def _false_alarm_rate(counts: Mapping[str, int]) -> float | None:
+    """False alarms among the judged parts (confirmed + false alarms); None before any."""
+    parts = counts["confirmed"] + counts["false_alarms"]
+    return counts["false_alarms"] / parts if parts else None
 
 
 def _retained_dict(row: Retained) -> dict[str, Any]:
@@ -254,12 +277,15 @@ class ReviewDB:
                 width=int(record["width"]), height=int(record["height"]), image_key=record["image_key"],
                 map_key=record["map_key"], record_key=record["record_key"],
                 regions=json.dumps(record.get("regions", [])), indexed_at=now_iso(),
-                sample_rate=_sample_rate(record)))
+                sample_rate=_sample_rate(record), camera=str(record.get("camera") or "")[:128] or None))
 
     def pinned_ids(self, line: str) -> set[str]:
-        """Request ids of the line that have a verdict and were not exported (retention keeps them)."""
+        """Request ids of the line whose verdict will be exported and was not yet (retention keeps them);
+        a ``bad_image`` is never exported, so the limits may delete it like any other kept image."""
+        latest = _latest()
         with Session(self.engine) as session:
-            judged = select(Verdict.request_id).where(Verdict.line == line)
+            judged = (select(Verdict.request_id).join(latest, latest.c.vid == Verdict.id)
+                      .where(Verdict.line == line, Verdict.verdict.in_(TRAINING_VERDICTS)))
             exported = select(Export.request_id).where(Export.line == line)
             return set(session.scalars(judged.except_(exported)))
 
@@ -293,7 +319,8 @@ class ReviewDB:
             history = [_verdict_dict(v) for v in session.scalars(
                 select(Verdict).where(Verdict.request_id == request_id).order_by(Verdict.id))]
             exports = list(session.scalars(select(Export.target).where(Export.request_id == request_id)))
-        return {**_retained_dict(row), "history": history, "verdict": history[-1] if history else None,
+        counting = [v for v in history if v["withdrawn_at"] is None]
+        return {**_retained_dict(row), "history": history, "verdict": counting[-1] if counting else None,
                 "exported": exports}
 
     def queue(self, line: str, kind: str = "flagged", model_version: str = "", date_from: str = "",
@@ -306,8 +333,7 @@ class ReviewDB:
             status: ``pending`` (no verdict), ``judged`` or ``all``; expired images are left out.
             date_from, date_to: ``YYYY-MM-DD`` (UTC), inclusive.
         """
-        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
-                  .group_by(Verdict.request_id).subquery())
+        latest = _latest()
         query = (select(Retained, Verdict).outerjoin(latest, latest.c.request_id == Retained.request_id)
                  .outerjoin(Verdict, Verdict.id == latest.c.vid)
                  .where(Retained.line == line, Retained.expired_at.is_(None)))
@@ -336,15 +362,15 @@ class ReviewDB:
         """Per model version: flagged (kept) today and in all, judged, confirmed, false alarms and rate,
         and the thresholds those parts were decided with.
 
-        A rate means nothing without the threshold it was made at, and an override changes the
+        The false-alarm rate counts parts only: false alarms among confirmed defects and false
+        alarms (a ``bad_image`` is no part, so neither). A rate means nothing without the threshold it was made at, and an override changes the
         threshold within one model version, so each version names the lowest and highest threshold
         of its judged parts (``threshold_min``, ``threshold_max``; None when none is judged) and of
         all its flagged parts (``flagged_threshold_min``, ``flagged_threshold_max``). The totals mix
         versions whose scores are not on one scale: they carry no threshold.
         """
         day = day or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
-                  .group_by(Verdict.request_id).subquery())
+        latest = _latest()
         query = (select(Retained.model_version, Retained.date, Retained.threshold, Verdict.verdict)
                  .outerjoin(latest, latest.c.request_id == Retained.request_id)
                  .outerjoin(Verdict, Verdict.id == latest.c.vid)
@@ -355,24 +381,26 @@ class ReviewDB:
         with Session(self.engine) as session:
             for version, date, threshold, verdict in session.execute(query):
                 row = versions.setdefault(version, {"model_version": version, "flagged_today": 0, "flagged": 0,
-                                                    "judged": 0, "confirmed": 0, "false_alarms": 0})
+                                                    "judged": 0, "confirmed": 0, "false_alarms": 0,
+                                                    "bad_images": 0})
                 row["flagged"] += 1
                 row["flagged_today"] += date == day
                 row["judged"] += verdict is not None
                 row["confirmed"] += verdict == "defect"
                 row["false_alarms"] += verdict == "false_alarm"
+                row["bad_images"] += verdict == "bad_image"
                 flagged_thresholds.setdefault(version, []).append(threshold)
                 if verdict is not None:
                     judged_thresholds.setdefault(version, []).append(threshold)
         for version, row in versions.items():
-            row["false_alarm_rate"] = row["false_alarms"] / row["judged"] if row["judged"] else None
+            row["false_alarm_rate"] = _false_alarm_rate(row)
             judged = judged_thresholds.get(version)
             row["threshold_min"], row["threshold_max"] = (min(judged), max(judged)) if judged else (None, None)
             row["flagged_threshold_min"] = min(flagged_thresholds[version])
             row["flagged_threshold_max"] = max(flagged_thresholds[version])
         totals = {k: sum(r[k] for r in versions.values())
-                  for k in ("flagged_today", "flagged", "judged", "confirmed", "false_alarms")}
-        totals["false_alarm_rate"] = totals["false_alarms"] / totals["judged"] if totals["judged"] else None
+                  for k in ("flagged_today", "flagged", "judged", "confirmed", "false_alarms", "bad_images")}
+        totals["false_alarm_rate"] = _false_alarm_rate(totals)
         return {"line": line, "day": day, "by_model_version": sorted(versions.values(),
                                                                      key=lambda r: r["model_version"]),
                 "totals": totals}
@@ -380,16 +408,15 @@ class ReviewDB:
     def kept_with_verdicts(self, line: str) -> list[dict[str, Any]]:
         """Every kept part of the line, expired ones included (their verdicts and scores still stand),
         oldest first: ``request_id, kind, time, score, threshold, model_version, sample_rate`` and
-        ``verdict`` (the latest verdict's kind, or None)."""
-        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
-                  .group_by(Verdict.request_id).subquery())
+        ``verdict`` (the latest verdict's kind, or None); parts judged ``bad_image`` are left out."""
+        latest = _latest()
         query = (select(Retained.request_id, Retained.kind, Retained.time, Retained.score, Retained.threshold,
                         Retained.model_version, Retained.sample_rate, Verdict.verdict)
                  .outerjoin(latest, latest.c.request_id == Retained.request_id)
                  .outerjoin(Verdict, Verdict.id == latest.c.vid)
                  .where(Retained.line == line).order_by(Retained.time))
-        with Session(self.engine) as session:
-            return [dict(row._mapping) for row in session.execute(query)]
+        with Session(self.engine) as session:  # a bad image is no part: no evidence about a part's score
+            return [dict(row._mapping) for row in session.execute(query) if row.verdict != "bad_image"]
 
     # -- verdicts ------------------------------------------------------------------------------
     def add_verdict(self, request_id: str, verdict: str, by: str, note: str = "", defect_type: str = "",
@@ -398,7 +425,7 @@ class ReviewDB:
         """Store one verdict (history is kept; the latest counts); return it.
 
         Args:
-            verdict: ``defect`` or ``false_alarm``.
+            verdict: ``defect``, ``false_alarm`` or ``bad_image`` (not a part; never exported).
             defect_type: for ``defect``: the ``test/<type>/`` folder it goes to (default ``defect``).
             accept_mask: for ``defect``: the thresholded map is a good enough mask for training.
             image_exists: whether the image is still in the store (the caller checked); False
@@ -437,23 +464,50 @@ class ReviewDB:
             session.flush()
             return _verdict_dict(stored)
 
+    def withdraw_verdict(self, request_id: str, by: str) -> dict[str, Any] | None:
+        """The operator's undo: withdraw the verdict that counts now; return the one that counts after it
+        (the previous verdict, or None: the image is pending again). History keeps the withdrawn one.
+
+        Raises:
+            UnknownRequest; InvalidVerdict when there is nothing to withdraw or the verdict was exported
+            already (the data revision holds it: judge again instead, ``changed_after_export`` lists it).
+        """
+        if not by.strip():
+            raise InvalidVerdict("an undo needs the operator's name (who withdrew the verdict)")
+        with Session(self.engine) as session, session.begin():
+            if session.get(Retained, request_id) is None:
+                raise UnknownRequest(f"no kept image has request id {request_id!r}; nothing was withdrawn")
+            current = session.scalars(select(Verdict).where(Verdict.request_id == request_id,
+                                                            Verdict.withdrawn_at.is_(None))
+                                      .order_by(Verdict.id.desc()).limit(1)).first()
+            if current is None:
+                raise InvalidVerdict(f"request {request_id} has no verdict to undo")
+            if session.scalars(select(Export.id).where(Export.verdict_id == current.id)).first() is not None:
+                raise InvalidVerdict(f"the verdict on {request_id} was already exported into the line's data; it "
+                                     f"cannot be undone: give the right verdict instead (the export lists it as "
+                                     f"changed after export)")
+            current.withdrawn_at, current.withdrawn_by = now_iso(), by.strip()
+            previous = session.scalars(select(Verdict).where(Verdict.request_id == request_id,
+                                                             Verdict.withdrawn_at.is_(None))
+                                       .order_by(Verdict.id.desc()).limit(1)).first()
+            return _verdict_dict(previous) if previous is not None else None
+
     # -- exports -------------------------------------------------------------------------------
     def to_export(self, line: str) -> list[dict[str, Any]]:
-        """The line's judged, not yet exported, not expired images, oldest first, with the latest verdict."""
-        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
-                  .group_by(Verdict.request_id).subquery())
+        """The line's judged, not yet exported, not expired images, oldest first, with the latest verdict;
+        never an image judged ``bad_image`` (not a part: it must not become training data)."""
+        latest = _latest()
         exported = select(Export.request_id)
         query = (select(Retained, Verdict).join(latest, latest.c.request_id == Retained.request_id)
                  .join(Verdict, Verdict.id == latest.c.vid)
-                 .where(Retained.line == line, Retained.expired_at.is_(None),
+                 .where(Retained.line == line, Retained.expired_at.is_(None), Verdict.verdict.in_(TRAINING_VERDICTS),
                         Retained.request_id.not_in(exported)).order_by(Retained.time))
         with Session(self.engine) as session:
             return [{**_retained_dict(r), "verdict": _verdict_dict(v)} for r, v in session.execute(query)]
 
     def changed_after_export(self, line: str) -> list[dict[str, Any]]:
         """Exported images whose latest verdict is newer than the one exported (not moved automatically)."""
-        latest = (select(Verdict.request_id, func.max(Verdict.id).label("vid"))
-                  .group_by(Verdict.request_id).subquery())
+        latest = _latest()
         query = (select(Export, latest.c.vid).join(latest, latest.c.request_id == Export.request_id)
                  .where(Export.line == line, latest.c.vid > Export.verdict_id))
         with Session(self.engine) as session:
@@ -494,4 +548,4 @@ class ReviewDB:
 
 
 __all__ = ["DEFAULT_DEFECT_TYPE", "ImageExpired", "InvalidVerdict", "LoginFailure", "Operator", "OperatorSession",
-           "ReviewDB", "ReviewError", "UnknownRequest", "VERDICTS", "default_db_url", "now_iso"]
+           "ReviewDB", "ReviewError", "TRAINING_VERDICTS", "UnknownRequest", "VERDICTS", "default_db_url", "now_iso"]

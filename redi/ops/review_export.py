@@ -12,7 +12,9 @@ layout), then ``dvc add`` and one git commit make a new data revision, which
 - ``defect`` without an accepted mask -> ``needs_mask/<type>/<stem>.png``, outside the folders the
   pipeline reads (a defect image without its mask would stop the pipeline's data check): draw the
   mask, then move both into place. The command lists them. A line without ``ground_truth/`` at
-  all (image-level labels only) gets its defects straight into ``test/<type>/``.
+  all (image-level labels only) gets its defects straight into ``test/<type>/``;
+- ``bad_image`` (not a part: a camera glitch, an empty belt) -> nowhere: never training data
+  (``ReviewDB.to_export`` leaves it out).
 
 Safe to repeat: each written image is recorded in the ``exports`` table and never written again,
 and a file already there with the same bytes counts as written. The data repository must exist,
@@ -176,6 +178,8 @@ def _plan(item: dict[str, Any], has_ground_truth: bool, store: ObjectStore) -> d
     """Where an item goes: ``{status, target, mask, mask_png}`` (paths relative to the dataset)."""
     verdict = item["verdict"]
     stem = f"review_{item['date']}_{item['request_id']}"
+    if verdict["verdict"] not in ("false_alarm", "defect"):  # bad_image: not a part, never training data
+        raise ExportError(f"request {item['request_id']} is judged {verdict['verdict']!r}: it is never exported")
     if verdict["verdict"] == "false_alarm":
         return {"status": "written", "target": f"train/good/{stem}.png", "mask": "", "mask_png": None}
     kind = verdict["defect_type"] or "defect"
