@@ -13,14 +13,17 @@ key, see ``serving/review_auth.py``):
 - ``GET /line/<line>`` the queue, newest first; filters ``model_version``, ``date_from``, ``date_to``,
   ``min_score``, ``max_score``, ``status`` (pending/judged/all), ``kind`` (flagged/sampled/all)
 - ``GET /item/<request_id>`` one image, its map, mask, boxes and verdict history
-- ``POST /item/<request_id>/verdict`` form or JSON: ``verdict`` (defect / false_alarm),
-  ``defect_type``, ``accept_mask``, ``note`` (``by``/``X-Operator`` when called with the API key)
-- ``GET /item/<request_id>/{image,overlay,mask}.png`` the pictures
+- ``POST /item/<request_id>/verdict`` form or JSON: ``verdict`` (defect / false_alarm / bad_image),
+  ``defect_type`` (one of the line's ``line.defect_types``), ``accept_mask``, ``note``
+  (``by``/``X-Operator`` when called with the API key)
+- ``POST /item/<request_id>/undo`` withdraw the verdict that counts (the operator's undo)
+- ``GET /item/<request_id>/{image,map,overlay,mask}.png`` the pictures (``serving/review_pictures.py``)
 - ``GET /api/summary/<line>`` and ``GET /api/queue/<line>`` the same data as JSON
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -36,18 +39,47 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 from starlette.templating import Jinja2Templates
 
+from redi.core.config import LineConfig, read_config_file
 from redi.core.errors import RediError
 from redi.ops.monitoring import check_line_name
 from redi.ops.retention import load_map
-from redi.ops.review import ReviewDB, ReviewError, default_db_url
+from redi.ops.review import InvalidVerdict, ReviewDB, ReviewError, default_db_url
 from redi.ops.review_accounts import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S, OperatorAccounts
 from redi.ops.object_store import ObjectStore, store_from_env
 from serving.settings import ServingSettings, serving_store
 from serving.review_auth import (SESSION_ID, Principal, ReviewGuard, ReviewSecurity, ReviewSessions, csrf_ok,
                                  csrf_token, principal_of, safe_next, same_origin)
 
+from serving.review_pictures import PICTURES, colour_stops, render
+
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
+TEMPLATES.env.globals["colour_stops"] = colour_stops()
+TEMPLATES.env.filters["yes_no"] = lambda value: "Yes" if value else "No"
+TEMPLATES.env.globals["VERDICT_LABELS"] = {"defect": "real defect", "false_alarm": "false alarm",
+                                           "bad_image": "bad image / not a part"}
 PAGE_SIZE = 50
+LINES_DIR_ENV = "REDI_LINES_DIR"  # where the line config files are (default pipelines/lines, from the service's cwd)
+
+
+def line_defect_types(line: str) -> list[str]:
+    """The defect types the line's config file lists (``line.defect_types``), else the schema's default.
+
+    Read on every call (a small YAML file): a supervisor who adds a type sees it on the next page."""
+    path = Path(os.environ.get(LINES_DIR_ENV, "").strip() or "pipelines/lines") / f"{line}.yaml"
+    types = read_config_file(path).get("line", {}).get("defect_types") if path.is_file() else None
+    return [str(t) for t in types] if types else list(LineConfig().defect_types)
+
+
+def _checked_defect_type(line: str, verdict: str, defect_type: str) -> str:
+    """A defect verdict's type: one of the line's types (the first when none is given)."""
+    if verdict != "defect":
+        return ""
+    allowed = line_defect_types(line)
+    chosen = defect_type.strip() or allowed[0]
+    if chosen not in allowed:
+        raise InvalidVerdict(f"defect type {chosen!r} is not one of line {line}'s types {allowed}; a supervisor adds "
+                             f"a new type to line.defect_types in its line file ({LINES_DIR_ENV}/{line}.yaml)")
+    return chosen
 
 
 class ReviewContext:
@@ -87,8 +119,8 @@ def _error(request: Request, status: int, message: str) -> Response:
 
 
 def _here(request: Request) -> str:
-    """The page's own path and query without a previous ``judged`` note (where a verdict form returns)."""
-    query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k != "judged"])
+    """The page's own path and query without a previous ``judged``/``undone`` note (where a form returns)."""
+    query = urlencode([(k, v) for k, v in request.query_params.multi_items() if k not in ("judged", "undone")])
     return request.url.path + (f"?{query}" if query else "")
 
 
@@ -141,7 +173,7 @@ def line_page(request: Request) -> Response:
     older = (f"?{urlencode({**kept, 'offset': filters['offset'] + PAGE_SIZE})}" if len(items) == PAGE_SIZE else "")
     return TEMPLATES.TemplateResponse(request, "review_line.html", {
         "line": line, "items": items, "filters": filters, "summary": ctx.db.summary(line), "user": user,
-        "versions": ctx.db.model_versions(line), "csrf": csrf,
+        "versions": ctx.db.model_versions(line), "csrf": csrf, "defect_types": line_defect_types(line),
         "older": older, "here": _here(request)})
 
 
@@ -154,14 +186,15 @@ def item_page(request: Request) -> Response:
         return _error(request, exc.status, str(exc))
     user, csrf = _who(request, ctx)
     return TEMPLATES.TemplateResponse(request, "review_item.html", {
-        "item": item, "user": user, "csrf": csrf,
+        "item": item, "user": user, "csrf": csrf, "defect_types": line_defect_types(item["line"]),
         "here": _here(request)})
 
 
 def picture(request: Request) -> Response:
-    """``image.png`` (the kept upload), ``overlay.png`` (map over image) or ``mask.png`` (map > threshold)."""
+    """``image.png`` (the kept upload), ``map.png``, ``overlay.png`` (map over image) or ``mask.png``
+    (where the map is above the threshold): ``serving/review_pictures.py``."""
     from redi.core.images import decode_rgb
-    from redi.core.visualize import display_range, overlay, resize_map, to_png_bytes
+    from redi.core.visualize import to_png_bytes
 
     ctx = ReviewContext.get()
     try:
@@ -169,8 +202,8 @@ def picture(request: Request) -> Response:
     except ReviewError as exc:
         return _error(request, exc.status, str(exc))
     what = request.path_params["what"]
-    if what not in ("image", "overlay", "mask"):
-        return _error(request, 404, f"no picture {what!r}: use image.png, overlay.png or mask.png")
+    if what not in PICTURES:
+        return _error(request, 404, f"no picture {what!r}: use one of {', '.join(p + '.png' for p in PICTURES)}")
     image = ctx.store.get_bytes(item["image_key"])
     if image is None:
         ctx.db.mark_expired([item["request_id"]])
@@ -180,13 +213,7 @@ def picture(request: Request) -> Response:
     amap = load_map(ctx.store, item["map_key"])
     if amap is None:
         return _error(request, 410, f"the anomaly map of request {item['request_id']} is no longer kept")
-    rgb = decode_rgb(image)
-    if what == "overlay":
-        vmin, vmax = display_range(item["threshold"], amap)
-        png = to_png_bytes(overlay(rgb, amap, vmin, vmax))
-    else:
-        mask = resize_map(amap, rgb.shape[:2]) > item["threshold"]
-        png = to_png_bytes(np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2))
+    png = to_png_bytes(render(what, decode_rgb(image), np.asarray(amap), float(item["threshold"])))
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
@@ -209,8 +236,9 @@ async def verdict(request: Request) -> Response:
 
     def store() -> dict[str, Any]:
         item = ctx.db.get(request_id)
-        return ctx.db.add_verdict(request_id, str(data.get("verdict", "")), by=by, note=str(data.get("note", "")),
-                                  defect_type=str(data.get("defect_type", "")),
+        kind = str(data.get("verdict", ""))
+        return ctx.db.add_verdict(request_id, kind, by=by, note=str(data.get("note", "")),
+                                  defect_type=_checked_defect_type(item["line"], kind, str(data.get("defect_type", ""))),
                                   accept_mask=str(data.get("accept_mask", "")).lower() in ("1", "true", "on", "yes"),
                                   image_exists=ctx.store.exists(item["image_key"]), operator=principal.operator)
 
@@ -222,6 +250,31 @@ async def verdict(request: Request) -> Response:
         return JSONResponse(stored)
     target = safe_next(str(data.get("next") or ""))  # only back into the review pages
     return RedirectResponse(target + ("&" if "?" in target else "?") + f"judged={request_id}#item-{request_id}",
+                            status_code=303)
+
+
+async def undo(request: Request) -> Response:
+    """Withdraw the verdict that counts (form post from the page, or JSON with the API key); the previous
+    verdict, or none, counts again. An exported verdict cannot be undone (judge again instead)."""
+    ctx = ReviewContext.get()
+    principal: Principal = principal_of(request.scope)
+    is_json = request.headers.get("content-type", "").startswith("application/json")
+    data: dict[str, Any] = dict(await request.json()) if is_json else dict(await request.form(max_files=0))
+    if not csrf_ok(ctx.security.session_secret, principal,
+                   str(data.get("csrf") or request.headers.get("x-csrf-token", ""))):
+        return _error(request, 403, "the form is stale or came from another site (CSRF check failed); "
+                                    "reload the page and undo again")
+    by = principal.username if principal.kind == "session" else str(data.get("by") or
+                                                                    request.headers.get("x-operator", "")).strip()
+    request_id = request.path_params["request_id"]
+    try:
+        now_counts = await run_in_threadpool(ctx.db.withdraw_verdict, request_id, by)
+    except ReviewError as exc:
+        return _error(request, exc.status, str(exc))
+    if is_json or "application/json" in request.headers.get("accept", ""):
+        return JSONResponse({"request_id": request_id, "verdict": now_counts})
+    target = safe_next(str(data.get("next") or ""))
+    return RedirectResponse(target + ("&" if "?" in target else "?") + f"undone={request_id}#item-{request_id}",
                             status_code=303)
 
 
@@ -328,6 +381,7 @@ def create_review_app() -> Starlette:
         Route("/line/{line}", line_page), Route("/item/{request_id}", item_page),
         Route("/item/{request_id}/{what:str}.png", picture),
         Route("/item/{request_id}/verdict", verdict, methods=["POST"]),
+        Route("/item/{request_id}/undo", undo, methods=["POST"]),
         Route("/api/summary/{line}", api_summary), Route("/api/queue/{line}", api_queue),
     ])
 

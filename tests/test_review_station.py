@@ -38,6 +38,7 @@ from serving.review_metrics import metric_value
 LINE = "bottle_caps"
 SESSION_SECRET = "review-station-cookie-secret-0123456789abcdef"
 OPERATOR, PASSWORD = "ann", "capping head 7"
+DEFECT_TYPES = ("scratch", "dent", "short_shot")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
 
@@ -49,6 +50,9 @@ pytestmark = [pytest.mark.slow,
 def station(tmp_path_factory: pytest.TempPathFactory):
     """A trained line promoted in S3, a threshold override between its normal and defect probes, a server."""
     root = tmp_path_factory.mktemp("station")
+    lines_dir = root / "lines"  # the line's config file: the defect types the page offers
+    lines_dir.mkdir()
+    (lines_dir / f"{LINE}.yaml").write_text(f"line:\n  name: {LINE}\n  defect_types: [{', '.join(DEFECT_TYPES)}]\n")
     data = make_line(root, LINE, n_test_good=3)
     detector_path = train_tiny(data, root / "run", LINE)
     detector = load_detector(detector_path)
@@ -62,7 +66,7 @@ def station(tmp_path_factory: pytest.TempPathFactory):
                "REDI_DEVICE": "cpu",
                "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "REDI_MODEL_CACHE": str(root / "cache"),
                "REDI_RELOAD_INTERVAL_S": "0", "REDI_RETAIN_NORMAL_RATE": "0", "REDI_RETAIN_QUEUE": "1",
-               "REDI_RETAIN_SWEEP_S": "0"}
+               "REDI_RETAIN_SWEEP_S": "0", "REDI_LINES_DIR": str(lines_dir)}
         env.pop("REDI_STORE_DIR", None)
         store = store_from_env(env)
         publish_version(store, LINE, "v1", {"detector.pt": detector_path}, {"promote": True})
@@ -74,6 +78,7 @@ def station(tmp_path_factory: pytest.TempPathFactory):
         server = Server("serving.service:RediService", env, root / "server.log")
         try:
             yield {"root": root, "data": data, "env": env, "store": store, "server": server, "scores": scores,
+                   "lines_dir": lines_dir,
                    "threshold": threshold, "s3": s3, "db": ReviewDB(f"sqlite:///{root / 'logs' / 'review.db'}")}
         finally:
             server.stop()
@@ -141,7 +146,7 @@ def test_flagged_parts_reviewed_in_a_browser_then_exported(station: dict, tmp_pa
             cards = page.locator(".card")
             assert cards.count() == 3
             assert {cards.nth(i).get_attribute("data-request-id") for i in range(3)} == set(flagged)
-            page.wait_for_function("() => [...document.images].length === 9 && "
+            page.wait_for_function("() => [...document.images].length === 12 && "
                                    "[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=60000)
             assert page.locator(".box").count() >= 1  # defect boxes drawn over the images
             assert page.inner_text("#operator") == OPERATOR
