@@ -31,8 +31,8 @@ def colour_stops(n: int = 9, cmap: str = DEFAULT_CMAP) -> list[str]:
 
 
 def _outline_px(shape: tuple[int, ...]) -> int:
-    """An outline a few screen pixels wide once the page shrinks the picture to ~180 px."""
-    return max(1, round(max(shape[:2]) / 120))
+    """An outline a few screen pixels wide once the page shrinks the picture to ~230 px."""
+    return max(1, round(max(shape[:2]) / 150))
 
 
 def render(what: str, rgb: np.ndarray, amap: np.ndarray, threshold: float) -> np.ndarray:
