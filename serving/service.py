@@ -128,6 +128,7 @@ from starlette.responses import JSONResponse, RedirectResponse
 
 from redi.core.errors import ImageReadError, InputError, RediError
 from redi.core.images import crop_to_content, decode_rgb, preprocess
+from redi.ops.idempotency import IdempotencyIndex, check_key
 from redi.ops.monitoring import ProductionLog, image_feature_row
 from redi.ops.retention import FLAGGED, RetainedItem, Retainer, RetentionPolicy
 from redi.ops.review import ReviewDB, default_db_url
@@ -423,6 +424,7 @@ class RediService:
         # the detector service reads pointers and overrides with short timeouts
         self.store = configured_store(patient=True)
         self.log = ProductionLog(self.settings.log_dir)
+        self.idempotency = IdempotencyIndex(self.settings.log_dir)  # a retried Idempotency-Key is answered once
         self.metrics = PlantMetrics.get()
         self.retention = RetentionPolicy.from_env()
         self.retainer = self._start_retainer()
@@ -482,22 +484,39 @@ class RediService:
     # -- the public API ------------------------------------------------------------------------
     @bentoml.api(route="/predict")
     async def predict(self, image: Path, line: str, return_map: bool = False, return_overlay: bool = False,
-                      return_regions: bool = True, min_region_area: int = 16) -> dict:
+                      return_regions: bool = True, min_region_area: int = 16, ctx: bentoml.Context = None) -> dict:
         """Score one image of a product line.
+
+        A request with an ``Idempotency-Key`` header (8-128 of ``[A-Za-z0-9._:-]``) whose key was
+        answered before (in the production log of today or yesterday) gets that answer again, marked
+        ``replayed``, without a second production row (``redi.ops.idempotency``).
 
         Returns ``line, anomaly_score, anomalous, decision, threshold, threshold_source`` (``model``
         or ``override``), ``model_version, model_tag, latency_ms, image_size`` and, on request, ``anomaly_map_png`` / ``overlay_png`` (base64
         PNG at the model's input size) and ``defect_regions`` (boxes in the uploaded image's pixels).
         """
         started = time.perf_counter()
+        key = ctx.request.headers.get("idempotency-key", "") if ctx is not None else ""
         try:
-            return await self._predict(image, line, return_map, return_overlay, return_regions, min_region_area,
-                                       started)
+            if not key:
+                return await self._predict(image, line, return_map, return_overlay, return_regions, min_region_area,
+                                           started)
+            try:
+                check_key(key)
+            except InputError as exc:
+                raise RequestError(422, str(exc)) from exc
+            loop = asyncio.get_running_loop()
+            return await self.idempotency.once(
+                line, key, lambda: self._predict(image, line, return_map, return_overlay, return_regions,
+                                                 min_region_area, started, key),
+                lambda: loop.run_in_executor(self.pool, self.idempotency.lookup, line, key))
         except RequestError as exc:
+            if ctx is not None:  # BentoML puts ctx's status on any response of an API that takes ctx
+                ctx.response.status_code = exc.status
             return JSONResponse({"error": exc.message, "status": exc.status}, status_code=exc.status)
 
     async def _predict(self, image: Path, line: str, return_map: bool, return_overlay: bool, return_regions: bool,
-                       min_region_area: int, started: float) -> dict:
+                       min_region_area: int, started: float, key: str = "") -> dict:
         info = (await self._catalogue())["lines"].get(line)
         if info is None and not self.catalogue["lines"]:
             raise RequestError(503, f"no model is loaded yet ({SERVICE_HEALTH.get('reasons')}); retry later "
@@ -515,11 +534,15 @@ class RediService:
         body, row, retained = await loop.run_in_executor(
             self.pool, self._respond, line, info, rgb, result, return_map, return_overlay, return_regions,
             min_region_area, started)
+        if key:
+            row["idempotency_key"] = body["idempotency_key"] = key
         try:  # group commit: this answer leaves only after its row is on disk
             await asyncio.wrap_future(self.log.submit(row))
         except OSError as exc:
             raise RequestError(503, f"the production log {self.settings.log_dir} cannot be written ({exc}); the "
                                     f"result was not recorded - retry, and check REDI_LOG_DIR") from exc
+        if key:
+            self.idempotency.remember(line, key, row)
         self.metrics.observe(line, body["decision"], body["anomaly_score"], body["threshold"],
                              body["latency_ms"] / 1000.0, body["model_version"], body["threshold_source"])
         if retained is not None and self.retainer is not None:

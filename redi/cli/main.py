@@ -381,12 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     from redi.cli.pipeline import add_pipeline_commands
     from redi.cli.export import add_export_commands
     from redi.cli.review import add_review_commands
+    from redi.cli.watch import add_watch_commands
 
     COMMANDS.update(add_model_commands(sub))
     COMMANDS.update(add_review_commands(sub))
     COMMANDS.update(add_monitor_commands(sub))
     COMMANDS.update(add_pipeline_commands(sub))
     COMMANDS.update(add_export_commands(sub))
+    COMMANDS.update(add_watch_commands(sub))
     return parser
 
 
