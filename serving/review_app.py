@@ -14,10 +14,12 @@ key, see ``serving/review_auth.py``):
   ``min_score``, ``max_score``, ``status`` (pending/judged/all), ``kind`` (flagged/sampled/all)
 - ``GET /item/<request_id>`` one image, its map, mask, boxes and verdict history
 - ``POST /item/<request_id>/verdict`` form or JSON: ``verdict`` (defect / false_alarm / bad_image),
-  ``defect_type`` (one of the line's ``line.defect_types``), ``accept_mask``, ``note``
+  ``defect_type`` (one of the line's ``line.defect_types``), ``accept_mask``, ``note``, ``drawn_mask``
+  (a defect's mask drawn on the page: a PNG data URL of the image's size)
   (``by``/``X-Operator`` when called with the API key)
 - ``POST /item/<request_id>/undo`` withdraw the verdict that counts (the operator's undo)
-- ``GET /item/<request_id>/{image,map,overlay,mask}.png`` the pictures (``serving/review_pictures.py``)
+- ``GET /item/<request_id>/{image,map,overlay,mask,threshold_mask}.png`` the pictures
+  (``serving/review_pictures.py``); ``drawn_mask.png`` the mask drawn with the verdict that counts
 - ``GET /api/summary/<line>`` and ``GET /api/queue/<line>`` the same data as JSON
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import os
 import threading
+import uuid
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -50,7 +53,7 @@ from serving.settings import ServingSettings, serving_store
 from serving.review_auth import (SESSION_ID, Principal, ReviewGuard, ReviewSecurity, ReviewSessions, csrf_ok,
                                  csrf_token, principal_of, safe_next, same_origin)
 
-from serving.review_pictures import PICTURES, colour_stops, render
+from serving.review_pictures import PICTURES, colour_stops, drawn_mask_png, render
 
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 TEMPLATES.env.globals["colour_stops"] = colour_stops()
@@ -58,6 +61,7 @@ TEMPLATES.env.filters["yes_no"] = lambda value: "Yes" if value else "No"
 TEMPLATES.env.globals["VERDICT_LABELS"] = {"defect": "real defect", "false_alarm": "false alarm",
                                            "bad_image": "bad image / not a part"}
 PAGE_SIZE = 50
+MAX_DRAWN_MASK_BYTES = 16 * 1024 * 1024  # a drawn mask's data URL (a mostly flat PNG: far less in practice)
 LINES_DIR_ENV = "REDI_LINES_DIR"  # where the line config files are (default pipelines/lines, from the service's cwd)
 
 
@@ -202,6 +206,12 @@ def picture(request: Request) -> Response:
     except ReviewError as exc:
         return _error(request, exc.status, str(exc))
     what = request.path_params["what"]
+    if what == "drawn_mask":
+        key = (item["verdict"] or {}).get("mask_key")
+        drawn = ctx.store.get_bytes(key) if key else None
+        if drawn is None:
+            return _error(request, 404, f"request {item['request_id']}'s verdict has no drawn mask")
+        return Response(drawn, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
     if what not in PICTURES:
         return _error(request, 404, f"no picture {what!r}: use one of {', '.join(p + '.png' for p in PICTURES)}")
     image = ctx.store.get_bytes(item["image_key"])
@@ -225,7 +235,9 @@ async def verdict(request: Request) -> Response:
     ctx = ReviewContext.get()
     principal: Principal = principal_of(request.scope)  # the guard let nobody else in
     is_json = request.headers.get("content-type", "").startswith("application/json")
-    data: dict[str, Any] = dict(await request.json()) if is_json else dict(await request.form(max_files=0))
+    # a drawn mask travels as a PNG data URL in one field: allow it more than Starlette's 1 MB part default
+    data: dict[str, Any] = (dict(await request.json()) if is_json else
+                            dict(await request.form(max_files=0, max_part_size=MAX_DRAWN_MASK_BYTES)))
     if not csrf_ok(ctx.security.session_secret, principal,
                    str(data.get("csrf") or request.headers.get("x-csrf-token", ""))):
         return _error(request, 403, "the form is stale or came from another site (CSRF check failed); "
@@ -237,8 +249,10 @@ async def verdict(request: Request) -> Response:
     def store() -> dict[str, Any]:
         item = ctx.db.get(request_id)
         kind = str(data.get("verdict", ""))
+        defect_type = _checked_defect_type(item["line"], kind, str(data.get("defect_type", "")))
+        mask_key = _store_drawn_mask(ctx, item, str(data.get("drawn_mask") or "")) if kind == "defect" else None
         return ctx.db.add_verdict(request_id, kind, by=by, note=str(data.get("note", "")),
-                                  defect_type=_checked_defect_type(item["line"], kind, str(data.get("defect_type", ""))),
+                                  defect_type=defect_type, mask_key=mask_key,
                                   accept_mask=str(data.get("accept_mask", "")).lower() in ("1", "true", "on", "yes"),
                                   image_exists=ctx.store.exists(item["image_key"]), operator=principal.operator)
 
@@ -251,6 +265,20 @@ async def verdict(request: Request) -> Response:
     target = safe_next(str(data.get("next") or ""))  # only back into the review pages
     return RedirectResponse(target + ("&" if "?" in target else "?") + f"judged={request_id}#item-{request_id}",
                             status_code=303)
+
+
+def _store_drawn_mask(ctx: ReviewContext, item: dict[str, Any], data_url: str) -> str | None:
+    """Check the drawn mask and store it in the kept image's folder (retention deletes it with the image);
+    its key, or None when none was drawn."""
+    if not data_url:
+        return None
+    try:
+        png = drawn_mask_png(data_url, int(item["width"]), int(item["height"]))
+    except ValueError as exc:
+        raise InvalidVerdict(f"{exc}; nothing was stored") from exc
+    key = f"{item['image_key'].rsplit('/', 1)[0]}/drawn_mask_{uuid.uuid4().hex[:12]}.png"
+    ctx.store.put_bytes(key, png)
+    return key
 
 
 async def undo(request: Request) -> Response:

@@ -9,6 +9,11 @@
 - ``mask``: the region above the threshold on the part itself: the rest dimmed, the region at full
   brightness with a red outline. When no pixel is above the threshold it says so in the picture
   (an all-black or all-white tile looks like a picture that failed to load).
+- ``threshold_mask``: the same region as a plain white-on-black mask at the image's size: where
+  the page's mask editor starts (the operator corrects it with a brush and an eraser).
+
+A drawn mask comes back as a PNG data URL (:func:`drawn_mask_png`): checked, made binary, and
+stored with the verdict.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from PIL import Image, ImageDraw
 
 from redi.core.visualize import DEFAULT_CMAP, _font, display_range, heatmap_rgb, mask_contour, resize_map
 
-PICTURES = ("image", "map", "overlay", "mask")
+PICTURES = ("image", "map", "overlay", "mask", "threshold_mask")
 NO_REGION_TEXT = "no pixel above the threshold"
 _FAINT, _STRONG = 0.25, 0.75  # the map's weight in the overlay below / above the threshold
 _CYAN, _RED = (0, 255, 255), (255, 40, 40)
@@ -42,6 +47,8 @@ def render(what: str, rgb: np.ndarray, amap: np.ndarray, threshold: float) -> np
     above = full > threshold
     if what == "map":
         return heatmap_rgb(full, vmin, vmax)
+    if what == "threshold_mask":
+        return np.repeat((above.astype(np.uint8) * 255)[..., None], 3, axis=2)
     if what == "overlay":
         weight = np.where(above, _STRONG, _FAINT)[..., None].astype(np.float32)
         heat = heatmap_rgb(full, vmin, vmax).astype(np.float32)
@@ -56,6 +63,37 @@ def render(what: str, rgb: np.ndarray, amap: np.ndarray, threshold: float) -> np
     raise ValueError(f"no picture {what!r}: one of {PICTURES}")
 
 
+def drawn_mask_png(data_url: str, width: int, height: int) -> bytes:
+    """The operator's drawn mask (``data:image/png;base64,...`` from the page's canvas) as a binary
+    8-bit PNG (0 / 255) of the image's size: painted (opaque, non-black) pixels are the defect.
+
+    Raises:
+        ValueError: not a PNG data URL, another size than the image, or nothing drawn.
+    """
+    import base64
+    import binascii
+    import io
+
+    prefix = "data:image/png;base64,"
+    if not data_url.startswith(prefix):
+        raise ValueError("the drawn mask is not a PNG data URL (data:image/png;base64,...)")
+    try:
+        drawn = Image.open(io.BytesIO(base64.b64decode(data_url[len(prefix):], validate=True)))
+        drawn.load()
+    except (binascii.Error, OSError) as exc:
+        raise ValueError(f"the drawn mask is not a readable PNG ({exc})") from exc
+    if drawn.size != (width, height):
+        raise ValueError(f"the drawn mask is {drawn.size[0]}x{drawn.size[1]} px, the image {width}x{height}: "
+                         f"reload the page and draw again")
+    rgba = np.asarray(drawn.convert("RGBA"))
+    painted = (rgba[..., 3] > 127) & (rgba[..., :3].max(axis=2) > 127)
+    if not painted.any():
+        raise ValueError("the drawn mask is empty: paint the defect, or close the mask editor to judge without one")
+    buffer = io.BytesIO()
+    Image.fromarray(painted.astype(np.uint8) * 255, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _with_text(rgb: np.ndarray, text: str) -> np.ndarray:
     """The picture with ``text`` centred on it in white on a dark band."""
     canvas = Image.fromarray(rgb)
@@ -68,4 +106,4 @@ def _with_text(rgb: np.ndarray, text: str) -> np.ndarray:
     return np.asarray(canvas)
 
 
-__all__ = ["NO_REGION_TEXT", "PICTURES", "colour_stops", "render"]
+__all__ = ["NO_REGION_TEXT", "PICTURES", "colour_stops", "drawn_mask_png", "render"]

@@ -232,3 +232,32 @@ def test_bad_image_never_exported(tmp_path: Path, kept, demo_line_root: Path) ->
     assert written == {f"review_{db.get('fa1')['date']}_fa1.png"}
     assert {e["request_id"] for e in db.exports(LINE)} == {"fa1"}
     assert not export_reviews(db, store, LINE, repo).committed  # nothing left to export
+
+
+def test_drawn_mask_checked_and_made_binary() -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    from serving.review_pictures import drawn_mask_png
+
+    def url(rgba: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(rgba, mode="RGBA").save(buffer, format="PNG")
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    canvas = np.zeros((20, 30, 4), np.uint8)
+    with pytest.raises(ValueError, match="empty"):
+        drawn_mask_png(url(canvas), 30, 20)
+    canvas[5:8, 10:15] = (255, 40, 40, 255)  # a brush stroke
+    canvas[12:14, 2:4] = (255, 40, 40, 60)  # faint: an anti-aliased edge, not painted
+    mask = np.asarray(Image.open(io.BytesIO(drawn_mask_png(url(canvas), 30, 20))))
+    assert mask.shape == (20, 30) and set(np.unique(mask)) == {0, 255}
+    assert np.array_equal(np.argwhere(mask), np.argwhere(canvas[..., 3] == 255))
+    with pytest.raises(ValueError, match="30x20 px, the image 31x20"):
+        drawn_mask_png(url(canvas), 31, 20)
+    with pytest.raises(ValueError, match="not a PNG data URL"):
+        drawn_mask_png("data:image/jpeg;base64,AAAA", 30, 20)
+    with pytest.raises(ValueError, match="not a readable PNG"):
+        drawn_mask_png("data:image/png;base64,AAAA", 30, 20)

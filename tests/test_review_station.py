@@ -146,8 +146,9 @@ def test_flagged_parts_reviewed_in_a_browser_then_exported(station: dict, tmp_pa
             cards = page.locator(".card")
             assert cards.count() == 3
             assert {cards.nth(i).get_attribute("data-request-id") for i in range(3)} == set(flagged)
-            page.wait_for_function("() => [...document.images].length === 12 && "
-                                   "[...document.images].every(i => i.complete && i.naturalWidth > 0)", timeout=60000)
+            page.wait_for_function("() => [...document.querySelectorAll('.pics img')].length === 12 && "
+                                   "[...document.querySelectorAll('.pics img')].every(i => i.complete && "
+                                   "i.naturalWidth > 0)", timeout=60000)
             assert page.locator(".box").count() >= 1  # defect boxes drawn over the images
             assert page.inner_text("#operator") == OPERATOR
             page.screenshot(path=str(tmp_path / "review.png"))

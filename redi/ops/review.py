@@ -121,6 +121,9 @@ class Verdict(Base):
     # the operator's undo: a withdrawn verdict no longer counts (the previous one, or none, does again)
     withdrawn_at: Mapped[str | None] = mapped_column(String(40), nullable=True)
     withdrawn_by: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # a defect's mask drawn by the operator in the browser (a PNG in the kept image's folder); it wins over
+    # the thresholded map when the verdict is exported
+    mask_key: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
 
 class Export(Base):
@@ -196,7 +199,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 # columns added after the first release: create_all() makes missing tables, never missing columns
 _LATER_COLUMNS = {"retained": {"sample_rate": "FLOAT", "camera": "VARCHAR(128)"},
                   "verdicts": {"operator": "VARCHAR(64)", "withdrawn_at": "VARCHAR(40)",
-                               "withdrawn_by": "VARCHAR(128)"}}
+                               "withdrawn_by": "VARCHAR(128)", "mask_key": "VARCHAR(512)"}}
 
 
 def _latest() -> Any:
@@ -421,7 +424,7 @@ class ReviewDB:
     # -- verdicts ------------------------------------------------------------------------------
     def add_verdict(self, request_id: str, verdict: str, by: str, note: str = "", defect_type: str = "",
                     accept_mask: bool = False, image_exists: bool | None = None,
-                    operator: str | None = None) -> dict[str, Any]:
+                    operator: str | None = None, mask_key: str | None = None) -> dict[str, Any]:
         """Store one verdict (history is kept; the latest counts); return it.
 
         Args:
@@ -431,6 +434,8 @@ class ReviewDB:
             image_exists: whether the image is still in the store (the caller checked); False
                 marks it expired and refuses the verdict.
             operator: the logged-in account that judged (None when the caller used the API key).
+            mask_key: for ``defect``: the store key of the mask the operator drew (exported as the
+                ground truth instead of the thresholded map).
 
         Raises:
             UnknownRequest, ImageExpired, InvalidVerdict.
@@ -446,7 +451,7 @@ class ReviewDB:
                 raise InvalidVerdict(f"defect type {defect_type!r} is not a folder name (letters, digits, '_', '-';"
                                      f" not 'good')")
         else:
-            defect_type, accept_mask = "", False
+            defect_type, accept_mask, mask_key = "", False, None
         if image_exists is False:
             self.mark_expired([request_id])
         with Session(self.engine) as session, session.begin():
@@ -459,7 +464,7 @@ class ReviewDB:
                                    f"no longer be judged or exported. Nothing was stored")
             stored = Verdict(request_id=request_id, line=row.line, verdict=verdict, defect_type=defect_type,
                              accept_mask=bool(accept_mask), note=note.strip(), by=by.strip(), at=now_iso(),
-                             operator=operator)
+                             operator=operator, mask_key=mask_key or None)
             session.add(stored)
             session.flush()
             return _verdict_dict(stored)

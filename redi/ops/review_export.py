@@ -9,7 +9,9 @@ layout), then ``dvc add`` and one git commit make a new data revision, which
 - ``defect`` with the mask accepted -> ``test/<type>/<stem>.png`` and
   ``ground_truth/<type>/<stem>_mask.png`` (the anomaly map above the threshold it was judged with,
   at the image's size);
-- ``defect`` without an accepted mask -> ``needs_mask/<type>/<stem>.png``, outside the folders the
+- ``defect`` with a mask drawn on the review page -> ``test/<type>/<stem>.png`` and that mask as
+  ``ground_truth/<type>/<stem>_mask.png``;
+- ``defect`` without an accepted or drawn mask -> ``needs_mask/<type>/<stem>.png``, outside the folders the
   pipeline reads (a defect image without its mask would stop the pipeline's data check): draw the
   mask, then move both into place. The command lists them. A line without ``ground_truth/`` at
   all (image-level labels only) gets its defects straight into ``test/<type>/``;
@@ -185,7 +187,10 @@ def _plan(item: dict[str, Any], has_ground_truth: bool, store: ObjectStore) -> d
     kind = verdict["defect_type"] or "defect"
     if not has_ground_truth:  # image-level line: masks are not expected
         return {"status": "written", "target": f"test/{kind}/{stem}.png", "mask": "", "mask_png": None}
-    mask_png = _mask_png(store, item) if verdict["accept_mask"] else None
+    if verdict.get("mask_key"):  # drawn by the operator on the review page: it wins over the thresholded map
+        mask_png = store.get_bytes(verdict["mask_key"])
+    else:
+        mask_png = _mask_png(store, item) if verdict["accept_mask"] else None
     if mask_png is None:
         return {"status": NEEDS_MASK, "target": f"{NEEDS_MASK}/{kind}/{stem}.png", "mask": "", "mask_png": None}
     return {"status": "written", "target": f"test/{kind}/{stem}.png", "mask": f"ground_truth/{kind}/{stem}_mask.png",
