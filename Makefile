@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LINE ?= bottle_caps
 PROFILE ?= tiny
 
-.PHONY: demo test venv clean browser
+.PHONY: demo test venv clean browser containers base-image image bento-lock bento-image test-containers
 
 venv: $(STAMP)
 
@@ -27,8 +27,37 @@ browser:
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "chromium could not be installed: the browser tests will be skipped"
 
-test: $(STAMP) browser
+test: $(STAMP) browser containers
 	$(BIN)/python -m pytest tests
+
+# Containers (README, "Containers"). podman, buildah, runc and debootstrap are installed and configured
+# when missing and allowed (root + apt-get); otherwise the container tests skip and say why.
+containers:
+	@containers/setup_podman.sh || echo "podman is not usable here: the container tests will be skipped"
+
+# the base image made from Debian's packages (no container registry is reachable here); kept once made
+base-image: containers
+	containers/make_base_image.sh
+
+# the component image every pipeline step runs in (components/Dockerfile), on the local base;
+# IMAGE=registry.example.com/factory/redi:0.1.0 REDI_BASE_IMAGE=python:3.11-slim where a registry is reachable
+IMAGE ?= localhost/redi:0.1.0
+image: $(STAMP) base-image
+	containers/build_image.sh $(IMAGE)
+
+# the Bento's packages locked to the venv's versions (serving/requirements.lock.txt)
+bento-lock: $(STAMP)
+	$(BIN)/python containers/lock_bento_requirements.py
+
+# the production Bento (every line's production model; REDI_S3_* or REDI_STORE_DIR) as a container image
+bento-image: $(STAMP) base-image
+	$(BIN)/python containers/bento_image.py
+
+# only the container tests (also part of `make test`): the Bento built and served, the Bento in its
+# container, the component image and the demo line's steps in it (KFP's DockerRunner on podman) against
+# the local runner; -m "not image" leaves out the component image's (the longest)
+test-containers: $(STAMP) containers
+	$(BIN)/python -m pytest tests/test_bento_build.py tests/test_containers.py
 
 clean:
 	rm -rf runs outputs data/demo
