@@ -7,6 +7,7 @@ decisions through a real mosquitto broker.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import io
 import json
 import os
@@ -415,5 +416,19 @@ def test_throughput_of_the_watcher(service: Service, tmp_path: Path) -> None:
         summary = json.loads(log.read_text().strip().splitlines()[-1])  # from the first scan to the last decision
         assert summary["sent"] == n and len(_results(folder)) == n
         rates[inflight] = summary["parts_per_s"]
-    print(f"\nredi watch --once, {n} parts of 128x128 px, tiny model: "
-          + ", ".join(f"inflight {k}: {v:.1f} parts/s" for k, v in rates.items()))
+    direct = {}  # the same images posted straight to /predict by 1 and 4 closed-loop clients: the ceiling
+    contents = [path.read_bytes() for path in sorted((folder / "cam1").glob("*.png"))]
+    for clients in (1, 4):
+        session = requests.Session()
+
+        def post(content: bytes) -> int:
+            return session.post(f"{service.url}/predict", files={"image": ("p.png", content)}, data={"line": LINE},
+                                headers={"X-API-Key": KEY}, timeout=60).status_code
+
+        started = time.perf_counter()
+        with cf.ThreadPoolExecutor(clients) as pool:
+            assert set(pool.map(post, contents)) == {200}
+        direct[clients] = n / (time.perf_counter() - started)
+    print(f"\nredi watch --once, {n} parts of 128x128 px, tiny model (load average {os.getloadavg()[0]:.2f}): "
+          + ", ".join(f"inflight {k}: {v:.1f} parts/s" for k, v in rates.items())
+          + "; direct /predict: " + ", ".join(f"{k} client(s): {v:.1f} images/s" for k, v in direct.items()))

@@ -11,12 +11,12 @@ written where the line's software reads it.
   ``stable_s`` seconds; hidden names (``.x``), ``*.tmp``, ``*.part``, ``*.partial``, ``*~`` and
   non-image extensions are ignored (camera software writes a temporary name, then renames).
 - **Once, across restarts.** A journal (SQLite, ``synchronous=FULL``, in the state folder) records
-  each part as ``sending`` before the request, ``answered`` with the service's answer, then
-  ``done`` once the decision was delivered. Every request carries an ``Idempotency-Key`` made
-  from the camera, file name, size and mtime; the service answers a key it already logged from
-  its production log instead of scoring again (``redi.ops.idempotency``). So after a SIGKILL of
-  the watcher or of the service, a part left ``sending`` is sent again with the same key and is
-  scored and logged exactly once; a part left ``answered`` is only delivered again.
+  each part as ``sending`` before its request and ``done`` (with the answer) once the decision was
+  delivered. Every request carries an ``Idempotency-Key`` made from the camera, file name, size
+  and mtime; the service answers a key it already logged from its production log instead of
+  scoring again (``redi.ops.idempotency``). So after a SIGKILL of the watcher or of the service, a
+  part left ``sending`` is sent again with the same key and is scored and logged exactly once
+  (its decision is delivered again: the same result file; see MQTT below).
 - **Retries.** Connection errors, timeouts and 5xx answers are retried with a backoff (doubling,
   at most ``max_backoff_s``), logged, for as long as it takes: the line's images are never
   dropped because the service restarts. 400/413/422 (an image the service cannot read) are final:
@@ -37,6 +37,7 @@ The library talks HTTP with ``requests``; it imports nothing from ``serving/``.
 from __future__ import annotations
 
 import concurrent.futures as cf
+from collections import deque
 import datetime as _dt
 import hashlib
 import json
@@ -60,6 +61,7 @@ RESULT_SUFFIX = ".result.json"
 OUTPUT_FOLDERS = frozenset({"ok", "ng", "rejected"})
 ROOT_CAMERA = "."
 RESULT_MODES = ("beside", "folders")
+CHUNK_WINDOWS = 4  # a camera sends this many windows of --inflight parts before the next camera's turn
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 FINAL_STATUS = frozenset({400, 413, 415, 422})
 
@@ -116,7 +118,7 @@ class Part:
 
 # ----------------------------------------------------------------------------- the journal
 class Journal:
-    """Each part's state (``sending`` -> ``answered`` -> ``done`` | ``rejected``), durable at every step."""
+    """Each part's state (``sending`` -> ``done`` | ``rejected``), durable at every step."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,22 +145,18 @@ class Journal:
                 "attempts = attempts + 1, updated = excluded.updated",
                 (part.key, part.camera, str(part.path), part.size, part.mtime_ns, _now()))
 
-    def answered(self, part: Part, answer: dict[str, Any], state: str = "answered") -> None:
+    def done(self, part: Part, answer: dict[str, Any], state: str = "done") -> None:
+        """The decision was delivered (``done``) or the service refused the image for good (``rejected``)."""
         with self.lock:
             self.db.execute("UPDATE parts SET state = ?, answer = ?, updated = ? WHERE key = ?",
                             (state, json.dumps(answer), _now(), part.key))
 
-    def done(self, part: Part) -> None:
+    def unfinished(self) -> list[Part]:
+        """Parts a previous run left ``sending`` (maybe scored, decision not delivered), in camera order."""
         with self.lock:
-            self.db.execute("UPDATE parts SET state = 'done', updated = ? WHERE key = ? AND state = 'answered'",
-                            (_now(), part.key))
-
-    def unfinished(self) -> list[tuple[Part, str, dict[str, Any] | None]]:
-        """Parts a previous run left ``sending`` or ``answered`` (or ``rejected`` but not delivered)."""
-        with self.lock:
-            rows = self.db.execute("SELECT camera, path, size, mtime_ns, state, answer FROM parts "
-                                   "WHERE state IN ('sending', 'answered') ORDER BY mtime_ns, path").fetchall()
-        return [(Part(c, Path(p), s, m), state, json.loads(a) if a else None) for c, p, s, m, state, a in rows]
+            rows = self.db.execute("SELECT camera, path, size, mtime_ns FROM parts WHERE state = 'sending' "
+                                   "ORDER BY camera, mtime_ns, path").fetchall()
+        return [Part(c, Path(p), s, m) for c, p, s, m in rows]
 
     def counts(self) -> dict[str, int]:
         with self.lock:
@@ -244,13 +242,11 @@ class FolderWatcher:
         while not self.stop.is_set():
             queues, waiting = self.scan()
             self.queue_length = sum(len(q) for q in queues.values()) + waiting
-            for camera, parts in queues.items():
-                for start in range(0, len(parts), self.settings.inflight):
-                    if self.stop.is_set():
-                        break
-                    self.process(parts[start:start + self.settings.inflight])
-                    self.queue_length -= len(parts[start:start + self.settings.inflight])
-                    self.progress()
+            chunk = CHUNK_WINDOWS * self.settings.inflight  # cameras take turns: no backlog starves another camera
+            for start in range(0, max((len(q) for q in queues.values()), default=0), chunk):
+                for parts in queues.values():
+                    if not self.stop.is_set():
+                        self.process(parts[start:start + chunk])
             if once and not any(queues.values()) and not waiting:
                 break
             if not any(queues.values()):
@@ -271,19 +267,25 @@ class FolderWatcher:
                 "parts_per_s": round(self.sent / max(elapsed, 1e-9), 2), "journal": self.journal.counts()}
 
     def recover(self) -> None:
-        """Finish what a killed run left: resend ``sending`` parts (same key), redeliver ``answered`` ones."""
+        """Finish what a killed run left: resend its ``sending`` parts with the same keys (the service
+        replays those it scored), camera by camera in order."""
         unfinished = self.journal.unfinished()
         if unfinished:
             LOG.warning("resuming %d part(s) a previous run left unfinished", len(unfinished))
-        for part, state, answer in unfinished:
-            if state == "answered" and answer is not None:
-                self.deliver(part, answer)
-            elif part.path.exists():
-                self.process([part])
-            else:  # the image was moved or deleted after 'sending': nothing to send; say so
-                LOG.error("part %s was being sent when the watcher stopped and its file is gone; its decision "
-                          "may be in the service's production log (Idempotency-Key %s)", part.path, part.key)
-                self.journal.answered(part, {"error": "file gone before its answer"}, state="rejected")
+        resend: dict[str, list[Part]] = {}
+        for part in unfinished:
+            if part.path.exists():
+                resend.setdefault(part.camera, []).append(part)
+                continue
+            moved = _moved_result(part)
+            if moved is not None:  # folders mode: moved into ok/ng before 'done' was recorded
+                self.journal.done(part, moved)
+            else:  # deleted by someone after 'sending': nothing to send; say where its decision may be
+                LOG.error("part %s was being sent when the watcher stopped and its file is gone; its decision may "
+                          "be in the service's production log (Idempotency-Key %s)", part.path, part.key)
+                self.journal.done(part, {"error": "file gone before its decision was delivered"}, state="rejected")
+        for parts in resend.values():
+            self.process(parts)
 
     def scan(self) -> tuple[dict[str, list[Part]], int]:
         """Finished, not yet handled images per camera (in the camera's order), and how many are still being written."""
@@ -324,16 +326,28 @@ class FolderWatcher:
 
     # -- one window of parts ---------------------------------------------------------------------
     def process(self, parts: list[Part]) -> None:
-        """Send up to ``inflight`` parts of one camera at once; deliver their decisions in order."""
-        for part in parts:
-            self.journal.sending(part)
-        answers = list(self.pool.map(self.send, parts))
-        for part, answer in zip(parts, answers):
-            if answer is None:  # stopped while retrying: stays 'sending', resent on the next start
-                continue
-            self.journal.answered(part, answer)
-            self.deliver(part, answer)
-            self.sent += 1
+        """Send one camera's parts, ``inflight`` at a time (a sliding window); deliver the decisions in
+        the camera's order, each as soon as it and every part before it are answered."""
+        waiting = iter(parts)
+        window: deque[tuple[Part, cf.Future]] = deque()
+
+        def send_next() -> None:
+            part = next(waiting, None)
+            if part is not None and not self.stop.is_set():
+                self.journal.sending(part)  # on disk before the request leaves
+                window.append((part, self.pool.submit(self.send, part)))
+
+        for _ in range(self.settings.inflight):
+            send_next()
+        while window:
+            part, future = window.popleft()
+            answer = future.result()
+            if answer is not None:  # None: stopped while retrying; stays 'sending', resent on the next start
+                self.deliver(part, answer)
+                self.sent += 1
+            self.queue_length -= 1
+            send_next()
+            self.progress()
 
     def send(self, part: Part) -> dict[str, Any] | None:
         """The service's answer for one part, retrying while it is down; None when stopped meanwhile."""
@@ -384,10 +398,8 @@ class FolderWatcher:
         if self.publisher:
             self.publisher.publish(record)
         if record["decision"] == "rejected":
-            self.journal.answered(part, answer, state="rejected")
             LOG.error("%s refused by the service: %s", part.path, answer.get("error"))
-        else:
-            self.journal.done(part)
+        self.journal.done(part, answer, state="rejected" if record["decision"] == "rejected" else "done")
         self.tracker.forget(part.path)
 
     def progress(self, force: bool = False) -> None:
@@ -406,6 +418,19 @@ def _error_message(response: requests.Response) -> str:
         return str(response.json().get("error", response.text[:200]))
     except ValueError:
         return response.text[:200]
+
+
+def _moved_result(part: Part) -> dict[str, Any] | None:
+    """The result file of this part in ok/, ng/ or rejected/ (folders mode), or None."""
+    for name in sorted(OUTPUT_FOLDERS):
+        for result in (part.path.parent / name).glob(f"{part.path.stem}*{RESULT_SUFFIX}"):
+            try:
+                record = json.loads(result.read_text())
+            except (OSError, ValueError):
+                continue
+            if record.get("idempotency_key") == part.key:
+                return record
+    return None
 
 
 def result_path(image: Path) -> Path:
