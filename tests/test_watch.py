@@ -432,3 +432,17 @@ def test_throughput_of_the_watcher(service: Service, tmp_path: Path) -> None:
     print(f"\nredi watch --once, {n} parts of 128x128 px, tiny model (load average {os.getloadavg()[0]:.2f}): "
           + ", ".join(f"inflight {k}: {v:.1f} parts/s" for k, v in rates.items())
           + "; direct /predict: " + ", ".join(f"{k} client(s): {v:.1f} images/s" for k, v in direct.items()))
+
+
+@pytest.mark.slow
+def test_a_wrong_key_stops_the_watcher_with_the_reason_and_the_image_waits(service: Service, tmp_path: Path) -> None:
+    folder = tmp_path / "line"
+    _drop(folder, "part_0000.png", _images(service, 1, seed=5)[0])
+    env = {**os.environ, "REDI_API_KEY": "not-the-key-0123456789"}
+    done = subprocess.run([str(BIN / "redi"), "watch", str(folder), "--line", LINE, "--url", service.url, "--once",
+                           "--stable", "0.2"], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "403" in done.stderr and "--key-env" in done.stderr, done.stderr[-2000:]
+    assert (folder / "part_0000.png").exists() and not _results(folder)
+    # with the right key the same image is decided: it waited in the folder (journal: still 'sending')
+    retry = _watcher(service, folder, tmp_path / "watch.log", "--once")
+    assert retry.wait(timeout=120) == 0 and len(_results(folder)) == 1

@@ -396,7 +396,7 @@ class FolderWatcher:
         else:
             move_with_result(part, record)
         if self.publisher:
-            self.publisher.publish(record)
+            self.publisher.publish(record, self.stop)
         if record["decision"] == "rejected":
             LOG.error("%s refused by the service: %s", part.path, answer.get("error"))
         self.journal.done(part, answer, state="rejected" if record["decision"] == "rejected" else "done")
@@ -502,10 +502,11 @@ class MqttPublisher:
             raise ConfigError(f"the MQTT broker at {address} cannot be reached ({exc}); start it or fix --mqtt") from exc
         self.client.loop_start()
 
-    def publish(self, record: dict[str, Any]) -> None:
-        """Publish one decision; retries until the broker acknowledged it (QoS 1)."""
+    def publish(self, record: dict[str, Any], stop: threading.Event) -> None:
+        """Publish one decision; retries until the broker acknowledged it (QoS 1) or ``stop`` is set
+        (then the part stays ``sending``: resent, replayed and published on the next start)."""
         backoff = 0.5
-        while True:
+        while not stop.is_set():
             info = self.client.publish(self.topic, json.dumps(record), qos=1)
             try:
                 info.wait_for_publish(self.timeout_s)
@@ -513,8 +514,9 @@ class MqttPublisher:
                     return
             except (RuntimeError, ValueError) as exc:
                 LOG.warning("MQTT publish of %s failed (%s); retrying in %.1f s", record["image"], exc, backoff)
-            time.sleep(backoff)
+            stop.wait(backoff)
             backoff = min(backoff * 2, 30.0)
+        raise WatchStopped(f"stopped before the MQTT broker acknowledged the decision on {record['image']}")
 
     def close(self) -> None:
         self.client.loop_stop()
