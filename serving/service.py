@@ -150,6 +150,7 @@ PUBLIC_PATHS = frozenset({
 REVIEW_PREFIX = "/review/"  # the review pages also accept the signed session cookie (serving/review_auth.py)
 PUBLIC_PREFIXES = ("/static_content/", "/assets/")
 LOG = logging.getLogger("redi.serving")
+_CAMERA = re.compile(r"[A-Za-z0-9._-]{1,64}")  # a camera or station name, as line software sends it
 _BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
 
 
@@ -484,12 +485,16 @@ class RediService:
     # -- the public API ------------------------------------------------------------------------
     @bentoml.api(route="/predict")
     async def predict(self, image: Path, line: str, return_map: bool = False, return_overlay: bool = False,
-                      return_regions: bool = True, min_region_area: int = 16, ctx: bentoml.Context = None) -> dict:
+                      return_regions: bool = True, min_region_area: int = 16, camera: str = "",
+                      ctx: bentoml.Context = None) -> dict:
         """Score one image of a product line.
 
         A request with an ``Idempotency-Key`` header (8-128 of ``[A-Za-z0-9._:-]``) whose key was
         answered before (in the production log of today or yesterday) gets that answer again, marked
         ``replayed``, without a second production row (``redi.ops.idempotency``).
+
+        ``camera``: the camera or station that took the image (up to 64 of ``[A-Za-z0-9._-]``), logged
+        with the row and shown on the review page.
 
         Returns ``line, anomaly_score, anomalous, decision, threshold, threshold_source`` (``model``
         or ``override``), ``model_version, model_tag, latency_ms, image_size`` and, on request, ``anomaly_map_png`` / ``overlay_png`` (base64
@@ -498,9 +503,12 @@ class RediService:
         started = time.perf_counter()
         key = ctx.request.headers.get("idempotency-key", "") if ctx is not None else ""
         try:
+            if camera and not _CAMERA.fullmatch(camera):
+                raise RequestError(422, f"camera {camera[:80]!r} is not a camera name: use up to 64 letters, digits, "
+                                        f"'.', '_' or '-'")
             if not key:
                 return await self._predict(image, line, return_map, return_overlay, return_regions, min_region_area,
-                                           started)
+                                           started, camera=camera)
             try:
                 check_key(key)
             except InputError as exc:
@@ -508,7 +516,7 @@ class RediService:
             loop = asyncio.get_running_loop()
             return await self.idempotency.once(
                 line, key, lambda: self._predict(image, line, return_map, return_overlay, return_regions,
-                                                 min_region_area, started, key),
+                                                 min_region_area, started, key, camera),
                 lambda: loop.run_in_executor(self.pool, self.idempotency.lookup, line, key))
         except RequestError as exc:
             if ctx is not None:  # BentoML puts ctx's status on any response of an API that takes ctx
@@ -516,7 +524,7 @@ class RediService:
             return JSONResponse({"error": exc.message, "status": exc.status}, status_code=exc.status)
 
     async def _predict(self, image: Path, line: str, return_map: bool, return_overlay: bool, return_regions: bool,
-                       min_region_area: int, started: float, key: str = "") -> dict:
+                       min_region_area: int, started: float, key: str = "", camera: str = "") -> dict:
         info = (await self._catalogue())["lines"].get(line)
         if info is None and not self.catalogue["lines"]:
             raise RequestError(503, f"no model is loaded yet ({SERVICE_HEALTH.get('reasons')}); retry later "
@@ -536,6 +544,10 @@ class RediService:
             min_region_area, started)
         if key:
             row["idempotency_key"] = body["idempotency_key"] = key
+        if camera:
+            row["camera"] = body["camera"] = camera
+            if retained is not None:
+                retained.info["camera"] = camera
         try:  # group commit: this answer leaves only after its row is on disk
             await asyncio.wrap_future(self.log.submit(row))
         except OSError as exc:

@@ -123,6 +123,12 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.kill9()
 
+    def cameras_by_key(self) -> dict[str, str]:
+        """The camera each logged row names, per Idempotency-Key."""
+        return {row["idempotency_key"]: row.get("camera", "")
+                for path in sorted((self.logs / LINE).glob("*.jsonl"))
+                for row in map(json.loads, path.read_text().splitlines()) if row.get("idempotency_key")}
+
     def rows_by_key(self) -> Counter:
         """Production log rows per Idempotency-Key (rows without one are other tests' direct requests)."""
         counts: Counter = Counter()
@@ -302,6 +308,8 @@ def test_each_image_gets_its_decision_beside_it_in_camera_order_and_on_mqtt(serv
         assert [r["image"] for r in mine] == sorted(r["image"] for r in mine)
     rows = service.rows_by_key()
     assert all(rows[r["idempotency_key"]] == 1 for r in results), "an image was scored twice or not at all"
+    cameras = service.cameras_by_key()  # the service logs (and the review page shows) the camera folder
+    assert all(cameras[r["idempotency_key"]] == r["camera"] for r in results), cameras
     assert sorted(m["idempotency_key"] for m in subscriber.messages) == sorted(r["idempotency_key"] for r in results)
     by_key = {r["idempotency_key"]: r for r in results}
     for message in subscriber.messages:
@@ -329,6 +337,9 @@ def test_a_retried_key_is_answered_from_the_log_without_a_second_row(service: Se
     bad = requests.post(f"{service.url}/predict", files={"image": ("p.png", content)}, data={"line": LINE},
                         headers={"X-API-Key": KEY, "Idempotency-Key": "no spaces"}, timeout=60)
     assert bad.status_code == 422 and "Idempotency-Key" in bad.json()["error"], bad.text
+    odd = requests.post(f"{service.url}/predict", files={"image": ("p.png", content)},
+                        data={"line": LINE, "camera": "cam 1/../x"}, headers={"X-API-Key": KEY}, timeout=60)
+    assert odd.status_code == 422 and "camera" in odd.json()["error"], odd.text
 
 
 @pytest.mark.slow

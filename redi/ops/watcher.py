@@ -43,6 +43,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -371,7 +372,8 @@ class FolderWatcher:
         try:
             response = self.http.post(
                 f"{self.settings.url}/predict", files={"image": (part.path.name, content)},
-                data={"line": self.settings.line, "return_regions": str(self.settings.return_regions).lower()},
+                data={"line": self.settings.line, "return_regions": str(self.settings.return_regions).lower(),
+                      **({"camera": camera_name(part.camera)} if part.camera != "." else {})},
                 headers={"Idempotency-Key": part.key}, timeout=self.settings.timeout_s)
         except requests.RequestException as exc:
             return f"the service at {self.settings.url} cannot be reached ({type(exc).__name__})"
@@ -411,6 +413,11 @@ class FolderWatcher:
         LOG.info("sent %d parts (%.2f parts/s), queue %d, retries %d, rejected %d", self.sent, rate,
                  max(self.queue_length, 0), self.retries, self.rejected)
         self._progress_at, self._progress_sent = now, self.sent
+
+
+def camera_name(folder: str) -> str:
+    """The camera name the service logs for a camera folder (its ``[A-Za-z0-9._-]``, at most 64)."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", folder)[:64]
 
 
 def _error_message(response: requests.Response) -> str:
