@@ -6,13 +6,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from redi.core.config import RediConfig
 from redi.core.errors import DatasetError, WeightsError
+from redi.core.images import load_rgb
 from redi.core.operating_point import set_threshold, small_sample_note
+from redi.core.part_check import PartProfile, image_statistics
 from redi.core.utils import atomic_write_text, progress
 from redi.data.mvtec import MVTecCategory, Sample, split_train_val
 from redi.methods.base import AnomalyDetector
@@ -64,9 +66,18 @@ def score_images(detector: AnomalyDetector, images: torch.Tensor, batch_size: in
     return result
 
 
-def calibrate_threshold(detector: AnomalyDetector, images: torch.Tensor, cfg: RediConfig) -> dict[str, Any]:
+def part_profile(samples: Sequence[Sample]) -> dict[str, Any]:
+    """The line's part profile (:mod:`redi.core.part_check`) over these normal images, as plain values."""
+    return PartProfile.from_statistics(image_statistics(load_rgb(s.path)) for s in samples).to_dict()
+
+
+def calibrate_threshold(detector: AnomalyDetector, images: torch.Tensor, cfg: RediConfig,
+                        normals: Sequence[Sample] = ()) -> dict[str, Any]:
     """Decision threshold from held-out normal images only (never from test labels), set by the
-    line's threshold policy for its false-call target (:func:`redi.core.operating_point.set_threshold`)."""
+    line's threshold policy for its false-call target (:func:`redi.core.operating_point.set_threshold`).
+
+    ``normals``: the line's normal training images; when given, their part profile is kept as
+    ``part_profile`` (the service marks kept images far off it as probably not a part)."""
     if images.shape[0] == 0:
         raise DatasetError("no held-out normal images to calibrate the threshold on; "
                            "raise data.val_fraction or add images to train/good")
@@ -81,7 +92,7 @@ def calibrate_threshold(detector: AnomalyDetector, images: torch.Tensor, cfg: Re
             "false_call_target": cfg.eval.false_call_target, "margin": cfg.eval.threshold_margin,
             "val_score_mean": float(scores.mean()), "val_score_max": float(scores.max()),
             "val_false_call_rate": float((scores > threshold).float().mean()), "n_val": int(images.shape[0]),
-            "note": note}
+            "note": note, **({"part_profile": part_profile(normals)} if normals else {})}
 
 
 def require_file(path: str | Path, what: str, hint: str) -> Path:

@@ -29,7 +29,7 @@ def fuse_detectors(part_paths: dict[str, Path], data_root: str | Path, out_dir: 
     held_out = [s for s in category.train if s.image_id not in fitted]
     images = load_images(held_out, detector.image_size, cfg.data.aspect)
     detector.set_standardisation([score_images(p, images, cfg.eval.batch_size, keep_maps=True)["maps"] for p in parts])
-    calibration = calibrate_threshold(detector, images, cfg)
+    calibration = calibrate_threshold(detector, images, cfg, normals=[s for s in category.train if s.label == 0])
     log_stage(STAGE, f"{' + '.join(detector.part_names)}: map mean {detector.map_mean.tolist()}, std "
                      f"{detector.map_std.tolist()} on {len(held_out)} held-out normals; threshold "
                      f"{calibration['threshold']:.4f}")

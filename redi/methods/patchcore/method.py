@@ -69,7 +69,8 @@ def train_patchcore(data_root: str | Path, out_dir: str | Path, cfg: RediConfig,
     support = bank_neighbors(bank, settings.num_neighbors)
     detector.set_bank(bank, sources[chosen], support, [s.image_id for s in train])
     log_stage(STAGE, f"memory bank {bank.shape[0]} x {bank.shape[1]} in {time.perf_counter() - started:.1f} s")
-    calibration = calibrate_threshold(detector, load_images(held_out, cfg.data.image_size, cfg.data.aspect), cfg)
+    calibration = calibrate_threshold(detector, load_images(held_out, cfg.data.image_size, cfg.data.aspect), cfg,
+                                      normals=train + held_out)
     log_stage(STAGE, f"threshold {calibration['threshold']:.4f} ({cfg.eval.threshold_policy} policy, false-call target "
                      f"{cfg.eval.false_call_target:.1%}) from {calibration['n_val']} held-out normals")
     meta = {"line": line or category.name, "calibration": calibration, "n_train": len(train),

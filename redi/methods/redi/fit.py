@@ -466,7 +466,8 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
     # The held-out normals are exactly the training images that are not in the bank.
     in_bank = set(bank.image_ids)
     val = [s for s in category.train if s.image_id not in in_bank]
-    calibration = calibrate_threshold(detector, load_images(val, cfg.data.image_size, cfg.data.aspect), cfg)
+    calibration = calibrate_threshold(detector, load_images(val, cfg.data.image_size, cfg.data.aspect), cfg,
+                                      normals=[s for s in category.train if s.label == 0])
     log_stage("discriminate", f"threshold {calibration['threshold']:.4f} ({cfg.eval.threshold_policy} policy, false-call "
                          f"target {cfg.eval.false_call_target:.1%}) from {calibration['n_val']} held-out normals")
     write_json(out_dir / "discriminate_history.json", history)
