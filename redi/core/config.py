@@ -259,6 +259,11 @@ class GateConfig:
     # candidate recall >= production's - rate_tolerance and false calls <= production's +
     # rate_tolerance, each model at its own served threshold (one part of 20 is 0.05)
     rate_tolerance: float = 0.05
+    # A shadow period before promotion (redi.ops.gate.promote_after_shadow): a passed candidate is put in
+    # shadow and promoted only once the service logged its decisions on this many live requests / hours
+    # of traffic (redi.ops.shadow); 0 and 0 = promote at once
+    shadow_min_requests: int = 0
+    shadow_min_hours: float = 0.0
 
 
 @dataclass
@@ -424,6 +429,8 @@ class RediConfig:
             (0.0 <= gate.tolerance < 1.0, "gate.tolerance must lie in [0, 1)"),
             (all(0.0 <= v <= 1.0 for v in (gate.min_recall, gate.max_false_call_rate, gate.rate_tolerance)),
              "gate.min_recall, gate.max_false_call_rate and gate.rate_tolerance must lie in [0, 1]"),
+            (gate.shadow_min_requests >= 0 and gate.shadow_min_hours >= 0,
+             "gate.shadow_min_requests and gate.shadow_min_hours must be >= 0 (0: no shadow period required)"),
             (not pipe.schedule or len(pipe.schedule.split()) == 6,
              f"pipeline.schedule {pipe.schedule!r} must be a 6-field cron (seconds minutes hours day month "
              f"weekday, as KFP reads it), e.g. '0 0 3 * * 0' for Sundays at 03:00"),
