@@ -66,3 +66,26 @@ def s3_env(tmp_path, monkeypatch):
         for key, value in server.env.items():
             monkeypatch.setenv(key, value)
         yield server
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """A real PostgreSQL for the whole session (Debian's, installed when missing: tests/pg_server.py);
+    skips the test with the reason when it cannot run here."""
+    from pg_server import ensure_postgres, start_pg_server
+
+    bin_dir, why = ensure_postgres()
+    if bin_dir is None:
+        pytest.skip(why)
+    with start_pg_server(bin_dir) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def review_db_url(request: pytest.FixtureRequest, tmp_path: Path):
+    """A fresh empty review database's URL, once on SQLite and once on PostgreSQL: the review tests that
+    take it run on both backends."""
+    from pg_server import review_database
+
+    with review_database(request, request.param, tmp_path) as url:
+        yield url
