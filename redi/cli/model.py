@@ -1,9 +1,14 @@
-"""``redi model list|show|history|promote|rollback`` and ``redi bento build``: what each line serves.
+"""``redi model list|show|history|promote|rollback|shadow|shadow-report`` and ``redi bento build``: what each line serves.
 
 The line's production pointer in the object store (``redi.ops.model_registry``) is the one place that decides
 what a line serves: the gate moves it, these commands move it by hand, and the service follows it.
 Promote and rollback run the same checks as the gate's promotion (complete upload, passed gate,
 detector hash) and write an audit record (who, when, why) before the pointer moves.
+
+``redi model shadow`` puts a gate-passed candidate in shadow (the service scores live traffic with it
+beside production, answering with production only) or turns it off; ``redi model shadow-report``
+compares the two from the shadow log (``redi.ops.shadow``). ``promote`` refuses a version whose gate
+required a shadow period (``gate.shadow_min_requests`` / ``shadow_min_hours``) until the log holds it.
 
 Self-contained: ``redi/cli/main.py`` registers it with ``COMMANDS.update(add_model_commands(sub))``.
 The store comes from the environment (``REDI_S3_*``) or ``--store-dir`` (see ``redi.ops.model_registry``).
@@ -19,8 +24,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from redi.ops.object_store import DEFAULT_LOCAL_DIR, ObjectStore, StorageError, store_for_command
-from redi.ops.model_registry import (list_versions, production_lines, production_record, promote, promotion_history,
+from redi.ops.model_registry import (list_versions, move_shadow, production_lines, production_record, promotion_history,
     rollback, version_index, version_summary)
+from redi.ops.shadow import DEFAULT_LOG_DIR, fmt_rate, shadow_report, shadow_rows
 
 Handler = Callable[[argparse.Namespace], int]
 _METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
@@ -100,10 +106,52 @@ def _history(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
+    from redi.ops.gate import promote_after_shadow
+
     store = _store(args)
-    pointer = promote(store, args.line, args.version, _recorded_metrics(args), by=args.by or "", reason=args.reason)
+    pointer, report = promote_after_shadow(store, args.line, args.version, args.log_dir, _recorded_metrics(args),
+                                           by=args.by or "", reason=args.reason)
+    shadow = "" if report is None else (f"; shadow period: {report['n']} requests over {report['hours']:.2f} h, "
+                                        f"agreement {fmt_rate(report['agreement'])}")
     print(f"line {args.line}: production is now {pointer['version']} (was {pointer['previous_version']}); "
-          f"recorded by {pointer['by']}: {pointer['reason']} [store: {store.describe()}]")
+          f"recorded by {pointer['by']}: {pointer['reason']}{shadow} [store: {store.describe()}]")
+    return 0
+
+
+def _shadow(args: argparse.Namespace) -> int:
+    if bool(args.version) == bool(args.off):
+        raise StorageError("name the candidate with --version V, or turn the line's shadow off with --off")
+    store = _store(args)
+    pointer = move_shadow(store, args.line, None if args.off else args.version, by=args.by or "",
+                          reason=args.reason or ("shadow turned off" if args.off else "shadow period"))
+    if pointer.get("version") is None:
+        print(f"line {args.line}: no shadow candidate (was {pointer.get('previous_version')}); the service stops "
+              f"scoring it at its next pointer check [store: {store.describe()}]")
+    else:
+        print(f"line {args.line}: {pointer['version']} is in shadow since {pointer.get('since')} (was "
+              f"{pointer.get('previous_version')}); production {(production_record(store, args.line) or {}).get('version')} "
+              f"still answers. The service scores it from its next pointer check [store: {store.describe()}]")
+    return 0
+
+
+def _shadow_report(args: argparse.Namespace) -> int:
+    version = args.version  # default: the newest candidate in the log (the report never mixes two)
+    report = shadow_report(shadow_rows(args.log_dir, args.line), args.line, version)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    if not report["n"]:
+        print(f"line {args.line}: no shadow decisions logged in {Path(args.log_dir) / 'shadow'}"
+              + (f" for version {version}" if version else ""))
+        return 0
+    print(f"line {args.line}: candidate {report['shadow_version']} beside production "
+          f"{', '.join(report['production_versions'])}: {report['n']} requests, {report['first']} .. {report['last']}")
+    print(f"  agreement {fmt_rate(report['agreement'])}; flag rate production {fmt_rate(report['production_flag_rate'])}, "
+          f"candidate {fmt_rate(report['shadow_flag_rate'])}; {len(report['disagreements'])} disagreements")
+    for d in report["disagreements"]:
+        print(f"  {d['request_id']}  {d['time']}  production {d['score']:.4f} "
+              f"{'anomalous' if d['anomalous'] else 'normal'}  candidate {d['shadow_score']:.4f} "
+              f"{'anomalous' if d['shadow_anomalous'] else 'normal'}")
     return 0
 
 
@@ -144,7 +192,8 @@ def _bento_build(args: argparse.Namespace) -> int:
 
 
 _HANDLERS: dict[str, Handler] = {"list": _list, "show": _show, "history": _history, "promote": _promote,
-                                 "rollback": _rollback, "convert-artifact": _convert_artifact}
+                                 "rollback": _rollback, "convert-artifact": _convert_artifact, "shadow": _shadow,
+                                 "shadow-report": _shadow_report}
 
 
 def add_model_commands(subparsers: Any) -> dict[str, Handler]:
@@ -173,6 +222,20 @@ def add_model_commands(subparsers: Any) -> dict[str, Handler]:
         p.add_argument("--version", required=name == "promote")
         p.add_argument("--reason", required=True, help="why (kept in the audit record)")
         p.add_argument("--by", help="who (default: user@host of this shell)")
+        if name == "promote":
+            p.add_argument("--log-dir", default=os.environ.get("REDI_LOG_DIR", DEFAULT_LOG_DIR),
+                           help="the service's production log folder (REDI_LOG_DIR): its shadow log shows whether "
+                                "a shadow period the gate required is done")
+    p = add("shadow", "score a gate-passed candidate beside production on live traffic (answers stay production's)")
+    p.add_argument("--version", help="the candidate to put in shadow")
+    p.add_argument("--off", action="store_true", help="stop shadowing on this line")
+    p.add_argument("--reason", help="why (kept in the audit record)")
+    p.add_argument("--by", help="who (default: user@host of this shell)")
+    p = add("shadow-report", "agreement, flag rates and disagreeing requests of the line's shadow candidate")
+    p.add_argument("--version", help="the candidate (default: the newest one in the shadow log)")
+    p.add_argument("--log-dir", default=os.environ.get("REDI_LOG_DIR", DEFAULT_LOG_DIR),
+                   help="the service's production log folder (REDI_LOG_DIR); the shadow log is its shadow/ folder")
+    p.add_argument("--json", action="store_true")
     p = sub.add_parser("convert-artifact", help="rewrite a trusted detector file from an older redi so that it "
                                                 "loads weights-only (no pickled code)")
     p.add_argument("path", help="the detector.pt to convert")

@@ -24,6 +24,12 @@ the version; :func:`gate_model` also moves the production pointer (last) when pr
 is a compare-and-swap (:func:`redi.ops.model_registry.move_production`): when production changed
 after the gate evaluated it (an operator's rollback, another run's promotion), the gate scores the
 model now in production and decides again, so it never undoes a move it did not judge against.
+
+**Shadow period** (``gate.shadow_min_requests`` / ``gate.shadow_min_hours``, default 0 = none): a
+candidate that passes is not promoted at once; the gate records the requirement in the version's
+index, puts the candidate in shadow (the service scores live traffic with it beside production)
+and :func:`promote_after_shadow` (``redi model promote``) promotes it only once the shadow log
+(:mod:`redi.ops.shadow`, in the service's log folder) holds enough of its decisions.
 """
 
 from __future__ import annotations
@@ -37,15 +43,17 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from redi.core.config import RediConfig
-from redi.core.errors import ConfigError
+from redi.core.errors import ConfigError, RediError
 from redi.core.utils import sha256_file
 from redi.ops.object_store import ObjectStore
-from redi.ops.model_registry import (check_promotable, fetch_pointer_detector, move_production, production_record,
-    publish_version, same_pointer, version_index, version_key)
+from redi.ops.model_registry import (check_promotable, fetch_pointer_detector, move_production, move_shadow,
+    production_record, promote, publish_version, same_pointer, shadow_record, version_index, version_key)
+from redi.ops.shadow import SHADOW_FOLDER, shadow_period_problems, shadow_report, shadow_rows
 
 GATED_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 # the decision at the served threshold: name -> True when higher is better
 GATED_RATES = {"recall": True, "false_call_rate": False}
+SHADOW_FIELDS = ("shadow_min_requests", "shadow_min_hours")
 
 
 @dataclass
@@ -59,13 +67,24 @@ class GatePolicy:
     min_recall: float = 0.8
     max_false_call_rate: float = 0.1
     rate_tolerance: float = 0.05
+    shadow_min_requests: int = 0  # live requests a candidate must be scored on in shadow before promotion
+    shadow_min_hours: float = 0.0  # hours of logged shadow traffic (first to last row) before promotion
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if not 0.0 <= float(value) <= 1.0 and name != "tolerance":
+            if not 0.0 <= float(value) <= 1.0 and name not in ("tolerance", *SHADOW_FIELDS):
                 raise ConfigError(f"gate bound {name}={value} must lie in [0, 1]")
         if not 0.0 <= float(self.tolerance) < 1.0:
             raise ConfigError(f"gate tolerance {self.tolerance} must lie in [0, 1)")
+        if int(self.shadow_min_requests) < 0 or float(self.shadow_min_hours) < 0:
+            raise ConfigError(f"gate.shadow_min_requests ({self.shadow_min_requests}) and gate.shadow_min_hours "
+                              f"({self.shadow_min_hours}) must be >= 0 (0: no shadow period required)")
+
+    def shadow_required(self) -> dict[str, Any] | None:
+        """The shadow period a passed candidate needs before promotion, or None when none is required."""
+        if int(self.shadow_min_requests) <= 0 and float(self.shadow_min_hours) <= 0:
+            return None
+        return {"min_requests": int(self.shadow_min_requests), "min_hours": float(self.shadow_min_hours)}
 
     def minimums(self) -> dict[str, float]:
         """Gated metric -> its minimum."""
@@ -272,6 +291,11 @@ def gate_model(line: str, detector_path: str | Path, metrics_path: str | Path, d
     production = evaluate_production(store, line, data_root, cfg, Path(out_path).parent)
     pointer, production_metrics = production if production else (None, None)
     decision = _decision(line, version, candidate, policy, pointer, production_metrics, store, info)
+    shadow = policy.shadow_required() if decision["promote"] and (pointer or {}).get("version") != version else None
+    if shadow:  # passed, but promoted only after a shadow period on live traffic (redi model promote)
+        decision.update(promote=False, passed=True, shadow_required=shadow, reasons=[
+            *decision["reasons"], f"promotion waits for a shadow period ({_shadow_terms(shadow)}): the candidate "
+            f"is put in shadow; `redi model promote` promotes it once the period is logged"])
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(decision, indent=2, default=str))
@@ -280,7 +304,10 @@ def gate_model(line: str, detector_path: str | Path, metrics_path: str | Path, d
     index = publish_version(store, line, version, files, _index_info(decision, info))
     decision["version_prefix"] = store.uri(version_key(line, version))
     decision["n_files_uploaded"] = len(index["files"])
-    if decision["promote"]:
+    if shadow:
+        decision["shadow_pointer"] = move_shadow(store, line, version, by="gate",
+                                                 reason="passed the gate; shadow period before promotion")
+    elif decision["promote"]:
         decision = _move_if_still_better(store, line, version, candidate, policy, decision, pointer, data_root,
                                          cfg, out_path, info)
     out_path.write_text(json.dumps(decision, indent=2, default=str))
@@ -307,8 +334,55 @@ def _decision(line: str, version: str, candidate: Mapping[str, Any], policy: Gat
 
 def _index_info(decision: Mapping[str, Any], info: Mapping[str, Any] | None) -> dict[str, Any]:
     """What a version's index records of the gate's decision (``promote`` is what promotion checks)."""
-    return {"promote": decision["promote"], "reasons": decision["reasons"],
-            "metrics": decision["candidate_metrics"], "info": dict(info or {})}
+    recorded = {"promote": bool(decision.get("passed", decision["promote"])), "reasons": decision["reasons"],
+                "metrics": decision["candidate_metrics"], "info": dict(info or {})}
+    if decision.get("shadow_required"):  # travels with the version: every later promotion checks it
+        recorded["shadow_required"] = decision["shadow_required"]
+    return recorded
+
+
+def _shadow_terms(required: Mapping[str, Any]) -> str:
+    terms = [f"{required['min_requests']} live requests" if required.get("min_requests") else "",
+             f"{required['min_hours']:g} h" if required.get("min_hours") else ""]
+    return " and ".join(t for t in terms if t)
+
+
+class ShadowPeriodError(RediError):
+    """A promotion was refused: the candidate has not run in shadow long enough."""
+
+
+def promote_after_shadow(store: ObjectStore, line: str, version: str, log_dir: str | Path,
+                         record: Mapping[str, Any] | None = None, *, by: str = "",
+                         reason: str = "") -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Promote ``version`` (:func:`redi.ops.model_registry.promote`) once its shadow period is logged.
+
+    The period required is the one the gate recorded in the version's index (``shadow_required``,
+    from ``gate.shadow_min_requests`` / ``gate.shadow_min_hours`` when it judged the version); the
+    traffic seen is read from the shadow log in ``log_dir`` (the service's ``REDI_LOG_DIR``,
+    :mod:`redi.ops.shadow`). A promoted candidate leaves shadow.
+
+    Returns:
+        (the production pointer, the shadow report it was judged on or None when none was required).
+
+    Raises:
+        ShadowPeriodError: not enough shadow traffic yet (the message says how much, and what to do).
+    """
+    index = version_index(store, line, version) or {}
+    required = (index.get("info") or {}).get("shadow_required")
+    report = None
+    if required:
+        report = shadow_report(shadow_rows(log_dir, line, version), line, version)
+        problems = shadow_period_problems(report, int(required.get("min_requests", 0)),
+                                          float(required.get("min_hours", 0.0)))
+        if problems:
+            raise ShadowPeriodError(f"line {line}: version {version} is not promoted: " + "; ".join(problems) +
+                                    f" (shadow log: {Path(log_dir) / SHADOW_FOLDER})")
+    summary = None if report is None else {k: report[k] for k in ("n", "hours", "agreement", "production_flag_rate",
+                                                                   "shadow_flag_rate")}
+    pointer = promote(store, line, version, {**dict(record or {}), "shadow": summary}, by=by, reason=reason)
+    if (shadow_record(store, line) or {}).get("version") == version:
+        move_shadow(store, line, None, by=by, reason=f"promoted to production: {reason}")
+    return pointer, report
 
 
 def _move_if_still_better(store: ObjectStore, line: str, version: str, candidate: Mapping[str, Any],

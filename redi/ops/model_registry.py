@@ -7,6 +7,8 @@ the same in both stores)::
     lines/<line>/versions/<version>/index.json  written LAST: the list of files, sizes and sha256
     lines/<line>/promotions/<time>-<version>-<id>.json  one record per move or conflict (audit trail)
     lines/<line>/production.json                the production pointer, moved LAST of all
+    lines/<line>/shadow.json                    the shadow pointer: the candidate scored beside production
+    lines/<line>/shadow-moves/<time>-<version>-<id>.json  one audit record per shadow move
 
 Why this order is safe: a version counts as complete only once its ``index.json`` exists, and
 :func:`promote` refuses a version whose index is missing or whose files do not match it. Each
@@ -18,6 +20,11 @@ The pointer moves only by compare-and-swap (:func:`move_production`): a move wri
 only if it is still the one the mover read (S3 ``If-Match`` / ``If-None-Match``; ``os.replace``
 under an ``fcntl`` lock on disk). A mover that loses re-reads the pointer and decides again, and
 both the lost attempt and the re-decision are audit records (``outcome: conflict``).
+
+The shadow pointer (:func:`move_shadow`) names a candidate the service scores beside production
+on live traffic without answering with it (docs/serving.md, "Shadow mode"). It moves by the same
+compare-and-swap, only to a version that passes :func:`check_promotable`, and each move is audited
+in its own folder (so shadow moves never count as earlier production models for a rollback).
 """
 from __future__ import annotations
 
@@ -33,6 +40,7 @@ from redi.ops.object_store import ObjectStore, StorageError
 
 INDEX_NAME = "index.json"
 POINTER_NAME = "production.json"
+SHADOW_NAME = "shadow.json"
 
 
 # -- the line / version layout -----------------------------------------------------------------
@@ -367,6 +375,68 @@ def rollback(store: ObjectStore, line: str, version: str | None = None, *, by: s
 
     moved = move_production(store, line, propose, action="rollback", by=by, version_hint=target)
     return moved if moved is not None else dict(production_record(store, line) or {})
+
+
+# -- the shadow pointer: a candidate scored beside production -----------------------------------
+def shadow_key(line: str) -> str:
+    """``lines/<line>/shadow.json``."""
+    return f"{line_prefix(line)}/{SHADOW_NAME}"
+
+
+def shadow_record(store: ObjectStore, line: str) -> dict[str, Any] | None:
+    """The line's shadow pointer when a candidate is in shadow (``version`` set), else None."""
+    pointer = store.get_json(shadow_key(line))
+    return pointer if pointer and pointer.get("version") else None
+
+
+def move_shadow(store: ObjectStore, line: str, version: str | None, *, by: str = "", reason: str = "",
+                verify_hash: bool = True, attempts: int = MAX_MOVE_ATTEMPTS) -> dict[str, Any]:
+    """Put ``version`` in shadow on the line (None: turn the shadow off); compare-and-swap, audited.
+
+    The candidate must pass :func:`check_promotable` (complete, gate-passed, detector hash) and must
+    not be the production model. Turning the shadow off writes a pointer with ``version: null``
+    (a compare-and-swap needs an object to swap). Each attempt writes an audit record under
+    ``shadow-moves/`` (``intended``, then ``applied`` or ``conflict``) before and after the switch.
+
+    Returns:
+        the shadow pointer in force (``version`` None when off).
+
+    Raises:
+        StorageError: the version cannot be shadowed (the message says why).
+        PointerConflict: ``attempts`` compare-and-swaps in a row lost to other writers.
+    """
+    fields: dict[str, Any] = {"line": line, "version": None, "reason": reason}
+    if version is not None:
+        production = production_record(store, line)
+        if production is not None and production.get("version") == version:
+            raise StorageError(f"version {version} is line {line!r}'s production model already; shadow a candidate")
+        fields = _pointer_fields(store, line, version, check_promotable(store, line, version, verify_hash), None,
+                                 reason)
+    key = shadow_key(line)
+    for _ in range(attempts):
+        current, tag = store.get_json_versioned(key)
+        if (current or {}).get("version") == version:
+            return dict(current or {"line": line, "version": None})  # already so: nothing to record
+        now = _dt.datetime.now(_dt.timezone.utc)
+        pointer = {**fields, "since": now.isoformat(timespec="seconds"), "action": "shadow" if version else
+                   "shadow-off", "by": by or actor(), "move_id": uuid.uuid4().hex,
+                   "previous_version": (current or {}).get("version")}
+        record_key = (f"{line_prefix(line)}/shadow-moves/{now.strftime('%Y%m%dT%H%M%S%f')}-{version or 'off'}-"
+                      f"{uuid.uuid4().hex[:8]}.json")
+        store.put_json(record_key, {**pointer, "outcome": "intended"})
+        if store.put_json_if(key, pointer, tag):
+            store.put_json(record_key, {**pointer, "outcome": "applied"})
+            return pointer
+        store.put_json(record_key, {**pointer, "outcome": "conflict"})
+    raise PointerConflict(f"the shadow pointer of line {line!r} in {store.describe()} moved under {attempts} attempts "
+                          f"in a row; nothing was changed. See `redi model shadow-report --line {line}` and retry")
+
+
+def shadow_history(store: ObjectStore, line: str) -> list[dict[str, Any]]:
+    """Every shadow move of a line (audit records, conflicts included), oldest first."""
+    prefix = f"{line_prefix(line)}/shadow-moves/"
+    return [record for key in store.list(prefix) if key.endswith(".json")
+            if (record := store.get_json(key)) is not None]
 
 
 def production_lines(store: ObjectStore) -> list[str]:
