@@ -1,7 +1,8 @@
 """The review database, threshold overrides and ``redi review export`` into a real git + DVC repository.
 
 No server here (tests/test_review_station.py runs the service, the page in Chromium and S3): kept
-images go through the real Retainer into a local store, verdicts into SQLite, the export into a
+images go through the real Retainer into a local store, verdicts into SQLite and into a real PostgreSQL
+(``review_db_url``: every test that takes it runs on both), the export into a
 DVC repository, and the exported revision is fetched with ``dvc get`` and checked by the
 pipeline's own data stage (``redi.workflow.stages.validate_data``).
 """
@@ -66,8 +67,9 @@ def keep(store: LocalStore, db: ReviewDB, images: dict[str, Path], score: float 
 
 
 @pytest.fixture()
-def kept(tmp_path: Path, demo_line_root: Path):
-    store, db = LocalStore(tmp_path / "store"), ReviewDB(f"sqlite:///{tmp_path / 'review.db'}")
+def kept(tmp_path: Path, demo_line_root: Path, review_db_url: str):
+    """Three kept images, indexed in a review database on SQLite and on PostgreSQL (``review_db_url``)."""
+    store, db = LocalStore(tmp_path / "store"), ReviewDB(review_db_url)
     images = {"fa1": demo_line_root / "test" / "good" / "000.png",
               "dm1": demo_line_root / "test" / "scratch" / "000.png",
               "dn1": demo_line_root / "test" / "hole" / "000.png"}
@@ -131,8 +133,8 @@ def test_bad_image_verdict_and_undo(kept) -> None:
     assert db.get("fa1")["verdict"]["by"] == "ann" and len(db.get("fa1")["history"]) == 2
 
 
-def test_camera_named_by_the_request_is_indexed(tmp_path: Path, demo_line_root: Path) -> None:
-    store, db = LocalStore(tmp_path / "store"), ReviewDB(f"sqlite:///{tmp_path / 'review.db'}")
+def test_camera_named_by_the_request_is_indexed(tmp_path: Path, demo_line_root: Path, review_db_url: str) -> None:
+    store, db = LocalStore(tmp_path / "store"), ReviewDB(review_db_url)
     retainer = Retainer(store, RetentionPolicy(max_days=0, max_per_line=0), index=db)
     now = _dt.datetime.now(_dt.timezone.utc)
     for request_id, camera in (("c1", "cam-2"), ("c2", None)):

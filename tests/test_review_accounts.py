@@ -1,4 +1,5 @@
-"""The review page's operator accounts against a real ``bentoml serve`` and the real SQLite review database.
+"""The review page's operator accounts against a real ``bentoml serve`` and the real review database, on
+SQLite and on a real PostgreSQL (every test here that touches the database runs on both).
 
 Operators log in with their own account (``redi review user add``, scrypt hashes in the review
 DB), not the machine API key; the session cookie is signed by Starlette's ``SessionMiddleware``
@@ -90,8 +91,8 @@ def test_security_settings_need_a_separate_strong_secret_unless_open_mode() -> N
     assert ReviewSecurity.from_env({"REDI_OPEN_MODE": "1"}).open_mode
 
 
-def test_rate_limit_counts_per_name_and_per_address_and_forgets_after_the_window(tmp_path: Path) -> None:
-    accounts = OperatorAccounts(ReviewDB(f"sqlite:///{tmp_path / 'review.db'}"), window_s=2.0)
+def test_rate_limit_counts_per_name_and_per_address_and_forgets_after_the_window(review_db_url: str) -> None:
+    accounts = OperatorAccounts(ReviewDB(review_db_url), window_s=2.0)
     accounts.add("ann", PASSWORD)
     for _ in range(5):
         assert not accounts.login("ann", "wrong", "10.0.0.1").ok
@@ -108,8 +109,10 @@ def test_rate_limit_counts_per_name_and_per_address_and_forgets_after_the_window
         accounts.add("ANN", PASSWORD)
 
 
-def test_cli_reads_the_password_from_stdin_never_from_argv(tmp_path: Path) -> None:
-    env = {**os.environ, "REDI_REVIEW_DB": f"sqlite:///{tmp_path / 'review.db'}"}
+def test_cli_reads_the_password_from_stdin_never_from_argv(tmp_path: Path, review_db_url: str) -> None:
+    from sqlalchemy import text
+
+    env = {**os.environ, "REDI_REVIEW_DB": review_db_url}
     done = _cli(env, "add", "--name", "Eve", stdin=PASSWORD + "\n")
     assert done.returncode == 0 and "operator eve added" in done.stdout, done.stderr
     refused = subprocess.run([str(BIN / "redi"), "review", "user", "add", "--name", "eve", "--password", PASSWORD],
@@ -119,13 +122,17 @@ def test_cli_reads_the_password_from_stdin_never_from_argv(tmp_path: Path) -> No
     assert no_tty.returncode == 2 and "--password-stdin" in no_tty.stderr
     listed = json.loads(_cli(env, "list", "--json").stdout)
     assert [(u["username"], u["active"]) for u in listed] == [("eve", True)]
-    assert PASSWORD not in (tmp_path / "review.db").read_bytes().decode("latin-1")
+    with ReviewDB(review_db_url).engine.connect() as connection:
+        stored = repr(connection.execute(text("SELECT * FROM operators")).all())
+    assert "eve" in stored and "scrypt$" in stored and PASSWORD not in stored
+    if review_db_url.startswith("sqlite"):  # nor anywhere in the file (a deleted page, the WAL)
+        assert PASSWORD not in (tmp_path / "review.db").read_bytes().decode("latin-1")
 
 
-def test_a_review_db_from_before_accounts_gets_the_operator_column(tmp_path: Path) -> None:
+def test_a_review_db_from_before_accounts_gets_the_operator_column(review_db_url: str) -> None:
     from sqlalchemy import inspect, text
 
-    url = f"sqlite:///{tmp_path / 'review.db'}"
+    url = review_db_url
     with ReviewDB(url).engine.begin() as connection:  # the verdicts table as it was before accounts
         connection.execute(text("ALTER TABLE verdicts DROP COLUMN operator"))
     db = ReviewDB(url)
@@ -146,11 +153,8 @@ def _cli(env: dict[str, str], *args: str, stdin: str | None = None) -> subproces
 
 
 @pytest.fixture(scope="module")
-def station(tmp_path_factory: pytest.TempPathFactory):
-    """A tiny line promoted in a local store, every probe flagged (an override below all scores), the
-    service with an API key and a session secret, and operator accounts made with the CLI."""
-    from test_serving import _start_server, _stop_server
-
+def line_store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A tiny line promoted in a local store, every probe flagged (an override below all scores)."""
     root = tmp_path_factory.mktemp("accounts")
     data = make_line(root, LINE)
     detector_path = train_tiny(data, root / "run", LINE)
@@ -162,10 +166,27 @@ def station(tmp_path_factory: pytest.TempPathFactory):
     low = min(float(detector.predict(detector.preprocess([load_rgb(p)])).score[0]) for p in probes)
     assert low > 0
     set_threshold_override(store, LINE, low / 2, "flag every probe", by="qa")
-    db_url = f"sqlite:///{root / 'logs' / 'review.db'}"
+    return {"root": root, "probes": probes}
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def station(request: pytest.FixtureRequest, line_store: dict):
+    """The service on the line's store with an API key and a session secret, its review database on
+    SQLite or on PostgreSQL (the param), and operator accounts made with the CLI."""
+    from pg_server import review_database
+
+    root = line_store["root"] / request.param
+    root.mkdir()
+    with review_database(request, request.param, root / "logs") as db_url:
+        yield from _station(line_store["root"], root, line_store["probes"], db_url)
+
+
+def _station(line_root: Path, root: Path, probes: list[Path], db_url: str):
+    from test_serving import _start_server, _stop_server
+
     env = {**os.environ, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
            "REDI_API_KEY": KEY, "REDI_SESSION_SECRET": SECRET, "REDI_LOG_DIR": str(root / "logs"),
-           "REDI_DEVICE": "cpu", "PYTHONPATH": str(REPO), "REDI_STORE_DIR": str(root / "store"),
+           "REDI_DEVICE": "cpu", "PYTHONPATH": str(REPO), "REDI_STORE_DIR": str(line_root / "store"),
            "REDI_MODEL_CACHE": str(root / "cache"), "REDI_RELOAD_INTERVAL_S": "0",
            "REDI_RETAIN_NORMAL_RATE": "0", "REDI_RETAIN_SWEEP_S": "0", "REDI_REVIEW_DB": db_url}
     env.pop("REDI_OPEN_MODE", None)

@@ -1,7 +1,11 @@
 """The review index: kept images, operators' verdicts and what was exported, in a real database.
 
 SQLite by default (``sqlite:///<REDI_LOG_DIR>/review.db``), any SQLAlchemy URL in production
-(``REDI_REVIEW_DB``, e.g. ``postgresql+psycopg://user@db/redi``). Tables:
+(``REDI_REVIEW_DB``, e.g. ``postgresql+psycopg://user@db/redi``; several API replicas must share one
+PostgreSQL database: docs/review.md). The same code runs on both: the schema is made (and upgraded)
+under a PostgreSQL advisory lock so replicas starting together do not race, an image indexed twice is
+inserted once (``ON CONFLICT DO NOTHING``), and a text longer than its column is refused with
+:class:`ValueTooLong` on every backend (PostgreSQL enforces ``VARCHAR(n)``, SQLite does not). Tables:
 
 - ``retained``: one row per image the service kept (``redi.ops.retention``): request id, line, kind
   (``flagged`` or ``sampled``), time, score, threshold, decision, model version, store keys, defect
@@ -32,9 +36,12 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Text, create_engine, event, func, inspect,
-                        select, text, update)
-from sqlalchemy.engine import Engine
+from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Table, Text, create_engine, event, func,
+                        inspect, insert, select, text, update)
+from sqlalchemy.dialects import postgresql as _postgresql
+from sqlalchemy.dialects import sqlite as _sqlite
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from redi.core.errors import RediError
@@ -66,6 +73,12 @@ class ImageExpired(ReviewError):
 
 class InvalidVerdict(ReviewError):
     """The verdict's fields are wrong (kind, defect type, operator)."""
+
+    status = 422
+
+
+class ValueTooLong(ReviewError):
+    """A text is longer than its column allows (PostgreSQL refuses it; SQLite is held to the same limit)."""
 
     status = 422
 
@@ -177,6 +190,25 @@ class LoginFailure(Base):
     at: Mapped[float] = mapped_column(Float, index=True)  # unix time
 
 
+def _check_lengths(table: Table, values: Mapping[str, Any]) -> None:
+    """Refuse a text longer than its ``VARCHAR(n)`` column, on every backend alike (PostgreSQL would fail the
+    write with a driver error, SQLite would store it: the same request must not do both)."""
+    for column in table.columns:
+        limit, value = getattr(column.type, "length", None), values.get(column.name)
+        if limit and isinstance(value, str) and len(value) > limit:
+            raise ValueTooLong(f"{table.name}.{column.name} is {len(value)} characters long; the review database "
+                               f"keeps at most {limit}: shorten it (nothing was stored)")
+
+
+def _check_row(_mapper: Any, _connection: Any, target: Any) -> None:
+    _check_lengths(target.__table__, {c.name: getattr(target, c.name, None) for c in target.__table__.columns})
+
+
+# every ORM write of every table (this module's and review_accounts') is held to the column lengths
+event.listen(Base, "before_insert", _check_row, propagate=True)
+event.listen(Base, "before_update", _check_row, propagate=True)
+
+
 def default_db_url(env: Mapping[str, str] | None = None) -> str:
     """``REDI_REVIEW_DB``, else SQLite in the production log folder (``REDI_LOG_DIR``)."""
     env = os.environ if env is None else env
@@ -202,6 +234,13 @@ _LATER_COLUMNS = {"retained": {"sample_rate": "FLOAT", "camera": "VARCHAR(128)"}
                                "withdrawn_by": "VARCHAR(128)", "mask_key": "VARCHAR(512)"}}
 
 
+# PostgreSQL advisory lock key (any constant bigint) that serializes schema creation and upgrades
+# between replicas starting at once: CREATE TABLE and ALTER TABLE race otherwise
+_SCHEMA_LOCK = 0x7265646972657669  # "redirevi"
+_DRIVER_HINT = ("set REDI_REVIEW_DB to a SQLAlchemy URL: sqlite:////path/review.db, or "
+                "postgresql+psycopg://USER:PASSWORD@HOST:5432/DBNAME for a database shared by several replicas")
+
+
 def _latest() -> Any:
     """Per request id, the id of the verdict that counts: the newest one not withdrawn."""
     return (select(Verdict.request_id, func.max(Verdict.id).label("vid")).where(Verdict.withdrawn_at.is_(None))
@@ -209,7 +248,7 @@ def _latest() -> Any:
 
 
 def _add_later_columns(engine: Engine) -> None:
-    """Add the columns an older database lacks (nullable, so old rows read as NULL)."""
+    """Add the columns an older SQLite database lacks (nullable, so old rows read as NULL)."""
     for table, columns in _LATER_COLUMNS.items():
         for name, sql_type in columns.items():
             if name in {c["name"] for c in inspect(engine).get_columns(table)}:
@@ -220,6 +259,52 @@ def _add_later_columns(engine: Engine) -> None:
             except Exception:  # another worker added it first; anything else fails the check below
                 if name not in {c["name"] for c in inspect(engine).get_columns(table)}:
                     raise
+
+
+def _create_schema_locked(connection: Connection) -> None:
+    """Make the missing tables and columns in one PostgreSQL transaction that holds the schema lock: a
+    second replica waits for it, then finds everything made (DDL is transactional there)."""
+    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_LOCK})
+    Base.metadata.create_all(connection)
+    for table, columns in _LATER_COLUMNS.items():
+        for name, sql_type in columns.items():
+            connection.execute(text(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {name} {sql_type}"))
+
+
+def _check_url(url: str) -> None:
+    """Refuse URLs that would pick no driver or one the project does not ship, saying what to write."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ReviewError(f"REDI_REVIEW_DB {url!r} is not a database URL ({exc}); {_DRIVER_HINT}") from exc
+    if parsed.drivername in ("postgres", "postgresql"):
+        fixed = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=True)
+        raise ReviewError(f"REDI_REVIEW_DB {parsed.render_as_string(hide_password=True)!r} names no database driver; "
+                          f"write it as {fixed!r} (psycopg 3, installed with redi)")
+
+
+def _engine(url: str) -> Engine:
+    """The engine for ``url``: SQLite waits on a busy database; PostgreSQL checks a pooled connection before
+    use (a restarted server or a dropped idle connection is reconnected, not failed) and gives up
+    connecting after 10 s instead of hanging a request."""
+    _check_url(url)
+    parsed = make_url(url)
+    args: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        args["connect_args"] = {"timeout": 30}
+    elif parsed.get_backend_name() == "postgresql":
+        args["pool_pre_ping"] = True
+        if "connect_timeout" not in parsed.query:
+            args["connect_args"] = {"connect_timeout": 10}
+    try:
+        return create_engine(url, **args)
+    except (ImportError, NoSuchModuleError) as exc:
+        raise ReviewError(f"cannot open the review database {parsed.render_as_string(hide_password=True)!r}: its "
+                          f"driver is not installed ({exc}); install it (PostgreSQL: pip install "
+                          f"'psycopg[binary]>=3.2,<4', a dependency of redi) or {_DRIVER_HINT}") from exc
+    except Exception as exc:
+        raise ReviewError(f"cannot open the review database {parsed.render_as_string(hide_password=True)!r}: "
+                          f"{exc}; {_DRIVER_HINT}") from exc
 
 
 def _sample_rate(record: Mapping[str, Any]) -> float | None:
@@ -252,14 +337,22 @@ class ReviewDB:
         self.url = url or default_db_url()
         if self.url.startswith("sqlite:///"):
             Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.engine: Engine = create_engine(self.url, connect_args={"timeout": 30}
-                                                if self.url.startswith("sqlite") else {})
-        except Exception as exc:
-            raise ReviewError(f"cannot open the review database {self.url!r}: {exc}; set REDI_REVIEW_DB to a "
-                              f"SQLAlchemy URL (sqlite:///path/review.db, postgresql+psycopg://...)") from exc
+        self.engine: Engine = _engine(self.url)
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        try:
+            self._create_schema()
+        except DBAPIError as exc:
+            self.engine.dispose()
+            raise ReviewError(f"cannot use the review database {self!r}: {str(exc.orig).strip()}. Check that the "
+                              f"server runs and is reachable from here, and REDI_REVIEW_DB's host, port, user, "
+                              f"password and database name (the database must exist: CREATE DATABASE)") from exc
+
+    def _create_schema(self) -> None:
+        if self.engine.dialect.name == "postgresql":
+            with self.engine.begin() as connection:
+                _create_schema_locked(connection)
+            return
         Base.metadata.create_all(self.engine)
         _add_later_columns(self.engine)
 
@@ -268,19 +361,29 @@ class ReviewDB:
 
     # -- what retention tells ------------------------------------------------------------------
     def add_retained(self, record: Mapping[str, Any]) -> None:
-        """Index one kept image (its ``record.json``); an id already indexed is left as it is."""
-        with Session(self.engine) as session, session.begin():
-            if session.get(Retained, record["request_id"]) is not None:
+        """Index one kept image (its ``record.json``); an id already indexed is left as it is (also when
+        another replica or ``sync_from_store`` indexes it at the same moment)."""
+        values = dict(
+            request_id=record["request_id"], line=record["line"], kind=record.get("kind", "flagged"),
+            time=record["time"], date=record["time"][:10], score=float(record["score"]),
+            threshold=float(record["threshold"]), anomalous=bool(record["anomalous"]),
+            model_version=str(record.get("model_version", "")), model_tag=str(record.get("model_tag", "")),
+            width=int(record["width"]), height=int(record["height"]), image_key=record["image_key"],
+            map_key=record["map_key"], record_key=record["record_key"],
+            regions=json.dumps(record.get("regions", [])), indexed_at=now_iso(),
+            sample_rate=_sample_rate(record), camera=str(record.get("camera") or "")[:128] or None)
+        _check_lengths(Retained.__table__, values)
+        dialect = {"postgresql": _postgresql, "sqlite": _sqlite}.get(self.engine.dialect.name)
+        with self.engine.begin() as connection:
+            if dialect is not None:  # one statement: no window between "is it there" and the insert
+                connection.execute(dialect.insert(Retained).values(**values)
+                                   .on_conflict_do_nothing(index_elements=["request_id"]))
                 return
-            session.add(Retained(
-                request_id=record["request_id"], line=record["line"], kind=record.get("kind", "flagged"),
-                time=record["time"], date=record["time"][:10], score=float(record["score"]),
-                threshold=float(record["threshold"]), anomalous=bool(record["anomalous"]),
-                model_version=str(record.get("model_version", "")), model_tag=str(record.get("model_tag", "")),
-                width=int(record["width"]), height=int(record["height"]), image_key=record["image_key"],
-                map_key=record["map_key"], record_key=record["record_key"],
-                regions=json.dumps(record.get("regions", [])), indexed_at=now_iso(),
-                sample_rate=_sample_rate(record), camera=str(record.get("camera") or "")[:128] or None))
+            try:
+                with connection.begin_nested():
+                    connection.execute(insert(Retained).values(**values))
+            except IntegrityError:  # indexed already (by another writer)
+                pass
 
     def pinned_ids(self, line: str) -> set[str]:
         """Request ids of the line whose verdict will be exported and was not yet (retention keeps them);
@@ -482,9 +585,10 @@ class ReviewDB:
         with Session(self.engine) as session, session.begin():
             if session.get(Retained, request_id) is None:
                 raise UnknownRequest(f"no kept image has request id {request_id!r}; nothing was withdrawn")
+            # locked (PostgreSQL): two undos at once withdraw one verdict, not the same one twice
             current = session.scalars(select(Verdict).where(Verdict.request_id == request_id,
                                                             Verdict.withdrawn_at.is_(None))
-                                      .order_by(Verdict.id.desc()).limit(1)).first()
+                                      .order_by(Verdict.id.desc()).limit(1).with_for_update()).first()
             if current is None:
                 raise InvalidVerdict(f"request {request_id} has no verdict to undo")
             if session.scalars(select(Export.id).where(Export.verdict_id == current.id)).first() is not None:
@@ -553,4 +657,5 @@ class ReviewDB:
 
 
 __all__ = ["DEFAULT_DEFECT_TYPE", "ImageExpired", "InvalidVerdict", "LoginFailure", "Operator", "OperatorSession",
-           "ReviewDB", "ReviewError", "TRAINING_VERDICTS", "UnknownRequest", "VERDICTS", "default_db_url", "now_iso"]
+           "ReviewDB", "ReviewError", "TRAINING_VERDICTS", "UnknownRequest", "VERDICTS", "ValueTooLong", "default_db_url",
+           "now_iso"]

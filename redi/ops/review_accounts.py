@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from redi.ops.review import LoginFailure, Operator, OperatorSession, ReviewDB, ReviewError, now_iso
@@ -135,13 +136,17 @@ class OperatorAccounts:
         """Create an account; raises :class:`AccountError` when it exists or the password is weak."""
         username = normalize_username(name)
         check_password_strength(password, username)
-        with Session(self.db.engine) as session, session.begin():
-            if session.get(Operator, username) is not None:
-                raise AccountError(f"operator {username!r} exists already; use `redi review user passwd` to set a "
-                                   f"new password or `enable` to let a disabled one in again")
-            now = now_iso()
-            session.add(Operator(username=username, password_hash=hash_password(password), created_at=now,
-                                 created_by=by, password_set_at=now))
+        exists = AccountError(f"operator {username!r} exists already; use `redi review user passwd` to set a "
+                              f"new password or `enable` to let a disabled one in again")
+        try:
+            with Session(self.db.engine) as session, session.begin():
+                if session.get(Operator, username) is not None:
+                    raise exists
+                now = now_iso()
+                session.add(Operator(username=username, password_hash=hash_password(password), created_at=now,
+                                     created_by=by, password_set_at=now))
+        except IntegrityError as exc:  # made by another process between the check and the insert
+            raise exists from exc
         return {"username": username, "created_at": now}
 
     def _get(self, session: Session, name: str) -> Operator:
