@@ -27,7 +27,14 @@ Endpoints (all POST, as BentoML APIs are):
   (Prometheus: BentoML's metrics, the plant's per line, ``serving/review_metrics.py``, and
   ``redi_degraded``, ``redi_open_mode``, ``redi_request_body_refused_total``).
 - ``/review/``: the review station, a web page (``serving/review_app.py``, ``docs/review.md``): the
-  flagged parts this service kept, operators' verdicts, per-line summaries.
+  flagged parts this service kept, operators' verdicts, per-line summaries, and each line's shadow
+  comparison (``/review/shadow/<line>``).
+
+Shadow mode (docs/serving.md, "Shadow mode"): when a line has a shadow candidate (its shadow
+pointer, ``redi model shadow``), ``/predict`` still answers with production alone; the answered
+request then goes on a bounded queue (``serving/shadow_queue.py``), the candidate scores it, and
+both decisions are written to the shadow log (``<REDI_LOG_DIR>/shadow/``); a disagreement is kept
+for review. A full queue drops the request for the candidate (``redi_shadow_total{event="dropped"}``).
 
 Kept images (``redi.ops.retention``): every flagged image, and a sample of normal ones, is copied with
 its map and record to the object store by a background thread behind a bounded queue (a full
@@ -73,6 +80,11 @@ Configuration (environment variables, read when a worker starts):
 ``REDI_STORE_TIMEOUT_S``      connect/read timeout of the S3 calls a start or a request   5
                               may wait for (one retry): a hung store never holds either
 ``REDI_LOG_DIR``              production log folder (``redi.ops.monitoring.ProductionLog``)   ``production_logs``
+``REDI_HOST_ID``              this host's name in the shipped log segments                hostname
+                              (``production-log/<line>/<host>/...`` in the store, for
+                              drift runs over every host; ``redi.ops.log_shipping``)
+``REDI_LOG_SHIP_INTERVAL_S``  seconds between two shipments of the log to the store       30
+                              (0: rows stay local)
 ``REDI_DEVICE``               ``auto``, ``cpu`` or ``cuda`` (the detector service asks     auto
                               BentoML for a GPU when there is one and this is not cpu)
 ``REDI_MAX_BATCH_SIZE``       adaptive batching: largest batch                            16
@@ -84,6 +96,9 @@ Configuration (environment variables, read when a worker starts):
 ``REDI_TORCH_THREADS``        torch threads of a detector worker                          cores/workers
 ``REDI_DETECTOR_CHUNK``       largest batch a model runs at once (``auto``: timed at      auto
                               load, the fastest size on this machine)
+``REDI_SHADOW_QUEUE``         shadow mode: answered requests waiting for the candidate;   32
+                              when full, the candidate skips them (counted)
+``REDI_SHADOW_QUEUE_BYTES``   bytes of decoded images those requests may hold             128 MiB
 ``REDI_RETAIN``               keep flagged images (and a sample of normal ones): on/off   on
 ``REDI_RETAIN_NORMAL_RATE``   share of normal images kept: ``0.01`` or                    0.01
                               ``lineA=0.05,lineB=0,*=0.01``
@@ -132,11 +147,13 @@ from redi.ops.idempotency import IdempotencyIndex, check_key
 from redi.ops.monitoring import ProductionLog, image_feature_row
 from redi.ops.retention import FLAGGED, RetainedItem, Retainer, RetentionPolicy
 from redi.ops.review import ReviewDB, default_db_url
+from redi.ops.shadow import shadow_log
 from redi.ops.thresholds import effective_threshold
 from serving.detector_service import RediDetector, configured_store
 from serving.review_app import create_review_app
 from serving.review_auth import ReviewSecurity
 from serving.review_metrics import PlantMetrics
+from serving.shadow_queue import ShadowJob, ShadowScorer
 from serving.settings import (FORM_BODY_BYTES, MULTIPART_SLACK, OPEN_MODE_WARNING, ServingSettings, api_key_problem, env_int,
                               read_generation, reload_generation_file, usable_cpus)
 
@@ -424,11 +441,15 @@ class RediService:
         # kept images, uploaded in the background: patient (an outage delays a copy, never an answer);
         # the detector service reads pointers and overrides with short timeouts
         self.store = configured_store(patient=True)
-        self.log = ProductionLog(self.settings.log_dir)
+        self.log = ProductionLog(self.settings.log_dir, ship_to=self.store)  # + this host's segments in the store
         self.idempotency = IdempotencyIndex(self.settings.log_dir)  # a retried Idempotency-Key is answered once
         self.metrics = PlantMetrics.get()
         self.retention = RetentionPolicy.from_env()
         self.retainer = self._start_retainer()
+        # shadow mode: candidates score answered requests from a bounded queue, never on the answer's path
+        self.shadow = ShadowScorer(lambda: self.detector, self.pool, shadow_log(self.settings.log_dir), model_input,
+                                   self.retainer, self.metrics.shadow_event, self.settings.shadow_queue,
+                                   self.settings.shadow_queue_bytes)
         self.catalogue: dict[str, Any] | None = None  # the detector service's models(), refreshed
         self._catalogue_at = 0.0
         self.generation_file = reload_generation_file(self.settings)
@@ -559,6 +580,10 @@ class RediService:
                              body["latency_ms"] / 1000.0, body["model_version"], body["threshold_source"])
         if retained is not None and self.retainer is not None:
             self.retainer.offer(retained)
+        candidate = (self.catalogue or {}).get("shadows", {}).get(line)
+        if candidate is not None:  # after the row is committed: the candidate never delays this answer
+            amap = crop_to_content(np.asarray(result["map"]), rgb.shape[:2], str(result.get("aspect", aspect)))
+            self.shadow.offer(ShadowJob(line, candidate, row, rgb, amap, kept=retained is not None))
         return body
 
     async def _score(self, line: str, rgb: np.ndarray, pixels: np.ndarray, aspect: str) -> dict[str, Any]:
@@ -693,6 +718,9 @@ class RediService:
             "health": dict(SERVICE_HEALTH),
             "production_log": str(self.settings.log_dir),
             "retention": self._retention_status(),
+            "shadow": {"lines": {n: i["model_version"] for n, i in catalogue.get("shadows", {}).items()},
+                       "errors": catalogue.get("shadow_errors", {}), "log": str(self.settings.log_dir / "shadow"),
+                       **self.shadow.status()},
         }
 
     def _retention_status(self) -> dict[str, Any]:

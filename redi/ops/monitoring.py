@@ -39,7 +39,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -209,9 +209,14 @@ class ProductionLog:
     files older versions wrote with a fragment glued in front of a row.
 
     The commits run on one daemon thread per log, started on first use.
+
+    With ``ship_to`` (an object store), a :class:`redi.ops.log_shipping.LogShipper` thread copies the
+    rows to the store as this host's segments (``REDI_HOST_ID``, every ``REDI_LOG_SHIP_INTERVAL_S``;
+    ``shipping`` overrides those settings), so a drift run sees every host's rows.
     """
 
-    def __init__(self, directory: str | Path, fsync: bool = True) -> None:
+    def __init__(self, directory: str | Path, fsync: bool = True, ship_to: Any = None,
+                 shipping: Any = None) -> None:
         self.directory = Path(directory)
         self.fsync = fsync
         self._cond = threading.Condition()
@@ -219,6 +224,19 @@ class ProductionLog:
         self._writer: threading.Thread | None = None
         self.commits = 0  # group commits done (each: one write and one fsync per day file)
         self.rows_committed = 0
+        self.shipper = self._start_shipper(ship_to, shipping) if ship_to is not None else None
+
+    def _start_shipper(self, store: Any, shipping: Any):
+        """The shipping thread (None when ``REDI_LOG_SHIP_INTERVAL_S`` is 0); its first pass runs at once,
+        so rows an earlier run left unshipped go first."""
+        from redi.ops.log_shipping import LogShipper, ShippingSettings
+
+        settings = shipping or ShippingSettings.from_env()
+        if not settings.enabled:
+            LOG.warning("REDI_LOG_SHIP_INTERVAL_S is 0: production rows stay in %s and drift runs reading the "
+                        "object store do not see this host", self.directory)
+            return None
+        return LogShipper(self.directory, store, settings.host_id, settings.interval_s).start()
 
     def path_for(self, line: str, when: _dt.datetime | None = None) -> Path:
         """The file that holds ``line``'s rows of the UTC day of ``when`` (default: now)."""
@@ -348,17 +366,64 @@ class ProductionLog:
         """The line's rows (optionally only those at/after ``since``, and only the ``last`` N) as a table."""
         rows: list[dict[str, Any]] = []
         for path in self.files(line):
-            if since is not None and path.stem < f"{since.astimezone(_dt.timezone.utc):%Y-%m-%d}":
+            if since is not None and path.stem < _day(since):
                 continue  # whole day before the window
             rows.extend(_read_jsonl(path))
-        frame = pd.DataFrame(rows)
-        if frame.empty:
-            return frame
-        frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
-        if since is not None:
-            frame = frame[frame["time"] >= pd.Timestamp(since).tz_convert("UTC")]
-        frame = frame.sort_values("time", kind="stable").reset_index(drop=True)
-        return frame.tail(last).reset_index(drop=True) if last else frame
+        return _rows_table(rows, since, last)
+
+
+def _day(when: _dt.datetime) -> str:
+    """The UTC day of ``when`` as the log names it (``YYYY-MM-DD``)."""
+    return f"{when.astimezone(_dt.timezone.utc):%Y-%m-%d}"
+
+
+def _rows_table(rows: list[dict[str, Any]], since: _dt.datetime | None, last: int | None) -> pd.DataFrame:
+    """Rows as a table sorted by time, only those at/after ``since`` and the ``last`` N."""
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    frame["time"] = pd.to_datetime(frame["time"], utc=True, format="ISO8601")
+    if since is not None:
+        frame = frame[frame["time"] >= pd.Timestamp(since).tz_convert("UTC")]
+    frame = frame.sort_values("time", kind="stable").reset_index(drop=True)
+    return frame.tail(last).reset_index(drop=True) if last else frame
+
+
+def read_store_rows(store: Any, line: str, since: _dt.datetime | None = None, last: int | None = None,
+                    notes: list[str] | None = None) -> pd.DataFrame:
+    """Every host's shipped rows of ``line`` from the object store, each request once.
+
+    Reads the segments under ``production-log/<line>/`` (:mod:`redi.ops.log_shipping`), adds a ``host``
+    column (the host id of the key) where a row has none, and keeps the first row of each
+    ``request_id`` (a range shipped again after a power loss, or a log folder copied to a second
+    host, must not count twice). ``notes`` receives what was read (hosts, segments, duplicates).
+    """
+    from redi.ops.log_shipping import list_segments
+
+    check_line_name(line)
+    segments = list_segments(store, line, _day(since) if since is not None else None)
+    rows: list[dict[str, Any]] = []
+    for segment in segments:
+        for raw in (store.get_bytes(segment.key) or b"").splitlines():
+            row = _parse_row(raw.strip())
+            if row is not None:
+                row.setdefault("host", segment.host)
+                rows.append(row)
+    seen: set[str] = set()
+    unique = []
+    for row in rows:
+        request = row.get("request_id")
+        if request is not None:
+            if request in seen:
+                continue
+            seen.add(request)
+        unique.append(row)
+    if notes is not None:
+        hosts = sorted({s.host for s in segments})
+        notes.append(f"{len(unique)} rows of {len(hosts)} hosts {hosts} from {len(segments)} segments in "
+                     f"{store.describe()}" + (f"; {len(rows) - len(unique)} duplicate rows (same request_id) "
+                                               f"left out" if len(rows) > len(unique) else ""))
+    return _rows_table(unique, since, last)
 
 
 def _json_default(value: Any) -> Any:
@@ -465,6 +530,7 @@ class MonitorResult:
     json_path: str
     snapshot_path: str
     workspace_project: str | None = None
+    rows_per_host: dict[str, int] = field(default_factory=dict)  # rows read from the store, by host id
     pipeline_triggered: bool = False
     pipeline_result: Any = None
     notes: list[str] = field(default_factory=list)
@@ -568,19 +634,51 @@ def _add_dashboard(project: Any, line: str) -> None:
     project.save()
 
 
-def open_workspace(path: str | Path):
-    """Open (or create) a local Evidently workspace folder."""
+WORKSPACE_SECRET_ENV = "REDI_EVIDENTLY_SECRET"  # the `evidently ui --secret` of a shared workspace service
+
+
+def is_remote_workspace(workspace: str | Path) -> bool:
+    """Whether ``workspace`` names an Evidently UI service (``http(s)://...``) rather than a folder."""
+    return str(workspace).startswith(("http://", "https://"))
+
+
+def open_workspace(workspace: str | Path, env: Mapping[str, str] | None = None):
+    """The Evidently workspace: a service URL or a local folder (created when missing).
+
+    A URL (``http://evidently.monitoring:8000``) is an ``evidently ui`` service that keeps the
+    workspace for every host, the scheduled drift runs and the dashboard: runs go to it through
+    Evidently's ``RemoteWorkspace`` (its API), with ``REDI_EVIDENTLY_SECRET`` when the service was
+    started with ``--secret``. A folder is only seen by processes on this machine.
+
+    Raises:
+        ConfigError: the URL does not answer as an Evidently service.
+    """
+    env = os.environ if env is None else env
+    if is_remote_workspace(workspace):
+        from evidently.ui.workspace import RemoteWorkspace
+
+        try:
+            return RemoteWorkspace(str(workspace).rstrip("/"), secret=env.get(WORKSPACE_SECRET_ENV) or None)
+        except Exception as exc:  # ValueError (not Evidently), connection errors
+            raise ConfigError(f"the Evidently workspace service {workspace} does not answer ({exc}); start it "
+                              f"(`evidently ui --workspace FOLDER --host 0.0.0.0 --port 8000`) or fix --workspace"
+                              ) from exc
     from evidently.ui.workspace import Workspace
 
-    path = Path(path)
+    path = Path(workspace)
     path.mkdir(parents=True, exist_ok=True)
     return Workspace(str(path))
 
 
-def run_monitor(line: str, log_dir: str | Path, reference_path: str | Path, out_dir: str | Path,
+def run_monitor(line: str, log_dir: str | Path | None, reference_path: str | Path, out_dir: str | Path,
                 workspace: str | Path | None = None, settings: MonitorSettings | None = None,
-                trigger_pipeline: bool = False, trigger: Callable[[str], Any] | None = None) -> MonitorResult:
+                trigger_pipeline: bool = False, trigger: Callable[[str], Any] | None = None,
+                store: Any = None) -> MonitorResult:
     """Compare a line's logged production rows with its reference table.
+
+    The rows come from ``store`` when one is given (every host's shipped segments,
+    :func:`read_store_rows`), else from the local log folder ``log_dir``. ``workspace`` is a folder or
+    an ``evidently ui`` service URL (:func:`open_workspace`).
 
     Writes ``<out_dir>/<line>/<UTC time>/report.html``, ``snapshot.json`` (Evidently's) and
     ``result.json`` (the flags), adds the run to the workspace project ``redi-<line>`` when a
@@ -600,17 +698,25 @@ def run_monitor(line: str, log_dir: str | Path, reference_path: str | Path, out_
     settings = settings or MonitorSettings()
     reference = load_reference(reference_path)
     k = len([c for c in reference.columns if c.startswith("emb_")])
+    ws = open_workspace(workspace) if workspace is not None else None  # first: an unreachable service fails early
     notes: list[str] = []
-    current = ProductionLog(log_dir).read(line, since=settings.since, last=None)
+    if store is not None:
+        source = f"the shipped segments in {store.describe()}"
+        current = read_store_rows(store, line, since=settings.since, notes=notes)
+    elif log_dir is not None:
+        source = str(log_dir)
+        current = ProductionLog(log_dir).read(line, since=settings.since, last=None)
+    else:
+        raise ConfigError("run_monitor needs the rows' source: a log folder (log_dir) or an object store (store)")
     current = select_production_rows(current, reference, settings, notes)
     if settings.last:
         current = current.tail(settings.last).reset_index(drop=True)
     if len(current) < settings.min_rows:
-        raise InputError(f"line {line} has {len(current)} comparable production rows in {log_dir} "
+        raise InputError(f"line {line} has {len(current)} comparable production rows in {source} "
                          f"(need at least {settings.min_rows}); wait for more traffic or lower min_rows")
     missing = [c for c in feature_columns(k) if c not in current.columns]
     if missing:
-        raise DatasetError(f"production rows of line {line} in {log_dir} lack columns {missing}; the reference "
+        raise DatasetError(f"production rows of line {line} in {source} lack columns {missing}; the reference "
                            f"{reference_path} was built with {k} embedding components - rebuild one of them")
 
     snapshot = _drift_report(reference, current, k, settings)
@@ -629,8 +735,9 @@ def run_monitor(line: str, log_dir: str | Path, reference_path: str | Path, out_
         score_mean_current=float(current[SCORE_COLUMN].mean()),
         html_path=str(out / "report.html"), json_path=str(out / "result.json"),
         snapshot_path=str(out / "snapshot.json"), notes=notes)
-    if workspace is not None:
-        ws = open_workspace(workspace)
+    if store is not None and "host" in current.columns:
+        result.rows_per_host = {str(h): int(n) for h, n in current["host"].value_counts().sort_index().items()}
+    if ws is not None:
         project = _workspace_project(ws, line)
         ws.add_run(project.id, snapshot, name=f"{line} {out.name}")
         result.workspace_project = str(project.id)
@@ -650,5 +757,5 @@ __all__: Sequence[str] = (
     "FEATURE_SIZE", "PROJECTION_SEED", "N_EMBEDDING_COMPONENTS", "IMAGE_FEATURES", "SCORE_COLUMN",
     "image_feature_row", "luminance_features", "project_embedding", "feature_columns", "embedding_columns",
     "build_reference", "load_reference", "ProductionLog", "MonitorSettings", "MonitorResult", "run_monitor",
-    "open_workspace", "check_line_name", "rows_frame",
+    "open_workspace", "is_remote_workspace", "read_store_rows", "check_line_name", "rows_frame",
 )
