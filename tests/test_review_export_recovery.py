@@ -5,7 +5,8 @@ SIGKILL at the exact step under test (``post-commit``: the commit is made, nothi
 ``pre-commit``: files written and ``dvc add``-ed, no commit), or holds it inside its commit while a
 second export starts. The next export must finish or undo the killed one (no second commit, the
 images recorded and no longer pinned by retention), and a second export must be refused while one
-runs, leaving one commit and one record per image.
+runs, leaving one commit and one record per image. Each runs with the review database on SQLite and on
+a real PostgreSQL.
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def sh(cwd: Path, *args: str) -> str:
 
 
 @pytest.fixture()
-def station(tmp_path: Path, demo_line_root: Path) -> dict:
-    """Three kept, judged images (a false alarm, a defect with its mask, one without) and a data repository."""
-    store, db_url = LocalStore(tmp_path / "store"), f"sqlite:///{tmp_path / 'review.db'}"
+def station(tmp_path: Path, demo_line_root: Path, review_db_url: str) -> dict:
+    """Three kept, judged images (a false alarm, a defect with its mask, one without) and a data repository;
+    the review database on SQLite and on PostgreSQL (``review_db_url``)."""
+    store, db_url = LocalStore(tmp_path / "store"), review_db_url
     db = ReviewDB(db_url)
     retainer = Retainer(store, RetentionPolicy(max_days=0, max_per_line=0), index=db)
     now = _dt.datetime.now(_dt.timezone.utc)
