@@ -1,4 +1,5 @@
-"""The review station end to end: a real S3 server (seaweedfs), ``bentoml serve``, SQLite, headless Chromium.
+"""The review station end to end: a real S3 server (seaweedfs), ``bentoml serve``, the review database on
+SQLite and on a real PostgreSQL (``REDI_REVIEW_DB``; every test here runs on both), headless Chromium.
 
 Normal and defective parts are sent to the running service; the flagged ones are kept in S3 and
 appear on the review page as a browser renders it; clicking *false alarm* stores the verdict; the
@@ -17,7 +18,9 @@ import os
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import requests
@@ -47,8 +50,8 @@ pytestmark = [pytest.mark.slow,
 
 
 @pytest.fixture(scope="module")
-def station(tmp_path_factory: pytest.TempPathFactory):
-    """A trained line promoted in S3, a threshold override between its normal and defect probes, a server."""
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A trained tiny line, its probes' scores and a threshold between its normal and defect probes."""
     root = tmp_path_factory.mktemp("station")
     lines_dir = root / "lines"  # the line's config file: the defect types the page offers
     lines_dir.mkdir()
@@ -60,16 +63,28 @@ def station(tmp_path_factory: pytest.TempPathFactory):
     scores = {p: float(detector.predict(detector.preprocess([load_rgb(p)])).score[0]) for p in probes}
     ranked = sorted(scores.values())
     threshold = (ranked[3] + ranked[4]) / 2  # 4 probes below, 3 above: some normal, some flagged
-    with start_s3_server(root / "s3") as s3:
+    return {"root": root, "lines_dir": lines_dir, "data": data, "detector": detector_path, "scores": scores,
+            "threshold": threshold}
+
+
+@contextmanager
+def serve(request: pytest.FixtureRequest, trained: dict, backend: str) -> Iterator[dict]:
+    """The trained line promoted in a fresh S3 server, the override set, an operator account, and the
+    service with its review database on ``backend`` (``sqlite`` or ``postgresql``)."""
+    from pg_server import review_database
+
+    root, data, threshold = trained["root"] / backend, trained["data"], trained["threshold"]
+    root.mkdir()
+    with start_s3_server(root / "s3") as s3, review_database(request, backend, root / "logs") as db_url:
         env = {**os.environ, **s3.env, "BENTOML_HOME": str(root / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
                "REDI_API_KEY": KEY, "REDI_SESSION_SECRET": SESSION_SECRET, "REDI_LOG_DIR": str(root / "logs"),
                "REDI_DEVICE": "cpu",
                "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "REDI_MODEL_CACHE": str(root / "cache"),
                "REDI_RELOAD_INTERVAL_S": "0", "REDI_RETAIN_NORMAL_RATE": "0", "REDI_RETAIN_QUEUE": "1",
-               "REDI_RETAIN_SWEEP_S": "0", "REDI_LINES_DIR": str(lines_dir)}
+               "REDI_RETAIN_SWEEP_S": "0", "REDI_LINES_DIR": str(trained["lines_dir"]), "REDI_REVIEW_DB": db_url}
         env.pop("REDI_STORE_DIR", None)
         store = store_from_env(env)
-        publish_version(store, LINE, "v1", {"detector.pt": detector_path}, {"promote": True})
+        publish_version(store, LINE, "v1", {"detector.pt": trained["detector"]}, {"promote": True})
         promote(store, LINE, "v1", by="qa", reason="first model")
         set_threshold_override(store, LINE, threshold, "split the probes", by="qa")
         account = subprocess.run([str(BIN / "redi"), "review", "user", "add", "--name", OPERATOR, "--password-stdin"],
@@ -77,11 +92,18 @@ def station(tmp_path_factory: pytest.TempPathFactory):
         assert account.returncode == 0, account.stderr
         server = Server("serving.service:RediService", env, root / "server.log")
         try:
-            yield {"root": root, "data": data, "env": env, "store": store, "server": server, "scores": scores,
-                   "lines_dir": lines_dir,
-                   "threshold": threshold, "s3": s3, "db": ReviewDB(f"sqlite:///{root / 'logs' / 'review.db'}")}
+            yield {"root": root, "data": data, "env": env, "store": store, "server": server,
+                   "scores": trained["scores"], "lines_dir": trained["lines_dir"], "threshold": threshold, "s3": s3,
+                   "db": ReviewDB(db_url), "db_url": db_url}
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def station(request: pytest.FixtureRequest, trained: dict):
+    """The running station, once with its review database on SQLite and once on PostgreSQL."""
+    with serve(request, trained, request.param) as running:
+        yield running
 
 
 def _indexed(db: ReviewDB, ids: set[str], timeout_s: float = 60.0) -> None:
@@ -172,7 +194,7 @@ def test_flagged_parts_reviewed_in_a_browser_then_exported(station: dict, tmp_pa
 
     # the export: that image into train/good of the DVC repository, a new revision the pipeline reads
     repo = make_data_repo(tmp_path, station["data"])
-    done = _redi({**station["env"], "REDI_REVIEW_DB": f"sqlite:///{station['root'] / 'logs' / 'review.db'}"},
+    done = _redi({**station["env"], "REDI_REVIEW_DB": station["db_url"]},
                  "review", "export", "--line", LINE, "--data-repo", str(repo), "--by", "ann")
     assert done.returncode == 0, done.stderr
     revision = done.stdout.split("revision ", 1)[1].split()[0]

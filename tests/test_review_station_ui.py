@@ -28,10 +28,19 @@ from PIL import Image
 import requests
 from test_production_truth import BIN, KEY, _redi
 from test_review import make_data_repo
-from test_review_station import (CHROMIUM, CHROMIUM_ARGS, DEFECT_TYPES, LINE, OPERATOR, PASSWORD, _indexed,
-                                 station)  # noqa: F401 - the module-scoped fixture (a server of this module's own)
+from test_review_station import (CHROMIUM, CHROMIUM_ARGS, DEFECT_TYPES, LINE, OPERATOR, PASSWORD, _indexed, serve,
+                                 trained)  # noqa: F401 - the module-scoped fixture (a line of this module's own)
 
 pytestmark = [pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def station(request: pytest.FixtureRequest, trained: dict):
+    """A station of this module's own, its review database on SQLite (the page is the same on either
+    backend: tests/test_review_station.py runs the service on both)."""
+    with serve(request, trained, "sqlite") as running:
+        yield running
+
 
 TIME_ZONE = "America/Chicago"  # UTC-6 in December, UTC-5 in summer: never the server's UTC
 
@@ -231,7 +240,7 @@ def test_operator_judges_a_queue_in_the_browser(station: dict, tmp_path: Path) -
 
     # the export: the bad image goes nowhere; the confirmed defect goes to test/dent
     repo = make_data_repo(tmp_path, station["data"])
-    done = _redi({**station["env"], "REDI_REVIEW_DB": f"sqlite:///{station['root'] / 'logs' / 'review.db'}"},
+    done = _redi({**station["env"], "REDI_REVIEW_DB": station["db_url"]},
                  "review", "export", "--line", LINE, "--data-repo", str(repo), "--by", OPERATOR)
     assert done.returncode == 0, done.stderr
     revision = done.stdout.split("revision ", 1)[1].split()[0]
