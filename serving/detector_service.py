@@ -16,6 +16,11 @@ APIs (internal):
   ``stale``: the model changed size since the caller preprocessed, with the new ``image_size``).
 - ``models()``: the catalogue (what each line serves, threshold override records, reload state).
 - ``reload()``: check the production pointers and threshold overrides now; returns what changed.
+- ``shadow_score(items)`` batchable: the same items, scored by the line's *shadow candidate* (the
+  store's shadow pointer, followed with the production pointers; docs/serving.md, "Shadow mode"):
+  ``score``, ``version``, ``tag``, ``model_threshold``, ``threshold`` (the candidate's served one),
+  ``anomalous``; or ``{"error", "status"}``. The API service calls it after it has answered, from a
+  bounded queue; a candidate that fails to load or score only ever answers errors here.
 
 What each line serves comes from ``serving/model_source.py`` (``store`` production pointers,
 polled every ``REDI_RELOAD_INTERVAL_S``, or the models pinned in a built Bento). Threshold
@@ -238,6 +243,11 @@ class RediDetector:
                     if not self.settings.lines or r.line in self.settings.lines]
         # replaced as a whole on reload (never mutated), so a batch holds one consistent model
         self.lines: dict[str, LoadedLine] = {ref.line: self._load(ref) for ref in refs}
+        # shadow candidates (store source only), replaced as a whole like self.lines; never answer /predict
+        self.shadows: dict[str, LoadedLine] = {}
+        self.shadow_errors: dict[str, dict[str, str]] = {}  # line -> {version, error}: not retried until it moves
+        if self.store_models is not None and not self.degraded:
+            self._check_shadows(list(self.lines), {}, {})
         LOG.warning("detector service: %s on %s, %d torch threads, runtime %s", sorted(self.lines), self.device,
                     torch.get_num_threads(), self.settings.runtime)
         if self.store is not None and (self.settings.reload_interval_s > 0 or self.degraded):
@@ -333,12 +343,81 @@ class RediDetector:
                               "aspect": served.aspect}
         return answers  # type: ignore[return-value]
 
+    @bentoml.api(batchable=True, max_batch_size=env_int("REDI_MAX_BATCH_SIZE", 16),
+                 max_latency_ms=env_int("REDI_MAX_LATENCY_MS", 30000))
+    def shadow_score(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Score a batch with each line's shadow candidate (see the module docstring); never raises."""
+        shadows = self.shadows  # one snapshot, like score()
+        answers: list[dict[str, Any]] = [{}] * len(items)
+        groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for i, item in enumerate(items):
+            line = str(item.get("line"))
+            served = shadows.get(line)
+            tensor = None if served is None else _as_input(np.asarray(item.get("pixels")), served.detector.image_size)
+            if served is None or tensor is None or str(item.get("version")) != served.ref.version:
+                answers[i] = {"error": f"line {line!r} has no shadow candidate {item.get('version')} loaded now",
+                              "status": 404}
+                continue
+            groups.setdefault(line, []).append((i, tensor))
+        for line, group in groups.items():
+            served = shadows[line]
+            try:
+                scores = served.run(torch.cat([t for _, t in group]))[0]
+            except Exception as exc:  # a broken candidate answers errors, here only
+                LOG.error("line %s: shadow candidate %s cannot score: %s", line, served.ref.version, exc)
+                for i, _ in group:
+                    answers[i] = {"error": f"{type(exc).__name__}: {exc}", "status": 500}
+                continue
+            threshold = served.threshold
+            for j, (i, _) in enumerate(group):
+                answers[i] = {"score": float(scores[j]), "version": served.ref.version, "tag": served.ref.tag,
+                              "model_threshold": float(served.detector.threshold), "threshold": threshold,
+                              "anomalous": bool(scores[j] > threshold)}
+        return answers
+
+    def _check_shadows(self, lines: list[str], errors: dict[str, str], changed: dict[str, Any]) -> None:
+        """Follow each line's shadow pointer: load a new candidate, drop one turned off. Nothing here
+        touches production: a candidate that cannot be loaded is reported (``models()``) and not retried
+        until its pointer moves."""
+        for line in lines:
+            current = self.shadows.get(line)
+            try:
+                version = self.store_models.shadow_version(line)
+            except Exception as exc:  # keep scoring what is loaded; the next check reads it again
+                errors[f"{line} shadow"] = f"shadow pointer: {type(exc).__name__}: {exc}"
+                continue
+            if version is None:
+                self.shadow_errors.pop(line, None)  # turned off: an old candidate's failure no longer applies
+            if version == (current.ref.version if current else None) or (
+                    version is not None and self.shadow_errors.get(line, {}).get("version") == version):
+                continue
+            shadows = {k: v for k, v in self.shadows.items() if k != line}
+            try:
+                ref = self.store_models.resolve_shadow(line) if version is not None else None
+                if ref is not None:
+                    shadows[line] = self._load(ref)
+            except Exception as exc:  # the candidate is not scored; production is untouched
+                self.shadows = shadows
+                self.shadow_errors[line] = {"version": version, "error": f"{type(exc).__name__}: {exc}"}
+                errors[f"{line} shadow"] = self.shadow_errors[line]["error"]
+                LOG.error("line %s: shadow candidate %s cannot be loaded (production is unaffected): %s", line,
+                          version, exc)
+                continue
+            self.shadows = shadows
+            self.shadow_errors.pop(line, None)
+            to = shadows[line].ref.version if line in shadows else None
+            changed.setdefault(line, {}).update(shadow_from=current.ref.version if current else None, shadow_to=to)
+            LOG.warning("line %s: shadow candidate now %s (was %s)", line, to or "none",
+                        current.ref.version if current else "none")
+
     # -- what is served -----------------------------------------------------------------------
     @bentoml.api
     def models(self) -> dict[str, Any]:
         """The catalogue: source, each line's model and override, the last reload check."""
         self._follow_reloads()
         return {"source": self.source, "lines": {name: s.info() for name, s in sorted(self.lines.items())},
+                "shadows": {name: s.info() for name, s in sorted(self.shadows.items())},
+                "shadow_errors": dict(self.shadow_errors),
                 "health": self.health(),
                 "reload": {"interval_s": self.settings.reload_interval_s if self.store_models else None,
                            **self.reload_status},
@@ -419,6 +498,8 @@ class RediDetector:
                               self.lines[line].ref.version if line in self.lines else "nothing", exc)
             for line, change in self._apply_overrides(errors).items():
                 changed.setdefault(line, {}).update(change)
+            if self.store_models is not None and self._listing_failed is None and store_failed is None:
+                self._check_shadows(list(self.lines), errors, changed)
             store_failed = store_failed or self._listing_failed
             if self.store_models is not None:
                 self._set_degraded("store", None if store_failed is None else

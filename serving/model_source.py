@@ -32,7 +32,8 @@ from typing import Any
 
 from redi.core.errors import WeightsError
 from redi.ops.object_store import ObjectStore, StorageError, store_from_env
-from redi.ops.model_registry import fetch_production_detector, production_lines, production_record
+from redi.ops.model_registry import (fetch_pointer_detector, fetch_production_detector, production_lines,
+                                     production_record, shadow_record)
 from redi.core.utils import sha256_file
 
 SOURCES = ("auto", "store", "bento")
@@ -48,7 +49,8 @@ class ModelRef:
     version: str
     path: Path
     sha256: str
-    source: str  # "store", "bento" or "cache" (the last fetched from the store, served while it is unreachable)
+    source: str  # "store", "bento", "cache" (the last fetched from the store, served while it is unreachable)
+    # or "shadow" (a candidate scored beside production, never answering: docs/serving.md, "Shadow mode")
     tag: str  # BentoML model tag (bento) or the store's version key (store)
     metrics: dict[str, Any]
     promoted: str = ""
@@ -123,6 +125,28 @@ class StoreModels:
         ref = _ref_from_pointer(line, pointer, cached, "store")
         self._remember(ref, pointer)
         return ref
+
+    def shadow_version(self, line: str) -> str | None:
+        """The version the line's shadow pointer names now, or None (no candidate in shadow)."""
+        pointer = shadow_record(self.store, line)
+        return None if pointer is None else str(pointer["version"])
+
+    def resolve_shadow(self, line: str) -> ModelRef | None:
+        """Download (or reuse from the cache) the line's shadow candidate, hash checked; None when there is none.
+
+        The same cache layout as production (``<line>/<version>/detector.pt``, verified files only),
+        but never remembered as the line's production model (``current.json``).
+        """
+        pointer = shadow_record(self.store, line)
+        if pointer is None:
+            return None
+        cached = self.cache_dir / line / str(pointer["version"]) / "detector.pt"
+        expected = pointer.get("sha256") or ""
+        if not (cached.is_file() and expected and sha256_file(cached) == expected):
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cached.parent) as tmp:
+                os.replace(fetch_pointer_detector(self.store, line, pointer, Path(tmp) / "detector.pt"), cached)
+        return _ref_from_pointer(line, {**pointer, "promoted": pointer.get("since", "")}, cached, "shadow")
 
     def _remember(self, ref: ModelRef, pointer: dict[str, Any]) -> None:
         """Record ``ref`` as the line's last fetched production model (atomically)."""

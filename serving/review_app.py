@@ -20,7 +20,11 @@ key, see ``serving/review_auth.py``):
 - ``POST /item/<request_id>/undo`` withdraw the verdict that counts (the operator's undo)
 - ``GET /item/<request_id>/{image,map,overlay,mask,threshold_mask}.png`` the pictures
   (``serving/review_pictures.py``); ``drawn_mask.png`` the mask drawn with the verdict that counts
-- ``GET /api/summary/<line>`` and ``GET /api/queue/<line>`` the same data as JSON
+- ``GET /shadow/<line>`` shadow mode: the candidate beside production on live traffic (agreement, each
+  model's flag rate, the parts where they disagree with links to judge them), from the shadow log
+  (``redi.ops.shadow``, ``<REDI_LOG_DIR>/shadow/``); ``?version=`` picks an earlier candidate
+- ``GET /api/summary/<line>`` and ``GET /api/queue/<line>`` the same data as JSON; ``GET /api/shadow/<line>``
+  the shadow report
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from redi.core.config import LineConfig, read_config_file
 from redi.core.errors import RediError
 from redi.ops.monitoring import check_line_name
 from redi.ops.retention import load_map
+from redi.ops.shadow import fmt_rate, shadow_report, shadow_rows
 from redi.ops.review import InvalidVerdict, ReviewDB, ReviewError, default_db_url
 from redi.ops.review_accounts import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S, OperatorAccounts
 from redi.ops.object_store import ObjectStore, store_from_env
@@ -58,6 +63,7 @@ from serving.review_pictures import PICTURES, colour_stops, drawn_mask_png, rend
 TEMPLATES = Jinja2Templates(directory=str(Path(__file__).with_name("templates")))
 TEMPLATES.env.globals["colour_stops"] = colour_stops()
 TEMPLATES.env.filters["yes_no"] = lambda value: "Yes" if value else "No"
+TEMPLATES.env.filters["rate"] = fmt_rate
 TEMPLATES.env.globals["VERDICT_LABELS"] = {"defect": "real defect", "false_alarm": "false alarm",
                                            "bad_image": "bad image / not a part"}
 PAGE_SIZE = 50
@@ -192,6 +198,43 @@ def item_page(request: Request) -> Response:
     return TEMPLATES.TemplateResponse(request, "review_item.html", {
         "item": item, "user": user, "csrf": csrf, "defect_types": line_defect_types(item["line"]),
         "here": _here(request)})
+
+
+def _shadow(request: Request) -> dict[str, Any]:
+    """The line's shadow report (the candidate of ``?version=``, default the newest logged) and which of
+    its disagreeing parts are in the review database (kept: they can be judged)."""
+    line = check_line_name(request.path_params["line"])
+    version = request.query_params.get("version", "").strip() or None
+    rows = shadow_rows(ServingSettings.from_env().log_dir, line)
+    report = shadow_report(rows, line, version)
+    report["candidates"] = sorted({str(r.get("shadow_version")) for r in rows})
+    ctx = ReviewContext.get()
+    for part in report["disagreements"]:
+        try:
+            item = ctx.db.get(str(part["request_id"]))
+            part["kept"], part["kind"], part["verdict"] = True, item.get("kind"), item.get("verdict")
+        except ReviewError:  # not kept (retention off, or its copy is still on the way)
+            part["kept"], part["kind"], part["verdict"] = False, None, None
+    return report
+
+
+def shadow_page(request: Request) -> Response:
+    """Shadow mode's comparison for one line (see the module docstring)."""
+    try:
+        report = _shadow(request)
+    except RediError as exc:
+        return _error(request, 422, str(exc))
+    user, csrf = _who(request, ReviewContext.get())
+    return TEMPLATES.TemplateResponse(request, "review_shadow.html", {
+        "line": report["line"], "report": report, "user": user, "csrf": csrf})
+
+
+def api_shadow(request: Request) -> Response:
+    """The shadow page's data as JSON."""
+    try:
+        return JSONResponse(_shadow(request))
+    except RediError as exc:
+        return _error(request, 422, str(exc))
 
 
 def picture(request: Request) -> Response:
@@ -411,6 +454,7 @@ def create_review_app() -> Starlette:
         Route("/item/{request_id}/verdict", verdict, methods=["POST"]),
         Route("/item/{request_id}/undo", undo, methods=["POST"]),
         Route("/api/summary/{line}", api_summary), Route("/api/queue/{line}", api_queue),
+        Route("/shadow/{line}", shadow_page), Route("/api/shadow/{line}", api_shadow),
     ])
 
 

@@ -21,6 +21,10 @@ Per line (label ``line``):
 ``redi_threshold``                   gauge      the decision threshold in force (override included)
 ``redi_retention_total``             counter    kept-image events, label ``event``: stored, dropped (queue
                                                 full), failed (upload error), deleted (retention limits)
+``redi_shadow_total``                counter    shadow mode (docs/serving.md): requests the line's candidate
+                                                scored, label ``event``: ``agree``, ``disagree``, ``dropped``
+                                                (its queue was full: not scored, production unaffected),
+                                                ``failed`` (it could not score: production unaffected)
 ===================================  =========  ==========================================================
 """
 
@@ -72,6 +76,8 @@ class PlantMetrics:
         self.threshold = prom.Gauge("redi_threshold", "Decision threshold in force", ["line"],
                                     multiprocess_mode="livemostrecent")
         self.retention = prom.Counter("redi_retention_total", "Kept-image events", ["line", "event"])
+        self.shadow = prom.Counter("redi_shadow_total", "Shadow candidate events (scored agree/disagree, dropped, "
+                                   "failed)", ["line", "event"])
         self._served: dict[str, str] = {}
 
     @classmethod
@@ -113,6 +119,10 @@ class PlantMetrics:
     def retention_event(self, event: str, line: str) -> None:
         """Count a retention event (stored, dropped, failed, deleted)."""
         self.retention.labels(line, event).inc()
+
+    def shadow_event(self, event: str, line: str) -> None:
+        """Count one shadow event (agree, disagree, dropped, failed)."""
+        self.shadow.labels(line, event).inc()
 
 
 def metric_value(text: str, name: str, **labels: Any) -> float | None:

