@@ -1,5 +1,11 @@
 """The monitoring and serving sub-commands of ``redi``: ``monitor``, ``drift-reference``, ``serve-check``.
 
+``redi monitor`` reads the production rows from the local log folder (``--log-dir``, one host), or from
+the object store with ``--from-store`` (every serving host's shipped segments, ``redi.ops.log_shipping``).
+In cluster mode (``REDI_CLUSTER_MODE``, or a Kubernetes pod) it always reads the store, and a missing
+store is an error: a log folder inside a pod holds no host's rows. ``redi monitor schedule`` and
+``redi monitor cronjob`` run it per line on a schedule (``pipelines/drift_pipeline.py``).
+
 Self-contained: ``redi/cli/main.py`` only calls :func:`add_monitor_commands` with its sub-parsers and
 merges the returned handlers into its command table::
 
@@ -42,8 +48,43 @@ def _since(text: str | None) -> _dt.datetime | None:
 
 def _monitor(args: argparse.Namespace) -> int:
     """``redi monitor``: Evidently drift report of one line; exit 1 on drift."""
-    from redi.ops.monitoring import MonitorSettings, run_monitor
+    if args.monitor_command == "schedule":
+        return _schedule(args)
+    if args.monitor_command == "cronjob":
+        return _cronjob(args)
+    return _check(args)
 
+
+def _rows_source(args: argparse.Namespace):
+    """The store to read every host's rows from, or None for the local log folder (module docstring)."""
+    from redi.ops.object_store import cluster_mode, store_for_command
+
+    reason = cluster_mode()
+    if not (args.from_store or reason):
+        return None
+    if reason and not args.from_store:
+        print(f"[redi] monitor: {reason}, so the rows come from the object store (every host's segments), "
+              f"not from --log-dir", file=sys.stderr, flush=True)
+    store = store_for_command()  # cluster mode without REDI_S3_ENDPOINT: a loud error naming the settings
+    print(f"[redi] monitor: reading every host's production rows from {store.describe()}", file=sys.stderr, flush=True)
+    return store
+
+
+def _check(args: argparse.Namespace) -> int:
+    """The drift check itself (``redi monitor --line L ...``)."""
+    import tempfile
+
+    from redi.ops.monitoring import MonitorSettings, fetch_production_reference, run_monitor
+
+    if not args.line:
+        raise InputError("redi monitor needs --line L (the product line to check)")
+    store = _rows_source(args)
+    reference = args.reference
+    if not reference:
+        if store is None:
+            raise InputError("redi monitor needs --reference (the line's drift reference table) when it reads a "
+                             "local log folder; with --from-store it takes the production version's reference")
+        reference = fetch_production_reference(store, args.line, Path(tempfile.mkdtemp()) / "reference.csv")
     settings = MonitorSettings(min_rows=args.min_rows, last=args.last or None, since=_since(args.since))
     if args.feature_p is not None:
         settings.feature_p_value = args.feature_p
@@ -53,8 +94,8 @@ def _monitor(args: argparse.Namespace) -> int:
 
         _check_trigger_target(args)  # before any work: a misconfigured trigger fails at every run, not on drift
         trigger = drift_trigger(args.kfp_host, args.pipeline_workdir, args.lines_dir)
-    result = run_monitor(args.line, args.log_dir, args.reference, args.out, workspace=args.workspace,
-                         settings=settings, trigger_pipeline=args.trigger_pipeline, trigger=trigger)
+    result = run_monitor(args.line, args.log_dir, reference, args.out, workspace=args.workspace,
+                         settings=settings, trigger_pipeline=args.trigger_pipeline, trigger=trigger, store=store)
     print(json.dumps(result.to_dict(), indent=2, default=str))
     if result.drift_detected:
         print(f"redi monitor: drift found on line {args.line}: data drift {result.data_drift}, embedding drift "
@@ -63,6 +104,63 @@ def _monitor(args: argparse.Namespace) -> int:
     print(f"redi monitor: no drift on line {args.line} ({result.n_current} production rows); "
           f"report {result.html_path}")
     return 0
+
+
+def _drift_module():
+    """``pipelines.drift_pipeline``, imported on first use: it loads kfp, which the check itself never needs."""
+    from pipelines import drift_pipeline
+
+    return drift_pipeline
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    """``redi monitor schedule``: the line's drift check as a KFP recurring run."""
+    result = _drift_module().schedule_drift(
+        args.kfp_host or "", args.line, args.cron, workspace=args.workspace or "",
+        evidently_secret=args.evidently_secret or "", last=args.last, min_rows=args.min_rows,
+        experiment=args.experiment, namespace=args.namespace, lines_dir=args.lines_dir)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _cronjob(args: argparse.Namespace) -> int:
+    """``redi monitor cronjob``: print the line's drift-check CronJob manifest (YAML) for ``kubectl apply -f -``."""
+    import yaml
+
+    manifest = _drift_module().cronjob_manifest(
+        args.line, args.schedule, workspace=args.workspace or "", evidently_secret=args.evidently_secret or "",
+        last=args.last, min_rows=args.min_rows, namespace=args.namespace, lines_dir=args.lines_dir)
+    text = yaml.safe_dump(manifest, sort_keys=False)
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}; apply it with `kubectl apply -f {args.out}`", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def _add_schedule_commands(monitor: argparse.ArgumentParser) -> None:
+    """``redi monitor schedule`` and ``redi monitor cronjob``: the drift check per line on a schedule."""
+    sub = monitor.add_subparsers(dest="monitor_command", required=False, metavar="[schedule|cronjob]")
+    for name, help_text in (("schedule", "run the line's drift check on a KFP recurring run (drift pipeline)"),
+                            ("cronjob", "print a Kubernetes CronJob manifest that runs the line's drift check")):
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--line", required=True, help="product line name (its config gives image, store secret, "
+                                                     "KFP host, namespace)")
+        if name == "schedule":
+            p.add_argument("--cron", required=True, help="KFP cron, 6 fields seconds first: '0 0 * * * *' = hourly")
+            p.add_argument("--kfp-host", help="KFP endpoint (default: the line's pipeline.kfp_host)")
+            p.add_argument("--experiment", help="KFP experiment (default: the line's pipeline.experiment)")
+        else:
+            p.add_argument("--schedule", required=True, help="Kubernetes cron, 5 fields: '0 * * * *' = hourly")
+            p.add_argument("--out", help="write the manifest here instead of stdout")
+        p.add_argument("--workspace", help="URL of the `evidently ui` service the runs go to (the dashboard)")
+        p.add_argument("--evidently-secret", help="Kubernetes secret with key REDI_EVIDENTLY_SECRET "
+                                                  "(the service's --secret), if it has one")
+        p.add_argument("--last", type=int, default=1000, help="compare the latest N production rows (0: all)")
+        p.add_argument("--min-rows", type=int, default=10, help="refuse a verdict on fewer rows")
+        p.add_argument("--namespace", help="Kubernetes namespace (default: the line's pipeline.namespace)")
+        p.add_argument("--lines-dir", help="folder of line config files (default pipelines/lines)")
 
 
 def _check_trigger_target(args: argparse.Namespace) -> None:
@@ -145,13 +243,18 @@ def add_monitor_commands(subparsers: argparse._SubParsersAction) -> dict[str, Ha
     """Register ``monitor``, ``drift-reference`` and ``serve-check``; return ``{name: handler}``."""
     p = subparsers.add_parser("monitor", help="drift report of a line's production images vs its training images "
                                                "(Evidently); exit 1 on drift")
-    p.add_argument("--line", required=True, help="product line name")
+    p.add_argument("--line", help="product line name (required)")
     p.add_argument("--log-dir", default=os.environ.get("REDI_LOG_DIR", "production_logs"),
-                   help="the service's production log folder (REDI_LOG_DIR)")
-    p.add_argument("--reference", required=True, help="the line's drift reference table (drift-reference stage)")
+                   help="the service's production log folder (REDI_LOG_DIR): this host's rows only")
+    p.add_argument("--from-store", action="store_true",
+                   help="read every serving host's rows from the object store (REDI_S3_*): the segments the "
+                        "services ship; always so in cluster mode")
+    p.add_argument("--reference", help="the line's drift reference table (drift-reference stage); with "
+                                       "--from-store the default is the production version's")
     p.add_argument("--out", default="monitoring", help="folder for report.html, snapshot.json, result.json")
-    p.add_argument("--workspace", help="Evidently workspace folder: the run is added to project redi-<line> "
-                                       "(view with `evidently ui --workspace FOLDER`)")
+    p.add_argument("--workspace", help="Evidently workspace: the URL of an `evidently ui` service (shared by every "
+                                       "host and the dashboard) or a local folder; the run is added to project "
+                                       "redi-<line>")
     p.add_argument("--last", type=int, default=1000, help="compare the latest N production rows (0: all)")
     p.add_argument("--since", help="only rows logged at/after this ISO date/time (UTC)")
     p.add_argument("--min-rows", type=int, default=10, help="refuse a verdict on fewer rows")
@@ -164,6 +267,7 @@ def add_monitor_commands(subparsers: argparse._SubParsersAction) -> dict[str, Ha
     p.add_argument("--pipeline-workdir", default="runs/pipeline", help="work dir of a local triggered run")
     p.add_argument("--lines-dir", help="folder of line config files (default pipelines/lines)")
     p.add_argument("--no-fail", action="store_true", help="exit 0 even when drift is found")
+    _add_schedule_commands(p)
 
     p = subparsers.add_parser("drift-reference", help="stage: the monitoring rows of a line's normal training images")
     p.add_argument("model", help="detector.pt or a run folder holding it")

@@ -748,6 +748,38 @@ def run_monitor(line: str, log_dir: str | Path | None, reference_path: str | Pat
     return result
 
 
+REFERENCE_NAME = "drift_reference.csv"  # the gate uploads it with every version (redi.ops.gate)
+
+
+def fetch_production_reference(store: Any, line: str, dest: str | Path) -> Path:
+    """Download the drift reference of the line's production version from the store to ``dest``.
+
+    A scheduled drift run (a pod, no local files) compares against what production serves. The
+    reference is built before the gate names the version (the detector's training id; the version
+    adds the file's hash), so its ``model_version`` column is set to the production version here:
+    the rows the services log carry that name, and only they are compared.
+
+    Raises:
+        DatasetError: the line has no production version, or that version has no drift reference.
+    """
+    from redi.ops.model_registry import production_record, version_key
+
+    pointer = production_record(store, check_line_name(line))
+    if not pointer or not pointer.get("version"):
+        raise DatasetError(f"line {line} has no production version in {store.describe()}, so there is no drift "
+                           f"reference to compare with; promote a version first (the pipeline's gate)")
+    key = version_key(line, str(pointer["version"]), REFERENCE_NAME)
+    if not store.exists(key):
+        raise DatasetError(f"production version {pointer['version']} of line {line} has no {REFERENCE_NAME} in "
+                           f"{store.describe()}; rerun the line's pipeline (its drift_reference stage) or give "
+                           f"--reference")
+    path = store.get_file(key, dest)
+    frame = load_reference(path)
+    frame["model_version"] = str(pointer["version"])
+    atomic_write_text(path, frame.to_csv(index=False))
+    return path
+
+
 def rows_frame(rows: Iterable[dict[str, Any]]) -> pd.DataFrame:
     """A list of monitoring rows as a table (for tests and notebooks)."""
     return pd.DataFrame(list(rows))
@@ -757,5 +789,5 @@ __all__: Sequence[str] = (
     "FEATURE_SIZE", "PROJECTION_SEED", "N_EMBEDDING_COMPONENTS", "IMAGE_FEATURES", "SCORE_COLUMN",
     "image_feature_row", "luminance_features", "project_embedding", "feature_columns", "embedding_columns",
     "build_reference", "load_reference", "ProductionLog", "MonitorSettings", "MonitorResult", "run_monitor",
-    "open_workspace", "is_remote_workspace", "read_store_rows", "check_line_name", "rows_frame",
+    "open_workspace", "is_remote_workspace", "read_store_rows", "fetch_production_reference", "check_line_name", "rows_frame",
 )
