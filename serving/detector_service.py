@@ -20,7 +20,8 @@ APIs (internal):
   store's shadow pointer, followed with the production pointers; docs/serving.md, "Shadow mode"):
   ``score``, ``version``, ``tag``, ``model_threshold``, ``threshold`` (the candidate's served one),
   ``anomalous``; or ``{"error", "status"}``. The API service calls it after it has answered, from a
-  bounded queue; a candidate that fails to load or score only ever answers errors here.
+  bounded queue; a candidate that fails to load or score only ever answers errors here. Production
+  goes first: each candidate image waits until no ``score`` batch runs (``SHADOW_YIELD_S`` at most).
 
 What each line serves comes from ``serving/model_source.py`` (``store`` production pointers,
 polled every ``REDI_RELOAD_INTERVAL_S``, or the models pinned in a built Bento). Threshold
@@ -63,6 +64,33 @@ from serving.settings import (ServingSettings, bump_generation, detector_threads
 
 LOG = logging.getLogger("redi.serving.detector")
 OUTAGE_RETRY_S = 10.0  # while the store is unreachable, it is tried this often (whatever the reload interval)
+# a shadow candidate scores an image only once no production batch runs, waiting at most this long (then
+# it runs anyway: under constant load the queue in the API service bounds its work, and drops the rest)
+SHADOW_YIELD_S = 1.0
+
+
+class BusyCount:
+    """How many production batches run now; shadow scoring waits for none (production first)."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> "BusyCount":
+        with self._idle:
+            self._running += 1
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        with self._idle:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no production batch runs (at most ``timeout_s``); whether it is idle now."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._running == 0, timeout_s)
 
 
 def _resources() -> dict[str, Any]:
@@ -235,6 +263,7 @@ class RediDetector:
         self._loading = False  # check_pointers is loading a model (not waiting for the store)
         self.reload_status: dict[str, Any] = {"checked": None, "errors": {}}
         self._reload_lock = threading.Lock()
+        self.production_busy = BusyCount()
         if self.source == "store":
             self.store_models = StoreModels.from_env(self.cache, self.settings.lines, store=self.store)
             refs = self._start_refs()
@@ -315,6 +344,10 @@ class RediDetector:
                  max_latency_ms=env_int("REDI_MAX_LATENCY_MS", 30000))
     def score(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Score a batch of preprocessed images, one detector batch per line (see the module docstring)."""
+        with self.production_busy:  # shadow candidates wait while this runs (shadow_score)
+            return self._score(items)
+
+    def _score(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self._follow_reloads()
         lines = self.lines  # one snapshot: a reload mid-batch does not split it
         answers: list[dict[str, Any] | None] = [None] * len(items)
@@ -362,7 +395,10 @@ class RediDetector:
         for line, group in groups.items():
             served = shadows[line]
             try:
-                scores = served.run(torch.cat([t for _, t in group]))[0]
+                scores = []
+                for _, tensor in group:  # one image at a time, each after production's batches in flight
+                    self.production_busy.wait_idle(SHADOW_YIELD_S)
+                    scores.append(float(served.run(tensor)[0][0]))
             except Exception as exc:  # a broken candidate answers errors, here only
                 LOG.error("line %s: shadow candidate %s cannot score: %s", line, served.ref.version, exc)
                 for i, _ in group:

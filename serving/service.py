@@ -99,6 +99,8 @@ Configuration (environment variables, read when a worker starts):
 ``REDI_SHADOW_QUEUE``         shadow mode: answered requests waiting for the candidate;   32
                               when full, the candidate skips them (counted)
 ``REDI_SHADOW_QUEUE_BYTES``   bytes of decoded images those requests may hold             128 MiB
+``REDI_SHADOW_RATE``          share of answered requests the candidate scores (its CPU     1
+                              share on a saturated machine; docs/benchmarks.md)
 ``REDI_RETAIN``               keep flagged images (and a sample of normal ones): on/off   on
 ``REDI_RETAIN_NORMAL_RATE``   share of normal images kept: ``0.01`` or                    0.01
                               ``lineA=0.05,lineB=0,*=0.01``
@@ -130,6 +132,7 @@ import datetime as _dt
 import hmac
 import logging
 import math
+import random
 import re
 import time
 import uuid
@@ -447,8 +450,10 @@ class RediService:
         self.retention = RetentionPolicy.from_env()
         self.retainer = self._start_retainer()
         # shadow mode: candidates score answered requests from a bounded queue, never on the answer's path
-        self.shadow = ShadowScorer(lambda: self.detector, self.pool, shadow_log(self.settings.log_dir), model_input,
-                                   self.retainer, self.metrics.shadow_event, self.settings.shadow_queue,
+        # no fsync: a crash may lose the last shadow rows, which only makes a shadow period count fewer,
+        # while two logs fsync-ing would slow production's group commit
+        self.shadow = ShadowScorer(lambda: self.detector, self.pool, shadow_log(self.settings.log_dir, fsync=False),
+                                   model_input, self.retainer, self.metrics.shadow_event, self.settings.shadow_queue,
                                    self.settings.shadow_queue_bytes)
         self.catalogue: dict[str, Any] | None = None  # the detector service's models(), refreshed
         self._catalogue_at = 0.0
@@ -581,7 +586,7 @@ class RediService:
         if retained is not None and self.retainer is not None:
             self.retainer.offer(retained)
         candidate = (self.catalogue or {}).get("shadows", {}).get(line)
-        if candidate is not None:  # after the row is committed: the candidate never delays this answer
+        if candidate is not None and random.random() < self.settings.shadow_rate:  # after the row is committed
             amap = crop_to_content(np.asarray(result["map"]), rgb.shape[:2], str(result.get("aspect", aspect)))
             self.shadow.offer(ShadowJob(line, candidate, row, rgb, amap, kept=retained is not None))
         return body

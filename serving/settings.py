@@ -198,6 +198,7 @@ class ServingSettings:
     store_timeout_s: float = 5.0
     shadow_queue: int = 32  # shadow mode: requests waiting for the candidate; beyond it they are dropped
     shadow_queue_bytes: int = 128 * 1024 * 1024  # decoded images those requests may hold
+    shadow_rate: float = 1.0  # share of answered requests offered to the candidate (bounds its CPU share)
 
     @property
     def max_body_bytes(self) -> int:
@@ -233,7 +234,20 @@ class ServingSettings:
             store_timeout_s=store_timeout_s,
             shadow_queue=max(1, env_int("REDI_SHADOW_QUEUE", 32)),
             shadow_queue_bytes=env_int("REDI_SHADOW_QUEUE_BYTES", 128 * 1024 * 1024),
+            shadow_rate=_rate("REDI_SHADOW_RATE", 1.0),
         )
+
+
+def _rate(name: str, default: float) -> float:
+    """A share in [0, 1] from the environment; a bad value stops the service with the reason."""
+    raw = os.environ.get(name, "").strip()
+    try:
+        value = float(raw) if raw else default
+    except ValueError as exc:
+        raise RediError(f"{name}={raw!r} is not a number; give a share in [0, 1], e.g. 0.25") from exc
+    if not 0.0 <= value <= 1.0:
+        raise RediError(f"{name}={raw} must lie in [0, 1] (the share of requests), e.g. 0.25")
+    return value
 
 
 def serving_store(settings: ServingSettings, env: Mapping[str, str] | None = None, patient: bool = False) -> Any:
