@@ -670,6 +670,19 @@ def open_workspace(workspace: str | Path, env: Mapping[str, str] | None = None):
     return Workspace(str(path))
 
 
+def _add_run(ws: Any, workspace: str | Path, line: str, snapshot: Any, out: Path) -> str:
+    """Add the run to the line's project; returns the project id. A refusal names the likely cause."""
+    try:
+        project = _workspace_project(ws, line)
+        ws.add_run(project.id, snapshot, name=f"{line} {out.name}")
+    except Exception as exc:  # HTTP 401/403 from a service, a read-only folder, ...
+        hint = (f"a service started with `evidently ui --secret S` takes runs only with {WORKSPACE_SECRET_ENV}=S"
+                if is_remote_workspace(workspace) else "check that the folder is writable")
+        raise ConfigError(f"the Evidently workspace {workspace} did not take the run ({type(exc).__name__}: {exc}); "
+                          f"{hint}. The report itself is in {out}") from exc
+    return str(project.id)
+
+
 def run_monitor(line: str, log_dir: str | Path | None, reference_path: str | Path, out_dir: str | Path,
                 workspace: str | Path | None = None, settings: MonitorSettings | None = None,
                 trigger_pipeline: bool = False, trigger: Callable[[str], Any] | None = None,
@@ -738,9 +751,7 @@ def run_monitor(line: str, log_dir: str | Path | None, reference_path: str | Pat
     if store is not None and "host" in current.columns:
         result.rows_per_host = {str(h): int(n) for h, n in current["host"].value_counts().sort_index().items()}
     if ws is not None:
-        project = _workspace_project(ws, line)
-        ws.add_run(project.id, snapshot, name=f"{line} {out.name}")
-        result.workspace_project = str(project.id)
+        result.workspace_project = _add_run(ws, workspace, line, snapshot, out)
     if result.drift_detected and trigger_pipeline:
         result.pipeline_result = trigger(line)
         result.pipeline_triggered = True
