@@ -422,6 +422,8 @@ class RediDetector:
             except Exception as exc:  # keep scoring what is loaded; the next check reads it again
                 errors[f"{line} shadow"] = f"shadow pointer: {type(exc).__name__}: {exc}"
                 continue
+            if line in self.lines and version == self.lines[line].ref.version:
+                version = None  # promoted meanwhile (the gate, a rollback): production scores it already
             if version is None:
                 self.shadow_errors.pop(line, None)  # turned off: an old candidate's failure no longer applies
             if version == (current.ref.version if current else None) or (

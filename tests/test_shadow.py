@@ -281,3 +281,38 @@ def test_shadow_serving(tmp_path: Path) -> None:
             assert len(shadow_rows(logs, LINE)) == need
         finally:
             served.stop()
+
+
+@pytest.mark.slow
+def test_gate_puts_a_passed_candidate_in_shadow(tmp_path: Path) -> None:
+    """With gate.shadow_min_requests, the gate (real evaluation of both models) does not move production:
+    it records the requirement in the version's index and puts the candidate in shadow; promotion waits."""
+    from tiny_line import make_line, train_tiny
+
+    from redi.core.config import profile_config
+    from redi.methods.base import load_detector, save_detector
+    from redi.ops.gate import gate_model
+    from redi.ops.model_registry import version_index
+    from redi.workflow.stages import evaluate
+
+    data = make_line(tmp_path, "bottle_caps")
+    detector = train_tiny(data, tmp_path / "run", "bottle_caps")
+    store = LocalStore(tmp_path / "store")
+    line = "bottle_caps"
+    publish_version(store, line, "v1", {"detector.pt": detector}, {"promote": True})
+    promote(store, line, "v1", by="test", reason="fixture")
+    cfg = profile_config("tiny")
+    candidate = save_detector(load_detector(detector, "cpu"), tmp_path / "cand" / "detector.pt", {"version": "cand"})
+    metrics = evaluate(candidate, data, tmp_path / "cand" / "eval", cfg, write_report=False)
+    policy = GatePolicy(min_recall=0.0, max_false_call_rate=1.0, shadow_min_requests=3)
+    decision = gate_model(line, candidate, metrics, data, cfg, policy, store, tmp_path / "cand" / "decision.json")
+    version = decision["version"]
+    assert decision["promote"] is False and decision["passed"] is True, decision["reasons"]
+    assert "shadow period (3 live requests)" in decision["reasons"][-1]
+    assert production_record(store, line)["version"] == "v1"
+    assert shadow_record(store, line)["version"] == version and shadow_record(store, line)["by"] == "gate"
+    info = version_index(store, line, version)["info"]
+    assert info["promote"] is True and info["shadow_required"] == {"min_requests": 3, "min_hours": 0.0}
+    with pytest.raises(ShadowPeriodError, match="on 0 live requests"):
+        promote_after_shadow(store, line, version, tmp_path / "logs", by="test", reason="no traffic yet")
+    assert production_record(store, line)["version"] == "v1"

@@ -291,7 +291,9 @@ def gate_model(line: str, detector_path: str | Path, metrics_path: str | Path, d
     production = evaluate_production(store, line, data_root, cfg, Path(out_path).parent)
     pointer, production_metrics = production if production else (None, None)
     decision = _decision(line, version, candidate, policy, pointer, production_metrics, store, info)
-    shadow = policy.shadow_required() if decision["promote"] and (pointer or {}).get("version") != version else None
+    # a shadow period needs a production model to answer beside the candidate: a line's first model is promoted
+    shadow = (policy.shadow_required() if decision["promote"] and pointer is not None
+              and pointer.get("version") != version else None)
     if shadow:  # passed, but promoted only after a shadow period on live traffic (redi model promote)
         decision.update(promote=False, passed=True, shadow_required=shadow, reasons=[
             *decision["reasons"], f"promotion waits for a shadow period ({_shadow_terms(shadow)}): the candidate "
