@@ -67,6 +67,7 @@ TEMPLATES.env.filters["rate"] = fmt_rate
 TEMPLATES.env.globals["VERDICT_LABELS"] = {"defect": "real defect", "false_alarm": "false alarm",
                                            "bad_image": "bad image / not a part"}
 PAGE_SIZE = 50
+SHADOW_PAGE = 200  # disagreeing parts listed on the shadow page (newest first)
 MAX_DRAWN_MASK_BYTES = 16 * 1024 * 1024  # a drawn mask's data URL (a mostly flat PNG: far less in practice)
 LINES_DIR_ENV = "REDI_LINES_DIR"  # where the line config files are (default pipelines/lines, from the service's cwd)
 
@@ -209,6 +210,8 @@ def _shadow(request: Request) -> dict[str, Any]:
     report = shadow_report(rows, line, version)
     report["candidates"] = sorted({str(r.get("shadow_version")) for r in rows})
     ctx = ReviewContext.get()
+    report["n_disagreements"] = len(report["disagreements"])
+    report["disagreements"] = report["disagreements"][::-1][:SHADOW_PAGE]  # newest first; the CLI lists all
     for part in report["disagreements"]:
         try:
             item = ctx.db.get(str(part["request_id"]))

@@ -1,9 +1,10 @@
 """Shadow mode in the API service: score each answered request with the line's candidate, off the answer path.
 
 ``/predict`` answers with production alone; then it offers the request to :class:`ShadowScorer`, a
-bounded queue drained by one asyncio task in the API worker. The task prepares the image for the
-candidate (its own input size and aspect), asks the detector service's ``shadow_score`` for a
-batch of up to ``BATCH`` queued requests, and for each answer
+bounded queue drained by one asyncio task in the API worker. The task gathers up to ``BATCH``
+queued requests (waiting ``LINGER_S`` at most for them), prepares each image for the candidate
+(its own input size and aspect), asks the detector service's ``shadow_score`` for the batch,
+and for each answer
 
 - writes a row to the shadow log (``redi.ops.shadow``: ``<REDI_LOG_DIR>/shadow/<line>/<day>.jsonl``)
   with the production row's ``request_id`` and both models' decisions;
@@ -31,6 +32,9 @@ from redi.ops.retention import DISAGREEMENT, RetainedItem, Retainer
 
 LOG = logging.getLogger("redi.serving.shadow")
 BATCH = 8  # queued requests sent to the candidate in one call
+# how long the consumer waits for a batch to fill: under load one call (and one round of pickling,
+# answers and log rows) serves up to BATCH requests instead of one; a shadow row is late by this at most
+LINGER_S = 0.25
 
 
 @dataclass
@@ -89,8 +93,15 @@ class ShadowScorer:
         assert self.queue is not None
         while True:
             jobs = [await self.queue.get()]
-            while len(jobs) < BATCH and not self.queue.empty():
-                jobs.append(self.queue.get_nowait())
+            deadline = asyncio.get_running_loop().time() + LINGER_S
+            while len(jobs) < BATCH:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    jobs.append(await asyncio.wait_for(self.queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
             self.queued_bytes -= sum(job.nbytes for job in jobs)
             try:
                 await self._score(jobs)

@@ -1,4 +1,4 @@
-"""``redi model list|show|history|promote|rollback|shadow|shadow-report`` and ``redi bento build``: what each line serves.
+"""``redi model list|show|history|promote|rollback|shadow|shadow-report``, ``redi bento build``: what lines serve.
 
 The line's production pointer in the object store (``redi.ops.model_registry``) is the one place that decides
 what a line serves: the gate moves it, these commands move it by hand, and the service follows it.
@@ -128,9 +128,10 @@ def _shadow(args: argparse.Namespace) -> int:
         print(f"line {args.line}: no shadow candidate (was {pointer.get('previous_version')}); the service stops "
               f"scoring it at its next pointer check [store: {store.describe()}]")
     else:
+        production = (production_record(store, args.line) or {}).get("version")
         print(f"line {args.line}: {pointer['version']} is in shadow since {pointer.get('since')} (was "
-              f"{pointer.get('previous_version')}); production {(production_record(store, args.line) or {}).get('version')} "
-              f"still answers. The service scores it from its next pointer check [store: {store.describe()}]")
+              f"{pointer.get('previous_version')}); production {production} still answers. The service scores it "
+              f"from its next pointer check [store: {store.describe()}]")
     return 0
 
 
@@ -146,8 +147,9 @@ def _shadow_report(args: argparse.Namespace) -> int:
         return 0
     print(f"line {args.line}: candidate {report['shadow_version']} beside production "
           f"{', '.join(report['production_versions'])}: {report['n']} requests, {report['first']} .. {report['last']}")
-    print(f"  agreement {fmt_rate(report['agreement'])}; flag rate production {fmt_rate(report['production_flag_rate'])}, "
-          f"candidate {fmt_rate(report['shadow_flag_rate'])}; {len(report['disagreements'])} disagreements")
+    print(f"  agreement {fmt_rate(report['agreement'])}; flag rate production "
+          f"{fmt_rate(report['production_flag_rate'])}, candidate {fmt_rate(report['shadow_flag_rate'])}; "
+          f"{len(report['disagreements'])} disagreements")
     for d in report["disagreements"]:
         print(f"  {d['request_id']}  {d['time']}  production {d['score']:.4f} "
               f"{'anomalous' if d['anomalous'] else 'normal'}  candidate {d['shadow_score']:.4f} "
