@@ -1,5 +1,6 @@
 """Kept images (redi.ops.retention): layout, limits that delete the oldest copies and nothing else, pinned
-verdicts, and a full queue that never blocks the caller, on a local store and a real S3 server.
+verdicts, and a full queue that never blocks the caller, on a local store and a real S3 server; the review
+index on SQLite and on a real PostgreSQL (``review_db_url``).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def test_policy_from_env_and_rates() -> None:
         RetentionPolicy.from_env({"REDI_RETAIN_DAYS": "soon"})
 
 
-def test_layout_record_and_index(tmp_path: Path) -> None:
-    store, db = LocalStore(tmp_path / "store"), ReviewDB(f"sqlite:///{tmp_path / 'review.db'}")
+def test_layout_record_and_index(tmp_path: Path, review_db_url: str) -> None:
+    store, db = LocalStore(tmp_path / "store"), ReviewDB(review_db_url)
     when = _dt.datetime(2026, 3, 1, 12, 30, 5, 123456, tzinfo=UTC)
     retainer = _keep(store, db, [_item("abc123", when)])
     assert (retainer.stored, retainer.dropped, retainer.failed) == (1, 0, 0)
@@ -76,8 +77,8 @@ def test_layout_record_and_index(tmp_path: Path) -> None:
     assert db.get("abc123")["image_key"] == f"{folder}/image.png"
 
 
-def test_limits_delete_the_oldest_and_nothing_else(tmp_path: Path) -> None:
-    store, db = LocalStore(tmp_path / "store"), ReviewDB(f"sqlite:///{tmp_path / 'review.db'}")
+def test_limits_delete_the_oldest_and_nothing_else(tmp_path: Path, review_db_url: str) -> None:
+    store, db = LocalStore(tmp_path / "store"), ReviewDB(review_db_url)
     store.put_json("lines/bottle_caps/production.json", {"version": "v1"})  # must survive
     now = _dt.datetime.now(UTC)
     ages = {"r0": 9, "r1": 5, "r2": 4, "r3": 3, "r4": 2, "r5": 1}  # days old

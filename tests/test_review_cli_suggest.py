@@ -1,6 +1,6 @@
 """``redi review threshold --suggest`` and ``redi review summary`` through the real ``redi`` entry point.
 
-The kept parts go into a real SQLite review database (``ReviewDB.add_retained``, what the service's
+The kept parts go into a real review database (SQLite and PostgreSQL) (``ReviewDB.add_retained``, what the service's
 retention thread calls), the verdicts through ``ReviewDB.add_verdict``. The line is built so that
 the weighting decides the answer: 20 sampled good parts kept at a rate of 0.1 stand for 200, so the
 weighted false-call rate allows two false alarms above the threshold where the unweighted one
@@ -74,8 +74,9 @@ def _standard(line: Line, record_rate: bool = True) -> None:
 
 
 @pytest.fixture()
-def db_url(tmp_path: Path) -> str:
-    return f"sqlite:///{tmp_path / 'review.db'}"
+def db_url(review_db_url: str) -> str:
+    """The review database, on SQLite and on a real PostgreSQL (conftest's ``review_db_url``)."""
+    return review_db_url
 
 
 def _redi(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:

@@ -33,6 +33,8 @@ import datetime as _dt
 import json
 import os
 import re
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -41,7 +43,7 @@ from sqlalchemy import (Boolean, Float, ForeignKey, Integer, String, Table, Text
 from sqlalchemy.dialects import postgresql as _postgresql
 from sqlalchemy.dialects import sqlite as _sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModuleError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from redi.core.errors import RediError
@@ -220,10 +222,19 @@ def default_db_url(env: Mapping[str, str] | None = None) -> str:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    # WAL: the page reads while the service's workers write; busy timeout: workers wait, not fail
+    # WAL: the page reads while the service's workers write; busy timeout: workers wait, not fail (set first:
+    # switching to WAL takes a lock, and workers opening a new database at once fail "database is locked")
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    deadline = time.monotonic() + 30
+    while True:  # switching a new file to WAL answers "locked" at once, without the busy timeout, while another
+        try:     # worker switches it: wait for that one (WAL stays set in the file)
+            cursor.execute("PRAGMA journal_mode=WAL")
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.close()
 
@@ -344,16 +355,26 @@ class ReviewDB:
             self._create_schema()
         except DBAPIError as exc:
             self.engine.dispose()
-            raise ReviewError(f"cannot use the review database {self!r}: {str(exc.orig).strip()}. Check that the "
-                              f"server runs and is reachable from here, and REDI_REVIEW_DB's host, port, user, "
-                              f"password and database name (the database must exist: CREATE DATABASE)") from exc
+            what = ("check that the server runs and is reachable from here, and REDI_REVIEW_DB's host, port, user, "
+                    "password and database name (the database must exist: CREATE DATABASE)"
+                    if self.engine.dialect.name != "sqlite" else "check that its folder is writable and the file is "
+                    "a SQLite database (or set REDI_REVIEW_DB)")
+            shown = self.engine.url.render_as_string(hide_password=True)
+            raise ReviewError(f"cannot use the review database {shown!r}: {' '.join(str(exc.orig).split())}; "
+                              f"{what}") from exc
 
     def _create_schema(self) -> None:
         if self.engine.dialect.name == "postgresql":
             with self.engine.begin() as connection:
                 _create_schema_locked(connection)
             return
-        Base.metadata.create_all(self.engine)
+        for attempt in range(5):  # SQLite: workers opening a new file at once race between check and CREATE
+            try:
+                Base.metadata.create_all(self.engine)
+                break
+            except OperationalError as exc:  # "table ... already exists": made by another worker; look again
+                if "already exists" not in str(exc.orig) or attempt == 4:
+                    raise
         _add_later_columns(self.engine)
 
     def __repr__(self) -> str:
