@@ -230,3 +230,21 @@ def test_settings_refuse_bad_values():
         ShippingSettings.from_env({"REDI_HOST_ID": "a/b"})
     with pytest.raises(ConfigError, match="REDI_LOG_SHIP_INTERVAL_S='soon'"):
         ShippingSettings.from_env({"REDI_LOG_SHIP_INTERVAL_S": "soon"})
+
+
+def test_reader_reads_newest_days_first_only_as_far_as_it_needs(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    for day, version in (("2026-12-01", "v0"), ("2026-12-02", "v1"), ("2026-12-03", "v1")):
+        rows = [{**row, "time": f"{day}T08:00:{i:02d}+00:00", "model_version": version}
+                for i, row in enumerate(_rows(5, day))]
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode()
+        store.put_bytes(segment_key(LINE, "host-a", day, 0, len(data)), data)
+    notes: list[str] = []
+    frame = read_store_rows(store, LINE, last=4, notes=notes)
+    assert list(frame["tag"].unique()) == ["2026-12-03"] and len(frame) == 4 and "from 1 segments" in notes[0]
+    # rows of another model version do not count towards `last`: the reader goes one day further
+    notes = []
+    frame = read_store_rows(store, LINE, last=12, notes=notes, keep=lambda r: r["model_version"] == "v1")
+    assert len(frame) == 10 and set(frame["tag"]) == {"2026-12-02", "2026-12-03"}
+    assert "5 rows of other model versions left out" in notes[0] and "from 3 segments" in notes[0]
+    assert frame["time"].is_monotonic_increasing

@@ -390,40 +390,54 @@ def _rows_table(rows: list[dict[str, Any]], since: _dt.datetime | None, last: in
 
 
 def read_store_rows(store: Any, line: str, since: _dt.datetime | None = None, last: int | None = None,
-                    notes: list[str] | None = None) -> pd.DataFrame:
+                    notes: list[str] | None = None,
+                    keep: Callable[[dict[str, Any]], bool] | None = None) -> pd.DataFrame:
     """Every host's shipped rows of ``line`` from the object store, each request once.
 
     Reads the segments under ``production-log/<line>/`` (:mod:`redi.ops.log_shipping`), adds a ``host``
     column (the host id of the key) where a row has none, and keeps the first row of each
     ``request_id`` (a range shipped again after a power loss, or a log folder copied to a second
-    host, must not count twice). ``notes`` receives what was read (hosts, segments, duplicates).
+    host, must not count twice), and only rows that ``keep`` accepts (e.g. the reference's model
+    version). With ``last``, whole UTC days are read newest first until they hold ``last`` kept rows,
+    so a check of the latest rows does not download the line's whole history. ``notes`` receives
+    what was read (hosts, segments, duplicates, rows not kept).
     """
     from redi.ops.log_shipping import list_segments
 
     check_line_name(line)
-    segments = list_segments(store, line, _day(since) if since is not None else None)
-    rows: list[dict[str, Any]] = []
-    for segment in segments:
-        for raw in (store.get_bytes(segment.key) or b"").splitlines():
-            row = _parse_row(raw.strip())
-            if row is not None:
-                row.setdefault("host", segment.host)
-                rows.append(row)
+    by_day: dict[str, list[Any]] = {}
+    for segment in list_segments(store, line, _day(since) if since is not None else None):
+        by_day.setdefault(segment.day, []).append(segment)
     seen: set[str] = set()
-    unique = []
-    for row in rows:
-        request = row.get("request_id")
-        if request is not None:
-            if request in seen:
-                continue
-            seen.add(request)
-        unique.append(row)
+    rows: list[dict[str, Any]] = []
+    read, duplicates, left_out = [], 0, 0
+    for day in sorted(by_day, reverse=True):
+        for segment in by_day[day]:
+            read.append(segment)
+            for raw in (store.get_bytes(segment.key) or b"").splitlines():
+                row = _parse_row(raw.strip())
+                if row is None:
+                    continue
+                row.setdefault("host", segment.host)
+                request = row.get("request_id")
+                if request is not None:
+                    if request in seen:
+                        duplicates += 1
+                        continue
+                    seen.add(request)
+                if keep is None or keep(row):
+                    rows.append(row)
+                else:
+                    left_out += 1
+        if last and len(rows) >= last:
+            break
     if notes is not None:
-        hosts = sorted({s.host for s in segments})
-        notes.append(f"{len(unique)} rows of {len(hosts)} hosts {hosts} from {len(segments)} segments in "
-                     f"{store.describe()}" + (f"; {len(rows) - len(unique)} duplicate rows (same request_id) "
-                                               f"left out" if len(rows) > len(unique) else ""))
-    return _rows_table(unique, since, last)
+        hosts = sorted({s.host for s in read})
+        notes.append(f"{len(rows)} rows of {len(hosts)} hosts {hosts} from {len(read)} segments in "
+                     f"{store.describe()}" + (f"; {duplicates} duplicate rows (same request_id) left out"
+                                               if duplicates else "")
+                     + (f"; {left_out} rows of other model versions left out" if left_out else ""))
+    return _rows_table(rows, since, last)
 
 
 def _json_default(value: Any) -> Any:
@@ -553,12 +567,17 @@ class MonitorResult:
         return data
 
 
+def _reference_versions(reference: pd.DataFrame) -> set[str]:
+    """The model versions a reference table was built with (none: any version compares)."""
+    return set(reference.get("model_version", pd.Series(dtype=str)).dropna().astype(str)) - {""}
+
+
 def select_production_rows(frame: pd.DataFrame, reference: pd.DataFrame, settings: MonitorSettings,
                            notes: list[str]) -> pd.DataFrame:
     """Keep the rows comparable with the reference (same model version when asked)."""
     if frame.empty:
         return frame
-    versions = set(reference.get("model_version", pd.Series(dtype=str)).dropna().astype(str)) - {""}
+    versions = _reference_versions(reference)
     if settings.same_model_version and versions and "model_version" in frame.columns:
         keep = frame["model_version"].astype(str).isin(versions)
         if (~keep).any():
@@ -715,7 +734,9 @@ def run_monitor(line: str, log_dir: str | Path | None, reference_path: str | Pat
     notes: list[str] = []
     if store is not None:
         source = f"the shipped segments in {store.describe()}"
-        current = read_store_rows(store, line, since=settings.since, notes=notes)
+        versions = _reference_versions(reference) if settings.same_model_version else set()
+        keep = (lambda row: str(row.get("model_version")) in versions) if versions else None
+        current = read_store_rows(store, line, since=settings.since, last=settings.last, notes=notes, keep=keep)
     elif log_dir is not None:
         source = str(log_dir)
         current = ProductionLog(log_dir).read(line, since=settings.since, last=None)
