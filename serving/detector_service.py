@@ -127,6 +127,7 @@ class LoadedLine:
                 "model_threshold": float(d.threshold), "threshold": self.threshold, "override": self.override,
                 "image_size": int(d.image_size), "aspect": self.aspect, "backbone": d.metadata.get("backbone"),
                 "profile": d.metadata.get("profile"), "runtime": "onnx" if self.session is not None else "torch",
+                "part_profile": (d.metadata.get("calibration") or {}).get("part_profile"),
                 "batch_chunk": self.chunk}
 
     def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

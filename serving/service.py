@@ -147,6 +147,7 @@ from starlette.responses import JSONResponse, RedirectResponse
 from redi.core.errors import ImageReadError, InputError, RediError
 from redi.core.images import crop_to_content, decode_rgb, preprocess
 from redi.ops.idempotency import IdempotencyIndex, check_key
+from redi.core.part_check import unlike_line
 from redi.ops.monitoring import ProductionLog, image_feature_row
 from redi.ops.retention import FLAGGED, RetainedItem, Retainer, RetentionPolicy
 from redi.ops.review import ReviewDB, default_db_url
@@ -524,7 +525,9 @@ class RediService:
 
         Returns ``line, anomaly_score, anomalous, decision, threshold, threshold_source`` (``model``
         or ``override``), ``model_version, model_tag, latency_ms, image_size`` and, on request, ``anomaly_map_png`` / ``overlay_png`` (base64
-        PNG at the model's input size) and ``defect_regions`` (boxes in the uploaded image's pixels).
+        PNG at the model's input size) and ``defect_regions`` (boxes in the uploaded image's pixels);
+        ``unlike_part`` (reasons) when the image is far off the line's parts (a black frame, a strip:
+        ``redi.core.part_check``); it is still scored, and the review page shows the reasons.
         """
         started = time.perf_counter()
         key = ctx.request.headers.get("idempotency-key", "") if ctx is not None else ""
@@ -654,6 +657,9 @@ class RediService:
                "threshold": threshold, "latency_ms": body["latency_ms"],
                "width": int(rgb.shape[1]), "height": int(rgb.shape[0])}
         row.update(image_feature_row(rgb, score, result["embedding"]))
+        unlike = unlike_line(info.get("part_profile"), row)
+        if unlike:  # still scored and answered: the hint is for the line software, the log and the review page
+            row["unlike_part"] = body["unlike_part"] = unlike
         body["request_id"] = row["request_id"]
         # kept maps cover the image only (letterbox padding cut off), so whoever maps them back to the
         # image's pixels (regions, review page, export masks) just resizes them
@@ -673,6 +679,8 @@ class RediService:
         # 1/sample_rate passed parts when `redi review threshold --suggest` estimates rates
         info.update(model_threshold=model_threshold, threshold_override=source == "override", threshold_source=source,
                     sample_rate=1.0 if kind == FLAGGED else self.retention.rate(line), aspect=aspect)
+        if row.get("unlike_part"):
+            info["unlike_part"] = row["unlike_part"]
         return RetainedItem(request_id=row["request_id"], line=line, time=_dt.datetime.fromisoformat(row["time"]),
                             kind=kind, rgb=rgb, anomaly_map=amap, info=info)
 

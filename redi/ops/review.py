@@ -11,8 +11,9 @@ inserted once (``ON CONFLICT DO NOTHING``), and a text longer than its column is
   (``flagged`` or ``sampled``), time, score, threshold, decision, model version, store keys, defect
   regions, ``sample_rate`` (the share of such answers kept when it was: 1 for flagged parts, the
   line's normal rate for sampled ones; NULL for rows kept before it was recorded); ``camera`` (the
-  camera or station the request named, "" when none); ``expired_at`` once the retention limits
-  deleted it.
+  camera or station the request named, "" when none); ``unlike_part`` (JSON list: why the image
+  looks unlike the line's parts, ``redi.core.part_check``; empty when it does not); ``expired_at``
+  once the retention limits deleted it.
 - ``verdicts``: every verdict ever given: request id, ``defect``, ``false_alarm`` or
   ``bad_image`` (not a part: a camera glitch, an empty belt; never training data), defect type,
   note, whether the drawn mask was accepted, who, when. The latest verdict of a request that was
@@ -118,6 +119,8 @@ class Retained(Base):
     # part stands for 1/sample_rate parts when rates are estimated (redi.ops.review_threshold)
     sample_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
     camera: Mapped[str | None] = mapped_column(String(128), nullable=True)  # as the request named it
+    # why the image looks unlike the line's parts (JSON list, redi.core.part_check); NULL/[] when it does not
+    unlike_part: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Verdict(Base):
@@ -240,7 +243,7 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 # columns added after the first release: create_all() makes missing tables, never missing columns
-_LATER_COLUMNS = {"retained": {"sample_rate": "FLOAT", "camera": "VARCHAR(128)"},
+_LATER_COLUMNS = {"retained": {"sample_rate": "FLOAT", "camera": "VARCHAR(128)", "unlike_part": "TEXT"},
                   "verdicts": {"operator": "VARCHAR(64)", "withdrawn_at": "VARCHAR(40)",
                                "withdrawn_by": "VARCHAR(128)", "mask_key": "VARCHAR(512)"}}
 
@@ -334,6 +337,7 @@ def _false_alarm_rate(counts: Mapping[str, int]) -> float | None:
 def _retained_dict(row: Retained) -> dict[str, Any]:
     out = {c.name: getattr(row, c.name) for c in Retained.__table__.columns}
     out["regions"] = json.loads(row.regions or "[]")
+    out["unlike_part"] = json.loads(row.unlike_part or "[]")
     return out
 
 
@@ -392,7 +396,8 @@ class ReviewDB:
             width=int(record["width"]), height=int(record["height"]), image_key=record["image_key"],
             map_key=record["map_key"], record_key=record["record_key"],
             regions=json.dumps(record.get("regions", [])), indexed_at=now_iso(),
-            sample_rate=_sample_rate(record), camera=str(record.get("camera") or "")[:128] or None)
+            sample_rate=_sample_rate(record), camera=str(record.get("camera") or "")[:128] or None,
+            unlike_part=json.dumps([str(r) for r in record.get("unlike_part") or []]))
         _check_lengths(Retained.__table__, values)
         dialect = {"postgresql": _postgresql, "sqlite": _sqlite}.get(self.engine.dialect.name)
         with self.engine.begin() as connection:
