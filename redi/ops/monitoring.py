@@ -43,13 +43,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from scipy import ndimage
 
 from redi.core.errors import ConfigError, DatasetError, InputError
+from redi.core.part_check import FEATURE_SIZE, luminance_features  # one definition, shared with the part check
 from redi.core.utils import atomic_write_text
 
-FEATURE_SIZE = 256
 PROJECTION_SEED = 0
 N_EMBEDDING_COMPONENTS = 8
 IMAGE_FEATURES = ("brightness", "contrast", "sharpness")
@@ -90,19 +88,6 @@ def project_embedding(embedding: Any, k: int = N_EMBEDDING_COMPONENTS) -> np.nda
         raise InputError(f"an embedding must be a non-empty finite vector, got {vector.size} values")
     norm = np.linalg.norm(vector)
     return (vector / norm if norm > 0 else vector) @ _projection(vector.size, k)
-
-
-def luminance_features(rgb_uint8: np.ndarray) -> dict[str, float]:
-    """Brightness, contrast and sharpness of a uint8 RGB image (see the module docstring)."""
-    arr = np.asarray(rgb_uint8)
-    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-        raise InputError(f"expected a uint8 RGB image (H, W, 3), got {arr.dtype} {arr.shape}; "
-                         f"read files with redi.core.images.load_rgb")
-    if arr.shape[:2] != (FEATURE_SIZE, FEATURE_SIZE):
-        arr = np.asarray(Image.fromarray(arr).resize((FEATURE_SIZE, FEATURE_SIZE), Image.Resampling.BILINEAR))
-    grey = arr.astype(np.float64) @ np.array([0.299, 0.587, 0.114]) / 255.0
-    return {"brightness": float(grey.mean()), "contrast": float(grey.std()),
-            "sharpness": float(ndimage.laplace(grey * 255.0, mode="reflect").var())}
 
 
 def image_feature_row(rgb_uint8: np.ndarray, score: float, embedding: Any,
