@@ -21,6 +21,11 @@ training image; the service appends one row per request through :class:`Producti
 :func:`run_monitor` compares the two with Evidently (column drift of the image features,
 embedding drift, anomaly-score shift), writes HTML and JSON, and adds the run to an Evidently
 workspace project per line, so ``evidently ui --workspace PATH`` shows each line's history.
+
+Several hosts: each service's log ships its rows to the object store as per-host segments
+(:mod:`redi.ops.log_shipping`); :func:`read_store_rows` reads every host's rows back, each request once,
+and ``run_monitor(..., store=...)`` judges them together. The workspace may be an ``evidently ui``
+service URL (:func:`open_workspace`), which every host, the scheduled runs and the dashboard share.
 """
 
 from __future__ import annotations
