@@ -256,3 +256,50 @@ def test_operator_judges_a_queue_in_the_browser(station: dict, tmp_path: Path) -
     exported_mask = fetched / f"ground_truth/crack/review_{day}_{other}_mask.png"
     assert exported_mask.read_bytes() == station["store"].get_bytes(db.get(other)["verdict"]["mask_key"])
     assert (fetched / f"test/crack/review_{day}_{other}.png").is_file()
+
+
+def test_a_black_frame_shows_as_probably_not_a_part(station: dict, tmp_path: Path) -> None:
+    """A black frame sent to the real service (kept: the threshold is lowered for the test) gets a card
+    whose note says why it looks unlike the line's parts; the operator judges it a bad image."""
+    if not Path(CHROMIUM).is_file():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium): the browser test cannot run")
+    from playwright.sync_api import sync_playwright
+
+    from redi.core.images import load_rgb
+
+    server, db, env = station["server"], station["db"], station["env"]
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros_like(load_rgb(next(iter(station["scores"]))))).save(black)
+    done = _redi(env, "review", "threshold", "--line", LINE, "--value", "1e-9", "--reason", "keep every part",
+                 "--by", "lead")
+    assert done.returncode == 0, done.stderr
+    try:
+        requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
+        answer = server.predict(black)
+    finally:
+        _redi(env, "review", "threshold", "--line", LINE, "--clear", "--reason", "back", "--by", "lead")
+        requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
+    assert answer["anomalous"] and answer["unlike_part"], answer
+    rid = answer["request_id"]
+    _indexed(db, {rid})
+    shots = tmp_path / "shots"
+    shots.mkdir()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_context(viewport={"width": 1280, "height": 900}, timezone_id=TIME_ZONE).new_page()
+            _login(page, server.url)
+            card = page.locator(f"#item-{rid}")
+            note = card.locator(".unlike-part")
+            assert note.is_visible() and note.inner_text().startswith("Probably not a part")
+            assert "brightness" in note.inner_text() and "bad image" in note.inner_text()
+            assert page.locator(".unlike-part").count() == 1  # real parts carry no such note
+            card.screenshot(path=str(shots / "review_not_a_part.png"))
+            card.locator("button.btn-bad-image").click()
+            page.wait_for_selector("#judged-note")
+            assert db.get(rid)["verdict"]["verdict"] == "bad_image"
+        finally:
+            browser.close()
+    copy_to = os.environ.get("REDI_REVIEW_SCREENSHOTS", "").strip()
+    if copy_to:
+        shutil.copytree(shots, copy_to, dirs_exist_ok=True)
