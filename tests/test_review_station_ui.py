@@ -6,7 +6,8 @@ threshold, numbered defect boxes, a mask picture that is not a blank tile, defec
 line's config file (a type a supervisor adds appears on the next page), the third verdict "bad
 image / not a part" (stored, and never exported into the line's data), judged cards collapsed to
 their verdict with undo, keyboard judging (``b``, ``d``, ``j``/``k``), times in the browser's time
-zone with UTC in the tooltip, the camera a record names, and "mask accepted" as Yes/No.
+zone with UTC in the tooltip, the camera a record names, "mask accepted" as Yes/No, and a black frame
+sent to the service marked "probably not a part" with its reasons.
 
 Screenshots go to the test's tmp folder (``REDI_REVIEW_SCREENSHOTS=<dir>`` copies them there too, which
 is how ``docs/img/`` got its pictures).
