@@ -260,6 +260,21 @@ def test_threshold_override_applies_on_reload(station: dict) -> None:
     assert server.metadata()["lines"][LINE]["threshold_override"] is None
 
 
+@contextmanager
+def every_part_kept(station: dict) -> Iterator[None]:
+    """A threshold override of ~0 while the block runs (every answer flagged, so kept), then none."""
+    server, env = station["server"], station["env"]
+    done = _redi(env, "review", "threshold", "--line", LINE, "--value", "1e-9", "--reason", "keep every part",
+                 "--by", "lead")
+    assert done.returncode == 0, done.stderr
+    try:
+        requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
+        yield
+    finally:
+        _redi(env, "review", "threshold", "--line", LINE, "--clear", "--reason", "back", "--by", "lead")
+        requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
+
+
 def test_a_black_frame_is_answered_kept_and_shown_as_probably_not_a_part(station: dict, tmp_path: Path) -> None:
     """The line's part profile travels with the model: a black frame is still scored, and its answer,
     its kept record and its review card say it looks unlike the line's parts; a real part does not."""
@@ -271,24 +286,17 @@ def test_a_black_frame_is_answered_kept_and_shown_as_probably_not_a_part(station
     assert "unlike_part" not in server.predict(part)
     black = tmp_path / "black.png"
     Image.fromarray(np.zeros_like(load_rgb(part))).save(black)
-    done = _redi(env, "review", "threshold", "--line", LINE, "--value", "1e-9", "--reason", "keep every part",
-                 "--by", "lead")
-    assert done.returncode == 0, done.stderr
-    try:
-        requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
+    with every_part_kept(station):
         answer = server.predict(black)
-        assert answer["anomalous"] and any("brightness" in r for r in answer["unlike_part"]), answer
-        _indexed(db, {answer["request_id"]})
-        assert db.get(answer["request_id"])["unlike_part"] == answer["unlike_part"]
-        client = requests.Session()
-        login = client.post(f"{server.url}/review/login", data={"username": OPERATOR, "password": PASSWORD},
-                            headers={"Origin": server.url}, allow_redirects=False, timeout=30)
-        assert login.status_code == 303, login.text
-        page = client.get(f"{server.url}/review/item/{answer['request_id']}", timeout=30)
-        assert page.status_code == 200 and "Probably not a part" in page.text and "brightness" in page.text
-    finally:
-        _redi(env, "review", "threshold", "--line", LINE, "--clear", "--reason", "back", "--by", "lead")
-        requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
+    assert answer["anomalous"] and any("brightness" in r for r in answer["unlike_part"]), answer
+    _indexed(db, {answer["request_id"]})
+    assert db.get(answer["request_id"])["unlike_part"] == answer["unlike_part"]
+    client = requests.Session()
+    login = client.post(f"{server.url}/review/login", data={"username": OPERATOR, "password": PASSWORD},
+                        headers={"Origin": server.url}, allow_redirects=False, timeout=30)
+    assert login.status_code == 303, login.text
+    page = client.get(f"{server.url}/review/item/{answer['request_id']}", timeout=30)
+    assert page.status_code == 200 and "Probably not a part" in page.text and "brightness" in page.text
 
 
 def test_stopped_store_and_full_queue_never_delay_predict(station: dict) -> None:

@@ -29,7 +29,8 @@ from PIL import Image
 import requests
 from test_production_truth import BIN, KEY, _redi
 from test_review import make_data_repo
-from test_review_station import (CHROMIUM, CHROMIUM_ARGS, DEFECT_TYPES, LINE, OPERATOR, PASSWORD, _indexed, serve,
+from test_review_station import (CHROMIUM, CHROMIUM_ARGS, DEFECT_TYPES, LINE, OPERATOR, PASSWORD, _indexed,
+                                 every_part_kept, serve,
                                  trained)  # noqa: F401 - the module-scoped fixture (a line of this module's own)
 
 pytestmark = [pytest.mark.slow]
@@ -268,18 +269,11 @@ def test_a_black_frame_shows_as_probably_not_a_part(station: dict, tmp_path: Pat
 
     from redi.core.images import load_rgb
 
-    server, db, env = station["server"], station["db"], station["env"]
+    server, db = station["server"], station["db"]
     black = tmp_path / "black.png"
     Image.fromarray(np.zeros_like(load_rgb(next(iter(station["scores"]))))).save(black)
-    done = _redi(env, "review", "threshold", "--line", LINE, "--value", "1e-9", "--reason", "keep every part",
-                 "--by", "lead")
-    assert done.returncode == 0, done.stderr
-    try:
-        requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
+    with every_part_kept(station):
         answer = server.predict(black)
-    finally:
-        _redi(env, "review", "threshold", "--line", LINE, "--clear", "--reason", "back", "--by", "lead")
-        requests.post(f"{server.url}/admin/reload", json={}, headers={"X-API-Key": KEY}, timeout=60)
     assert answer["anomalous"] and answer["unlike_part"], answer
     rid = answer["request_id"]
     _indexed(db, {rid})
