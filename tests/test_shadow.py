@@ -110,6 +110,8 @@ def test_gate_shadow_period_refuses_then_promotes(tmp_path: Path) -> None:
     done = subprocess.run([*cli, "promote", "--line", LINE, "--version", "v2", "--reason", "shadowed", "--log-dir",
                            str(logs)], env=env, capture_output=True, text=True)
     assert done.returncode == 0 and "shadow period: 4 requests" in done.stdout, done.stderr
+    history = subprocess.run([*cli, "history", "--line", LINE], env=env, capture_output=True, text=True, check=True)
+    assert "shadow     v2" in history.stdout and "shadow-off" in history.stdout, history.stdout
     pointer = production_record(store, LINE)
     assert pointer["version"] == "v2" and pointer["shadow"]["n"] == 4
     assert shadow_record(store, LINE) is None  # the promoted candidate left shadow

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from redi.ops.object_store import DEFAULT_LOCAL_DIR, ObjectStore, StorageError, store_for_command
 from redi.ops.model_registry import (list_versions, move_shadow, production_lines, production_record, promotion_history,
-    rollback, version_index, version_summary)
+    rollback, shadow_history, version_index, version_summary)
 from redi.ops.shadow import DEFAULT_LOG_DIR, fmt_rate, shadow_report, shadow_rows
 
 Handler = Callable[[argparse.Namespace], int]
@@ -90,9 +90,13 @@ def _show(args: argparse.Namespace) -> int:
 
 def _history(args: argparse.Namespace) -> int:
     records = promotion_history(_store(args), args.line)
+    shadow_moves = shadow_history(_store(args), args.line)
     if args.json:
-        print(json.dumps(records, indent=2, default=str))
+        print(json.dumps(records + shadow_moves, indent=2, default=str))
         return 0
+    for r in shadow_moves:  # the shadow pointer's own audit trail (redi model shadow, the gate)
+        print(f"{r.get('since')}  {r.get('action', 'shadow'):10s} {r.get('version') or '-':34s} by {r.get('by', '?')}: "
+              f"{r.get('reason', '')} [{r.get('outcome')}]")
     for r in records:
         if r.get("outcome") == "conflict":  # a move that lost a race or was decided again
             c = r.get("conflict") or {}
@@ -216,7 +220,7 @@ def add_model_commands(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--json", action="store_true")
     p = add("show", "one version (default: production) with its files, hashes and promotions")
     p.add_argument("--version")
-    p = add("history", "every promotion and rollback of a line: who, when, why")
+    p = add("history", "every promotion, rollback and shadow move of a line: who, when, why")
     p.add_argument("--json", action="store_true")
     for name, text in (("promote", "make a gate-passed version the line's production model"),
                        ("rollback", "put back an earlier production model (default: the one before)")):
