@@ -302,3 +302,17 @@ def test_monitoring_library_does_not_import_the_pipeline(monitored: dict, tmp_pa
     args = parser.parse_args(["monitor", "--line", LINE, "--reference", "r.csv", "--trigger-pipeline",
                               "--kfp-host", "http://kfp:8080"])
     assert args.trigger_pipeline and args.kfp_host == "http://kfp:8080"
+
+
+def test_too_few_rows_for_evidently_is_a_clear_error_not_a_crash(monitored: dict, tmp_path: Path) -> None:
+    """Evidently's embedding report fails inside (t-SNE: 'perplexity must be less than n_samples') on 30
+    rows or fewer in all; the check says how many production rows to wait for instead."""
+    small = tmp_path / "small_reference.csv"
+    pd.read_csv(monitored["reference"]).head(8).to_csv(small, index=False)
+    rows = monitored["rows"]["same"]
+    _log_rows(rows[:22], tmp_path / "logs")
+    with pytest.raises(InputError, match="wait for at least 23 production rows"):
+        run_monitor(LINE, tmp_path / "logs", small, tmp_path / "out")
+    _log_rows(rows[22:23], tmp_path / "logs")
+    result = run_monitor(LINE, tmp_path / "logs", small, tmp_path / "out")  # 8 + 23 = 31: Evidently runs
+    assert (result.n_reference, result.n_current) == (8, 23)

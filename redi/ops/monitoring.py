@@ -57,6 +57,7 @@ PROJECTION_SEED = 0
 N_EMBEDDING_COMPONENTS = 8
 IMAGE_FEATURES = ("brightness", "contrast", "sharpness")
 SCORE_COLUMN = "anomaly_score"
+EVIDENTLY_MIN_ROWS = 30  # reference + current rows: Evidently 0.7's embedding t-SNE (perplexity 30) needs more
 _LINE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 LOG = logging.getLogger(__name__)
 
@@ -738,6 +739,11 @@ def run_monitor(line: str, log_dir: str | Path | None, reference_path: str | Pat
     if len(current) < settings.min_rows:
         raise InputError(f"line {line} has {len(current)} comparable production rows in {source} "
                          f"(need at least {settings.min_rows}); wait for more traffic or lower min_rows")
+    if len(reference) + len(current) <= EVIDENTLY_MIN_ROWS:
+        raise InputError(f"line {line}: the reference ({len(reference)} rows) and the production rows ({len(current)}) "
+                         f"make {len(reference) + len(current)}; Evidently's embedding drift needs more than "
+                         f"{EVIDENTLY_MIN_ROWS} together (its t-SNE plot); wait for at least "
+                         f"{EVIDENTLY_MIN_ROWS + 1 - len(reference)} production rows (raise min_rows / --min-rows)")
     missing = [c for c in feature_columns(k) if c not in current.columns]
     if missing:
         raise DatasetError(f"production rows of line {line} in {source} lack columns {missing}; the reference "
