@@ -453,8 +453,10 @@ class RediService:
         # shadow mode: candidates score answered requests from a bounded queue, never on the answer's path
         # no fsync: a crash may lose the last shadow rows, which only makes a shadow period count fewer,
         # while two logs fsync-ing would slow production's group commit
-        self.shadow = ShadowScorer(lambda: self.detector, self.pool, shadow_log(self.settings.log_dir, fsync=False),
-                                   model_input, self.retainer, self.metrics.shadow_event, self.settings.shadow_queue,
+        # shipped like the production log, so a promotion anywhere counts every host's shadow decisions
+        shadow_rows_log = shadow_log(self.settings.log_dir, fsync=False, ship_to=self.store)
+        self.shadow = ShadowScorer(lambda: self.detector, self.pool, shadow_rows_log, model_input, self.retainer,
+                                   self.metrics.shadow_event, self.settings.shadow_queue,
                                    self.settings.shadow_queue_bytes)
         self.catalogue: dict[str, Any] | None = None  # the detector service's models(), refreshed
         self._catalogue_at = 0.0

@@ -20,7 +20,9 @@ from redi.ops.gate import GatePolicy, ShadowPeriodError, _index_info, promote_af
 from redi.ops.model_registry import (move_shadow, production_record, promote, publish_version, shadow_history,
                                      shadow_record)
 from redi.ops.object_store import LocalStore, StorageError
-from redi.ops.shadow import shadow_log, shadow_period_problems, shadow_report, shadow_rows
+from redi.ops.log_shipping import LogShipper
+from redi.ops.shadow import (SHADOW_FOLDER, SHADOW_SEGMENTS, shadow_log, shadow_period_problems, shadow_report,
+                             shadow_rows, shadow_rows_from_store)
 
 REPO = Path(__file__).resolve().parents[1]
 LINE = "bottle_caps"
@@ -115,6 +117,43 @@ def test_gate_shadow_period_refuses_then_promotes(tmp_path: Path) -> None:
     pointer = production_record(store, LINE)
     assert pointer["version"] == "v2" and pointer["shadow"]["n"] == 4
     assert shadow_record(store, LINE) is None  # the promoted candidate left shadow
+
+
+def test_promotion_counts_every_hosts_shipped_shadow_rows(tmp_path: Path) -> None:
+    """Two serving hosts each ship their shadow log to the store; a promotion run anywhere
+    (``--from-store``) counts both hosts' decisions, each request once."""
+    store = LocalStore(tmp_path / "store")
+    _publish(store, tmp_path, "v1")
+    promote(store, LINE, "v1", by="test", reason="fixture")
+    _publish(store, tmp_path, "v2", shadow_required=GatePolicy(shadow_min_requests=5).shadow_required())
+    move_shadow(store, LINE, "v2", by="gate")
+    now = _dt.datetime.now(_dt.timezone.utc)
+    shippers = {}
+    for host, count in (("host-a", 3), ("host-b", 2)):
+        logs = tmp_path / host
+        log = shadow_log(logs, fsync=False)
+        for i in range(count):
+            log.append({"time": (now + _dt.timedelta(seconds=i)).isoformat(), "request_id": f"{host}-{i}",
+                        "line": LINE, "model_version": "v1", "score": 1.0, "threshold": 2.0, "anomalous": False,
+                        "shadow_version": "v2", "shadow_score": 0.5, "shadow_threshold": 1.0,
+                        "shadow_anomalous": i == 0, "agree": i != 0})
+        shippers[host] = LogShipper(logs / SHADOW_FOLDER, store, host, prefix=SHADOW_SEGMENTS)
+    assert shippers["host-a"].ship_once() == 1
+    assert {r["request_id"] for r in shadow_rows_from_store(store, LINE, "v2")} == {"host-a-0", "host-a-1", "host-a-2"}
+    with pytest.raises(ShadowPeriodError, match=r"on 3 live requests.*requires 5.*shadow-log/ of every host"):
+        promote_after_shadow(store, LINE, "v2", None, by="test", reason="one host only")
+    shippers["host-b"].ship_once()
+    shippers["host-a"].ship_once()  # nothing new: no segment twice
+    assert [k for k in store.list("production-log/")] == []  # the shadow log ships under its own prefix
+    env = {"REDI_STORE_DIR": str(tmp_path / "store"), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)}
+    cli = [sys.executable, "-m", "redi.cli", "model"]
+    report = subprocess.run([*cli, "shadow-report", "--line", LINE, "--from-store", "--json"], env=env,
+                            capture_output=True, text=True, check=True)
+    assert (json.loads(report.stdout)["n"], json.loads(report.stdout)["agreement"]) == (5, 0.6)
+    done = subprocess.run([*cli, "promote", "--line", LINE, "--version", "v2", "--reason", "both hosts",
+                           "--from-store"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "shadow period: 5 requests" in done.stdout, done.stderr
+    assert production_record(store, LINE)["version"] == "v2"
 
 
 def test_shadow_cli_needs_version_or_off(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from redi.ops.object_store import DEFAULT_LOCAL_DIR, ObjectStore, StorageError, store_for_command
 from redi.ops.model_registry import (list_versions, move_shadow, production_lines, production_record, promotion_history,
     rollback, shadow_history, version_index, version_summary)
-from redi.ops.shadow import DEFAULT_LOG_DIR, fmt_rate, shadow_report, shadow_rows
+from redi.ops.shadow import DEFAULT_LOG_DIR, fmt_rate, shadow_report, shadow_rows, shadow_rows_from_store
 
 Handler = Callable[[argparse.Namespace], int]
 _METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
@@ -113,7 +113,8 @@ def _promote(args: argparse.Namespace) -> int:
     from redi.ops.gate import promote_after_shadow
 
     store = _store(args)
-    pointer, report = promote_after_shadow(store, args.line, args.version, args.log_dir, _recorded_metrics(args),
+    pointer, report = promote_after_shadow(store, args.line, args.version, None if args.from_store else args.log_dir,
+                                           _recorded_metrics(args),
                                            by=args.by or "", reason=args.reason)
     shadow = "" if report is None else (f"; shadow period: {report['n']} requests over {report['hours']:.2f} h, "
                                         f"agreement {fmt_rate(report['agreement'])}")
@@ -141,12 +142,15 @@ def _shadow(args: argparse.Namespace) -> int:
 
 def _shadow_report(args: argparse.Namespace) -> int:
     version = args.version  # default: the newest candidate in the log (the report never mixes two)
-    report = shadow_report(shadow_rows(args.log_dir, args.line), args.line, version)
+    rows = (shadow_rows_from_store(_store(args), args.line) if args.from_store
+            else shadow_rows(args.log_dir, args.line))
+    report = shadow_report(rows, args.line, version)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
     if not report["n"]:
-        print(f"line {args.line}: no shadow decisions logged in {Path(args.log_dir) / 'shadow'}"
+        where = "the store's shipped shadow logs" if args.from_store else Path(args.log_dir) / "shadow"
+        print(f"line {args.line}: no shadow decisions logged in {where}"
               + (f" for version {version}" if version else ""))
         return 0
     print(f"line {args.line}: candidate {report['shadow_version']} beside production "
@@ -232,6 +236,9 @@ def add_model_commands(subparsers: Any) -> dict[str, Handler]:
             p.add_argument("--log-dir", default=os.environ.get("REDI_LOG_DIR", DEFAULT_LOG_DIR),
                            help="the service's production log folder (REDI_LOG_DIR): its shadow log shows whether "
                                 "a shadow period the gate required is done")
+            p.add_argument("--from-store", action="store_true",
+                           help="count every serving host's shadow decisions shipped to the object store instead "
+                                "of one host's --log-dir")
     p = add("shadow", "score a gate-passed candidate beside production on live traffic (answers stay production's)")
     p.add_argument("--version", help="the candidate to put in shadow")
     p.add_argument("--off", action="store_true", help="stop shadowing on this line")
@@ -241,6 +248,8 @@ def add_model_commands(subparsers: Any) -> dict[str, Handler]:
     p.add_argument("--version", help="the candidate (default: the newest one in the shadow log)")
     p.add_argument("--log-dir", default=os.environ.get("REDI_LOG_DIR", DEFAULT_LOG_DIR),
                    help="the service's production log folder (REDI_LOG_DIR); the shadow log is its shadow/ folder")
+    p.add_argument("--from-store", action="store_true",
+                   help="every serving host's shadow decisions shipped to the object store instead of --log-dir")
     p.add_argument("--json", action="store_true")
     p = sub.add_parser("convert-artifact", help="rewrite a trusted detector file from an older redi so that it "
                                                 "loads weights-only (no pickled code)")

@@ -48,7 +48,8 @@ from redi.core.utils import sha256_file
 from redi.ops.object_store import ObjectStore
 from redi.ops.model_registry import (check_promotable, fetch_pointer_detector, move_production, move_shadow,
     production_record, promote, publish_version, same_pointer, shadow_record, version_index, version_key)
-from redi.ops.shadow import SHADOW_FOLDER, shadow_period_problems, shadow_report, shadow_rows
+from redi.ops.shadow import (SHADOW_FOLDER, SHADOW_SEGMENTS, shadow_period_problems, shadow_report, shadow_rows,
+                             shadow_rows_from_store)
 
 GATED_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 # the decision at the served threshold: name -> True when higher is better
@@ -353,7 +354,7 @@ class ShadowPeriodError(RediError):
     """A promotion was refused: the candidate has not run in shadow long enough."""
 
 
-def promote_after_shadow(store: ObjectStore, line: str, version: str, log_dir: str | Path,
+def promote_after_shadow(store: ObjectStore, line: str, version: str, log_dir: str | Path | None,
                          record: Mapping[str, Any] | None = None, *, by: str = "",
                          reason: str = "") -> tuple[dict[str, Any], dict[str, Any] | None]:
     """Promote ``version`` (:func:`redi.ops.model_registry.promote`) once its shadow period is logged.
@@ -361,7 +362,8 @@ def promote_after_shadow(store: ObjectStore, line: str, version: str, log_dir: s
     The period required is the one the gate recorded in the version's index (``shadow_required``,
     from ``gate.shadow_min_requests`` / ``gate.shadow_min_hours`` when it judged the version); the
     traffic seen is read from the shadow log in ``log_dir`` (the service's ``REDI_LOG_DIR``,
-    :mod:`redi.ops.shadow`). A promoted candidate leaves shadow.
+    :mod:`redi.ops.shadow`), or with ``log_dir=None`` from every serving host's shadow log shipped to
+    ``store``. A promoted candidate leaves shadow.
 
     Returns:
         (the production pointer, the shadow report it was judged on or None when none was required).
@@ -373,18 +375,27 @@ def promote_after_shadow(store: ObjectStore, line: str, version: str, log_dir: s
     required = (index.get("info") or {}).get("shadow_required")
     report = None
     if required:
-        report = shadow_report(shadow_rows(log_dir, line, version), line, version)
+        rows = (shadow_rows_from_store(store, line, version) if log_dir is None
+                else shadow_rows(log_dir, line, version))
+        report = shadow_report(rows, line, version)
         problems = shadow_period_problems(report, int(required.get("min_requests", 0)),
                                           float(required.get("min_hours", 0.0)))
         if problems:
             raise ShadowPeriodError(f"line {line}: version {version} is not promoted: " + "; ".join(problems) +
-                                    f" (shadow log: {Path(log_dir) / SHADOW_FOLDER})")
+                                    f" (shadow log: {_shadow_source(store, log_dir)})")
     summary = None if report is None else {k: report[k] for k in ("n", "hours", "agreement", "production_flag_rate",
                                                                    "shadow_flag_rate")}
     pointer = promote(store, line, version, {**dict(record or {}), "shadow": summary}, by=by, reason=reason)
     if (shadow_record(store, line) or {}).get("version") == version:
         move_shadow(store, line, None, by=by, reason=f"promoted to production: {reason}")
     return pointer, report
+
+
+def _shadow_source(store: ObjectStore, log_dir: str | Path | None) -> str:
+    """Where the shadow rows were read, for messages."""
+    if log_dir is not None:
+        return str(Path(log_dir) / SHADOW_FOLDER)
+    return f"{SHADOW_SEGMENTS}/ of every host in {store.describe() if hasattr(store, 'describe') else store!r}"
 
 
 def _move_if_still_better(store: ObjectStore, line: str, version: str, candidate: Mapping[str, Any],

@@ -93,14 +93,15 @@ class ShippingSettings:
         return cls(check_host_id(host), interval)
 
 
-def line_prefix(line: str) -> str:
-    """``production-log/<line>/``: every host's segments of one line."""
-    return f"{SEGMENT_PREFIX}/{line}/"
+def line_prefix(line: str, prefix: str = SEGMENT_PREFIX) -> str:
+    """``production-log/<line>/``: every host's segments of one line (``prefix``: another log's
+    segments, e.g. the shadow log's, ``redi.ops.shadow``)."""
+    return f"{prefix}/{line}/"
 
 
-def segment_key(line: str, host: str, day: str, start: int, end: int) -> str:
+def segment_key(line: str, host: str, day: str, start: int, end: int, prefix: str = SEGMENT_PREFIX) -> str:
     """The key of the bytes ``[start, end)`` of ``host``'s day file of ``line``."""
-    return f"{line_prefix(line)}{host}/{day}/{start:015d}-{end:015d}.jsonl"
+    return f"{line_prefix(line, prefix)}{host}/{day}/{start:015d}-{end:015d}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -115,10 +116,10 @@ class Segment:
     end: int
 
 
-def parse_segment_key(key: str) -> Segment | None:
+def parse_segment_key(key: str, prefix: str = SEGMENT_PREFIX) -> Segment | None:
     """The segment a key names, or None for any other object under the prefix."""
     parts = key.split("/")
-    if len(parts) != 5 or parts[0] != SEGMENT_PREFIX or not _DAY.match(parts[3]):
+    if len(parts) != 5 or parts[0] != prefix or not _DAY.match(parts[3]):
         return None
     found = _SEGMENT.match(parts[4])
     if not found:
@@ -126,9 +127,10 @@ def parse_segment_key(key: str) -> Segment | None:
     return Segment(key, parts[1], parts[2], parts[3], int(found.group(1)), int(found.group(2)))
 
 
-def list_segments(store: Any, line: str, since_day: str | None = None) -> list[Segment]:
+def list_segments(store: Any, line: str, since_day: str | None = None, prefix: str = SEGMENT_PREFIX) -> list[Segment]:
     """Every host's segments of ``line`` (optionally only of UTC days >= ``since_day``), by host, day, offset."""
-    segments = [s for s in map(parse_segment_key, store.list(line_prefix(line))) if s is not None]
+    segments = [s for s in (parse_segment_key(k, prefix) for k in store.list(line_prefix(line, prefix)))
+                if s is not None]
     if since_day:
         segments = [s for s in segments if s.day >= since_day]
     return sorted(segments, key=lambda s: (s.host, s.day, s.start))
@@ -143,11 +145,13 @@ class LogShipper:
         host_id: this host's name in the keys (:func:`check_host_id`).
         interval_s: seconds between passes of the background thread (:meth:`start`).
         max_segment_bytes: a day file that grew more than this ships as several segments.
+        prefix: the first part of the keys (``production-log``; the shadow log ships under its own).
     """
 
     def __init__(self, log_dir: str | Path, store: Any, host_id: str, interval_s: float = DEFAULT_INTERVAL_S,
-                 max_segment_bytes: int = MAX_SEGMENT_BYTES) -> None:
+                 max_segment_bytes: int = MAX_SEGMENT_BYTES, prefix: str = SEGMENT_PREFIX) -> None:
         self.log_dir = Path(log_dir)
+        self.prefix = prefix
         self.store = store
         self.host_id = check_host_id(host_id)
         self.interval_s = float(interval_s)
@@ -280,7 +284,7 @@ class LogShipper:
             offset, shipped = end, shipped + 1
 
     def _upload(self, line: str, day: str, start: int, end: int, data: bytes) -> None:
-        self.store.put_bytes(segment_key(line, self.host_id, day, start, end), data)
+        self.store.put_bytes(segment_key(line, self.host_id, day, start, end, self.prefix), data)
         self.segments_shipped += 1
         self.bytes_shipped += len(data)
 

@@ -207,7 +207,7 @@ class ProductionLog:
     """
 
     def __init__(self, directory: str | Path, fsync: bool = True, ship_to: Any = None,
-                 shipping: Any = None) -> None:
+                 shipping: Any = None, ship_prefix: str | None = None) -> None:
         self.directory = Path(directory)
         self.fsync = fsync
         self._cond = threading.Condition()
@@ -215,19 +215,20 @@ class ProductionLog:
         self._writer: threading.Thread | None = None
         self.commits = 0  # group commits done (each: one write and one fsync per day file)
         self.rows_committed = 0
-        self.shipper = self._start_shipper(ship_to, shipping) if ship_to is not None else None
+        self.shipper = self._start_shipper(ship_to, shipping, ship_prefix) if ship_to is not None else None
 
-    def _start_shipper(self, store: Any, shipping: Any):
+    def _start_shipper(self, store: Any, shipping: Any, prefix: str | None = None):
         """The shipping thread (None when ``REDI_LOG_SHIP_INTERVAL_S`` is 0); its first pass runs at once,
         so rows an earlier run left unshipped go first."""
-        from redi.ops.log_shipping import LogShipper, ShippingSettings
+        from redi.ops.log_shipping import SEGMENT_PREFIX, LogShipper, ShippingSettings
 
         settings = shipping or ShippingSettings.from_env()
         if not settings.enabled:
             LOG.warning("REDI_LOG_SHIP_INTERVAL_S is 0: production rows stay in %s and drift runs reading the "
                         "object store do not see this host", self.directory)
             return None
-        return LogShipper(self.directory, store, settings.host_id, settings.interval_s).start()
+        return LogShipper(self.directory, store, settings.host_id, settings.interval_s,
+                          prefix=prefix or SEGMENT_PREFIX).start()
 
     def path_for(self, line: str, when: _dt.datetime | None = None) -> Path:
         """The file that holds ``line``'s rows of the UTC day of ``when`` (default: now)."""
@@ -382,7 +383,7 @@ def _rows_table(rows: list[dict[str, Any]], since: _dt.datetime | None, last: in
 
 def read_store_rows(store: Any, line: str, since: _dt.datetime | None = None, last: int | None = None,
                     notes: list[str] | None = None,
-                    keep: Callable[[dict[str, Any]], bool] | None = None) -> pd.DataFrame:
+                    keep: Callable[[dict[str, Any]], bool] | None = None, prefix: str | None = None) -> pd.DataFrame:
     """Every host's shipped rows of ``line`` from the object store, each request once.
 
     Reads the segments under ``production-log/<line>/`` (:mod:`redi.ops.log_shipping`), adds a ``host``
@@ -391,13 +392,14 @@ def read_store_rows(store: Any, line: str, since: _dt.datetime | None = None, la
     host, must not count twice), and only rows that ``keep`` accepts (e.g. the reference's model
     version). With ``last``, whole UTC days are read newest first until they hold ``last`` kept rows,
     so a check of the latest rows does not download the line's whole history. ``notes`` receives
-    what was read (hosts, segments, duplicates, rows not kept).
+    what was read (hosts, segments, duplicates, rows not kept). ``prefix``: another log's segments
+    (the shadow log's, ``redi.ops.shadow``).
     """
-    from redi.ops.log_shipping import list_segments
+    from redi.ops.log_shipping import SEGMENT_PREFIX, list_segments
 
     check_line_name(line)
     by_day: dict[str, list[Any]] = {}
-    for segment in list_segments(store, line, _day(since) if since is not None else None):
+    for segment in list_segments(store, line, _day(since) if since is not None else None, prefix or SEGMENT_PREFIX):
         by_day.setdefault(segment.day, []).append(segment)
     seen: set[str] = set()
     rows: list[dict[str, Any]] = []

@@ -14,6 +14,14 @@ id of its production row and both models' decisions: ``model_version``, ``score`
 These rows are the one source of shadow statistics: ``redi model shadow-report``, the review
 page's shadow section and the gate's shadow-period check (:func:`shadow_period_problems`) all
 read them through :func:`shadow_report`.
+
+A service with an object store ships its shadow log like its production log
+(:mod:`redi.ops.log_shipping`), under its own prefix::
+
+    shadow-log/<line>/<host id>/<YYYY-MM-DD>/<start>-<end>.jsonl
+
+so a promotion that runs anywhere (``redi model promote --from-store``, a pipeline step) counts
+every serving host's shadow decisions (:func:`shadow_rows_from_store`), each request once.
 """
 
 from __future__ import annotations
@@ -23,15 +31,29 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from redi.ops.monitoring import ProductionLog, _read_jsonl, check_line_name
+from redi.ops.monitoring import ProductionLog, _read_jsonl, check_line_name, read_store_rows
 
 SHADOW_FOLDER = "shadow"
+SHADOW_SEGMENTS = "shadow-log"  # the shipped shadow log's key prefix in the object store
 DEFAULT_LOG_DIR = "production_logs"  # the service's REDI_LOG_DIR default (serving/settings.py)
 
 
-def shadow_log(log_dir: str | Path, fsync: bool = True) -> ProductionLog:
-    """The shadow log beside the production log folder ``log_dir``."""
-    return ProductionLog(Path(log_dir) / SHADOW_FOLDER, fsync=fsync)
+def shadow_log(log_dir: str | Path, fsync: bool = True, ship_to: Any = None) -> ProductionLog:
+    """The shadow log beside the production log folder ``log_dir``; with ``ship_to`` (an object store)
+    its rows are shipped there as this host's segments under ``shadow-log/``."""
+    return ProductionLog(Path(log_dir) / SHADOW_FOLDER, fsync=fsync, ship_to=ship_to, ship_prefix=SHADOW_SEGMENTS)
+
+
+def shadow_rows_from_store(store: Any, line: str, version: str | None = None) -> list[dict[str, Any]]:
+    """Every serving host's shipped shadow rows of ``line`` (of candidate ``version`` when given), each
+    request once, oldest first."""
+    frame = read_store_rows(store, check_line_name(line), prefix=SHADOW_SEGMENTS)
+    rows = frame.to_dict("records") if not frame.empty else []
+    for row in rows:  # back to the log's own form (the table parsed the times)
+        row["time"] = row["time"].isoformat()
+    if version is not None:
+        rows = [r for r in rows if str(r.get("shadow_version")) == version]
+    return rows
 
 
 def shadow_rows(log_dir: str | Path, line: str, version: str | None = None) -> list[dict[str, Any]]:
