@@ -11,7 +11,7 @@ key, see ``serving/review_auth.py``):
 - ``GET|POST /login`` the login form (operator accounts: ``redi review user add``); ``POST /logout``
 - ``GET /`` every line with its summary (flagged today, confirmed, false-alarm rate by model version)
 - ``GET /line/<line>`` the queue, newest first; filters ``model_version``, ``date_from``, ``date_to``,
-  ``min_score``, ``max_score``, ``status`` (pending/judged/all), ``kind`` (flagged/sampled/all)
+  ``min_score``, ``max_score``, ``status`` (pending/judged/all), ``kind`` (flagged/sampled/disagreement/all)
 - ``GET /item/<request_id>`` one image, its map, mask, boxes and verdict history
 - ``POST /item/<request_id>/verdict`` form or JSON: ``verdict`` (defect / false_alarm / bad_image),
   ``defect_type`` (one of the line's ``line.defect_types``), ``accept_mask``, ``note``, ``drawn_mask``
@@ -51,7 +51,7 @@ from redi.core.errors import RediError
 from redi.ops.monitoring import check_line_name
 from redi.ops.retention import load_map
 from redi.ops.shadow import fmt_rate, shadow_report, shadow_rows
-from redi.ops.review import InvalidVerdict, ReviewDB, ReviewError, default_db_url
+from redi.ops.review import KEPT_KINDS, InvalidVerdict, ReviewDB, ReviewError, default_db_url
 from redi.ops.review_accounts import LOGIN_MAX_FAILURES, LOGIN_WINDOW_S, OperatorAccounts
 from redi.ops.object_store import ObjectStore, store_from_env
 from serving.settings import ServingSettings, serving_store
@@ -148,8 +148,8 @@ def _float_arg(request: Request, name: str) -> float | None:
 def _filters(request: Request) -> dict[str, Any]:
     q = request.query_params
     status, kind = q.get("status", "all"), q.get("kind", "flagged")
-    if status not in ("all", "pending", "judged") or kind not in ("flagged", "sampled", "all"):
-        raise ReviewError("status must be all, pending or judged; kind flagged, sampled or all")
+    if status not in ("all", "pending", "judged") or kind not in (*KEPT_KINDS, "all"):
+        raise ReviewError(f"status must be all, pending or judged; kind one of {', '.join((*KEPT_KINDS, 'all'))}")
     try:
         offset = max(0, int(q.get("offset", "0") or 0))
     except ValueError as exc:
@@ -185,7 +185,7 @@ def line_page(request: Request) -> Response:
     return TEMPLATES.TemplateResponse(request, "review_line.html", {
         "line": line, "items": items, "filters": filters, "summary": ctx.db.summary(line), "user": user,
         "versions": ctx.db.model_versions(line), "csrf": csrf, "defect_types": line_defect_types(line),
-        "older": older, "here": _here(request)})
+        "older": older, "here": _here(request), "kinds": [*KEPT_KINDS, "all"]})
 
 
 def item_page(request: Request) -> Response:

@@ -303,6 +303,17 @@ def test_shadow_serving(tmp_path: Path) -> None:
             assert all(f'href="/review/item/{rid}"' in page.text for rid in disagreeing), page.text
             api = requests.get(f"{served.url}/review/api/shadow/{LINE}", headers={"X-API-Key": KEY}, timeout=30).json()
             assert api["n"] == len(images) and all(d["kept"] for d in api["disagreements"])
+            # the line's queue filters them: kind=disagreement lists only parts kept as disagreements
+            import re
+
+            listed = requests.get(f"{served.url}/review/line/{LINE}?kind=disagreement&status=all",
+                                  headers={"X-API-Key": KEY}, timeout=30)
+            assert listed.status_code == 200 and '<option selected>disagreement</option>' in listed.text
+            shown = set(re.findall(r'data-request-id="([0-9a-f]+)"', listed.text))
+            assert report["production_flag_rate"] == 0.0  # production kept none itself: all are disagreements
+            assert shown == set(disagreeing), (shown, disagreeing)
+            bogus = requests.get(f"{served.url}/review/line/{LINE}?kind=odd", headers={"X-API-Key": KEY}, timeout=30)
+            assert bogus.status_code == 422 and "disagreement" in bogus.text
 
             # the gate's shadow period: refused now, promoted once the log holds enough
             with pytest.raises(ShadowPeriodError, match=f"requires {need}"):

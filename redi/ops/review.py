@@ -48,8 +48,10 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, IntegrityError, NoSuchModu
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from redi.core.errors import RediError
+from redi.ops.retention import DISAGREEMENT, FLAGGED, SAMPLED
 
 VERDICTS = ("defect", "false_alarm", "bad_image")
+KEPT_KINDS = (FLAGGED, SAMPLED, DISAGREEMENT)  # why an image was kept
 # verdicts whose image may become training data (``bad_image`` never does: redi.ops.review_export)
 TRAINING_VERDICTS = ("defect", "false_alarm")
 DEFAULT_DEFECT_TYPE = "defect"
@@ -461,7 +463,8 @@ class ReviewDB:
         """The line's kept images, newest first, filtered; each with its latest verdict.
 
         Args:
-            kind: ``flagged``, ``sampled`` or ``all``.
+            kind: ``flagged``, ``sampled``, ``disagreement`` (shadow mode: production and the candidate
+                decided differently) or ``all``.
             status: ``pending`` (no verdict), ``judged`` or ``all``; expired images are left out.
             date_from, date_to: ``YYYY-MM-DD`` (UTC), inclusive.
         """
@@ -469,7 +472,7 @@ class ReviewDB:
         query = (select(Retained, Verdict).outerjoin(latest, latest.c.request_id == Retained.request_id)
                  .outerjoin(Verdict, Verdict.id == latest.c.vid)
                  .where(Retained.line == line, Retained.expired_at.is_(None)))
-        if kind in ("flagged", "sampled"):
+        if kind in KEPT_KINDS:
             query = query.where(Retained.kind == kind)
         if model_version:
             query = query.where(Retained.model_version == model_version)
