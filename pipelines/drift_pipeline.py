@@ -34,8 +34,6 @@ from redi.core.errors import ConfigError
 from redi.ops.monitoring import WORKSPACE_SECRET_ENV, check_line_name, is_remote_workspace
 
 DRIFT_PIPELINE_NAME = "redi-drift"
-DEFAULT_LAST = 1000
-DEFAULT_MIN_ROWS = 10
 
 
 def _check_workspace(workspace: str) -> str:
@@ -47,14 +45,16 @@ def _check_workspace(workspace: str) -> str:
     return workspace
 
 
-def build_drift_pipeline(cfg: RediConfig, workspace: str = "", evidently_secret: str = "",
-                         last: int = DEFAULT_LAST, min_rows: int = DEFAULT_MIN_ROWS) -> Callable[..., Any]:
-    """The drift pipeline of one line; its parameters default to the given settings.
+def build_drift_pipeline(cfg: RediConfig, workspace: str | None = None, evidently_secret: str | None = None,
+                         last: int | None = None, min_rows: int | None = None) -> Callable[..., Any]:
+    """The drift pipeline of one line; its parameters default to the given settings, else the line's
+    ``monitor`` section.
 
     Parameters (overridable per run): ``line``, ``workspace`` (``evidently ui`` URL, "" = none),
     ``last`` (compare the latest N rows, 0 = all), ``min_rows``, ``cluster_mode`` (True: the object
     store must be configured; a local run sets it False).
     """
+    workspace, evidently_secret, last, min_rows = _settings(cfg, workspace, evidently_secret, last, min_rows)
     _check_workspace(workspace)
     pipe = cfg.pipeline
 
@@ -76,6 +76,24 @@ def build_drift_pipeline(cfg: RediConfig, workspace: str = "", evidently_secret:
     return drift_pipeline
 
 
+def _settings(cfg: RediConfig, workspace: str | None, evidently_secret: str | None, last: int | None,
+              min_rows: int | None) -> tuple[str, str, int, int]:
+    """The given settings, each one not given taken from the line's ``monitor`` section."""
+    mon = cfg.monitor
+    return (mon.workspace if workspace is None else workspace,
+            mon.evidently_secret if evidently_secret is None else evidently_secret,
+            int(mon.last if last is None else last), int(mon.min_rows if min_rows is None else min_rows))
+
+
+def kubernetes_cron(kfp_cron: str) -> str:
+    """KFP's 6-field cron (seconds first) as a Kubernetes CronJob's 5 fields; the seconds must be 0."""
+    fields = kfp_cron.split()
+    if len(fields) != 6 or fields[0] != "0":
+        raise ConfigError(f"cron {kfp_cron!r} is not a 6-field KFP cron with seconds 0 (e.g. '0 0 * * * *' = "
+                          f"hourly); a CronJob cannot run at seconds other than 0")
+    return " ".join(fields[1:])
+
+
 def compile_drift_pipeline(out_path: str | Path, cfg: RediConfig, **settings: Any) -> Path:
     """Compile the line's drift pipeline to a KFP YAML package (offline)."""
     from kfp import compiler
@@ -86,23 +104,27 @@ def compile_drift_pipeline(out_path: str | Path, cfg: RediConfig, **settings: An
     return out_path
 
 
-def schedule_drift(host: str, line: str, cron: str, workspace: str = "", evidently_secret: str = "",
-                   last: int = DEFAULT_LAST, min_rows: int = DEFAULT_MIN_ROWS, experiment: str | None = None,
+def schedule_drift(host: str, line: str, cron: str | None = None, workspace: str | None = None,
+                   evidently_secret: str | None = None, last: int | None = None, min_rows: int | None = None,
+                   experiment: str | None = None,
                    namespace: str | None = None, package_path: str | Path | None = None,
                    lines_dir: str | Path | None = None, config_file: str | Path | None = None,
                    client: Any = None) -> dict[str, Any]:
     """Create the line's drift recurring run on a KFP endpoint (``kfp.Client.create_recurring_run``).
 
     ``cron`` has KFP's 6 fields (seconds first), e.g. ``"0 0 * * * *"`` for hourly. ``host`` "" takes
-    the line's ``pipeline.kfp_host``. At most one run at a time, no catch-up of missed runs.
+    the line's ``pipeline.kfp_host``; each setting not given (None) the line's ``monitor`` section's
+    (``monitor.schedule``, ``.workspace``, ...). At most one run at a time, no catch-up of missed runs.
 
     Returns:
         ``{"recurring_run_id", "host", "cron", "package", "arguments"}``.
     """
+    cfg = load_line(line, lines_dir, None, None, config_file)
+    cron = cfg.monitor.schedule if cron is None else cron
     if len(cron.split()) != 6:
         raise ConfigError(f"--cron {cron!r}: KFP takes 6 fields, seconds first (e.g. '0 0 * * * *' = hourly, "
                           f"'0 30 6 * * *' = 06:30 daily)")
-    cfg = load_line(line, lines_dir, None, None, config_file)
+    workspace, evidently_secret, last, min_rows = _settings(cfg, workspace, evidently_secret, last, min_rows)
     arguments = {"line": cfg.line.name, "workspace": _check_workspace(workspace), "last": int(last),
                  "min_rows": int(min_rows), "cluster_mode": True}
     client, host = _client(host, cfg, namespace, client)
@@ -123,20 +145,25 @@ def schedule_drift(host: str, line: str, cron: str, workspace: str = "", evident
             "arguments": arguments}
 
 
-def cronjob_manifest(line: str, schedule: str, workspace: str = "", evidently_secret: str = "",
-                     last: int = DEFAULT_LAST, min_rows: int = DEFAULT_MIN_ROWS, namespace: str | None = None,
+def cronjob_manifest(line: str, schedule: str | None = None, workspace: str | None = None,
+                     evidently_secret: str | None = None, last: int | None = None, min_rows: int | None = None,
+                     namespace: str | None = None,
                      lines_dir: str | Path | None = None, config_file: str | Path | None = None) -> dict[str, Any]:
     """A Kubernetes ``batch/v1`` CronJob running the line's drift check (``redi monitor --from-store``).
 
-    ``schedule`` is a Kubernetes cron (5 fields, e.g. ``"0 * * * *"``). The pod is in cluster mode
+    ``schedule`` is a Kubernetes cron (5 fields, e.g. ``"0 * * * *"``; default: the line's
+    ``monitor.schedule`` without its seconds field); each other setting not given (None) is the line's
+    ``monitor`` section's. The pod is in cluster mode
     (Kubernetes sets ``KUBERNETES_SERVICE_HOST``), so it reads the store named by the line's
     ``pipeline.store_secret`` and fails loudly without it. A run that finds drift exits 1: the Job
     fails (not retried: ``backoffLimit: 0``), which is what cluster alerting sees; errors exit 2.
     """
+    cfg = load_line(line, lines_dir, None, None, config_file)
+    schedule = kubernetes_cron(cfg.monitor.schedule) if schedule is None else schedule
     if len(schedule.split()) != 5:
         raise ConfigError(f"--schedule {schedule!r}: a Kubernetes CronJob takes 5 fields (minute hour day month "
                           f"weekday), e.g. '0 * * * *' = hourly")
-    cfg = load_line(line, lines_dir, None, None, config_file)
+    workspace, evidently_secret, last, min_rows = _settings(cfg, workspace, evidently_secret, last, min_rows)
     name = check_line_name(cfg.line.name)
     args = ["monitor", "--line", name, "--from-store", "--out", "/tmp/monitoring", "--last", str(int(last)),
             "--min-rows", str(int(min_rows))]
@@ -163,4 +190,4 @@ def cronjob_manifest(line: str, schedule: str, workspace: str = "", evidently_se
 
 
 __all__ = ["DRIFT_PIPELINE_NAME", "build_drift_pipeline", "compile_drift_pipeline", "cronjob_manifest",
-           "schedule_drift"]
+           "kubernetes_cron", "schedule_drift"]

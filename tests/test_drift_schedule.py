@@ -7,6 +7,8 @@ manifest printed by ``redi monitor cronjob`` is checked field by field as Kubern
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import yaml
 from test_schedule import API, kfp_api  # noqa: F401 (the fixture) - tests/ is on sys.path (rootdir conftest)
@@ -15,6 +17,7 @@ from redi.cli.main import main
 from redi.core.errors import ConfigError
 
 LINE = "bottle_caps"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_schedule_sends_a_recurring_drift_run_with_the_store_secret(kfp_api, tmp_path, capsys):  # noqa: F811
@@ -87,8 +90,6 @@ def test_cronjob_manifest_runs_the_check_from_the_store(tmp_path, capsys):
 
 
 def test_cronjob_refuses_a_kfp_style_cron():
-    with pytest.raises(SystemExit):
-        main(["monitor", "cronjob", "--line", LINE])  # --schedule is required
     from pipelines.drift_pipeline import cronjob_manifest
 
     with pytest.raises(ConfigError, match="5 fields"):
@@ -111,3 +112,27 @@ def test_monitor_needs_a_line_and_a_reference_for_a_local_log(monkeypatch, tmp_p
     assert "needs --line" in capsys.readouterr().err
     assert main(["monitor", "--line", LINE, "--log-dir", str(tmp_path)]) == 2
     assert "needs --reference" in capsys.readouterr().err
+
+
+def test_the_lines_monitor_section_schedules_its_drift_check(kfp_api, tmp_path, capsys):  # noqa: F811
+    """Without --cron / --schedule / --last / --min-rows the line's own ``monitor`` section decides."""
+    lines = tmp_path / "lines"
+    lines.mkdir()
+    own = (REPO / "pipelines" / "lines" / f"{LINE}.yaml").read_text()
+    (lines / f"{LINE}.yaml").write_text(own + "\nmonitor:\n  schedule: 0 15 */2 * * *\n  last: 300\n  min_rows: 40\n")
+    assert main(["monitor", "schedule", "--line", LINE, "--lines-dir", str(lines), "--kfp-host", kfp_api.url]) == 0
+    (body,) = kfp_api.bodies("POST", f"{API}/recurringruns")
+    assert body["trigger"]["cron_schedule"]["cron"] == "0 15 */2 * * *"
+    assert body["runtime_config"]["parameters"] == {"line": LINE, "workspace": "", "last": 300, "min_rows": 40,
+                                                    "cluster_mode": True}
+    out = tmp_path / "cronjob.yaml"
+    assert main(["monitor", "cronjob", "--line", LINE, "--lines-dir", str(lines), "--out", str(out)]) == 0
+    manifest = yaml.safe_load(out.read_text())
+    assert manifest["spec"]["schedule"] == "15 */2 * * *"  # the same times, without KFP's seconds field
+    args = manifest["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--last") + 1] == "300" and args[args.index("--min-rows") + 1] == "40"
+    (lines / f"{LINE}.yaml").write_text(own + "\nmonitor:\n  schedule: 30 15 * * * *\n")
+    capsys.readouterr()
+    # a CronJob could not keep it: refused when the line is loaded, naming the setting
+    assert main(["monitor", "cronjob", "--line", LINE, "--lines-dir", str(lines)]) == 2
+    assert "monitor.schedule '30 15 * * * *' must be a 6-field cron with seconds 0" in capsys.readouterr().err

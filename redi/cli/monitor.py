@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Callable
 
+from redi.core.config import MonitorConfig
 from redi.core.errors import InputError, RediError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -116,8 +117,8 @@ def _drift_module():
 def _schedule(args: argparse.Namespace) -> int:
     """``redi monitor schedule``: the line's drift check as a KFP recurring run."""
     result = _drift_module().schedule_drift(
-        args.kfp_host or "", args.line, args.cron, workspace=args.workspace or "",
-        evidently_secret=args.evidently_secret or "", last=args.last, min_rows=args.min_rows,
+        args.kfp_host or "", args.line, args.cron, workspace=args.workspace,
+        evidently_secret=args.evidently_secret, last=args.last, min_rows=args.min_rows,
         experiment=args.experiment, namespace=args.namespace, lines_dir=args.lines_dir)
     print(json.dumps(result, indent=2, default=str))
     return 0
@@ -128,7 +129,7 @@ def _cronjob(args: argparse.Namespace) -> int:
     import yaml
 
     manifest = _drift_module().cronjob_manifest(
-        args.line, args.schedule, workspace=args.workspace or "", evidently_secret=args.evidently_secret or "",
+        args.line, args.schedule, workspace=args.workspace, evidently_secret=args.evidently_secret,
         last=args.last, min_rows=args.min_rows, namespace=args.namespace, lines_dir=args.lines_dir)
     text = yaml.safe_dump(manifest, sort_keys=False)
     if args.out:
@@ -148,17 +149,23 @@ def _add_schedule_commands(monitor: argparse.ArgumentParser) -> None:
         p.add_argument("--line", required=True, help="product line name (its config gives image, store secret, "
                                                      "KFP host, namespace)")
         if name == "schedule":
-            p.add_argument("--cron", required=True, help="KFP cron, 6 fields seconds first: '0 0 * * * *' = hourly")
+            p.add_argument("--cron", help="KFP cron, 6 fields seconds first: '0 0 * * * *' = hourly "
+                                          "(default: the line's monitor.schedule)")
             p.add_argument("--kfp-host", help="KFP endpoint (default: the line's pipeline.kfp_host)")
             p.add_argument("--experiment", help="KFP experiment (default: the line's pipeline.experiment)")
         else:
-            p.add_argument("--schedule", required=True, help="Kubernetes cron, 5 fields: '0 * * * *' = hourly")
+            p.add_argument("--schedule", help="Kubernetes cron, 5 fields: '0 * * * *' = hourly (default: the line's "
+                                              "monitor.schedule without its seconds)")
             p.add_argument("--out", help="write the manifest here instead of stdout")
-        p.add_argument("--workspace", help="URL of the `evidently ui` service the runs go to (the dashboard)")
+        p.add_argument("--workspace", help="URL of the `evidently ui` service the runs go to (the dashboard; "
+                                           "default: the line's monitor.workspace)")
         p.add_argument("--evidently-secret", help="Kubernetes secret with key REDI_EVIDENTLY_SECRET "
-                                                  "(the service's --secret), if it has one")
-        p.add_argument("--last", type=int, default=1000, help="compare the latest N production rows (0: all)")
-        p.add_argument("--min-rows", type=int, default=10, help="refuse a verdict on fewer rows")
+                                                  "(the service's --secret), if it has one (default: the line's "
+                                                  "monitor.evidently_secret)")
+        p.add_argument("--last", type=int, help="compare the latest N production rows (0: all; default: the "
+                                                "line's monitor.last)")
+        p.add_argument("--min-rows", type=int, help="refuse a verdict on fewer rows (default: the line's "
+                                                    "monitor.min_rows)")
         p.add_argument("--namespace", help="Kubernetes namespace (default: the line's pipeline.namespace)")
         p.add_argument("--lines-dir", help="folder of line config files (default pipelines/lines)")
 
@@ -255,9 +262,11 @@ def add_monitor_commands(subparsers: argparse._SubParsersAction) -> dict[str, Ha
     p.add_argument("--workspace", help="Evidently workspace: the URL of an `evidently ui` service (shared by every "
                                        "host and the dashboard) or a local folder; the run is added to project "
                                        "redi-<line>")
-    p.add_argument("--last", type=int, default=1000, help="compare the latest N production rows (0: all)")
+    p.add_argument("--last", type=int, default=MonitorConfig.last,
+                   help=f"compare the latest N production rows (0: all; default {MonitorConfig.last})")
     p.add_argument("--since", help="only rows logged at/after this ISO date/time (UTC)")
-    p.add_argument("--min-rows", type=int, default=10, help="refuse a verdict on fewer rows")
+    p.add_argument("--min-rows", type=int, default=MonitorConfig.min_rows,
+                   help=f"refuse a verdict on fewer rows (default {MonitorConfig.min_rows})")
     p.add_argument("--feature-p", type=float, help="K-S p-value below which an image feature drifts (0.01)")
     p.add_argument("--trigger-pipeline", action="store_true",
                    help="on drift, retrain: run the line's pipeline with the line's own profile on the newest "

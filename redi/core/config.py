@@ -20,7 +20,9 @@ file (``pipelines/lines/<line>.yaml``) is an ordinary redi config file:
 - ``line``: the line's name, its data source (path, DVC repository, revision) and demo options;
 - ``gate``: the evaluation gate's minimums and tolerance (``redi.ops.gate.GatePolicy``);
 - ``pipeline``: how the Kubeflow pipeline runs on a cluster (object-store secret, schedule,
-  resources and retries per step, accelerator, node selector, tolerations, work-dir volume).
+  resources and retries per step, accelerator, node selector, tolerations, work-dir volume);
+- ``monitor``: the line's drift check (``redi.ops.monitoring``): how many production rows it
+  compares, and its own schedule.
 """
 
 from __future__ import annotations
@@ -327,6 +329,19 @@ class PipelineConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """The line's drift check: what ``redi monitor`` compares and when ``redi monitor schedule`` /
+    ``cronjob`` run it (``docs/monitoring.md``)."""
+
+    schedule: str = "0 0 * * * *"  # the scheduled check's cron, 6 fields as KFP reads it (hourly); the
+    # Kubernetes CronJob takes the last 5 (its seconds field must be 0)
+    last: int = 1000  # compare the latest N production rows (0: all)
+    min_rows: int = 10  # fewer comparable production rows: no verdict, an error
+    workspace: str = ""  # URL of the `evidently ui` service the scheduled runs go to ("" = none)
+    evidently_secret: str = ""  # Kubernetes secret with REDI_EVIDENTLY_SECRET (the service's --secret), if any
+
+
+@dataclass
 class RediConfig:
     """Everything one run needs. ``profile`` records which named budget produced it."""
 
@@ -338,6 +353,7 @@ class RediConfig:
     line: LineConfig = field(default_factory=LineConfig)
     gate: GateConfig = field(default_factory=GateConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def validate(self) -> "RediConfig":
         """Raise ConfigError for values that would fail later with an obscure message."""
@@ -439,6 +455,11 @@ class RediConfig:
             (not bad_tolerations, f"pipeline.tolerations entries may only hold {TOLERATION_KEYS}; "
                                   f"got {bad_tolerations}"),
             (not self.line.demo.enabled or self.line.demo.n_train > 0, "line.demo.n_train must be > 0"),
+            (len(self.monitor.schedule.split()) == 6 and self.monitor.schedule.split()[0] == "0",
+             f"monitor.schedule {self.monitor.schedule!r} must be a 6-field cron with seconds 0 (seconds minutes "
+             f"hours day month weekday), e.g. '0 0 * * * *' for hourly"),
+            (self.monitor.last >= 0 and self.monitor.min_rows >= 1,
+             "monitor.last must be >= 0 (0: all rows) and monitor.min_rows >= 1"),
         ]
 
 

@@ -49,6 +49,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from redi.core.config import MonitorConfig
 from redi.core.errors import ConfigError, DatasetError, InputError
 from redi.core.part_check import FEATURE_SIZE, luminance_features  # one definition, shared with the part check
 from redi.core.utils import atomic_write_text
@@ -512,8 +513,8 @@ class MonitorSettings:
     score_p_value: float = 0.01  # the anomaly score shifted when its K-S p-value is below this
     embedding_component_p_value: float = 0.05  # per projected component
     embedding_drift_share: float = 0.25  # embedding drift when more than this share of components drift
-    min_rows: int = 10  # fewer production rows than this: no verdict, an error
-    last: int | None = 1000  # compare the latest N production rows (None: all)
+    min_rows: int = MonitorConfig.min_rows  # fewer production rows than this: no verdict, an error
+    last: int | None = MonitorConfig.last  # compare the latest N production rows (None: all)
     since: _dt.datetime | None = None  # ... logged at or after this time
     same_model_version: bool = True  # only rows scored by the reference's model version
 
