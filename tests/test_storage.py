@@ -306,3 +306,27 @@ def test_gate_policy_validation():
         GatePolicy(tolerance=-0.1)
     with pytest.raises(ConfigError, match="max_false_call_rate"):
         GatePolicy(max_false_call_rate=1.5)
+
+
+def _open_store(args: tuple) -> str:
+    endpoint, access, secret, bucket = args
+    try:
+        S3Store(endpoint, access, secret, bucket)
+        return "ok"
+    except StorageError as exc:
+        return str(exc)
+
+
+@needs_weed
+def test_replicas_starting_together_on_a_new_bucket_all_open_it(s3_server):
+    """Every replica checks the bucket and creates it when missing; several doing so at once race
+    (the server answers BucketAlreadyOwnedByYou to all but one), which must not stop any of them."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(6) as pool:
+        for round_ in range(4):
+            bucket = f"race-{round_}-{abs(hash(str(s3_server.endpoint))) % 10**6}"
+            results = pool.map(_open_store, [(s3_server.endpoint, s3_server.access_key, s3_server.secret_key,
+                                              bucket)] * 12)
+            assert results == ["ok"] * 12, results

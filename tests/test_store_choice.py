@@ -121,6 +121,7 @@ def test_the_drift_trigger_names_the_store_its_gate_would_promote_into(s3_server
     done = _monitor(_env(**POD, **s3_server.env), tmp_path)
     assert f"its gate promotes into s3://{s3_server.bucket} at http://{s3_server.endpoint}" in done.stderr, \
         done.stderr
-    # with a KFP host, the run's steps use the line's secret; said so
-    done = _monitor(_env(**POD), tmp_path, "--kfp-host", "http://kfp.example:8080")
+    # with a KFP host, the run's steps use the line's secret; said so (the check itself, in a pod, reads
+    # every host's rows from the store, so the pod has the store secret too)
+    done = _monitor(_env(**POD, **s3_server.env), tmp_path, "--kfp-host", "http://kfp.example:8080")
     assert "retraining runs on KFP at http://kfp.example:8080" in done.stderr, done.stderr

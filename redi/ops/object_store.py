@@ -279,9 +279,15 @@ class S3Store(ObjectStore):
         return f"s3://{self.bucket} at {'https' if self.secure else 'http'}://{self.endpoint}"
 
     def _ensure_bucket(self) -> None:
+        from minio.error import S3Error
+
         try:
             if not self.client.bucket_exists(self.bucket):
-                self.client.make_bucket(self.bucket)
+                try:
+                    self.client.make_bucket(self.bucket)
+                except S3Error as exc:  # another replica made it between the check and the create: fine
+                    if exc.code != "BucketAlreadyOwnedByYou":
+                        raise
         except Exception as exc:  # network errors, bad keys, ... all mean "not usable"
             raise self._fail("bucket check", exc) from exc
 
