@@ -33,14 +33,13 @@ def postgres_bin() -> Path | None:
 def ensure_postgres() -> tuple[Path | None, str]:
     """The server's ``bin`` folder, installing Debian's ``postgresql`` when missing and we are root;
     else ``(None, why)``."""
+    from apt_install import apt_install
+
     found = postgres_bin()
-    if found is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "postgresql"], capture_output=True, timeout=900,
-                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        found = postgres_bin()
+    why = apt_install("postgresql") if found is None else ""
+    found = found or postgres_bin()
     if found is None:
-        return None, ("PostgreSQL is not installed and cannot be (needs root and apt-get): "
-                      "apt-get install postgresql")
+        return None, why or "apt-get installed postgresql but no PostgreSQL server binaries were found"
     return found, ""
 
 

@@ -227,13 +227,13 @@ def _mosquitto_binary() -> str | None:
 @pytest.fixture
 def mqtt_broker(tmp_path: Path):
     """Debian's mosquitto on a free loopback port (installed with apt-get when missing and we are root)."""
+    from apt_install import apt_install
+
     binary = _mosquitto_binary()
-    if binary is None and os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "mosquitto"], env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-                       capture_output=True, timeout=600)
-        binary = _mosquitto_binary()
+    why = apt_install("mosquitto") if binary is None else ""
+    binary = binary or _mosquitto_binary()
     if binary is None:
-        pytest.skip("mosquitto is not installed and cannot be (needs root and apt-get): apt-get install mosquitto")
+        pytest.skip(why or "apt-get installed mosquitto but no mosquitto binary was found")
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
     conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n")
