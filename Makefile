@@ -39,7 +39,8 @@ containers:
 base-image: containers
 	containers/make_base_image.sh
 
-# the component image every pipeline step runs in (components/Dockerfile), on the local base;
+# the component image every pipeline step runs in (components/Dockerfile), on the local base that also
+# carries the locked packages (containers/make_bento_base_image.sh, shared with the Bento's image);
 # IMAGE=registry.example.com/factory/redi:0.1.0 REDI_BASE_IMAGE=python:3.11-slim where a registry is reachable
 IMAGE ?= localhost/redi:0.1.0
 image: $(STAMP) base-image

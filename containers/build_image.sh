@@ -4,8 +4,10 @@
 #   containers/build_image.sh [TAG]       (default $REDI_IMAGE or localhost/redi:0.1.0)
 #
 # - installs/configures podman when missing and allowed (containers/setup_podman.sh);
-# - makes the base image from Debian's packages once (containers/make_base_image.sh), because no
-#   container registry is reachable here; set REDI_BASE_IMAGE=python:3.11-slim where one is;
+# - builds on the local base made from Debian's packages with the Bento's locked packages in /app/.venv
+#   (containers/make_bento_base_image.sh), because no container registry is reachable here, and so the
+#   component image and the Bento's share the multi-GB package layer; set
+#   REDI_BASE_IMAGE=python:3.11-slim where a registry is reachable;
 # - gives the build this machine's pip settings (containers/pip_build_config.py): the RUN steps see the
 #   same indexes, wheel folders, constraints and CA bundle as the venv, so pip resolves the same torch;
 # - uses the host's network for the RUN steps (the package registries).
@@ -14,14 +16,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TAG=${1:-${REDI_IMAGE:-localhost/redi:0.1.0}}
-BASE=${REDI_BASE_IMAGE:-localhost/redi-base:bookworm}
+BASE=${REDI_BASE_IMAGE:-localhost/redi-bento-base:bookworm}
 WORK=${REDI_CONTAINERS_DIR:-/var/tmp/redi-containers}
 PY=${REDI_PIP_PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 
 containers/setup_podman.sh >/dev/null
-if [ "$BASE" = localhost/redi-base:bookworm ]; then
-  containers/make_base_image.sh "$BASE"
+if [ "$BASE" = localhost/redi-bento-base:bookworm ]; then
+  containers/make_bento_base_image.sh "$BASE"
 fi
 
 mkdir -p "$WORK"

@@ -43,6 +43,20 @@ def _run(command: list[str], timeout: float, **kwargs) -> subprocess.CompletedPr
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def _added_on_base(image: str, base: str) -> int:
+    """Bytes ``image`` adds on top of ``base``; fails unless ``base``'s layers are the first of ``image``'s
+    (the multi-GB package layer is then stored once for both)."""
+    def inspect(name: str) -> tuple[list[str], int]:
+        done = _run(["podman", "image", "inspect", "--format", "{{json .RootFS.Layers}} {{.Size}}", name], timeout=60)
+        assert done.returncode == 0, done.stderr
+        layers, size = done.stdout.rsplit(" ", 1)
+        return json.loads(layers), int(size)
+
+    (image_layers, image_size), (base_layers, base_size) = inspect(image), inspect(base)
+    assert image_layers[:len(base_layers)] == base_layers, f"{image} is not built on {base}'s layers"
+    return image_size - base_size
+
+
 @pytest.fixture(scope="module")
 def podman() -> str:
     """podman, installed and configured when missing and allowed; skips with the reason otherwise."""
@@ -105,7 +119,7 @@ def bento_container(base_image: str, tmp_path_factory: pytest.TempPathFactory):
     store = LocalStore(root / "store")
     publish_version(store, LINE, "v1", {"detector.pt": detector}, {"promote": True, "metrics": {"image_auroc": 0.5}})
     promote(store, LINE, "v1", {"metrics": {"image_auroc": 0.5}}, by="test", reason="fixture")
-    made = _run([str(CONTAINERS / "make_bento_base_image.sh"), BENTO_BASE], timeout=900)
+    made = _run([str(CONTAINERS / "make_bento_base_image.sh"), BENTO_BASE], timeout=3600)
     assert made.returncode == 0, made.stderr[-2000:] + made.stdout[-1000:]
     image = f"localhost/redi-bento-test:{secrets.token_hex(4)}"
     env = {**os.environ, "BENTOML_DO_NOT_TRACK": "true"}
@@ -115,7 +129,11 @@ def bento_container(base_image: str, tmp_path_factory: pytest.TempPathFactory):
                  timeout=3600, env=env, cwd=root)
     assert built.returncode == 0, built.stderr[-4000:]
     info = json.loads(built.stdout.strip().splitlines()[-1])
-    print(f"bento image {image}: {info['size_bytes'] / 1e6:.0f} MB, built in {time.perf_counter() - started:.0f} s")
+    added = _added_on_base(image, BENTO_BASE)
+    print(f"bento image {image}: {info['size_bytes'] / 1e6:.0f} MB ({added / 1e6:.0f} MB on the base), "
+          f"built in {time.perf_counter() - started:.0f} s")
+    # the locked packages in the base's venv are kept, not installed a second time (serving/bento_dockerfile.j2)
+    assert added < 300e6, f"the Bento's image adds {added / 1e6:.0f} MB to its base: its packages were reinstalled"
     port, name = _free_port(), f"redi-bento-test-{secrets.token_hex(4)}"
     run = _run(["podman", "run", "-d", "--rm", "--name", name, "--network", "host",
                 "-e", f"REDI_API_KEY={KEY}", "-e", f"REDI_SESSION_SECRET={SESSION_SECRET}", "-e", "REDI_DEVICE=cpu",
@@ -174,7 +192,11 @@ def component_image(base_image: str) -> str:
     started = time.perf_counter()
     built = _run([str(CONTAINERS / "build_image.sh"), IMAGE], timeout=3600, cwd=REPO)
     assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
-    print(f"{built.stdout.strip().splitlines()[-1]} (test: {time.perf_counter() - started:.0f} s)")
+    added = _added_on_base(IMAGE, BENTO_BASE)
+    print(f"{built.stdout.strip().splitlines()[-1]} ({added / 1e6:.0f} MB on the base; "
+          f"test: {time.perf_counter() - started:.0f} s)")
+    # torch and its CUDA libraries come from the base's venv, shared with the Bento's image
+    assert added < 1.5e9, f"the component image adds {added / 1e6:.0f} MB to its base: torch was reinstalled"
     return IMAGE
 
 

@@ -24,6 +24,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -31,6 +32,9 @@ from redi.core.errors import RediError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BENTOFILE = PROJECT_ROOT / "serving" / "bentofile.yaml"
+# BentoML's Dockerfile with a venv step that keeps a base image's /app/.venv (made by
+# containers/make_bento_base_image.sh with the locked packages), relative to the build context
+BENTO_DOCKERFILE_TEMPLATE = "serving/bento_dockerfile.j2"
 MODEL_PREFIX = "redi-"
 _NAME_OK = re.compile(r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$")
 
@@ -116,7 +120,9 @@ def build_production_bento(store: Any, lines: list[str] | None = None, bentoml_h
         lines: the lines to include (default: every line with a production pointer).
         base_image: the image ``bentoml containerize`` builds on (the bentofile's ``docker.base_image``;
             default BentoML's python:3.11-slim). Any Debian-like image with python3.11 and pip, e.g. the
-            local base made by ``containers/make_base_image.sh`` where no registry is reachable.
+            local base made by ``containers/make_bento_base_image.sh`` where no registry is reachable,
+            whose venv ``/app/.venv`` already holds the locked packages: with a base image the Bento's
+            Dockerfile keeps that venv (``BENTO_DOCKERFILE_TEMPLATE``) and installs only what is missing.
 
     Returns:
         ``{"bento_tag": ..., "models": {line: model tag}, "versions": {line: version}}``.
@@ -124,8 +130,6 @@ def build_production_bento(store: Any, lines: list[str] | None = None, bentoml_h
     Raises:
         PackagingError: no line has a production model, or ``bentoml build`` failed.
     """
-    import tempfile
-
     import yaml
 
     from redi.ops.model_registry import fetch_production_detector, production_lines
@@ -148,7 +152,8 @@ def build_production_bento(store: Any, lines: list[str] | None = None, bentoml_h
         spec["models"] = [models[line] for line in sorted(models)]
         spec.setdefault("labels", {}).update({f"line.{line}": versions[line][:63] for line in versions})
         if base_image:
-            spec.setdefault("docker", {})["base_image"] = base_image
+            spec.setdefault("docker", {}).update(base_image=base_image,
+                                                 dockerfile_template=BENTO_DOCKERFILE_TEMPLATE)
         bentofile = Path(tmp) / "bentofile.yaml"
         bentofile.write_text(yaml.safe_dump(spec, sort_keys=False))
         bento_tag = build_bento(bentofile, PROJECT_ROOT, version, bentoml_home, timeout_s)
@@ -231,8 +236,10 @@ def containerize_bento(bento_tag: str, image_tag: str | None = None, backend: st
               "bentoml.container.build(a['tag'], backend=a['backend'], **o)")
     payload = json.dumps({"tag": bento_tag, "backend": backend, "options": options})
     try:
+        # cwd: BentoML 1.4.40 re-reads a Bento's Dockerfile template from a temporary copy of the Bento and
+        # refuses any file outside the working directory (BentoML issue #5566), so work from that copy's parent
         done = subprocess.run([sys.executable, "-c", script, payload], env=bentoml_env(bentoml_home),
-                              capture_output=True, text=True, timeout=timeout_s)
+                              capture_output=True, text=True, timeout=timeout_s, cwd=tempfile.gettempdir())
     except subprocess.TimeoutExpired as exc:
         raise PackagingError(f"`bentoml containerize {bento_tag}` took over {timeout_s:.0f} s and was stopped") from exc
     inspect = ["buildah", "inspect", "--type", "image"] if backend == "buildah" else [backend, "image", "inspect"]
