@@ -8,15 +8,20 @@ STAMP := $(VENV)/.installed
 LINE ?= bottle_caps
 PROFILE ?= tiny
 
-.PHONY: demo test venv clean browser containers base-image image bento-lock bento-image test-containers
+.PHONY: demo test venv constraints clean browser containers base-image image bento-lock bento-image test-containers
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" -c constraints.txt
 	touch $(STAMP)
+
+# the venv's versions as the verified ones (constraints.txt), once a dependency change is installed and tested
+constraints:
+	{ sed -n '/^#/p' constraints.txt; $(BIN)/python -m pip list --format=freeze --exclude-editable | \
+	  grep -v -E '^(pip|setuptools|wheel|redi)=='; } > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 demo: $(STAMP)
 	$(BIN)/redi demo --line $(LINE) --profile $(PROFILE)
