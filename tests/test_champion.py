@@ -58,7 +58,10 @@ def test_fused_detector_round_trips_and_standardises_its_parts(champion_run):
     expected = sum((p.predict(images).anomaly_map - fused.map_mean[i]) / fused.map_std[i]
                    for i, p in enumerate(parts)) / 2
     assert torch.allclose(out.anomaly_map, expected, atol=1e-5)
-    assert torch.allclose(out.score, expected.flatten(1).amax(dim=1), atol=1e-5)
+    flat = expected.flatten(1)  # the image score: the mean of the fused map's top 1 % (top_mean, the default)
+    top = max(1, int(fused.cfg.model.image_score_share * flat.shape[1]))
+    assert fused.cfg.model.image_score == "top_mean"
+    assert torch.allclose(out.score, flat.sort(dim=1, descending=True).values[:, :top].mean(1), atol=1e-5)
     assert "redi: recovered Y" in fused.pictures(out)
     assert torch.isfinite(fused.threshold)
 

@@ -107,7 +107,12 @@ def test_detector_outputs_and_determinism(tiny_detector):
     assert first.score.shape == (2,) and first.anomaly_map.shape == (2, size, size)
     assert first.recovered.shape == (2, 3, size, size) and first.prompt_index.shape == (2,)
     assert torch.equal(first.score, second.score) and torch.equal(first.anomaly_map, second.anomaly_map)
-    assert torch.allclose(first.score, first.anomaly_map.flatten(1).amax(1))
+    # the image score is the mean of the map's top 1 % of pixels (model.image_score's default, top_mean)
+    assert tiny_detector.cfg.model.image_score == "top_mean"
+    flat = first.anomaly_map.flatten(1)
+    top = max(1, int(tiny_detector.cfg.model.image_score_share * flat.shape[1]))
+    assert torch.allclose(first.score, flat.sort(dim=1, descending=True).values[:, :top].mean(1))
+    assert (first.score < flat.amax(1)).all()  # not the maximum: one hot pixel no longer decides alone
 
 
 def test_detector_rejects_wrong_channels_and_size(tiny_detector):

@@ -195,7 +195,7 @@ def _plot_histogram(path: Path, labels: np.ndarray, scores: np.ndarray, threshol
         ax.axvline(threshold, color="black", lw=1.5, label=f"served threshold {threshold:.4f}")
     if f1_threshold is not None:
         ax.axvline(f1_threshold, color="black", lw=1.0, ls="--", label=f"F1-optimal on test {f1_threshold:.4f}")
-    ax.set(xlabel="image anomaly score (max of the map)", ylabel="images", title="score distribution")
+    ax.set(xlabel="image anomaly score", ylabel="images", title="score distribution")
     ax.legend(fontsize=8)
     return _save(figure, path)
 

@@ -4,7 +4,8 @@ the held-out normals and averaged.
 Each part's map is turned into ``(map - mean) / std``, its pixels' mean and standard deviation
 over the line's held-out normal images (the images that set the threshold, never fitted on), so
 a part whose distances run on another scale weighs the same; the fused map is the mean of the
-standardised maps and the image score its maximum. ReDi and PatchCore make different errors
+standardised maps and the image score comes from it as ReDi's does (``model.image_score``: by
+default the mean of its top 1 % of pixels). ReDi and PatchCore make different errors
 (feature reconstruction against a memory of normal patches), which the average can cancel.
 
 It meets :class:`redi.methods.base.AnomalyDetector`; it sees its parts only through that protocol,

@@ -43,7 +43,8 @@ from redi.methods.redi.recover import RecoverNet
 
 @dataclass
 class RediOutput(DetectorOutput):
-    """ReDi's output: the protocol's (score = max of the map, map, embedding of X) and its own."""
+    """ReDi's output: the protocol's (score from the map by ``model.image_score``, map, embedding of X)
+    and its own."""
 
     recovered: torch.Tensor | None = None  # (B, 3, S, S) the recovered image Y
     prompt_index: torch.Tensor | None = None  # (B,) index into the prompt bank, -1 when no prompt is used
