@@ -8,12 +8,13 @@ buffers: no base64, no JSON of pixels). It has no public HTTP port.
 APIs (internal):
 
 - ``score(items)`` batchable: each item ``{"line", "pixels"}`` where ``pixels`` is the model input
-  of one image, either uint8 ``(S, S, 3)`` (an upload already at the model's size: a quarter of
-  the bytes) or float32 ``(3, S, S)`` from :func:`redi.core.images.preprocess`. BentoML's adaptive
-  batching groups concurrent calls; one detector batch runs per line (and model object). Each
-  answer: ``score``, ``map`` (float32 ``(S, S)``), ``embedding`` (float32 ``(D,)``), ``version``,
-  ``tag``, ``model_threshold``, ``batch_size``; or ``{"error": ..., "status": ...}`` (unknown line;
-  ``stale``: the model changed size since the caller preprocessed, with the new ``image_size``).
+  of one image (the model's ``input_hw`` = ``(H, W)``), either uint8 ``(H, W, 3)`` (an upload already
+  at the model's size: a quarter of the bytes) or float32 ``(3, H, W)`` from
+  :func:`redi.core.images.preprocess`. BentoML's adaptive batching groups concurrent calls; one
+  detector batch runs per line (and model object). Each answer: ``score``, ``map`` (float32
+  ``(H, W)``), ``embedding`` (float32 ``(D,)``), ``version``, ``tag``, ``model_threshold``,
+  ``batch_size``; or ``{"error": ..., "status": ...}`` (unknown line; ``stale``: the model changed
+  size since the caller preprocessed, with the new ``input_hw`` and ``aspect``).
 - ``models()``: the catalogue (what each line serves, threshold override records, reload state).
 - ``reload()``: check the production pointers and threshold overrides now; returns what changed.
 - ``shadow_score(items)`` batchable: the same items, scored by the line's *shadow candidate* (the
@@ -125,13 +126,13 @@ class LoadedLine:
         return {"line": ref.line, "model_version": ref.version, "model_tag": ref.tag, "sha256": ref.sha256,
                 "promoted": ref.promoted, "promoted_by": ref.promoted_by, "metrics": ref.metrics,
                 "model_threshold": float(d.threshold), "threshold": self.threshold, "override": self.override,
-                "image_size": int(d.image_size), "aspect": self.aspect, "backbone": d.metadata.get("backbone"),
+                "image_size": int(d.image_size), "input_hw": [int(v) for v in d.input_hw], "aspect": self.aspect, "backbone": d.metadata.get("backbone"),
                 "profile": d.metadata.get("profile"), "runtime": "onnx" if self.session is not None else "torch",
                 "part_profile": (d.metadata.get("calibration") or {}).get("part_profile"),
                 "batch_chunk": self.chunk}
 
     def run(self, batch: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(scores (B,), maps (B, S, S), embeddings (B, D)) of a preprocessed float batch, run in
+        """(scores (B,), maps (B, H, W), embeddings (B, D)) of a preprocessed float batch, run in
         pieces of at most :attr:`chunk` images (the model's fastest batch size on this machine)."""
         if self.chunk and batch.shape[0] > self.chunk:
             parts = [self.run_once(piece) for piece in batch.split(self.chunk)]
@@ -183,8 +184,7 @@ def measure_chunk(line: LoadedLine, max_batch: int, keep: float = 0.95, stop: fl
     (smaller batches answer sooner). BentoML still gathers up to ``REDI_MAX_BATCH_SIZE`` requests;
     the detector runs them in pieces of this size.
     """
-    size = line.detector.image_size
-    sample = torch.rand(max_batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    sample = torch.rand(max_batch, 3, *line.detector.input_hw, generator=torch.Generator().manual_seed(0))
     rates: dict[int, float] = {}
     batch, begun = 1, time.perf_counter()
     while batch <= max_batch and (not rates or time.perf_counter() - begun < budget_s):
@@ -224,13 +224,14 @@ def load_line(ref: ModelRef, device: torch.device, runtime: str, cache: Path,
     return line
 
 
-def _as_input(pixels: np.ndarray, size: int) -> torch.Tensor | None:
-    """One item's array as a (1, 3, S, S) float tensor, or None when it is not this model's size."""
-    if pixels.dtype == np.uint8 and pixels.shape == (size, size, 3):
+def _as_input(pixels: np.ndarray, size: tuple[int, int]) -> torch.Tensor | None:
+    """One item's array as a (1, 3, H, W) float tensor, or None when it is not this model's size (H, W)."""
+    height, width = size
+    if pixels.dtype == np.uint8 and pixels.shape == (height, width, 3):
         from redi.core.images import preprocess
 
-        return preprocess([np.ascontiguousarray(pixels)], size)  # the same /255 the API would do
-    if pixels.dtype == np.float32 and pixels.shape == (3, size, size):
+        return preprocess([np.ascontiguousarray(pixels)], (height, width))  # the same /255 the API would do
+    if pixels.dtype == np.float32 and pixels.shape == (3, height, width):
         return torch.from_numpy(np.ascontiguousarray(pixels)).unsqueeze(0)
     return None
 
@@ -359,12 +360,12 @@ class RediDetector:
                 answers[i] = {"error": f"unknown line {item.get('line')!r}", "status": 404}
                 continue
             pixels = np.asarray(item.get("pixels"))
-            tensor = _as_input(pixels, served.detector.image_size)
-            # float input was resized by the caller with its aspect; an S x S uint8 upload is the same either way
+            tensor = _as_input(pixels, served.detector.input_hw)
+            # float input was resized by the caller with its aspect; an H x W uint8 upload is the same either way
             wrong_aspect = pixels.dtype != np.uint8 and str(item.get("aspect", "squash")) != served.aspect
             if tensor is None or wrong_aspect:
                 answers[i] = {"error": "stale", "status": 409, "image_size": served.detector.image_size,
-                              "aspect": served.aspect}
+                              "input_hw": [int(v) for v in served.detector.input_hw], "aspect": served.aspect}
                 continue
             groups.setdefault(served.ref.line, []).append((i, tensor))
         for line, group in groups.items():
@@ -387,7 +388,8 @@ class RediDetector:
         for i, item in enumerate(items):
             line = str(item.get("line"))
             served = shadows.get(line)
-            tensor = None if served is None else _as_input(np.asarray(item.get("pixels")), served.detector.image_size)
+            tensor = None if served is None else _as_input(np.asarray(item.get("pixels")),
+                                                                     served.detector.input_hw)
             if served is None or tensor is None or str(item.get("version")) != served.ref.version:
                 answers[i] = {"error": f"line {line!r} has no shadow candidate {item.get('version')} loaded now",
                               "status": 404}

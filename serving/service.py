@@ -145,7 +145,7 @@ import torch
 from starlette.responses import JSONResponse, RedirectResponse
 
 from redi.core.errors import ImageReadError, InputError, RediError
-from redi.core.images import crop_to_content, decode_rgb, preprocess
+from redi.core.images import crop_to_content, decode_rgb, preprocess, size_hw
 from redi.ops.idempotency import IdempotencyIndex, check_key
 from redi.core.part_check import unlike_line
 from redi.ops.monitoring import ProductionLog, image_feature_row
@@ -404,14 +404,20 @@ def threshold_source(model_version: str, override: dict[str, Any] | None) -> str
     return "model" if math.isnan(effective_threshold(math.nan, model_version, override)) else "override"
 
 
-def model_input(rgb: np.ndarray, size: int, aspect: str = "squash") -> np.ndarray:
+def model_input(rgb: np.ndarray, size: int | tuple[int, int], aspect: str = "squash") -> np.ndarray:
     """What crosses to the detector service for one image: the uint8 pixels themselves when the upload
-    is already at the model's size (no copy; a quarter of the float bytes; squash and letterbox leave
-    an S x S image as it is), else the float32 ``(3, S, S)`` of :func:`redi.core.images.preprocess` with the
-    model's ``data.aspect`` (the resize the threshold was calibrated on)."""
-    if rgb.shape[:2] == (size, size):
+    is already at the model's input size ``(H, W)`` (no copy; a quarter of the float bytes; every
+    aspect leaves such an image as it is), else the float32 ``(3, H, W)`` of
+    :func:`redi.core.images.preprocess` with the model's ``data.aspect`` (the resize the threshold
+    was calibrated on)."""
+    if rgb.shape[:2] == size_hw(size):
         return rgb
     return preprocess([rgb], size, aspect)[0].numpy()
+
+
+def input_size(entry: dict[str, Any]) -> tuple[int, int]:
+    """The model input ``(H, W)`` of a catalogue entry or stale answer (older ones carry only S)."""
+    return size_hw(entry.get("input_hw") or int(entry["image_size"]))
 
 
 @bentoml.service(name="redi", workers=env_int("REDI_WORKERS", 1), traffic={"timeout": 120})
@@ -567,7 +573,7 @@ class RediService:
             raise RequestError(422, f"min_region_area must be at least 1, got {min_region_area}")
         loop = asyncio.get_running_loop()
         aspect = info.get("aspect", "squash")  # catalogues of older detector services carry none
-        rgb, pixels = await loop.run_in_executor(self.pool, self._decode, image, info["image_size"], aspect)
+        rgb, pixels = await loop.run_in_executor(self.pool, self._decode, image, input_size(info), aspect)
         result = await self._score(line, rgb, pixels, aspect)
         info = self.catalogue["lines"].get(line, info)
         body, row, retained = await loop.run_in_executor(
@@ -606,12 +612,12 @@ class RediService:
             await self._catalogue(fresh=True)
             aspect = str(answer.get("aspect", "squash"))
             pixels = await asyncio.get_running_loop().run_in_executor(self.pool, model_input, rgb,
-                                                                      int(answer["image_size"]), aspect)
+                                                                      input_size(answer), aspect)
         if "error" in answer:
             raise RequestError(int(answer.get("status", 503)), f"{answer['error']}; see /metadata")
         return answer
 
-    def _decode(self, image: Path, size: int, aspect: str = "squash") -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, image: Path, size: tuple[int, int], aspect: str = "squash") -> tuple[np.ndarray, np.ndarray]:
         """Upload file -> uint8 RGB and the model input (:func:`model_input`); bad uploads become 4xx.
 
         Cheap checks first: the file size, then the pixel count from the image header (in
@@ -699,7 +705,7 @@ class RediService:
         if return_map:
             body["anomaly_map_png"] = _png_b64(heatmap_rgb(amap, vmin, vmax))
         if return_overlay:
-            body["overlay_png"] = _png_b64(overlay(resize_rgb(rgb, amap.shape[0], aspect), amap, vmin, vmax))
+            body["overlay_png"] = _png_b64(overlay(resize_rgb(rgb, amap.shape[:2], aspect), amap, vmin, vmax))
         if return_regions:
             content = crop_to_content(amap, rgb.shape[:2], aspect)  # no region in the letterbox padding
             sy, sx = rgb.shape[0] / content.shape[0], rgb.shape[1] / content.shape[1]
@@ -722,7 +728,8 @@ class RediService:
                 "model_threshold": info["model_threshold"],
                 "threshold_override": None if override is None else {
                     **override, "active": str(override.get("model_version")) == info["model_version"]},
-                "image_size": info["image_size"], "backbone": info["backbone"], "profile": info["profile"],
+                "image_size": info["image_size"], "input_hw": list(input_size(info)),
+                "aspect": info.get("aspect", "squash"), "backbone": info["backbone"], "profile": info["profile"],
                 "metrics": info["metrics"], "runtime": info["runtime"]}
         return {
             "source": catalogue["source"], "lines": lines, "reload": catalogue["reload"],

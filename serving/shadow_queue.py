@@ -42,7 +42,7 @@ class ShadowJob:
     """One answered request waiting for the candidate."""
 
     line: str
-    candidate: dict[str, Any]  # the catalogue's entry of the candidate: model_version, image_size, aspect
+    candidate: dict[str, Any]  # the catalogue's entry of the candidate: model_version, image_size, input_hw, aspect
     row: dict[str, Any]  # the production row, as logged
     rgb: np.ndarray  # the decoded upload
     anomaly_map: np.ndarray  # production's map over the image's content (kept with a disagreement)
@@ -129,7 +129,8 @@ class ShadowScorer:
     def _items(self, jobs: list[ShadowJob]) -> list[dict[str, Any]]:
         """The candidate's input of each job (its own size and aspect), in the thread pool."""
         return [{"line": job.line, "version": job.candidate["model_version"], "aspect": job.candidate["aspect"],
-                 "pixels": self.prepare(job.rgb, int(job.candidate["image_size"]), job.candidate["aspect"])}
+                 "pixels": self.prepare(job.rgb, job.candidate.get("input_hw") or int(job.candidate["image_size"]),
+                                        job.candidate["aspect"])}
                 for job in jobs]
 
     @staticmethod

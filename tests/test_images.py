@@ -344,7 +344,7 @@ def test_unknown_aspect_is_refused_with_the_allowed_values():
     for call in (lambda: preprocess([image], 16, "pad"), lambda: resize_rgb(image, 16, "fit"),
                  lambda: resize_mask(image[..., 0] > 0, 16, "Letterbox"),
                  lambda: crop_to_content(np.zeros((16, 16)), (10, 20), "crop")):
-        with pytest.raises(InputError, match=r"aspect must be one of \('squash', 'letterbox'\).*data\.aspect"):
+        with pytest.raises(InputError, match=r"aspect must be one of \('squash', 'letterbox', 'native'\).*data\.aspect"):
             call()
     with pytest.raises(InputError, match="square size"):
         preprocess([image], (16, 32), "letterbox")

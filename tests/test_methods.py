@@ -32,8 +32,8 @@ class MeanImageDetector(nn.Module):
     def __init__(self, cfg: RediConfig) -> None:
         super().__init__()
         self.cfg, self.image_size, self.metadata, self.ids = cfg, cfg.data.image_size, {}, []
-        size = self.image_size
-        self.register_buffer("mean", torch.zeros(3, size, size))
+        self.input_hw = cfg.data.input_hw()
+        self.register_buffer("mean", torch.zeros(3, *self.input_hw))
         self.register_buffer("threshold", torch.tensor(float("nan")))
 
     @property
@@ -41,7 +41,7 @@ class MeanImageDetector(nn.Module):
         return list(self.ids)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        return preprocess(images, self.image_size, self.cfg.data.aspect)
+        return preprocess(images, self.input_hw, self.cfg.data.aspect)
 
     @torch.inference_mode()
     def predict(self, x: torch.Tensor, image_ids: Sequence[str] | None = None) -> DetectorOutput:
@@ -72,9 +72,9 @@ class MeanImage(Method):
         category = open_line(data_root, cfg)
         fit_on, held_out = training_split(category, cfg)
         detector = MeanImageDetector(cfg)
-        detector.mean.copy_(load_images(fit_on, cfg.data.image_size, cfg.data.aspect).mean(dim=0))
+        detector.mean.copy_(load_images(fit_on, cfg.data.input_hw(), cfg.data.aspect).mean(dim=0))
         detector.ids = [s.image_id for s in fit_on]
-        calibration = calibrate_threshold(detector, load_images(held_out, cfg.data.image_size, cfg.data.aspect), cfg)
+        calibration = calibrate_threshold(detector, load_images(held_out, cfg.data.input_hw(), cfg.data.aspect), cfg)
         path = save_detector(detector, Path(out_dir) / "detector.pt",
                              {"line": line, "calibration": calibration, "version": "toy-1"})
         return {"detector": path}

@@ -23,3 +23,17 @@ def train_tiny(data: Path, out: Path, line: str, seed: int = 0) -> Path:
     cfg.train.recover.epochs = cfg.train.discriminate.epochs = 1
     cfg.train.device, cfg.train.seed = "cpu", seed
     return train_all(data, out, cfg, line=line)["detector"]
+
+
+def make_wide_line(root: Path, line: str, repeats: int = 3) -> Path:
+    """A demo line whose every image and mask is its 128 px original repeated ``repeats`` times
+    side by side (128 x 384 for 3): a strip-shaped line for ``data.aspect=native``."""
+    import numpy as np
+    from PIL import Image
+
+    data = make_line(root, line)
+    for path in sorted(data.rglob("*.png")):
+        with Image.open(path) as image:
+            pixels = np.asarray(image)
+        Image.fromarray(np.concatenate([pixels] * repeats, axis=1)).save(path)
+    return data

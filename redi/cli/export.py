@@ -28,8 +28,7 @@ def _check_images(detector: AnomalyDetector, count: int = 2) -> torch.Tensor:
     examples = detector.example_images(count) if hasattr(detector, "example_images") else None
     if examples is not None and len(examples):
         return examples
-    size = detector.image_size
-    return torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(0))
+    return torch.rand(count, 3, *detector.input_hw, generator=torch.Generator().manual_seed(0))
 
 
 def _openvino_difference(detector: AnomalyDetector, xml: Path, images: torch.Tensor) -> dict[str, float]:
@@ -49,10 +48,13 @@ def _export(args: argparse.Namespace) -> int:
     detector = load_detector(model_file)
     out = Path(args.out) if args.out else model_file.with_suffix(_SUFFIX[args.format])
     images = _check_images(detector)
+    height, width = detector.input_hw
     report: dict[str, Any] = {"format": args.format, "model": str(model_file), "image_size": detector.image_size,
+                              "input_hw": [height, width], "aspect": detector.cfg.data.aspect,
                               "threshold": float(detector.threshold), "batch": "dynamic",
-                              "input": "images (B, 3, S, S) float32 in [0, 1] from redi.core.images.preprocess",
-                              "outputs": ["score (B,)", "anomaly_map (B, S, S)"]}
+                              "input": f"images (B, 3, {height}, {width}) float32 in [0, 1] from "
+                                       "redi.core.images.preprocess",
+                              "outputs": ["score (B,)", f"anomaly_map (B, {height}, {width})"]}
     if args.format == "onnx":
         path = detector.export_onnx(out)
         difference = compare_with_torch(detector, onnx_session(path), images)
@@ -72,9 +74,10 @@ def add_export_commands(subparsers: Any) -> dict[str, Handler]:
     """Register ``redi export`` on the CLI's sub-parsers; return ``{"export": handler}``."""
     p = subparsers.add_parser("export", help="the whole detector as one ONNX or OpenVINO IR file, for the edge",
                               description="Exports self-map, prompt retrieval (with the prompt bank), both networks, "
-                                          "anomaly map and score: (B, 3, S, S) float in [0, 1] from "
-                                          "redi.core.images.preprocess -> score (B,), anomaly_map (B, S, S); fp32, "
-                                          "dynamic batch. Metadata: image_size, threshold, line, version.")
+                                          "anomaly map and score: (B, 3, H, W) float in [0, 1] from "
+                                          "redi.core.images.preprocess -> score (B,), anomaly_map (B, H, W); fp32, "
+                                          "dynamic batch. Metadata: image_size, input_hw, aspect, threshold, line, "
+                                          "version.")
     p.add_argument("model", help="detector.pt or a run folder holding it")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="onnx")
     p.add_argument("--out", help="output file (default: beside the model, .onnx or .xml)")

@@ -63,8 +63,26 @@ class DataConfig:
     val_fraction: float = 0.15  # normal train images held out to set the decision threshold
     min_val_images: int = 2
     # squash: resize to S x S (aspect lost); letterbox: scale the long side to S and pad the
-    # short one (black), so strips and rails keep their shape
+    # short one (black), so strips and rails keep their shape; native: resize to the line's own
+    # canvas, short side S and the long side at the line's median aspect (a multiple of 32, at
+    # most 4 S), so a strip keeps its rows and its columns (redi.core.images.native_canvas)
     aspect: str = "squash"
+    # the input canvas [height, width] of aspect=native: [] (the default) is measured on the line's
+    # training images when a model is fitted, and the fitted model keeps it in its config
+    canvas: list[int] = field(default_factory=list)
+
+    def input_hw(self) -> tuple[int, int]:
+        """The model's input ``(height, width)``: ``(S, S)``, or the canvas for aspect=native.
+
+        Raises:
+            ConfigError: aspect=native and the canvas is not set (fit a model on the line first).
+        """
+        if self.aspect != "native":
+            return self.image_size, self.image_size
+        if len(self.canvas) != 2:
+            raise ConfigError("data.aspect=native needs the line's canvas (data.canvas: [height, width]); it is "
+                              "measured when a model is fitted, so load the fitted model's config, or set it")
+        return int(self.canvas[0]), int(self.canvas[1])
 
 
 @dataclass
@@ -376,6 +394,9 @@ class RediConfig:
             (1 <= self.model.recover.depth <= 6, "model.recover.depth must be between 1 and 6"),
             (self.model.recover.precision in PRECISIONS, f"model.recover.precision must be one of {PRECISIONS}"),
             (self.data.aspect in ASPECTS, f"data.aspect must be one of {ASPECTS}"),
+            (self.data.canvas == [] or (len(self.data.canvas) == 2
+                                        and all(isinstance(v, int) and v >= 64 and v % 32 == 0 for v in self.data.canvas)),
+             "data.canvas must be [] (measured when fitted) or [height, width], multiples of 32 and at least 64"),
             (self.model.selfmap.scale in SELFMAP_SCALES, f"model.selfmap.scale must be one of {SELFMAP_SCALES}"),
             (50.0 <= self.model.selfmap.scale_percentile <= 100.0, "model.selfmap.scale_percentile must be in [50, 100]"),
             (self.model.prompt_k >= 1, "model.prompt_k must be >= 1"),

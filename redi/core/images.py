@@ -36,7 +36,9 @@ from PIL import Image
 
 from redi.core.errors import DatasetError, ImageReadError, InputError
 
-ASPECTS = ("squash", "letterbox")  # how an image of another shape reaches the square input (data.aspect)
+ASPECTS = ("squash", "letterbox", "native")  # how an image reaches the model's input (data.aspect)
+CANVAS_STRIDE = 32  # a native canvas's sides are multiples of the backbones' largest stride
+MAX_CANVAS_ASPECT = 4  # a native canvas's long side is at most 4 times its short side
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
@@ -212,8 +214,8 @@ def decode_rgb(data: bytes, max_pixels: int | None = None, name: str = "<uploade
         image.close()
 
 
-def _square(size: int | tuple[int, int]) -> tuple[int, int]:
-    """Normalise a size argument to ``(height, width)``."""
+def size_hw(size: int | tuple[int, int] | Sequence[int]) -> tuple[int, int]:
+    """Normalise a size argument (S, or ``(height, width)``) to ``(height, width)``."""
     if isinstance(size, (int, np.integer)):
         size = (int(size), int(size))
     height, width = int(size[0]), int(size[1])
@@ -255,9 +257,35 @@ def check_aspect(aspect: str) -> str:
     that names the allowed values."""
     if aspect not in ASPECTS:
         raise InputError(f"aspect must be one of {ASPECTS} ('squash': resize to S x S, the shape is lost; "
-                         f"'letterbox': scale the long side to S and pad with black, the shape is kept), got "
-                         f"{aspect!r}; set data.aspect in the line's config")
+                         f"'letterbox': scale the long side to S and pad with black, the shape is kept; "
+                         f"'native': resize to the line's canvas, short side S, long side at the line's aspect), "
+                         f"got {aspect!r}; set data.aspect in the line's config")
     return aspect
+
+
+def native_canvas(image_hws: Sequence[tuple[int, int]], short_side: int) -> tuple[int, int]:
+    """The input canvas ``(height, width)`` of a line for ``aspect="native"``, from its images' sizes.
+
+    The short side is ``short_side`` (S); the long side is S times the median long/short ratio of
+    the images, rounded to the nearest multiple of :data:`CANVAS_STRIDE` and kept within
+    ``[S, MAX_CANVAS_ASPECT * S]``. The long side lies along the axis most images are long in (ties:
+    wide). A square line gets ``(S, S)``, the same input as ``"squash"``; a 500 x 1260 strip at
+    S = 256 gets 256 x 640 instead of losing 4 in 5 of its columns.
+
+    Raises:
+        InputError: no sizes, a size that is not positive, or S not a positive multiple of the stride.
+    """
+    if not image_hws:
+        raise InputError("native_canvas needs the sizes of the line's training images, got none")
+    if short_side <= 0 or short_side % CANVAS_STRIDE:
+        raise InputError(f"the canvas's short side must be a positive multiple of {CANVAS_STRIDE}, got {short_side}")
+    if any(int(h) <= 0 or int(w) <= 0 for h, w in image_hws):
+        raise InputError(f"image sizes must be positive, got {[hw for hw in image_hws if min(hw) <= 0][:3]}")
+    ratios = np.array([max(h, w) / min(h, w) for h, w in image_hws], dtype=np.float64)
+    tall = sum(1 for h, w in image_hws if h > w) > sum(1 for h, w in image_hws if w > h)
+    long_side = int(round(short_side * float(np.median(ratios)) / CANVAS_STRIDE)) * CANVAS_STRIDE
+    long_side = min(max(long_side, short_side), MAX_CANVAS_ASPECT * short_side)
+    return (long_side, short_side) if tall else (short_side, long_side)
 
 
 def letterbox_geometry(height: int, width: int, size: int) -> tuple[int, int, int, int]:
@@ -285,7 +313,7 @@ def letterbox_geometry(height: int, width: int, size: int) -> tuple[int, int, in
 
 def _letterbox_size(size: int | tuple[int, int], what: str) -> int:
     """The side S of a square target; letterboxing onto a non-square canvas is not defined."""
-    height, width = _square(size)
+    height, width = size_hw(size)
     if height != width:
         raise InputError(f"{what} with aspect='letterbox' needs a square size (an int S), got {size}; "
                          f"use aspect='squash' for a (h, w) target")
@@ -310,13 +338,15 @@ def _fit(tensor: torch.Tensor, size: tuple[int, int], aspect: str) -> torch.Tens
     return _resize_float(tensor, size)
 
 
-def preprocess(images: Sequence[np.ndarray], image_size: int, aspect: str = "squash") -> torch.Tensor:
+def preprocess(images: Sequence[np.ndarray], image_size: int | tuple[int, int], aspect: str = "squash") -> torch.Tensor:
     """The one conversion of images to model input: uint8 RGB arrays of any size -> float
-    ``(B, 3, S, S)`` in [0, 1], antialiased bilinear resize (see :func:`_resize_float`).
+    ``(B, 3, H, W)`` in [0, 1], antialiased bilinear resize (see :func:`_resize_float`).
+    ``image_size`` is S (``(S, S)``) or the model's ``(H, W)`` (``DataConfig.input_hw``).
 
-    ``aspect`` (``data.aspect``): ``"squash"`` resizes every image to S x S (its shape is lost);
-    ``"letterbox"`` scales it so its long side is S (shape kept, :func:`letterbox_geometry`) and
-    centres it on a black (0) S x S canvas.
+    ``aspect`` (``data.aspect``): ``"squash"`` and ``"native"`` resize every image to ``(H, W)``
+    (for ``"native"`` that is the line's own canvas, :func:`native_canvas`, so the line's shape is
+    kept); ``"letterbox"`` scales it so its long side is S (shape kept, :func:`letterbox_geometry`)
+    and centres it on a black (0) S x S canvas.
 
     Training, threshold calibration, evaluation, ``redi predict``, the service and the drift
     reference all go through this function, so a threshold is always applied to scores made the
@@ -329,7 +359,7 @@ def preprocess(images: Sequence[np.ndarray], image_size: int, aspect: str = "squ
     check_aspect(aspect)
     if isinstance(images, np.ndarray) and images.ndim == 3:
         raise InputError("preprocess expects a list of images, got one (H, W, 3) array; pass [image]")
-    size = _square(image_size)
+    size = size_hw(image_size)
     if aspect == "letterbox":
         _letterbox_size(image_size, "preprocess")
     batch = []
@@ -340,8 +370,8 @@ def preprocess(images: Sequence[np.ndarray], image_size: int, aspect: str = "squ
 
 
 def crop_to_content(array: np.ndarray, image_hw: tuple[int, int], aspect: str = "squash") -> np.ndarray:
-    """The part of a model-space ``(S, S, ...)`` array (anomaly map, mask, input) that shows an
-    image of size ``image_hw``: all of it for ``"squash"``, the letterbox box for ``"letterbox"``
+    """The part of a model-space ``(H, W, ...)`` array (anomaly map, mask, input) that shows an
+    image of size ``image_hw``: all of it for ``"squash"`` and ``"native"``, the letterbox box for ``"letterbox"``
     (the black padding covers no part of the image, so it is cut off before anything is mapped
     back to the image's pixels). Returns a view.
 
@@ -349,7 +379,7 @@ def crop_to_content(array: np.ndarray, image_hw: tuple[int, int], aspect: str = 
         InputError: ``aspect`` is unknown, or a letterbox array is not square.
     """
     check_aspect(aspect)
-    if aspect == "squash":
+    if aspect != "letterbox":
         return array
     if array.ndim < 2 or array.shape[0] != array.shape[1]:
         raise InputError(f"crop_to_content with aspect='letterbox' needs a square (S, S, ...) array, got shape "
@@ -374,7 +404,7 @@ def resize_rgb(arr: np.ndarray, size: int | tuple[int, int], aspect: str = "squa
     """
     check_aspect(aspect)
     _check_rgb(arr, "resize_rgb")
-    target = _square(size)
+    target = size_hw(size)
     if aspect == "letterbox":
         _letterbox_size(size, "resize_rgb")
     if arr.shape[:2] == target:
@@ -393,7 +423,7 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int], aspect: str = "sq
     check_aspect(aspect)
     if mask.ndim != 2:
         raise InputError(f"resize_mask expects an (H, W) array, got shape {mask.shape}")
-    height, width = _square(size)
+    height, width = size_hw(size)
     if mask.shape == (height, width):
         return mask.astype(bool, copy=True)
     if aspect == "letterbox":

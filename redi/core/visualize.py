@@ -226,11 +226,14 @@ def placeholder_tile(size: int | tuple[int, int], text: str, colour: tuple[int, 
 def strip(tiles: Sequence[tuple[np.ndarray, str]], tile_size: int | None = None, gap: int = 2) -> np.ndarray:
     """Captioned tiles side by side: ``[(rgb, caption), ...]`` -> one uint8 picture.
 
-    Each tile is resized to ``tile_size`` x ``tile_size`` (default: the first tile's height).
+    Each tile is resized to the first tile's shape, scaled to a height of ``tile_size`` (default:
+    the first tile's height): square tiles for square inputs, strips for a non-square canvas.
     """
     if not tiles:
         raise InputError("strip() needs at least one tile")
-    size = tile_size or _check_rgb(tiles[0][0]).shape[0]
+    first_h, first_w = _check_rgb(tiles[0][0]).shape[:2]
+    height = tile_size or first_h
+    size = (height, max(1, round(first_w * height / first_h)))
     pictures = [caption_tile(resize_rgb(_check_rgb(rgb, f"tile {caption!r}"), size), caption)
                 for rgb, caption in tiles]
     height = pictures[0].shape[0]

@@ -25,6 +25,10 @@ or below ``MIN_VISIBLE_FRACTION`` of its shape, is drawn again. The mask is then
 ``mask == (round(255 * image) != round(255 * clean))`` in any channel. Everything is driven by
 ``numpy.random.default_rng([seed, image, defect])``, so with the same donors a defect does not
 change when other images are added.
+
+Sizes are fractions of S, the image's short side. A non-square image (a ``data.aspect=native``
+canvas) gets each defect drawn inside an S x S window of it, placed at random along the long
+side (by its own generator, so square images draw exactly what they drew before).
 """
 
 from __future__ import annotations
@@ -53,9 +57,9 @@ class SyntheticSet:
     """Synthetic defective images and their exact masks.
 
     Attributes:
-        images: float32 ``(M, 3, S, S)`` in [0, 1]. Outside the mask each image equals its
+        images: float32 ``(M, 3, H, W)`` in [0, 1]. Outside the mask each image equals its
             source image exactly (bit for bit when the sources were given as float tensors).
-        masks: bool ``(M, S, S)``, the pixels that differ from the source after uint8 rounding.
+        masks: bool ``(M, H, W)``, the pixels that differ from the source after uint8 rounding.
         labels: int64 ``(M,)``, all 1 (anomalous).
         kinds: the defect kind of each image (one of :data:`SYNTHETIC_KINDS`).
         sources: index into the ``images`` given to :func:`synthesize_defects` of each one's clean image.
@@ -83,15 +87,14 @@ def to_uint8_images(images: np.ndarray | torch.Tensor, name: str = "images") -> 
         InputError: anything else, saying what was given.
     """
     if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3 or images.shape[1] != images.shape[2]:
-            raise InputError(f"{name}: expected a uint8 (N, S, S, 3) array of square RGB images, got "
-                             f"{images.dtype} {images.shape}; or pass a float (N, 3, S, S) tensor in [0, 1]")
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+            raise InputError(f"{name}: expected a uint8 (N, H, W, 3) array of RGB images, got "
+                             f"{images.dtype} {images.shape}; or pass a float (N, 3, H, W) tensor in [0, 1]")
         return images
     if torch.is_tensor(images):
-        if (not images.dtype.is_floating_point or images.dim() != 4 or images.shape[1] != 3
-                or images.shape[2] != images.shape[3]):
-            raise InputError(f"{name}: expected a float (N, 3, S, S) tensor in [0, 1], got {images.dtype} "
-                             f"{tuple(images.shape)}; or pass a uint8 (N, S, S, 3) array")
+        if not images.dtype.is_floating_point or images.dim() != 4 or images.shape[1] != 3:
+            raise InputError(f"{name}: expected a float (N, 3, H, W) tensor in [0, 1], got {images.dtype} "
+                             f"{tuple(images.shape)}; or pass a uint8 (N, H, W, 3) array")
         return images.detach().float().cpu().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     raise InputError(f"{name}: expected a uint8 numpy array or a float torch tensor, got {type(images).__name__}")
 
@@ -204,6 +207,25 @@ def _pick_donor(rng: np.random.Generator, target: np.ndarray, donors: np.ndarray
                      "(other normal images) or at least 2 different images, or leave 'cutpaste' out of kinds")
 
 
+def _window(place: np.random.Generator, height: int, width: int) -> tuple[slice, slice]:
+    """An S x S window (S the short side) of an ``height x width`` image: the whole of a square one,
+    else at a random place along the long side."""
+    size = min(height, width)
+    top = int(place.integers(0, height - size + 1)) if height > size else 0
+    left = int(place.integers(0, width - size + 1)) if width > size else 0
+    return slice(top, top + size), slice(left, left + size)
+
+
+def _in_image(drawn: tuple[np.ndarray, np.ndarray], clean: np.ndarray,
+              window: tuple[slice, slice]) -> tuple[np.ndarray, np.ndarray]:
+    """A defect drawn in ``window`` as a whole-image (modified image, shape) pair."""
+    if drawn[1].shape == clean.shape[:2]:
+        return drawn
+    modified, shape = clean.copy(), np.zeros(clean.shape[:2], dtype=bool)
+    modified[window], shape[window] = drawn[0], drawn[1]
+    return modified, shape
+
+
 _DRAW = {"scratch": _scratch, "hole": _hole, "stain": _stain, "crack": _crack, "blowhole": _blowhole, "patch": _patch}
 
 
@@ -213,7 +235,7 @@ def synthesize_defects(images: np.ndarray | torch.Tensor, donors: np.ndarray | t
     """Draw ``per_image`` synthetic defects on copies of each image, with exact masks.
 
     Args:
-        images: the clean normal images: uint8 ``(N, S, S, 3)`` or float ``(N, 3, S, S)`` in [0, 1].
+        images: the clean normal images: uint8 ``(N, H, W, 3)`` or float ``(N, 3, H, W)`` in [0, 1].
         donors: normal images that ``cutpaste`` cuts its patches from (same forms and size). None:
             the other images of ``images`` (never an image itself).
         per_image: defects per image; defect ``j`` of image ``i`` has kind
@@ -230,11 +252,13 @@ def synthesize_defects(images: np.ndarray | torch.Tensor, donors: np.ndarray | t
             (a nearly uniform image).
     """
     clean = to_uint8_images(images, "images")
-    size = clean.shape[1]
+    height, width = clean.shape[1:3]
+    size = min(height, width)  # defects are drawn in an S x S window (the whole of a square image)
     same_set = donors is None or donors is images
     donor_stack = clean if same_set else to_uint8_images(donors, "donors")
-    if donor_stack.shape[1] != size:
-        raise InputError(f"donors are {donor_stack.shape[1]} px but the images {size} px; load both at one size")
+    if donor_stack.shape[1:3] != clean.shape[1:3]:
+        raise InputError(f"donors are {donor_stack.shape[1:3]} px but the images {clean.shape[1:3]} px; load both at "
+                         f"one size")
     kinds = tuple(kinds)
     unknown = [k for k in kinds if k not in SYNTHETIC_KINDS]
     if not kinds or unknown:
@@ -252,15 +276,18 @@ def synthesize_defects(images: np.ndarray | torch.Tensor, donors: np.ndarray | t
         for j in range(per_image):
             kind = kinds[(i * per_image + j) % len(kinds)]
             rng = np.random.default_rng([int(seed), i, j])
+            place = np.random.default_rng([int(seed), i, j, 1])  # the window's own draws: rng's stay as on squares
             for _ in range(MAX_TRIES):
                 donor = -1
+                window = _window(place, height, width)
                 if kind == "cutpaste":
                     donor = _pick_donor(rng, target, donor_stack, i if same_set else None)
-                    drawn = _cutpaste(rng, target_f, donor_stack[donor].astype(np.float64), size)
+                    drawn = _cutpaste(rng, target_f[window], donor_stack[donor][window].astype(np.float64), size)
                 else:
-                    drawn = _DRAW[kind](rng, target_f, size)
+                    drawn = _DRAW[kind](rng, target_f[window], size)
                 if drawn is None:  # left the image, or pasted back onto its own place
                     continue
+                drawn = _in_image(drawn, target_f, window)
                 damaged, mask = keep_visible(target, drawn[0], drawn[1])
                 # too small, or mostly invisible (a patch of belt pasted on belt): draw again
                 if mask.sum() >= max(min_area, MIN_VISIBLE_FRACTION * drawn[1].sum()):
@@ -282,7 +309,7 @@ def synthesize_defects(images: np.ndarray | torch.Tensor, donors: np.ndarray | t
             out_donors.append(donor)
     empty = len(out_images) == 0
     return SyntheticSet(
-        images=torch.zeros(0, 3, size, size) if empty else torch.stack(out_images),
-        masks=torch.zeros(0, size, size, dtype=torch.bool) if empty else torch.stack(out_masks),
+        images=torch.zeros(0, 3, height, width) if empty else torch.stack(out_images),
+        masks=torch.zeros(0, height, width, dtype=torch.bool) if empty else torch.stack(out_masks),
         labels=torch.ones(len(out_kinds), dtype=torch.long),
         kinds=out_kinds, sources=out_sources, donors=out_donors)

@@ -3,8 +3,9 @@
 Everything downstream of training (calibration, evaluation, the report, prediction, serving,
 monitoring, the gate, export) sees a detector only through :class:`AnomalyDetector`:
 
-- ``preprocess(list_of_rgb_uint8) -> (B, 3, S, S)`` float batch in ``[0, 1]`` (the one inference
-  path: :func:`redi.core.images.preprocess` at the model's size);
+- ``preprocess(list_of_rgb_uint8) -> (B, 3, H, W)`` float batch in ``[0, 1]`` (the one inference
+  path: :func:`redi.core.images.preprocess` at the model's ``input_hw``: ``(S, S)``, or the line's
+  own canvas for ``data.aspect=native``);
 - ``predict(batch, image_ids=None) -> DetectorOutput`` (image score, anomaly map, embedding);
   ``image_ids`` names training images so that a method that keeps them (a prompt or memory bank)
   never matches an image with itself;
@@ -46,10 +47,10 @@ DEFAULT_METHOD = "redi"  # artifacts written before model.method existed are ReD
 
 @dataclass
 class DetectorOutput:
-    """What a detector returns for a batch of B images of side S."""
+    """What a detector returns for a batch of B images of input size (H, W)."""
 
     score: torch.Tensor  # (B,) image anomaly score
-    anomaly_map: torch.Tensor  # (B, S, S)
+    anomaly_map: torch.Tensor  # (B, H, W)
     embedding: torch.Tensor  # (B, D) pooled embedding of the image (drift monitoring)
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's own per-image outputs
 
@@ -60,7 +61,8 @@ class AnomalyDetector(Protocol):
 
     method: str
     cfg: RediConfig
-    image_size: int
+    image_size: int  # S, data.image_size
+    input_hw: tuple[int, int]  # (H, W) of preprocess's output and of the maps
     threshold: torch.Tensor
     metadata: dict[str, Any]
 

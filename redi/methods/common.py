@@ -3,6 +3,7 @@ images through the detector protocol, and calibrating the served threshold on he
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from redi.core.config import RediConfig
 from redi.core.errors import DatasetError, WeightsError
-from redi.core.images import load_rgb
+from redi.core.images import image_size_of, load_rgb, native_canvas
 from redi.core.operating_point import set_threshold, small_sample_note
 from redi.core.part_check import PartProfile, image_statistics
 from redi.core.utils import atomic_write_text, progress
@@ -37,6 +38,22 @@ def open_line(data_root: str | Path, cfg: RediConfig) -> MVTecCategory:
     return MVTecCategory(data_root, skip_bad_files=cfg.data.skip_bad_files)
 
 
+def line_config(category: MVTecCategory, cfg: RediConfig) -> RediConfig:
+    """``cfg`` with the line's input canvas filled in: for ``data.aspect=native`` with no
+    ``data.canvas``, the canvas is measured on all the line's training images (their headers,
+    :func:`redi.core.images.native_canvas`), so every stage of a fit, and the fitted model's saved
+    config, agree on it. Other settings, and ``cfg`` itself, are left as they are."""
+    if cfg.data.aspect != "native" or cfg.data.canvas:
+        return cfg
+    if not category.train:
+        raise DatasetError(f"{category.root} has no training images to measure the native canvas on")
+    filled = copy.deepcopy(cfg)
+    filled.data.canvas = list(native_canvas([image_size_of(s.path) for s in category.train], cfg.data.image_size))
+    log_stage("data", f"native canvas {filled.data.canvas[0]} x {filled.data.canvas[1]} (height x width) from "
+                      f"{len(category.train)} training images")
+    return filled
+
+
 def training_split(category: MVTecCategory, cfg: RediConfig) -> tuple[list[Sample], list[Sample]]:
     """(bank/training images, held-out normals for the threshold): deterministic in the seed."""
     return split_train_val(category.train, cfg.data.val_fraction, cfg.data.min_val_images, cfg.train.seed)
@@ -44,8 +61,8 @@ def training_split(category: MVTecCategory, cfg: RediConfig) -> tuple[list[Sampl
 
 def score_images(detector: AnomalyDetector, images: torch.Tensor, batch_size: int = 8, keep_maps: bool = False,
                  keep_pictures: bool = False, show_progress: bool = False) -> dict[str, Any]:
-    """Run any detector over a stack of images in batches: ``scores`` always, ``maps`` (N, S, S)
-    and the method's ``pictures`` (name -> (N, 3, S, S), :meth:`AnomalyDetector.pictures`) on request."""
+    """Run any detector over a stack of images in batches: ``scores`` always, ``maps`` (N, H, W)
+    and the method's ``pictures`` (name -> (N, 3, H, W), :meth:`AnomalyDetector.pictures`) on request."""
     scores, maps, pictures = [], [], {}
     batches = range(0, images.shape[0], batch_size)
     if show_progress:

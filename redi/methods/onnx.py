@@ -1,8 +1,8 @@
 """The ONNX contract every method's export meets, and the runtimes that run it.
 
-One graph from the preprocessed batch to the answer: ``images`` (B, 3, S, S) float in [0, 1]
-(:func:`redi.core.images.preprocess`) -> ``score`` (B,) and ``anomaly_map`` (B, S, S), fp32, with a
-dynamic batch axis. A method writes it with ``detector.export_onnx(path)`` (ReDi's:
+One graph from the preprocessed batch to the answer: ``images`` (B, 3, H, W) float in [0, 1]
+(:func:`redi.core.images.preprocess`, at the model's ``input_hw``) -> ``score`` (B,) and
+``anomaly_map`` (B, H, W), fp32, with a dynamic batch axis. A method writes it with ``detector.export_onnx(path)`` (ReDi's:
 :mod:`redi.methods.redi.export`); :func:`onnx_session` / :func:`run_onnx` run it in onnxruntime,
 :func:`export_openvino` converts it to OpenVINO IR, :func:`compare_with_torch` checks parity.
 """
@@ -55,7 +55,7 @@ def onnx_session(path: str | Path, threads: int = 0):
 
 
 def run_onnx(session, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(scores (B,), maps (B, S, S)) of a preprocessed batch through an onnxruntime session."""
+    """(scores (B,), maps (B, H, W)) of a preprocessed batch through an onnxruntime session."""
     score, anomaly_map = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images.float().cpu().numpy()})
     return score, anomaly_map
 

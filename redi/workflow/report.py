@@ -346,7 +346,8 @@ def _header(detector, metrics: dict[str, Any], samples: Sequence[Sample], synthe
     rows = [("line", line), ("model version", pick("version", metrics.get("model_version") or "n/a")),
             ("profile", pick("profile", cfg.profile)), ("backbone", pick("backbone", cfg.model.backbone)),
             # the strips show the model's input: letterboxed pictures have black bars by design
-            ("input", f"{cfg.data.image_size} x {cfg.data.image_size} px, {cfg.data.aspect} (data.aspect)"),
+            ("input", f"{detector.input_hw[0]} x {detector.input_hw[1]} px (height x width), {cfg.data.aspect} "
+                      f"(data.aspect)"),
             ("model created", meta.get("created", "n/a")), ("redi version", meta.get("redi_version", "n/a")),
             ("test data", metrics.get("data_root") or Path(samples[0].path).parent.parent.parent)]
     out = [f"<h1>Anomaly detection report: {_esc(line)}</h1>"]

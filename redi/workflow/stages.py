@@ -170,7 +170,7 @@ def evaluate(detector_path: str | Path, data_root: str | Path, out_dir: str | Pa
     category = open_line(data_root, cfg)
     category.require_test()
     test = category.test
-    size = detector.image_size
+    size = detector.input_hw
     aspect = detector.cfg.data.aspect
     images = load_images(test, size, aspect)
     masks = load_masks(test, size, aspect)[:, 0].bool()

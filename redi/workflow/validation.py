@@ -94,14 +94,14 @@ def validation_set(detector: AnomalyDetector, category: MVTecCategory, cfg: Redi
     patches come from (up to MAX_DONORS) bank images.
 
     Returns:
-        (normals float ``(N, 3, S, S)``, :class:`redi.data.synthetic.SyntheticSet` of
+        (normals float ``(N, 3, H, W)``, :class:`redi.data.synthetic.SyntheticSet` of
         ``N * synthetic_per_image`` images whose ``sources`` index ``normals``).
 
     Raises:
         DatasetError: see :func:`held_out_split`.
     """
     held, bank = held_out_split(detector, category)
-    size = detector.image_size
+    size = detector.input_hw
     normals = load_images(held, size, detector.cfg.data.aspect)
     donors = load_images(_donor_samples(bank, cfg.train.seed), size, detector.cfg.data.aspect)
     synthetic = synthesize_defects(normals, donors, cfg.eval.synthetic_per_image, cfg.train.seed)
@@ -110,15 +110,14 @@ def validation_set(detector: AnomalyDetector, category: MVTecCategory, cfg: Redi
 
 # ----- scoring and metrics -----------------------------------------------------------------------------------
 def _score(detector: AnomalyDetector, images: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores (N,), anomaly maps (N, S, S)) on the CPU, in batches."""
+    """(scores (N,), anomaly maps (N, H, W)) on the CPU, in batches."""
     scores, maps = [], []
     for begin in range(0, images.shape[0], batch_size):
         out = detector.predict(images[begin:begin + batch_size])
         scores.append(out.score.float().cpu())
         maps.append(out.anomaly_map.float().cpu())
-    size = detector.image_size
     return (torch.cat(scores) if scores else torch.zeros(0),
-            torch.cat(maps) if maps else torch.zeros(0, size, size))
+            torch.cat(maps) if maps else torch.zeros(0, *detector.input_hw))
 
 
 def margin_table(normal_scores: np.ndarray | torch.Tensor, defect_scores: np.ndarray | torch.Tensor,

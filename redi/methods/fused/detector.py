@@ -46,17 +46,19 @@ class FusedDetector(nn.Module):
         super().__init__()
         if len(parts) < 2:
             raise WeightsError("a fused detector needs at least two parts")
-        sizes = {int(p.image_size) for p in parts}
+        sizes = {tuple(p.input_hw) for p in parts}
         aspects = {p.cfg.data.aspect for p in parts}
         if len(sizes) != 1 or len(aspects) != 1:
-            raise WeightsError(f"fused parts must read images alike; got sizes {sorted(sizes)} and aspects {sorted(aspects)}")
+            raise WeightsError(f"fused parts must read images alike; got input sizes {sorted(sizes)} and aspects "
+                               f"{sorted(aspects)}")
         ids = [sorted(p.fit_image_ids) for p in parts]
         if any(i != ids[0] for i in ids):
             raise WeightsError("fused parts were fitted on different training images (another seed or "
                                "data.val_fraction?); fit them on one split")
         self.cfg = cfg
         self.parts = nn.ModuleList(parts)  # type: ignore[arg-type]
-        self.image_size = sizes.pop()
+        self.input_hw = sizes.pop()
+        self.image_size = int(parts[0].image_size)
         self.register_buffer("map_mean", torch.zeros(len(parts)))
         self.register_buffer("map_std", torch.ones(len(parts)))
         self.register_buffer("threshold", torch.tensor(float("nan")))

@@ -11,7 +11,7 @@ from redi.core.config import RediConfig
 from redi.core.utils import pick_device
 from redi.data.dataset import load_images
 from redi.methods.base import Method, get_method, load_detector, register_method, save_detector
-from redi.methods.common import calibrate_threshold, log_stage, open_line, score_images
+from redi.methods.common import calibrate_threshold, line_config, log_stage, open_line, score_images
 from redi.methods.fused.detector import FusedDetector
 
 STAGE = "fused"
@@ -23,11 +23,12 @@ def fuse_detectors(part_paths: dict[str, Path], data_root: str | Path, out_dir: 
     calibrate the fused score's threshold on them, write ``out_dir/detector.pt``."""
     device = pick_device(cfg.train.device)
     parts = [load_detector(part_paths[name], device) for name in cfg.model.fused.parts]
-    detector = FusedDetector(cfg, parts).to(device)
     category = open_line(data_root, cfg)
+    cfg = line_config(category, cfg)
+    detector = FusedDetector(cfg, parts).to(device)
     fitted = set(detector.fit_image_ids)
     held_out = [s for s in category.train if s.image_id not in fitted]
-    images = load_images(held_out, detector.image_size, cfg.data.aspect)
+    images = load_images(held_out, detector.input_hw, cfg.data.aspect)
     detector.set_standardisation([score_images(p, images, cfg.eval.batch_size, keep_maps=True)["maps"] for p in parts])
     calibration = calibrate_threshold(detector, images, cfg, normals=[s for s in category.train if s.label == 0])
     log_stage(STAGE, f"{' + '.join(detector.part_names)}: map mean {detector.map_mean.tolist()}, std "

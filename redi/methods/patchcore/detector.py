@@ -41,6 +41,7 @@ class PatchCoreDetector(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_size = cfg.data.image_size
+        self.input_hw = cfg.data.input_hw()  # (H, W): (S, S), or the line's canvas for data.aspect=native
         self.backbone = build_backbone(cfg.model.backbone, cfg.model.backbone_weights or None)
         self.levels = tuple(cfg.model.patchcore.levels)
         dim = sum(self.backbone.channels[level] for level in self.levels)
@@ -72,10 +73,10 @@ class PatchCoreDetector(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse tensors the detector was not built for, with a message that says what to do."""
-        expected = (3, self.image_size, self.image_size)
+        expected = (3, *self.input_hw)
         if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise InputError(f"the detector takes a (B, 3, {self.image_size}, {self.image_size}) float batch in [0, 1], "
+            raise InputError(f"the detector takes a (B, 3, {self.input_hw[0]}, {self.input_hw[1]}) float batch in [0, 1], "
                              f"got {shape}; use detector.preprocess() to convert and resize images")
         if not x.dtype.is_floating_point:
             raise InputError(f"the detector takes float images in [0, 1], got {x.dtype}; divide uint8 by 255")
@@ -96,8 +97,7 @@ class PatchCoreDetector(nn.Module):
         distances, nearest = distances.view(batch, h * w), nearest.view(batch, h * w)
         score = reweighted_scores(flat.view(batch, h * w, dim), distances, nearest, self.memory_bank,
                                   self.bank_support)
-        size = (self.image_size, self.image_size)
-        maps = F.interpolate(distances.view(batch, 1, h, w), size=size, mode="bilinear", align_corners=False)
+        maps = F.interpolate(distances.view(batch, 1, h, w), size=self.input_hw, mode="bilinear", align_corners=False)
         return DetectorOutput(score, self.blur(maps).squeeze(1), embedding.float())
 
     @torch.inference_mode()
@@ -117,8 +117,8 @@ class PatchCoreDetector(nn.Module):
         return {}
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 RGB arrays of any size -> ``(B, 3, S, S)`` float batch: :func:`redi.core.images.preprocess`."""
-        return preprocess(images, self.image_size, self.cfg.data.aspect)
+        """uint8 RGB arrays of any size -> ``(B, 3, H, W)`` float batch: :func:`redi.core.images.preprocess`."""
+        return preprocess(images, self.input_hw, self.cfg.data.aspect)
 
     def is_anomalous(self, scores: torch.Tensor) -> torch.Tensor:
         """Decision: score above the calibrated threshold."""
@@ -130,7 +130,7 @@ class PatchCoreDetector(nn.Module):
         """Inputs for an export parity check: smooth random images (the bank keeps no pixels)."""
         generator = torch.Generator().manual_seed(0)
         coarse = torch.rand(count, 3, 8, 8, generator=generator)
-        return F.interpolate(coarse, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return F.interpolate(coarse, size=self.input_hw, mode="bilinear", align_corners=False)
 
     def export_onnx(self, path: str | Path) -> Path:
         """The whole detector as one fp32 ONNX graph (:func:`redi.methods.patchcore.export.export_onnx`)."""

@@ -49,8 +49,7 @@ class ExportablePatchCore(nn.Module):
         neighbours = d.memory_bank[support]  # (B, b, D)
         distance = (neighbours - m_test).pow(2).sum(dim=-1).sqrt()
         score = (1.0 - torch.softmax(distance, dim=1)[:, 0]) * s_star
-        size = (d.image_size, d.image_size)
-        maps = F.interpolate(distances.view(batch, 1, h, w), size=size, mode="bilinear", align_corners=False)
+        maps = F.interpolate(distances.view(batch, 1, h, w), size=d.input_hw, mode="bilinear", align_corners=False)
         return score, d.blur(maps).squeeze(1)
 
 
@@ -59,11 +58,12 @@ def export_onnx(detector: PatchCoreDetector, path: str | Path, opset: int = OPSE
     import onnx
 
     module = ExportablePatchCore(detector.cpu().eval())
-    size = detector.image_size
-    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    height, width = detector.input_hw
+    example = torch.rand(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}}
     meta = detector.metadata
-    properties = {"redi_format": "redi-detector-onnx", "method": "patchcore", "image_size": str(size),
+    properties = {"redi_format": "redi-detector-onnx", "method": "patchcore", "image_size": str(detector.image_size),
+                  "input_hw": f"{height}x{width}", "aspect": detector.cfg.data.aspect,
                   "threshold": repr(float(detector.threshold)), "line": str(meta.get("line", "")),
                   "version": str(meta.get("version", "")), "backbone": str(meta.get("backbone", ""))}
 

@@ -11,7 +11,7 @@ from redi.core.config import RediConfig
 from redi.core.utils import pick_device, progress, seed_everything
 from redi.data.dataset import load_images
 from redi.methods.base import Method, register_method, save_detector
-from redi.methods.common import calibrate_threshold, log_stage, open_line, training_split
+from redi.methods.common import calibrate_threshold, line_config, log_stage, open_line, training_split
 from redi.methods.patchcore.detector import PatchCoreDetector
 from redi.methods.patchcore.memory_bank import bank_neighbors, greedy_coreset
 
@@ -50,10 +50,11 @@ def train_patchcore(data_root: str | Path, out_dir: str | Path, cfg: RediConfig,
     device = pick_device(cfg.train.device)
     settings = cfg.model.patchcore
     category = open_line(data_root, cfg)
+    cfg = line_config(category, cfg)
     train, held_out = training_split(category, cfg)
     detector = PatchCoreDetector(cfg).to(device).eval()
     started = time.perf_counter()
-    images = load_images(train, cfg.data.image_size, cfg.data.aspect)
+    images = load_images(train, cfg.data.input_hw(), cfg.data.aspect)
     patches, sources = _training_patches(detector, images, cfg.eval.batch_size, settings.max_patches, cfg.train.seed)
     count = max(1, round(settings.coreset_ratio * patches.shape[0]))
     log_stage(STAGE, f"{patches.shape[0]} patches of {len(train)} images ({patches.shape[1]}-d); greedy coreset of "
@@ -69,7 +70,7 @@ def train_patchcore(data_root: str | Path, out_dir: str | Path, cfg: RediConfig,
     support = bank_neighbors(bank, settings.num_neighbors)
     detector.set_bank(bank, sources[chosen], support, [s.image_id for s in train])
     log_stage(STAGE, f"memory bank {bank.shape[0]} x {bank.shape[1]} in {time.perf_counter() - started:.1f} s")
-    calibration = calibrate_threshold(detector, load_images(held_out, cfg.data.image_size, cfg.data.aspect), cfg,
+    calibration = calibrate_threshold(detector, load_images(held_out, cfg.data.input_hw(), cfg.data.aspect), cfg,
                                       normals=train + held_out)
     log_stage(STAGE, f"threshold {calibration['threshold']:.4f} ({cfg.eval.threshold_policy} policy, false-call target "
                      f"{cfg.eval.false_call_target:.1%}) from {calibration['n_val']} held-out normals")

@@ -59,6 +59,7 @@ class Detector(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image_size = cfg.data.image_size
+        self.input_hw = cfg.data.input_hw()  # (H, W): (S, S), or the line's canvas for data.aspect=native
         model = cfg.model
         self.backbone = build_backbone(model.backbone, model.backbone_weights or None)
         self.use_recover = model.recover.enabled
@@ -75,7 +76,7 @@ class Detector(nn.Module):
         self.blur = GaussianBlur(model.gaussian_sigma)
         self.register_buffer("prompt_embeddings", torch.zeros(num_prompts, self.backbone.embedding_dim))
         # Not a buffer: compressed bytes on the CPU, decoded per batch (see redi.methods.redi.prompt.PromptImages)
-        self.prompts = PromptImages.empty(self.image_size)
+        self.prompts = PromptImages.empty(self.input_hw)
         self.register_buffer("threshold", torch.tensor(float("nan")))
         self.prompt_ids: list[str] = []
         self.metadata: dict[str, Any] = {}
@@ -112,15 +113,15 @@ class Detector(nn.Module):
         if images is not None and self._selfmap_unfitted():  # the line scale comes from the bank's images
             fit_selfmap_scale(self.selfmap, images, self.cfg.model.selfmap.scale_percentile)
         if not self.needs_prompt_images:
-            self.prompts = PromptImages.empty(self.image_size)
+            self.prompts = PromptImages.empty(self.input_hw)
             return
         if prompts is None:
             if images is None:
                 raise ValueError("set_prompts needs the prompt images (or encoded prompts) when the recover net uses them")
             prompts = PromptImages.encode(images, self.cfg.model.prompt_codec, self.cfg.model.prompt_quality)
-        if len(prompts) != count or prompts.size != self.image_size:
+        if len(prompts) != count or prompts.size != self.input_hw:
             raise WeightsError(f"{len(prompts)} prompt images of {prompts.size} px do not fit {count} embeddings at "
-                               f"{self.image_size} px; rebuild the prompt bank and retrain the recover net")
+                               f"{self.input_hw} px; rebuild the prompt bank and retrain the recover net")
         self.prompts = prompts
 
     @property
@@ -167,8 +168,8 @@ class Detector(nn.Module):
             return self.recover(selfmap, prompts).float()
 
     def anomaly_maps(self, reference: list[torch.Tensor], recovered: list[torch.Tensor]) -> torch.Tensor:
-        """D = sum over levels of (1 - cos) resized to the input size, then smoothed: (B, S, S)."""
-        size = (self.image_size, self.image_size)
+        """D = sum over levels of (1 - cos) resized to the input size, then smoothed: (B, H, W)."""
+        size = self.input_hw
         total = None
         for fx, fy in zip(reference, recovered):
             distance = 1 - F.cosine_similarity(fx.float(), fy.float(), dim=1).unsqueeze(1)
@@ -182,7 +183,7 @@ class Detector(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Refuse tensors the detector was not built for, with a message that says what to do."""
-        expected = (3, self.image_size, self.image_size)
+        expected = (3, *self.input_hw)
         if not torch.is_tensor(x) or x.dim() != 4 or tuple(x.shape[1:]) != expected:
             shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
             raise InputError(f"the detector takes a (B, {expected[0]}, {expected[1]}, {expected[2]}) float batch in "
@@ -243,9 +244,9 @@ class Detector(nn.Module):
         return pictures
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """uint8 RGB arrays of any size -> ``(B, 3, S, S)`` float batch in [0, 1] at this model's
-        size: :func:`redi.core.images.preprocess`, the conversion the threshold was calibrated on."""
-        return preprocess(images, self.image_size, self.cfg.data.aspect)
+        """uint8 RGB arrays of any size -> ``(B, 3, H, W)`` float batch in [0, 1] at this model's
+        input size: :func:`redi.core.images.preprocess`, the conversion the threshold was calibrated on."""
+        return preprocess(images, self.input_hw, self.cfg.data.aspect)
 
     def is_anomalous(self, scores: torch.Tensor) -> torch.Tensor:
         """Decision: score above the calibrated threshold."""
@@ -324,7 +325,7 @@ def _prompts_of(payload: dict[str, Any], detector: Detector, path: str | Path) -
     if raw is None:
         raise WeightsError(f"{path} holds no prompt images (format {payload.get('format_version')}); retrain it")
     if not detector.needs_prompt_images:
-        return PromptImages.empty(detector.image_size)
+        return PromptImages.empty(detector.input_hw)
     return PromptImages.encode_uint8(raw, codec="png")
 
 

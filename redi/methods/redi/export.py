@@ -1,8 +1,8 @@
 """Export the whole ReDi detector for the edge as one ONNX graph (the contract of :mod:`redi.methods.onnx`).
 
-One graph from the preprocessed batch to the answer: ``images`` (B, 3, S, S) float in [0, 1]
+One graph from the preprocessed batch to the answer: ``images`` (B, 3, H, W) float in [0, 1]
 (the output of :func:`redi.core.images.preprocess`, i.e. ``Detector.preprocess``) -> ``score`` (B,) and
-``anomaly_map`` (B, S, S). Inside: backbone(X), prompt retrieval (cosine nearest neighbour over
+``anomaly_map`` (B, H, W), at the model's ``input_hw``. Inside: backbone(X), prompt retrieval (cosine nearest neighbour over
 the prompt bank, which the graph carries as uint8 pixels), the self-map (HOG, Sobel or Roberts),
 the recover net, backbone(Y), the discriminate head, the anomaly map and its max. The batch axis
 is dynamic. The graph is fp32: the recover net's bf16 path (``model.recover.precision=auto`` on
@@ -96,7 +96,7 @@ def exportable_selfmap(module: nn.Module) -> nn.Module:
 
 
 class ExportableDetector(nn.Module):
-    """The detector as one traceable graph: ``forward(images) -> (score (B,), anomaly_map (B, S, S))``.
+    """The detector as one traceable graph: ``forward(images) -> (score (B,), anomaly_map (B, H, W))``.
 
     Shares the detector's modules (nothing is copied but the decoded prompt pixels); the recover
     net runs in fp32.
@@ -126,7 +126,7 @@ class ExportableDetector(nn.Module):
         return self.prompt_pixels.index_select(0, index).to(like.dtype) / 255.0
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score a preprocessed batch: (B, 3, S, S) float in [0, 1]."""
+        """Score a preprocessed batch: (B, 3, H, W) float in [0, 1]."""
         detector = self.detector
         reference = detector.backbone(images)
         recovered = images
@@ -151,18 +151,20 @@ def torch_fp32(detector: Detector) -> Iterator[Detector]:
 def _metadata(detector: Detector) -> dict[str, str]:
     """What a runtime needs besides the graph: the input size, the threshold and where it came from."""
     meta = detector.metadata
+    height, width = detector.input_hw
     return {"redi_format": "redi-detector-onnx", "image_size": str(detector.image_size),
+            "input_hw": f"{height}x{width}", "aspect": detector.cfg.data.aspect,
             "threshold": repr(float(detector.threshold)), "line": str(meta.get("line", "")),
             "version": str(meta.get("version", "")), "profile": str(meta.get("profile", "")),
-            "backbone": str(meta.get("backbone", "")), "input": f"{INPUT_NAME}: (B, 3, S, S) float32 in [0, 1] "
-            "from redi.core.images.preprocess", "outputs": "score: (B,), anomaly_map: (B, S, S)"}
+            "backbone": str(meta.get("backbone", "")), "input": f"{INPUT_NAME}: (B, 3, {height}, {width}) "
+            "float32 in [0, 1] from redi.core.images.preprocess", "outputs": f"score: (B,), anomaly_map: (B, {height}, {width})"}
 
 
 def export_onnx(detector: Detector, path: str | Path, opset: int = OPSET) -> Path:
     """Write the whole detector as one ONNX file with a dynamic batch axis; returns the path.
 
-    The file's metadata (``metadata_props``) carries ``image_size``, ``threshold``, ``line`` and
-    ``version``.
+    The file's metadata (``metadata_props``) carries ``image_size``, ``input_hw`` (``HxW``),
+    ``aspect``, ``threshold``, ``line`` and ``version``.
     """
     import onnx
 
@@ -170,8 +172,7 @@ def export_onnx(detector: Detector, path: str | Path, opset: int = OPSET) -> Pat
         raise ExportError(f"the export needs ONNX opset 18 or newer (antialiased Resize), got {opset}")
     _register_symbolics(opset)
     module = ExportableDetector(detector)
-    size = detector.image_size
-    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    example = torch.rand(2, 3, *detector.input_hw, generator=torch.Generator().manual_seed(0))
     dynamic = {INPUT_NAME: {0: "batch"}, OUTPUT_NAMES[0]: {0: "batch"}, OUTPUT_NAMES[1]: {0: "batch"}}
 
     def write(tmp: Path) -> None:

@@ -23,7 +23,7 @@ from redi.core.utils import atomic_torch_save, bf16_autocast, load_torch_file, p
 from redi.data.dataset import load_images
 from redi.data.mvtec import MVTecCategory, Sample
 from redi.methods.base import save_detector
-from redi.methods.common import calibrate_threshold, log_stage, open_line, training_split, write_json
+from redi.methods.common import calibrate_threshold, line_config, log_stage, open_line, training_split, write_json
 from redi.methods.redi.detector import Detector, load_module_weights
 from redi.methods.redi.losses import discriminate_loss, recover_loss
 from redi.methods.redi.prompt import PromptBank, PromptImages, bank_transforms, prompt_pixels, transform_images
@@ -65,9 +65,10 @@ def precompute_selfmaps(data_root: str | Path, out_dir: str | Path, cfg: RediCon
     (keyed by image id and config)."""
     device = pick_device(cfg.train.device)
     category = open_line(data_root, cfg)
+    cfg = line_config(category, cfg)
     train, _ = training_split(category, cfg)
     started = time.perf_counter()
-    images = load_images(train, cfg.data.image_size, cfg.data.aspect)
+    images = load_images(train, cfg.data.input_hw(), cfg.data.aspect)
     selfmap = line_selfmap(images, cfg, device)
     maps = compute_selfmaps(images, selfmap, device)
     path = Path(out_dir) / "selfmaps.pt"
@@ -81,7 +82,7 @@ def precompute_selfmaps(data_root: str | Path, out_dir: str | Path, cfg: RediCon
 
 
 def _selfmap_key(cfg: RediConfig) -> str:
-    return fingerprint({"selfmap": to_dict(cfg.model.selfmap), "size": [cfg.data.image_size, cfg.data.aspect]})
+    return fingerprint({"selfmap": to_dict(cfg.model.selfmap), "size": [cfg.data.image_size, cfg.data.aspect, *cfg.data.canvas]})
 
 
 def _load_or_compute_selfmaps(path: str | Path | None, train: list[Sample], images: torch.Tensor,
@@ -117,9 +118,10 @@ def build_prompt_bank(data_root: str | Path, out_path: str | Path, cfg: RediConf
     """Embed every normal training image (held-out normals excluded) into ``prompt_bank.pt``."""
     device = pick_device(cfg.train.device)
     category = open_line(data_root, cfg)
+    cfg = line_config(category, cfg)
     train, _ = training_split(category, cfg)
     backbone = build_backbone(cfg.model.backbone, cfg.model.backbone_weights or None)
-    images = load_images(train, cfg.data.image_size, cfg.data.aspect)
+    images = load_images(train, cfg.data.input_hw(), cfg.data.aspect)
     # transform-major: row t * N + i is image i under transform t (identity first)
     embeddings = torch.cat([embed_images(backbone, transform_images(images, name), device, cfg.eval.batch_size)
                             for name in bank_transforms(cfg.model.prompt_transforms)])
@@ -136,7 +138,7 @@ def _bank_images(bank: PromptBank, category: MVTecCategory, cfg: RediConfig) -> 
         raise DatasetError(f"the prompt bank names images that are not in {category.root}: {missing[:3]}; "
                            f"rebuild the prompt bank for this dataset revision")
     samples = [by_id[i] for i in bank.image_ids]
-    return samples, load_images(samples, cfg.data.image_size, cfg.data.aspect)
+    return samples, load_images(samples, cfg.data.input_hw(), cfg.data.aspect)
 
 
 def leave_one_out_prompts(bank: PromptBank) -> torch.Tensor:
@@ -175,7 +177,8 @@ def _recover_run_id(cfg: RediConfig, bank: PromptBank, fold: int = -1) -> str:
                         "train": to_dict(train.recover), "lambda_m": train.lambda_m,
                         "scales": train.msgms_scales, "flip": train.augment_flip, "rot90": train.augment_rot90,
                         "select": train.recover_select, "amp": train.amp,
-                        "seed": train.seed, "size": [cfg.data.image_size, cfg.data.aspect], "bank": _bank_fingerprint(bank),
+                        "seed": train.seed, "size": [cfg.data.image_size, cfg.data.aspect, *cfg.data.canvas],
+                        "bank": _bank_fingerprint(bank),
                         "prompt_codec": [model.prompt_codec, model.prompt_quality], "fold": fold,
                         "folds": train.recover_folds if fold >= 0 else 0})
 
@@ -252,7 +255,7 @@ def _held_out_recover_data(category: MVTecCategory, bank: PromptBank, encoded: P
     held_out = [s for s in category.train if s.image_id not in in_bank]
     if not held_out:
         return None
-    images = load_images(held_out, cfg.data.image_size, cfg.data.aspect)
+    images = load_images(held_out, cfg.data.input_hw(), cfg.data.aspect)
     maps = compute_selfmaps(images, selfmap, device)
     if encoded is None:
         return _RecoverData(images, maps, torch.zeros_like(images))
@@ -279,6 +282,7 @@ def train_recover(data_root: str | Path, bank_path: str | Path, out_dir: str | P
     seed_everything(train.seed)
     device = pick_device(train.device)
     category = open_line(data_root, cfg)
+    cfg = line_config(category, cfg)
     bank = load_bank(bank_path, cfg)
     samples, images = _bank_images(bank, category, cfg)
     maps, selfmap = _load_or_compute_selfmaps(selfmaps_path, samples, images, cfg, device)
@@ -425,6 +429,7 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
     seed_everything(cfg.train.seed)
     device = pick_device(cfg.train.device)
     category = open_line(data_root, cfg)
+    cfg = line_config(category, cfg)
     bank = load_bank(bank_path, cfg)
     samples, images = _bank_images(bank, category, cfg)
     cfg = _with_resolved_precision(cfg, device)
@@ -456,7 +461,8 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
                               "model": to_dict(cfg.model), "train": to_dict(cfg.train.discriminate),
                               "lambda_s": cfg.train.lambda_s, "ls": cfg.train.use_self_correlation,
                               "ls_norm": cfg.train.ls_normalisation,
-                              "amp": cfg.train.amp, "seed": cfg.train.seed, "size": [cfg.data.image_size, cfg.data.aspect],
+                              "amp": cfg.train.amp, "seed": cfg.train.seed,
+                              "size": [cfg.data.image_size, cfg.data.aspect, *cfg.data.canvas],
                               "bank": _bank_fingerprint(bank)})
         result = run_training("discriminate", head, cfg.train.discriminate, len(samples), step,
                               out_dir / "checkpoints" / "discriminate_last.pt", run_id, cfg.train.seed, device,
@@ -466,7 +472,7 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
     # The held-out normals are exactly the training images that are not in the bank.
     in_bank = set(bank.image_ids)
     val = [s for s in category.train if s.image_id not in in_bank]
-    calibration = calibrate_threshold(detector, load_images(val, cfg.data.image_size, cfg.data.aspect), cfg,
+    calibration = calibrate_threshold(detector, load_images(val, cfg.data.input_hw(), cfg.data.aspect), cfg,
                                       normals=[s for s in category.train if s.label == 0])
     log_stage("discriminate", f"threshold {calibration['threshold']:.4f} ({cfg.eval.threshold_policy} policy, false-call "
                          f"target {cfg.eval.false_call_target:.1%}) from {calibration['n_val']} held-out normals")

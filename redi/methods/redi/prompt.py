@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from redi.core.errors import WeightsError
+from redi.core.images import size_hw
 from redi.core.utils import atomic_torch_save, load_torch_file
 
 BANK_FORMAT = "redi-prompt-bank"
@@ -162,27 +163,29 @@ def _encode_one(rgb: np.ndarray, codec: str, quality: int) -> bytes:
 class PromptImages:
     """The prompt bank's images, compressed: one byte buffer and offsets, decoded on demand.
 
-    Memory is the compressed size (a few KB per image) instead of 3 * S * S bytes each. Indexing
-    (``store[i]``, ``store.shape``) gives uint8 ``(3, S, S)`` tensors like the raw tensor it
-    replaces, so code that showed prompts from the old uint8 buffer keeps working.
+    Memory is the compressed size (a few KB per image) instead of 3 * H * W bytes each. Indexing
+    (``store[i]``, ``store.shape``) gives uint8 ``(3, H, W)`` tensors like the raw tensor it
+    replaces, so code that showed prompts from the old uint8 buffer keeps working. ``size`` is the
+    images' ``(H, W)`` (an int S means ``(S, S)``).
     """
 
-    def __init__(self, codec: str, quality: int, size: int, data: torch.Tensor, offsets: torch.Tensor) -> None:
+    def __init__(self, codec: str, quality: int, size: int | tuple[int, int], data: torch.Tensor,
+                 offsets: torch.Tensor) -> None:
         if codec not in PROMPT_CODECS:
             raise WeightsError(f"unknown prompt codec {codec!r}; known: {PROMPT_CODECS}. Upgrade redi or retrain")
         if offsets.dim() != 1 or offsets.numel() < 1 or int(offsets[-1]) != data.numel():
             raise WeightsError("the prompt images are damaged (offsets do not match the data); retrain the detector")
-        self.codec, self.quality, self.size = codec, int(quality), int(size)
+        self.codec, self.quality, self.size = codec, int(quality), size_hw(size)
         self.data, self.offsets = data.to(torch.uint8).contiguous(), offsets.to(torch.int64)
 
     @classmethod
-    def empty(cls, size: int) -> "PromptImages":
+    def empty(cls, size: int | tuple[int, int]) -> "PromptImages":
         """A store with no images (the recover net is off or no prompt is used)."""
         return cls("png", 0, size, torch.zeros(0, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64))
 
     @classmethod
     def encode(cls, images: torch.Tensor, codec: str = PROMPT_CODEC, quality: int = PROMPT_QUALITY) -> "PromptImages":
-        """Compress float images (N, 3, S, S) in [0, 1] (rounded to uint8 first)."""
+        """Compress float images (N, 3, H, W) in [0, 1] (rounded to uint8 first)."""
         if codec not in PROMPT_CODECS:
             raise ValueError(f"prompt codec must be one of {PROMPT_CODECS}, got {codec!r}")
         pixels = (images.detach().cpu().float().clamp(0, 1) * 255).round().to(torch.uint8)
@@ -191,14 +194,15 @@ class PromptImages:
     @classmethod
     def encode_uint8(cls, pixels: torch.Tensor, codec: str = PROMPT_CODEC,
                      quality: int = PROMPT_QUALITY) -> "PromptImages":
-        """Compress uint8 images (N, 3, S, S)."""
+        """Compress uint8 images (N, 3, H, W)."""
         if codec not in PROMPT_CODECS:
             raise ValueError(f"prompt codec must be one of {PROMPT_CODECS}, got {codec!r}")
         blobs = [_encode_one(np.ascontiguousarray(p.permute(1, 2, 0).numpy()), codec, quality) for p in pixels]
-        return cls.from_blobs(blobs, codec, quality, pixels.shape[-1])
+        return cls.from_blobs(blobs, codec, quality, tuple(pixels.shape[-2:]))
 
     @classmethod
-    def from_blobs(cls, blobs: Sequence[bytes], codec: str, quality: int, size: int) -> "PromptImages":
+    def from_blobs(cls, blobs: Sequence[bytes], codec: str, quality: int,
+                   size: int | tuple[int, int]) -> "PromptImages":
         """A store from already-encoded images."""
         lengths = torch.tensor([0] + [len(b) for b in blobs], dtype=torch.int64)
         data = torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8) if blobs else torch.zeros(0, dtype=torch.uint8)
@@ -209,8 +213,8 @@ class PromptImages:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """``(N, 3, S, S)``: the shape of the decoded bank."""
-        return (len(self), 3, self.size, self.size)
+        """``(N, 3, H, W)``: the shape of the decoded bank."""
+        return (len(self), 3, *self.size)
 
     @property
     def nbytes(self) -> int:
@@ -225,16 +229,16 @@ class PromptImages:
         return self.data[begin:end].numpy().tobytes()
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        """Image ``index`` decoded: uint8 (3, S, S)."""
+        """Image ``index`` decoded: uint8 (3, H, W)."""
         with Image.open(io.BytesIO(self.blob(int(index)))) as image:
             rgb = np.asarray(image.convert("RGB"))
         return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
 
     def decode(self, indices: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
-        """Images at ``indices`` (all when None) decoded: uint8 (n, 3, S, S) on the CPU."""
+        """Images at ``indices`` (all when None) decoded: uint8 (n, 3, H, W) on the CPU."""
         wanted = range(len(self)) if indices is None else [int(i) for i in indices]
         images = [self[i] for i in wanted]
-        return torch.stack(images) if images else torch.zeros(0, 3, self.size, self.size, dtype=torch.uint8)
+        return torch.stack(images) if images else torch.zeros(0, 3, *self.size, dtype=torch.uint8)
 
     def decode_float(self, indices: torch.Tensor | Sequence[int] | None = None,
                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -243,7 +247,8 @@ class PromptImages:
 
     def to_payload(self) -> dict[str, Any]:
         """What an artifact stores (plain types and tensors)."""
-        return {"codec": self.codec, "quality": self.quality, "size": self.size,
+        height, width = self.size  # an int for a square bank, as files before non-square canvases have it
+        return {"codec": self.codec, "quality": self.quality, "size": height if height == width else [height, width],
                 "data": self.data, "offsets": self.offsets}
 
     @classmethod

@@ -82,7 +82,8 @@ class RecoverNet(nn.Module):
         selfmap_channels: channels of the self-generated map H (1 for HOG / edges).
         base_width: width of the first encoder level (paper: half of UNet's 64).
         depth: encoder levels; level i has ``base_width * 2**i`` channels.
-        work_size: 0 to run at the input resolution, else the side the net runs at.
+        work_size: 0 to run at the input resolution, else the side the net runs at (the short side
+            of a non-square input, the long one scaled alike to a multiple of 32).
         fused_skips: whether the decoder's skip connections carry the fused features.
     """
 
@@ -97,16 +98,25 @@ class RecoverNet(nn.Module):
         self.decoder = UNetDecoder([2 * w for w in widths], out_channels=3, use_skips=fused_skips)
         self.to(memory_format=torch.channels_last)
 
+    def work_hw(self, size: tuple[int, int]) -> tuple[int, int]:
+        """The (H, W) the net runs at for an input of ``size``: ``size`` itself without a work size."""
+        height, width = int(size[0]), int(size[1])  # constants when traced for export (the size is fixed)
+        if not self.work_size:
+            return height, width
+        if height == width:
+            return self.work_size, self.work_size
+        scale = self.work_size / min(height, width)
+        return max(32, round(height * scale / 32) * 32), max(32, round(width * scale / 32) * 32)
+
     def forward(self, selfmap: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
         """Return the recovered image Y (B, 3, H, W) in [0, 1] at the input's resolution."""
         size = selfmap.shape[-2:]
         if selfmap.shape[-2:] != prompt.shape[-2:]:
             raise ValueError(f"self-map {tuple(selfmap.shape)} and prompt {tuple(prompt.shape)} differ in size")
-        if self.work_size and tuple(size) != (self.work_size, self.work_size):
-            selfmap = F.interpolate(selfmap, size=(self.work_size,) * 2, mode="bilinear", align_corners=False,
-                                    antialias=True)
-            prompt = F.interpolate(prompt, size=(self.work_size,) * 2, mode="bilinear", align_corners=False,
-                                   antialias=True)
+        work = self.work_hw(tuple(size))
+        if work != (int(size[0]), int(size[1])):
+            selfmap = F.interpolate(selfmap, size=work, mode="bilinear", align_corners=False, antialias=True)
+            prompt = F.interpolate(prompt, size=work, mode="bilinear", align_corners=False, antialias=True)
         if selfmap.shape[-1] % self.downsampling or selfmap.shape[-2] % self.downsampling:
             raise ValueError(f"recover net input side must be a multiple of {self.downsampling}, "
                              f"got {tuple(selfmap.shape[-2:])}")
