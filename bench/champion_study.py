@@ -8,7 +8,8 @@ Each run is ``redi train DATA --out RUN --profile cpu --set train.seed=SEED`` th
         ../shared/data/grid --seeds 0 1 2 --runs runs/champion --out docs/champion_study.json
     python bench/champion_study.py --runs runs/champion --out docs/champion_study.json --table
 
-``--collect`` reads finished runs (``RUNS/s<seed>_<set>``) without training.
+``--collect`` reads finished runs (``RUNS/s<seed>_<set>``) without training. ``--set KEY=VALUE``
+(repeatable) goes to ``redi train``, e.g. ``--set data.aspect=native`` for the strip study.
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ KEYS = ("image_auroc", "pixel_ap", "aupro", "recall_at_threshold", "false_call_r
 VAL_KEYS = ("image_auroc", "pixel_ap", "recall_at_threshold")
 
 
-def run_one(data: Path, out: Path, seed: int) -> None:
+def run_one(data: Path, out: Path, seed: int, settings: list[str] = ()) -> None:
     redi = [str(Path(sys.executable).parent / "redi")]
-    for command in ([*redi, "train", str(data), "--out", str(out), "--profile", "cpu", "--set", f"train.seed={seed}"],
+    extra = [arg for setting in settings for arg in ("--set", setting)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for command in ([*redi, "train", str(data), "--out", str(out), "--profile", "cpu", "--set", f"train.seed={seed}",
+                     *extra],
                     [*redi, "evaluate", str(out), str(data), "--out", str(out / "eval"), "--set", f"train.seed={seed}"]):
         with open(out.with_suffix(".log"), "a") as log:
             subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
@@ -85,6 +89,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--collect", action="store_true", help="read finished runs only")
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config setting for redi train (repeatable)")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads(args.out.read_text())))
@@ -93,7 +99,7 @@ def main() -> None:
         for seed in args.seeds:
             for data in args.data:
                 out = args.runs / f"s{seed}_{data.name}"
-                run_one(data, out, seed)
+                run_one(data, out, seed, args.settings)
     records = collect(args.runs)
     args.out.write_text(json.dumps(records, indent=2) + "\n")
     print(table(records))
