@@ -53,6 +53,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 VARIANTS = {name: (profile, [*PINNED, *overrides]) for name, (profile, overrides) in VARIANTS.items()}
 VARIANTS["default"] = ("cpu", [])  # whatever the cpu profile is now (after the study: its chosen settings)
+# ReDi alone at the cpu profile's current settings, and the anti-copying options of issue 17 on top
+VARIANTS["redi"] = ("cpu", ["model.candidates=[]"])
+VARIANTS["redi_dropout"] = ("cpu", ["model.candidates=[]", "model.bottleneck_dropout=0.2"])
+VARIANTS["redi_masknoise"] = ("cpu", ["model.candidates=[]", "train.feature_noise=1.0"])
 METRICS = ("image_auroc", "pixel_auroc", "pixel_ap", "aupro")
 
 

@@ -313,3 +313,31 @@ def test_auto_precision_is_measured_and_frozen_into_the_detector(trained_line):
     assert use_bf16("fp32", torch.device("cpu")) is False and use_bf16("bf16", torch.device("cpu")) is True
     detector = load_detector(trained_line["detector"])
     assert detector.cfg.model.recover.precision == ("bf16" if speedup >= BF16_MIN_SPEEDUP else "fp32")
+
+
+def test_bottleneck_dropout_acts_while_training_only():
+    channels = (16, 24, 40)
+    features = [torch.randn(2, c, 32 // 2**i, 32 // 2**i) for i, c in enumerate(channels)]
+    torch.manual_seed(0)
+    head = DiscriminateHead(channels, 32, dropout=0.5)
+    head.eval()
+    assert all(torch.equal(a, b) for a, b in zip(head(features), head(features)))  # eval: no dropout
+    head.train()
+    first, second = head(features), head(features)
+    assert not all(torch.equal(a, b) for a, b in zip(first, second))  # training: features dropped at random
+    plain = DiscriminateHead(channels, 32)
+    assert isinstance(plain.dropout, torch.nn.Identity) and set(head.state_dict()) == set(plain.state_dict())
+
+
+def test_feature_noise_lands_in_one_box_per_image_only():
+    from redi.methods.redi.fit import noisy_box
+
+    torch.manual_seed(1)
+    features = torch.randn(4, 8, 20, 50)
+    assert noisy_box(features, 0.0) is features
+    noisy = noisy_box(features, 1.0)
+    for changed in (noisy != features).any(dim=1):  # (20, 50) per image
+        rows, cols = torch.nonzero(changed, as_tuple=True)
+        box = changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert box.all() and changed.sum() == box.numel()  # one filled rectangle
+        assert 2 <= box.shape[0] <= 10 and 5 <= box.shape[1] <= 25  # 10-50 % of each side

@@ -156,6 +156,9 @@ class ModelConfig:
     use_frb: bool = True  # False: F_Y is R_Y itself (no Feature Recovery Block), Table 11
     bottleneck_channels: int = 0  # 0: bottleneck_ratio x the deepest backbone level's channel count
     bottleneck_ratio: float = 1.0  # Reverse Distillation's is 2 (WideResNet: 1024 -> 2048)
+    # anti-copying (RD-family work): dropout on the discriminate head's bottleneck while it trains,
+    # so it must restore features it cannot see instead of passing a defect's features through
+    bottleneck_dropout: float = 0.0
     gaussian_sigma: float = 4.0  # smoothing of the anomaly map (RD / anomalib use 4)
     # ReDi's and fused's image score from the map (redi.core.maps.image_scores): top_mean, the mean of
     # the top image_score_share of its pixels (validation's pick on the dev sets, docs/champion.md), or
@@ -197,6 +200,10 @@ class TrainConfig:
     lambda_m: float = 1.0  # weight of the MSGMS loss (paper: 1)
     lambda_s: float = 1.0  # weight of the self-correlation loss (paper: 1)
     use_self_correlation: bool = True  # L_S on/off ablation
+    # anti-copying: Gaussian noise of this many times each level's feature standard deviation, added
+    # to the recovered image's features inside one random box per image while the discriminate head
+    # trains (its target F_X stays clean), so it learns to restore corrupted regions; 0: off
+    feature_noise: float = 0.0
     msgms_scales: int = 4
     seed: int = 0
     device: str = "auto"
@@ -405,6 +412,8 @@ class RediConfig:
             (0.0 < self.model.image_score_share <= 1.0, "model.image_score_share must be in (0, 1]"),
             (self.model.bottleneck_channels >= 0 and self.model.bottleneck_ratio > 0,
              "model.bottleneck_channels must be >= 0 and model.bottleneck_ratio > 0"),
+            (0.0 <= self.model.bottleneck_dropout < 1.0, "model.bottleneck_dropout must be in [0, 1)"),
+            (self.train.feature_noise >= 0.0, "train.feature_noise must be >= 0"),
             (set(self.model.prompt_transforms) <= set(PROMPT_TRANSFORMS),
              f"model.prompt_transforms may only hold {PROMPT_TRANSFORMS}"),
             (self.train.recover_folds == 0 or self.train.recover_folds >= 2,

@@ -72,7 +72,7 @@ class Detector(nn.Module):
                                    work_size=model.recover.input_size, fused_skips=model.recover.fused_skips)
                         if self.use_recover else None)
         bottleneck = model.bottleneck_channels or round(model.bottleneck_ratio * self.backbone.channels[-1])
-        self.head = DiscriminateHead(tuple(self.backbone.channels), bottleneck, model.use_frb)
+        self.head = DiscriminateHead(tuple(self.backbone.channels), bottleneck, model.use_frb, model.bottleneck_dropout)
         self.blur = GaussianBlur(model.gaussian_sigma)
         self.register_buffer("prompt_embeddings", torch.zeros(num_prompts, self.backbone.embedding_dim))
         # Not a buffer: compressed bytes on the CPU, decoded per batch (see redi.methods.redi.prompt.PromptImages)

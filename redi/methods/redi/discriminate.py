@@ -76,11 +76,16 @@ class FeatureRecoveryBlock(nn.Module):
 
 
 class DiscriminateHead(nn.Module):
-    """R_Y -> F_Y. With ``use_frb=False`` (paper Table 11) F_Y is R_Y itself and nothing trains."""
+    """R_Y -> F_Y. With ``use_frb=False`` (paper Table 11) F_Y is R_Y itself and nothing trains.
 
-    def __init__(self, channels: tuple[int, ...], bottleneck_channels: int = 0, use_frb: bool = True) -> None:
+    ``dropout`` (``model.bottleneck_dropout``) drops bottleneck features while training only.
+    """
+
+    def __init__(self, channels: tuple[int, ...], bottleneck_channels: int = 0, use_frb: bool = True,
+                 dropout: float = 0.0) -> None:
         super().__init__()
         self.use_frb = use_frb
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         bottleneck_channels = bottleneck_channels or channels[-1]
         if use_frb:
             self.aggregate = FeatureAggregation(channels, bottleneck_channels)
@@ -89,4 +94,4 @@ class DiscriminateHead(nn.Module):
     def forward(self, recovered_features: list[torch.Tensor]) -> list[torch.Tensor]:
         if not self.use_frb:
             return list(recovered_features)
-        return self.recover_features(self.aggregate(recovered_features))
+        return self.recover_features(self.dropout(self.aggregate(recovered_features)))

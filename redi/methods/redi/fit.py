@@ -453,14 +453,14 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
 
         def step(indices: torch.Tensor):
             fx = [f[indices].to(device) for f in reference]
-            fy = head([f[indices].to(device) for f in recovered])
+            fy = head([noisy_box(f[indices].to(device), cfg.train.feature_noise) for f in recovered])
             return discriminate_loss(fx, fy, cfg.train.lambda_s, cfg.train.use_self_correlation,
                                      cfg.train.ls_normalisation)
 
         run_id = fingerprint({"recover": _recover_identity(recover_path) if detector.use_recover else "off",
                               "model": to_dict(cfg.model), "train": to_dict(cfg.train.discriminate),
                               "lambda_s": cfg.train.lambda_s, "ls": cfg.train.use_self_correlation,
-                              "ls_norm": cfg.train.ls_normalisation,
+                              "ls_norm": cfg.train.ls_normalisation, "feature_noise": cfg.train.feature_noise,
                               "amp": cfg.train.amp, "seed": cfg.train.seed,
                               "size": [cfg.data.image_size, cfg.data.aspect, *cfg.data.canvas],
                               "bank": _bank_fingerprint(bank)})
@@ -480,6 +480,21 @@ def train_discriminate(data_root: str | Path, bank_path: str | Path, recover_pat
     meta = {"line": line or category.name, "calibration": calibration, "n_train": len(samples),
             "version": time.strftime("%Y%m%d-%H%M%S")}
     return save_detector(detector.cpu(), out_dir / "detector.pt", meta)
+
+
+def noisy_box(features: torch.Tensor, level: float) -> torch.Tensor:
+    """Features (B, C, H, W) with Gaussian noise of ``level`` times their standard deviation inside
+    one random box per image (each side 10-50 % of the map's); ``level`` 0 returns them as they are."""
+    if level <= 0:
+        return features
+    batch, _, height, width = features.shape
+    box = torch.zeros(batch, 1, height, width, device=features.device, dtype=features.dtype)
+    for i in range(batch):
+        h = max(1, int(height * float(torch.empty(()).uniform_(0.1, 0.5))))
+        w = max(1, int(width * float(torch.empty(()).uniform_(0.1, 0.5))))
+        top, left = int(torch.randint(0, height - h + 1, ())), int(torch.randint(0, width - w + 1, ()))
+        box[i, :, top:top + h, left:left + w] = 1
+    return features + box * torch.randn_like(features) * (level * features.detach().std())
 
 
 def fit(data_root: str | Path, out_dir: str | Path, cfg: RediConfig, line: str = "") -> dict[str, Path]:
