@@ -88,6 +88,7 @@ def run_variant(name: str, data: Path, runs: Path, seed: int) -> dict:
     row.update({f"val_{k}": val["metrics"].get(k) for k in METRICS})
     row.update({f"test_{k}": test.get(k) for k in METRICS})
     row["val_margin"] = val.get("recommended_margin")
+    row["val_recall"] = val.get("recall_at_threshold")  # at the served threshold: the champion rule's third term
     row["test_false_alarm_rate"] = test.get("false_alarm_rate_at_threshold")
     row["test_recall"] = test.get("recall_at_threshold")
     return row

@@ -78,9 +78,9 @@ class SyntheticSet:
 
 
 def to_uint8_images(images: np.ndarray | torch.Tensor, name: str = "images") -> np.ndarray:
-    """A stack of square RGB images as uint8 ``(N, S, S, 3)``.
+    """A stack of RGB images as uint8 ``(N, H, W, 3)``.
 
-    Takes uint8 ``(N, S, S, 3)`` arrays as they are, and float tensors ``(N, 3, S, S)`` in [0, 1]
+    Takes uint8 ``(N, H, W, 3)`` arrays as they are, and float tensors ``(N, 3, H, W)`` in [0, 1]
     (model input, :func:`redi.data.dataset.load_images`) rounded to the nearest grey level.
 
     Raises:

@@ -66,7 +66,7 @@ def _numpy(tensor: torch.Tensor | np.ndarray | None, dtype: Any = np.float32) ->
 
 
 def _to_rgb_uint8(images: np.ndarray) -> np.ndarray:
-    """(N, 3, S, S) floats in [0, 1] -> (N, S, S, 3) uint8."""
+    """(N, 3, H, W) floats in [0, 1] -> (N, H, W, 3) uint8."""
     return (np.clip(images, 0.0, 1.0) * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
 
 
@@ -610,9 +610,9 @@ def write_report(report_dir: str | Path, detector, samples: list[Sample], images
         detector: the evaluated detector (:class:`redi.methods.base.AnomalyDetector`; its cfg,
             metadata and threshold are shown).
         samples: the test samples, in the order of the tensors.
-        images: (N, 3, S, S) floats in [0, 1]; masks: (N, S, S) bool ground truth, both in the
+        images: (N, 3, H, W) floats in [0, 1]; masks: (N, H, W) bool ground truth, both in the
             model's input geometry (``load_images`` / ``load_masks`` with ``cfg.data.aspect``).
-        result: ``scores`` (N,), ``maps`` (N, S, S), optional ``pictures`` (name -> (N, 3, S, S)
+        result: ``scores`` (N,), ``maps`` (N, H, W), optional ``pictures`` (name -> (N, 3, H, W)
             floats in [0, 1], the detector's :meth:`~redi.methods.base.AnomalyDetector.pictures`).
         metrics: what :func:`redi.workflow.stages.evaluate` computed (``metrics.json``'s content).
         cmap: matplotlib colormap of the anomaly maps.

@@ -228,7 +228,7 @@ def validate_detector(detector: AnomalyDetector, normals: torch.Tensor, syntheti
 
     Args:
         detector: a trained detector (its threshold is used for the recall figures when set).
-        normals: held-out normal images ``(N, 3, S, S)``, label 0, empty masks.
+        normals: held-out normal images ``(N, 3, H, W)``, label 0, empty masks.
         synthetic: synthetic defects (label 1) with their masks, e.g. from :func:`validation_set`.
         cfg: ``eval.batch_size``, ``eval.max_fpr`` (AUPRO) and ``eval.threshold_quantile`` (margins,
             under the threshold policy the detector was calibrated with: :func:`served_policy`).

@@ -46,7 +46,7 @@ class RediOutput(DetectorOutput):
     """ReDi's output: the protocol's (score from the map by ``model.image_score``, map, embedding of X)
     and its own."""
 
-    recovered: torch.Tensor | None = None  # (B, 3, S, S) the recovered image Y
+    recovered: torch.Tensor | None = None  # (B, 3, H, W) the recovered image Y
     prompt_index: torch.Tensor | None = None  # (B,) index into the prompt bank, -1 when no prompt is used
 
 
@@ -95,13 +95,13 @@ class Detector(nn.Module):
 
     @property
     def prompt_images(self) -> PromptImages:
-        """The bank's images (compressed; ``[i]`` decodes one to uint8 (3, S, S))."""
+        """The bank's images (compressed; ``[i]`` decodes one to uint8 (3, H, W))."""
         return self.prompts
 
     def set_prompts(self, embeddings: torch.Tensor, images: torch.Tensor | None, image_ids: Sequence[str],
                     prompts: PromptImages | None = None) -> None:
         """Install the prompt bank: embeddings (N, D, normalised here) and either float images
-        (N, 3, S, S) in [0, 1], compressed with the default codec, or ``prompts`` already encoded
+        (N, 3, H, W) in [0, 1], compressed with the default codec, or ``prompts`` already encoded
         (the exact bytes the recover net was trained on). The images are kept only when inference
         uses them (:attr:`needs_prompt_images`)."""
         count = len(image_ids)

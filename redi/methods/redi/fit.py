@@ -55,7 +55,7 @@ def selfmap_scale_of(selfmap: torch.nn.Module) -> float | None:
 @torch.inference_mode()
 def compute_selfmaps(images: torch.Tensor, selfmap: torch.nn.Module, device: torch.device,
                      batch_size: int = 16) -> torch.Tensor:
-    """Self-maps (N, 1, S, S) of a stack of images, batched on the device."""
+    """Self-maps (N, 1, H, W) of a stack of images, batched on the device."""
     chunks = [selfmap(images[i:i + batch_size].to(device)).cpu() for i in range(0, images.shape[0], batch_size)]
     return torch.cat(chunks) if chunks else torch.zeros(0, 1, *images.shape[-2:])
 
