@@ -8,6 +8,8 @@ columns show whether validation predicted them.
     python bench/method_study.py --data ../shared/data/hazelnut ../shared/data/metal_plate \
         --variants rd small small_imgscale --seeds 0 --runs runs/study --out docs/method_study.json
     python bench/method_study.py --out docs/method_study.json --table   # the markdown tables
+    python bench/method_study.py --out docs/anticopy_study.json --decisions   # the champion rule's
+        # validation score beside the test decisions at the served threshold
 
 Each row's CLI equivalent is in its ``command`` field.
 """
@@ -130,6 +132,27 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def decision_table(results: list[dict]) -> str:
+    """One row per (data set, variant), means ± seeds' sd in percent: the champion rule's validation
+    score (mean of validation image AUROC, pixel AP and recall at the served threshold,
+    :func:`redi.workflow.champion.selection_score`) beside the test numbers at the served threshold."""
+    for r in results:
+        if None not in (r.get("val_image_auroc"), r.get("val_pixel_ap"), r.get("val_recall")):
+            r["val_score"] = statistics.fmean([r["val_image_auroc"], r["val_pixel_ap"], r["val_recall"]])
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["data"], r["variant"]), []).append(r)
+    keys = ("val_score", "val_image_auroc", "val_pixel_ap", "val_recall", "test_image_auroc", "test_pixel_ap",
+            "test_aupro", "test_recall", "test_false_alarm_rate")
+    lines = ["| data | variant | seeds | val score | val image AUROC | val pixel AP | val recall @thr | "
+             "test image AUROC | test pixel AP | test AUPRO | test recall @thr | test false calls @thr |",
+             "|---|---|---|" + "---:|" * len(keys)]
+    for (data, variant), rows in sorted(groups.items()):
+        seeds = ",".join(str(r["seed"]) for r in sorted(rows, key=lambda r: r["seed"]))
+        lines.append(f"| {data} | {variant} | {seeds} | " + " | ".join(_spread(rows, k) for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def margin_rows(runs: Path, data: str, variant: str, seeds: list[int]) -> str:
     """Markdown rows: the margin validation recommends, and the test recall / false alarms it gives
     against the default margin 1.0 (read from each run's val_metrics.json and eval/scores.json)."""
@@ -162,9 +185,12 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/study"))
     parser.add_argument("--out", type=Path, default=Path("docs/method_study.json"))
     parser.add_argument("--table", action="store_true", help="print the markdown table of --out and stop")
+    parser.add_argument("--decisions", action="store_true",
+                        help="print the validation score and the decisions at the served threshold of --out and stop")
     args = parser.parse_args()
-    if args.table:
-        print(markdown_table(json.loads(args.out.read_text())), end="")
+    if args.table or args.decisions:
+        results = json.loads(args.out.read_text())
+        print((decision_table if args.decisions else markdown_table)(results), end="")
         return
     results = json.loads(args.out.read_text()) if args.out.is_file() else []
     for seed in args.seeds:
