@@ -420,6 +420,11 @@ def input_size(entry: dict[str, Any]) -> tuple[int, int]:
     return size_hw(entry.get("input_hw") or int(entry["image_size"]))
 
 
+def entry_input(rgb: np.ndarray, entry: dict[str, Any]) -> np.ndarray:
+    """:func:`model_input` for the model a catalogue entry describes (its input size and aspect)."""
+    return model_input(rgb, input_size(entry), entry.get("aspect", "squash"))
+
+
 @bentoml.service(name="redi", workers=env_int("REDI_WORKERS", 1), traffic={"timeout": 120})
 class RediService:
     """Anomaly detection for every promoted product line (see the module docstring)."""
@@ -461,7 +466,7 @@ class RediService:
         # while two logs fsync-ing would slow production's group commit
         # shipped like the production log, so a promotion anywhere counts every host's shadow decisions
         shadow_rows_log = shadow_log(self.settings.log_dir, fsync=False, ship_to=self.store)
-        self.shadow = ShadowScorer(lambda: self.detector, self.pool, shadow_rows_log, model_input, self.retainer,
+        self.shadow = ShadowScorer(lambda: self.detector, self.pool, shadow_rows_log, entry_input, self.retainer,
                                    self.metrics.shadow_event, self.settings.shadow_queue,
                                    self.settings.shadow_queue_bytes)
         self.catalogue: dict[str, Any] | None = None  # the detector service's models(), refreshed

@@ -56,7 +56,8 @@ class ShadowJob:
 class ShadowScorer:
     """The bounded queue and its consumer (one per API worker; see the module docstring)."""
 
-    def __init__(self, detector: Callable[[], Any], pool: Any, log: ProductionLog, prepare: Callable[..., np.ndarray],
+    def __init__(self, detector: Callable[[], Any], pool: Any, log: ProductionLog,
+                 prepare: Callable[[np.ndarray, dict[str, Any]], np.ndarray],
                  retainer: Retainer | None, on_event: Callable[[str, str], None], max_items: int,
                  max_bytes: int) -> None:
         self.detector, self.pool, self.log, self.prepare = detector, pool, log, prepare
@@ -129,8 +130,7 @@ class ShadowScorer:
     def _items(self, jobs: list[ShadowJob]) -> list[dict[str, Any]]:
         """The candidate's input of each job (its own size and aspect), in the thread pool."""
         return [{"line": job.line, "version": job.candidate["model_version"], "aspect": job.candidate["aspect"],
-                 "pixels": self.prepare(job.rgb, job.candidate.get("input_hw") or int(job.candidate["image_size"]),
-                                        job.candidate["aspect"])}
+                 "pixels": self.prepare(job.rgb, job.candidate)}
                 for job in jobs]
 
     @staticmethod

@@ -404,6 +404,8 @@ class RediConfig:
             (self.data.canvas == [] or (len(self.data.canvas) == 2
                                         and all(isinstance(v, int) and v >= 64 and v % 32 == 0 for v in self.data.canvas)),
              "data.canvas must be [] (measured when fitted) or [height, width], multiples of 32 and at least 64"),
+            (self.data.canvas == [] or self.data.aspect == "native",
+             "data.canvas is the input of data.aspect=native only; remove it or set data.aspect=native"),
             (self.model.selfmap.scale in SELFMAP_SCALES, f"model.selfmap.scale must be one of {SELFMAP_SCALES}"),
             (50.0 <= self.model.selfmap.scale_percentile <= 100.0, "model.selfmap.scale_percentile must be in [50, 100]"),
             (self.model.prompt_k >= 1, "model.prompt_k must be >= 1"),
